@@ -1,0 +1,134 @@
+"""Time full-batch SGD for linear and logistic regression: MLX against PyTorch, same data, same run.
+
+    python linear_regression/benchmark.py
+    python linear_regression/benchmark.py --num-iters 200 --repeats 1     # quick
+
+On Linux CPU, preload OpenBLAS first (see the README): the mlx[cpu] wheel's bundled BLAS is slow.
+The preload would also replace PyTorch's own MKL (and slow it down), so when LD_PRELOAD is set
+PyTorch is timed in a child process started without it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+from model import logistic_loss, sgd, squared_loss
+
+
+def warn_if_reference_blas():
+    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
+    if not sys.platform.startswith("linux"):
+        return
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "/" in line}
+    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
+    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
+    if reference and not openblas:
+        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
+              "see README.md to preload OpenBLAS", file=sys.stderr)
+
+
+def torch_sgd(loss_fn, X, y, num_iters, lr):
+    """The same full-batch gradient descent with PyTorch autograd."""
+    w = 1e-2 * torch.randn(X.shape[1])
+    for _ in range(num_iters):
+        w.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(w, X, y), w)
+        w = (w - lr * grad).detach()
+    return w
+
+
+def torch_squared_loss(w, X, y):
+    return 0.5 * torch.mean(torch.square(X @ w - y))
+
+
+def torch_logistic_loss(w, X, y):
+    logits = X @ w
+    return torch.mean(torch.nn.functional.softplus(logits) - y * logits)
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm up (MLX compiles the step on its first call)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def make_data(args):
+    """The same float32 data for both frameworks: X, linear targets, binary logistic targets."""
+    rng = np.random.default_rng(args.seed)
+    X = rng.standard_normal((args.num_examples, args.num_features)).astype(np.float32)
+    w_star = rng.standard_normal(args.num_features).astype(np.float32)
+    y_linear = X @ w_star + 1e-2 * rng.standard_normal(args.num_examples).astype(np.float32)
+    y_logistic = (X @ w_star > 0).astype(np.float32)
+    return X, {"linear": (y_linear, 0.01), "logistic": (y_logistic, 0.1)}
+
+
+def torch_rates(args):
+    X, tasks = make_data(args)
+    losses = {"linear": torch_squared_loss, "logistic": torch_logistic_loss}
+    Xt = torch.from_numpy(X)
+    return {name: args.num_iters / median_seconds(
+                lambda: torch_sgd(losses[name], Xt, torch.from_numpy(y), args.num_iters, lr), args.repeats)
+            for name, (y, lr) in tasks.items()}
+
+
+def mlx_rates(args):
+    X, tasks = make_data(args)
+    losses = {"linear": squared_loss, "logistic": logistic_loss}
+    Xm = mx.array(X)
+    return {name: args.num_iters / median_seconds(
+                lambda: sgd(losses[name], Xm, mx.array(y), args.num_iters, lr), args.repeats)
+            for name, (y, lr) in tasks.items()}
+
+
+def torch_in_child(argv):
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its iterations/s."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
+                            env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description="SGD iterations per second, MLX vs PyTorch, on the CPU.")
+    parser.add_argument("--num-features", type=int, default=100, help="weight dimension (default: 100)")
+    parser.add_argument("--num-examples", type=int, default=1000, help="rows of X (default: 1000)")
+    parser.add_argument("--num-iters", type=int, default=2000, help="SGD iterations per timed run (default: 2000)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
+    args = parser.parse_args(argv)
+
+    if args.only == "torch":
+        print(json.dumps(torch_rates(args)))
+        return
+    mx.set_default_device(mx.cpu)
+    warn_if_reference_blas()
+    separate = "LD_PRELOAD" in os.environ
+    torch_rate = torch_in_child(argv) if separate else torch_rates(args)
+    mlx_rate = mlx_rates(args)
+
+    print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} "
+          f"({torch.get_num_threads()} threads{', in a child process without LD_PRELOAD' if separate else ''})")
+    print(f"{args.num_examples} x {args.num_features}, median of {args.repeats} runs of {args.num_iters} iterations")
+    print(f"{'task':<10} {'MLX it/s':>10} {'PyTorch it/s':>13} {'MLX/PyTorch':>12}")
+    for name in mlx_rate:
+        # A ratio above 1 means MLX is faster.
+        print(f"{name:<10} {mlx_rate[name]:>10.0f} {torch_rate[name]:>13.0f} {mlx_rate[name] / torch_rate[name]:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Convert the trained MLP between MLX (safetensors from main.py) and PyTorch (a state_dict file).
+
+    python mlp_mnist/convert.py mlp_mnist.safetensors mlp_mnist.pt     # MLX -> PyTorch
+    python mlp_mnist/convert.py mlp_mnist.pt mlp_mnist.safetensors     # PyTorch -> MLX
+
+The direction follows the file extensions. Both files carry the model configuration. The two
+frameworks store a Linear weight the same way, (out_features, in_features), so no transpose is needed;
+only the names differ: MLX `layers.{i}.weight` is PyTorch `net.{2*i}.weight` (the ReLUs sit between).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import torch
+from mlx.utils import tree_flatten
+
+from model import MLP
+
+
+class TorchMLP(torch.nn.Module):
+    """The same network in PyTorch: Linear, ReLU, ..., Linear."""
+
+    def __init__(self, num_layers, input_dim, hidden_dim, output_dim):
+        super().__init__()
+        sizes = [input_dim] + [hidden_dim] * num_layers + [output_dim]
+        layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*layers[:-1])  # no ReLU after the last Linear
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConversionError(Exception):
+    pass
+
+
+def mlx_to_torch_name(name):
+    """layers.{i}.{weight,bias} -> net.{2i}.{weight,bias}"""
+    _, i, kind = name.split(".")
+    return f"net.{2 * int(i)}.{kind}"
+
+
+def torch_to_mlx_name(name):
+    _, i, kind = name.split(".")
+    return f"layers.{int(i) // 2}.{kind}"
+
+
+def check_keys(found, expected, source):
+    """Name what is missing or unexpected, and any shape that does not match the config."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{source} does not match the configured MLP: "
+                              f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ConversionError(f"{source}: {name} has shape {tuple(found[name])}, expected {tuple(shape)}")
+
+
+def read_mlx(path):
+    """(config, {mlx name: numpy array}) from a safetensors file written by main.py."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        config = json.loads(metadata["config"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConversionError(f"cannot read MLX weights with a config from {path}: {e}") from None
+    expected = {k: v.shape for k, v in dict(tree_flatten(MLP(**config).parameters())).items()}
+    check_keys({k: v.shape for k, v in arrays.items()}, expected, path)
+    return config, {k: np.array(v) for k, v in arrays.items()}
+
+
+def read_torch(path):
+    """(config, {torch name: numpy array}) from a file written by `write_torch`."""
+    try:
+        # weights_only=True: never unpickle arbitrary objects from a file we did not write.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config, state_dict = checkpoint["config"], checkpoint["state_dict"]
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise ConversionError(f"{path} is not a PyTorch MLP checkpoint written by convert.py "
+                              f"({type(e).__name__})") from None
+    expected = {k: v.shape for k, v in TorchMLP(**config).state_dict().items()}
+    check_keys({k: v.shape for k, v in state_dict.items()}, expected, path)
+    return config, {k: v.numpy() for k, v in state_dict.items()}
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename into place, so `path` is never left half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def mlx_to_torch(src, dst):
+    config, weights = read_mlx(src)
+    state_dict = {mlx_to_torch_name(k): torch.from_numpy(v) for k, v in weights.items()}
+    atomic_write(dst, lambda tmp: torch.save({"config": config, "state_dict": state_dict}, tmp))
+
+
+def torch_to_mlx(src, dst):
+    config, state_dict = read_torch(src)
+    weights = {torch_to_mlx_name(k): mx.array(v) for k, v in state_dict.items()}
+    atomic_write(dst, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"config": json.dumps(config)}))
+
+
+def load_torch_model(path):
+    """A TorchMLP with the weights of a file written by `mlx_to_torch`."""
+    config, state_dict = read_torch(path)
+    model = TorchMLP(**config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    return model.eval()
+
+
+def load_mlx_model(path):
+    """An MLP with the weights of a safetensors file written by main.py or `torch_to_mlx`."""
+    config, weights = read_mlx(path)
+    model = MLP(**config)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Convert the MNIST MLP between MLX (.safetensors) and PyTorch (.pt); "
+                    "the direction follows the file extensions.")
+    parser.add_argument("source", type=Path, help="a .safetensors file from main.py, or a .pt file from this script")
+    parser.add_argument("output", type=Path, help="the file to write: .pt for PyTorch, .safetensors for MLX")
+    args = parser.parse_args(argv)
+
+    suffixes = (args.source.suffix, args.output.suffix)
+    try:
+        if not args.source.is_file():
+            raise ConversionError(f"{args.source} does not exist")
+        if suffixes == (".safetensors", ".pt"):
+            mlx_to_torch(args.source, args.output)
+        elif suffixes == (".pt", ".safetensors"):
+            torch_to_mlx(args.source, args.output)
+        else:
+            raise ConversionError(f"cannot convert {suffixes[0] or 'no extension'} to {suffixes[1] or 'no extension'}; "
+                                  "use .safetensors -> .pt (MLX to PyTorch) or .pt -> .safetensors")
+    except ConversionError as e:
+        sys.exit(f"error: {e}")
+    print(f"Wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
