@@ -24,20 +24,8 @@ import numpy as np
 import torch
 
 from convert import TorchMLP
+from main import warn_if_reference_blas
 from model import MLP, loss_fn
-
-
-def warn_if_reference_blas():
-    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
-    if not sys.platform.startswith("linux"):
-        return
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "/" in line}
-    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
-    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
-    if reference and not openblas:
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
-              "see README.md to preload OpenBLAS", file=sys.stderr)
 
 
 def mlx_steps(config, X, y, lr):

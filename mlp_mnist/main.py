@@ -80,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder with the four MNIST IDX files (gz or not); without it MNIST is "
                              f"downloaded once to {mnist.default_cache_dir()}")
+    parser.add_argument("--mirror", action="append", default=None, metavar="URL",
+                        help="base URL to download the four .gz files from; repeat for fallbacks "
+                             f"(default: {' then '.join(mnist.MIRRORS)})")
     parser.add_argument("--num-layers", type=positive_int, default=2, help="hidden layers (default: 2)")
     parser.add_argument("--hidden-dim", type=positive_int, default=256, help="width of each hidden layer (default: 256)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size (default: 128)")
@@ -101,7 +104,7 @@ def main(argv=None):
     mx.random.seed(args.seed)
 
     try:
-        data = mnist.load(args.data_dir)
+        data = mnist.load(args.data_dir, args.mirror or mnist.MIRRORS)
     except mnist.DataError as e:
         sys.exit(f"error: {e}")
     train_images, train_labels, test_images, test_labels = (

@@ -1,0 +1,45 @@
+"""Every example's commands, end to end, in a subprocess, offline, with tiny settings.
+
+Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set and `{tmp}` a scratch folder.
+"""
+
+import pytest
+
+from helpers import run_script, tiny_mnist
+
+CASES = {
+    "linear_regression/main": ("linear_regression/main.py",
+                               "--num-features 8 --num-examples 64 --num-iters 50"),
+    "linear_regression/benchmark": ("linear_regression/benchmark.py", "--num-iters 20 --repeats 1"),
+    "mlp_mnist/main": ("mlp_mnist/main.py",
+                       "--data-dir {data} --epochs 1 --hidden-dim 16 --save {tmp}/mlp.safetensors"),
+    "mlp_mnist/benchmark": ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_example_runs(case, tmp_path):
+    script, args = CASES[case]
+    data = tiny_mnist(tmp_path / "mnist", n_train=64, n_test=16)
+    result = run_script(script, *args.format(data=data, tmp=tmp_path).split(), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip()
+
+
+def test_mlp_mnist_convert_round_trip(tmp_path):
+    data = tiny_mnist(tmp_path / "mnist", n_train=64, n_test=16)
+    run_script("mlp_mnist/main.py", "--data-dir", data, "--epochs", "1", "--save", tmp_path / "a.safetensors")
+    assert run_script("mlp_mnist/convert.py", tmp_path / "a.safetensors", tmp_path / "a.pt").returncode == 0
+    assert run_script("mlp_mnist/convert.py", tmp_path / "a.pt", tmp_path / "b.safetensors").returncode == 0
+
+
+@pytest.mark.parametrize("script, args", [
+    ("linear_regression/benchmark.py", "--num-iters 20 --repeats 1"),
+    ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
+])
+def test_benchmarks_time_pytorch_apart_when_ld_preload_is_set(script, args, tmp_path):
+    # An empty LD_PRELOAD changes nothing for the loader but takes the child-process path.
+    result = run_script(script, *args.split(), cwd=tmp_path, env={"LD_PRELOAD": ""})
+    assert result.returncode == 0, result.stderr
+    assert "in a child process without LD_PRELOAD" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("x")  # the ratio column
