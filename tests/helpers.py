@@ -65,3 +65,26 @@ def tiny_mnist(directory, n_train=300, n_test=100, gz=True, seed=0):
         write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, gz)
         write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
     return directory
+
+
+BERT_WORDS = ("the a is of and to in this that it was for on are as with be at by an example bert working mlx "
+              "second string another capital france paris")
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(BERT_WORDS.split()) | set("abcdefghijklmnopqrstuvwxyz.,"))
+
+
+def tiny_bert(folder, hf_class=None, seed=0):
+    """A tiny random BERT (`hf_class`, default BertForPreTraining) with its tokenizer, saved like a Hub folder."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining, BertTokenizer
+
+    hf_class = hf_class or BertForPreTraining
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12)
+    hf_class(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

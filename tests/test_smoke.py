@@ -1,11 +1,14 @@
 """Every example's commands, end to end, in a subprocess, offline, with tiny settings.
 
-Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set and `{tmp}` a scratch folder.
+Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set, `{bert}` a tiny BERT
+folder in Hugging Face layout with `{bert}.npz` its conversion, and `{tmp}` a scratch folder.
 """
+
+import shlex
 
 import pytest
 
-from helpers import run_script, tiny_mnist
+from helpers import run_script, tiny_bert, tiny_mnist
 
 CASES = {
     "linear_regression/main": ("linear_regression/main.py",
@@ -14,14 +17,27 @@ CASES = {
     "mlp_mnist/main": ("mlp_mnist/main.py",
                        "--data-dir {data} --epochs 1 --hidden-dim 16 --save {tmp}/mlp.safetensors"),
     "mlp_mnist/benchmark": ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
+    "bert/model": ("bert/model.py", "--bert-model {bert} --mlx-model {bert}.npz"),
+    "bert/hf_model": ("bert/hf_model.py", "--bert-model {bert}"),
+    "bert/main": ("bert/main.py", "--bert-model {bert} --mlx-model {bert}.npz 'the capital [MASK].'"),
+    "bert/benchmark": ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
 }
 
 
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    folder = tiny_bert(tmp_path_factory.mktemp("smoke") / "bert")
+    result = run_script("bert/convert.py", "--bert-model", folder, "--mlx-model", f"{folder}.npz")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_example_runs(case, tmp_path):
+def test_example_runs(case, tmp_path, bert):
     script, args = CASES[case]
     data = tiny_mnist(tmp_path / "mnist", n_train=64, n_test=16)
-    result = run_script(script, *args.format(data=data, tmp=tmp_path).split(), cwd=tmp_path)
+    args = shlex.split(args.format(data=data, tmp=tmp_path, bert=bert))
+    result = run_script(script, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
 
@@ -36,6 +52,7 @@ def test_mlp_mnist_convert_round_trip(tmp_path):
 @pytest.mark.parametrize("script, args", [
     ("linear_regression/benchmark.py", "--num-iters 20 --repeats 1"),
     ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
+    ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
 ])
 def test_benchmarks_time_pytorch_apart_when_ld_preload_is_set(script, args, tmp_path):
     # An empty LD_PRELOAD changes nothing for the loader but takes the child-process path.

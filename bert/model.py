@@ -1,0 +1,255 @@
+"""BERT in MLX: embeddings, a post-LayerNorm Transformer encoder, the pooler and the masked-LM head.
+
+    python bert/model.py --bert-model bert-base-uncased --mlx-model weights/bert-base-uncased.npz
+
+prints the MLX output for a sample batch; `python bert/hf_model.py --bert-model ...` prints the
+`transformers` output for the same batch.
+
+Parameter names follow Hugging Face's `BertModel` closely, so `convert.py`'s mapping is short:
+`encoder.layer.{i}.attention.self.query` here is `encoder.layers.{i}.attention.query`.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def from_hf(cls, hf_config):
+        """Take the fields above from a `transformers` BertConfig (or any object with them)."""
+        act = getattr(hf_config, "hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"hidden_act {act!r} is not supported; this BERT uses the exact (erf) GELU, 'gelu'")
+        return cls(**{name: getattr(hf_config, name) for name in cls.__dataclass_fields__})
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings, then LayerNorm."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, input_ids, token_type_ids):
+        positions = mx.arange(input_ids.shape[1])  # (T,), broadcast over the batch
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.norm(x)  # (B, T, D)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.query, self.key, self.value = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def __call__(self, x, mask):
+        B, T, D = x.shape
+        head_dim = D // self.n_heads
+
+        def heads(t):  # (B, T, D) -> (B, n_heads, T, head_dim)
+            return t.reshape(B, T, self.n_heads, head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # mask: (B, 1, 1, T) additive, 0 for tokens and a large negative number for padding.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, D)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x):
+        return self.down(nn.gelu(self.up(x)))  # nn.gelu is the exact erf form, as BERT's "gelu"
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm (the original Transformer's order): x = norm(x + sublayer(x))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, x, mask):
+        x = self.attention_norm(x + self.attention(x, mask))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layers = [EncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+    def __call__(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class MaskedLMHead(nn.Module):
+    """dense + GELU + LayerNorm, then logits against the (tied) word embeddings plus a bias."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = mx.zeros((config.vocab_size,))
+
+    def __call__(self, x, word_embeddings):
+        x = self.norm(nn.gelu(self.dense(x)))
+        return word_embeddings.as_linear(x) + self.bias  # (B, T, vocab)
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig, with_pooler: bool = True, with_mlm_head: bool = False):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        if with_pooler:  # BertForMaskedLM checkpoints have none
+            self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        if with_mlm_head:
+            self.mlm = MaskedLMHead(config)
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None):
+        """input_ids (B, T) -> (hidden states (B, T, D), pooled (B, D), or None without a pooler)."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                             f"{self.config.max_position_embeddings} positions")
+        if token_type_ids is None:
+            token_type_ids = mx.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        mask = None
+        if attention_mask is not None:
+            # (B, T) of 1 (token) / 0 (padding) -> additive (B, 1, 1, T) in the activations' dtype.
+            # The finite minimum (not -inf) keeps a fully padded row from turning into NaNs.
+            neg = mx.finfo(x.dtype).min
+            mask = ((1 - attention_mask.astype(x.dtype)) * neg)[:, None, None, :]
+        y = self.encoder(x, mask)
+        pooled = mx.tanh(self.pooler(y[:, 0])) if "pooler" in self else None  # from the [CLS] token
+        return y, pooled
+
+    def mlm_logits(self, hidden_states):
+        """Masked-LM logits (B, T, vocab) from the encoder's output; needs the MLM head."""
+        if "mlm" not in self:
+            raise ValueError("these weights have no masked-LM head; convert a checkpoint that has one "
+                             "(for example bert-base-uncased)")
+        return self.mlm(hidden_states, self.embeddings.word_embeddings)
+
+
+# ---------------------------------------------------------------- loading
+
+
+class WeightsError(Exception):
+    """Weights that are missing, corrupt or do not fit the model. The message names what is wrong."""
+
+
+def load_weights(model, weights_path):
+    """Load a .npz written by convert.py into `model`, checking every key and shape."""
+    try:
+        weights = mx.load(str(weights_path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
+    expected = {k: v.shape for k, v in nn.utils.tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{weights_path} does not fit the model: missing {missing or 'nothing'}, "
+                           f"unexpected {unexpected or 'nothing'}")
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(s)})"
+             for k, s in expected.items() if tuple(weights[k].shape) != tuple(s)]
+    if wrong:
+        raise WeightsError(f"{weights_path}: wrong shapes: {', '.join(wrong)}")
+    model.load_weights(list(weights.items()))
+
+
+def weight_names(weights_path):
+    with np.load(weights_path, allow_pickle=False) as f:
+        return f.files
+
+
+def load_model(bert_model, weights_path, dtype=mx.float32):
+    """(Bert, tokenizer) from a Hugging Face name or folder (config and tokenizer) and converted weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        names = weight_names(weights_path)
+    except (OSError, ValueError, EOFError) as e:
+        raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
+    config = BertConfig.from_hf(AutoConfig.from_pretrained(bert_model))
+    model = Bert(config, with_pooler="pooler.weight" in names,
+                 with_mlm_head=any(name.startswith("mlm.") for name in names))
+    load_weights(model, weights_path)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(bert_model)
+    if len(tokenizer) > config.vocab_size:
+        raise WeightsError(f"the tokenizer of {bert_model} has {len(tokenizer)} tokens but the model only "
+                           f"{config.vocab_size}; use the tokenizer that belongs to these weights")
+    return model, tokenizer
+
+
+SAMPLE_BATCH = [
+    "This is an example of BERT working on MLX.",
+    "A second string",
+    "This is another string.",
+]
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run the MLX BERT on a sample batch and print its output.")
+    parser.add_argument("--bert-model", required=True,
+                        help="Hugging Face model name or local folder: its config and tokenizer are used")
+    parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py")
+    parser.add_argument("--text", nargs="+", default=SAMPLE_BATCH,
+                        help="sentences to encode (default: a three-sentence sample batch)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
+    args = parser.parse_args()
+
+    try:
+        model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
+        tokens = tokenizer(args.text, return_tensors="np", padding=True)
+        output, pooled = model(**{k: mx.array(v) for k, v in tokens.items()})
+    except (WeightsError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print("MLX BERT:")
+    print(output)
+    if pooled is not None:
+        print("\n pooled output:")
+        print(pooled)
+
+
+if __name__ == "__main__":
+    main()
