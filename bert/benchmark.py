@@ -153,7 +153,7 @@ def main(argv=None):
     print(f"{'bert-base' if not args.tiny else 'tiny'} shape, random weights, {args.dtype}, "
           f"median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}; "
           f"PyTorch {torch.__version__} on {torch_device}"
-          f"{' (child process without LD_PRELOAD)' if separate else ''}, transformers SDPA attention")
+          f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers SDPA attention")
     print(f"{'shape':>7} {'MLX seq/s':>10} {'MLX compiled':>13} {'PyTorch seq/s':>14} {'MLX/PyTorch':>12}")
     for shape in t_mlx:
         B = int(shape.split("x")[0])
