@@ -75,21 +75,20 @@ def make_data(args):
     return X, {"linear": (y_linear, 0.01), "logistic": (y_logistic, 0.1)}
 
 
-def torch_rates(args):
-    X, tasks = make_data(args)
-    losses = {"linear": torch_squared_loss, "logistic": torch_logistic_loss}
-    Xt = torch.from_numpy(X)
-    return {name: args.num_iters / median_seconds(
-                lambda: torch_sgd(losses[name], Xt, torch.from_numpy(y), args.num_iters, lr), args.repeats)
-            for name, (y, lr) in tasks.items()}
+# Per framework: its SGD loop, its two losses, and how it takes a numpy array.
+FRAMEWORKS = {
+    "torch": (torch_sgd, {"linear": torch_squared_loss, "logistic": torch_logistic_loss}, torch.from_numpy),
+    "mlx": (sgd, {"linear": squared_loss, "logistic": logistic_loss}, mx.array),
+}
 
 
-def mlx_rates(args):
+def rates(framework, args):
+    """{task: SGD iterations per second} for one framework."""
+    run_sgd, losses, to_array = FRAMEWORKS[framework]
     X, tasks = make_data(args)
-    losses = {"linear": squared_loss, "logistic": logistic_loss}
-    Xm = mx.array(X)
+    X = to_array(X)
     return {name: args.num_iters / median_seconds(
-                lambda: sgd(losses[name], Xm, mx.array(y), args.num_iters, lr), args.repeats)
+                lambda: run_sgd(losses[name], X, to_array(y), args.num_iters, lr), args.repeats)
             for name, (y, lr) in tasks.items()}
 
 
@@ -113,13 +112,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.only == "torch":
-        print(json.dumps(torch_rates(args)))
+        print(json.dumps(rates("torch", args)))
         return
     mx.set_default_device(mx.cpu)
     warn_if_reference_blas()
     separate = "LD_PRELOAD" in os.environ
-    torch_rate = torch_in_child(argv) if separate else torch_rates(args)
-    mlx_rate = mlx_rates(args)
+    torch_rate = torch_in_child(argv) if separate else rates("torch", args)
+    mlx_rate = rates("mlx", args)
 
     print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} "
           f"({torch.get_num_threads()} threads{', in a child process without LD_PRELOAD' if separate else ''})")
