@@ -19,6 +19,7 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import torch
 
@@ -97,6 +98,27 @@ def time_torch(config, shapes, dtype, repeats, device):
     return result
 
 
+def profile_layer(config, B, T, dtype, repeats):
+    """Milliseconds of the pieces of one MLX encoder layer at (B, T): where does the time go?"""
+    D, F, H = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    dt = getattr(mx, dtype)
+    x, h = mx.random.normal((B * T, D)).astype(dt), mx.random.normal((B * T, F)).astype(dt)
+    w_d, w_up, w_down = (mx.random.normal(s).astype(dt) for s in [(D, D), (F, D), (D, F)])
+    q = mx.random.normal((B, H, T, D // H)).astype(dt)
+    norm = mx.fast.layer_norm
+    mx.eval(x, h, w_d, w_up, w_down, q)
+    pieces = {
+        "4 attention projections (B*T, D) @ (D, D)": lambda: [x @ w_d.T for _ in range(4)],
+        "feed-forward up + down matmuls": lambda: [x @ w_up.T, h @ w_down.T],
+        "GELU (exact, erf) on (B*T, 4D)": lambda: nn.gelu(h),
+        "scaled_dot_product_attention": lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125),
+        "2 LayerNorms on (B*T, D)": lambda: [norm(x, None, None, 1e-12) for _ in range(2)],
+        "exp on (B*T, 4D), for scale": lambda: mx.exp(h),
+        "multiply on (B*T, 4D), for scale": lambda: h * h,
+    }
+    return {name: 1e3 * median_seconds(lambda: mx.eval(fn()), repeats) for name, fn in pieces.items()}
+
+
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {shape: seconds}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -126,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes; the median is used (default: 10)")
     parser.add_argument("--tiny", action="store_true", help="a tiny 2-layer model instead of bert-base (for tests)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead, time the pieces of one MLX encoder layer at the first shape")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
     config = TINY if args.tiny else BASE
@@ -143,6 +167,14 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
+
+    if args.profile:
+        B, T = args.shapes[0]
+        print(f"one {'tiny' if args.tiny else 'bert-base'} layer at {B}x{T}, {args.dtype}, "
+              f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}:")
+        for name, ms in profile_layer(config, B, T, args.dtype, args.repeats).items():
+            print(f"  {ms:8.2f}  {name}")
+        return
 
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else time_torch(config, args.shapes, args.dtype, args.repeats, torch_device)

@@ -21,6 +21,7 @@ CASES = {
     "bert/hf_model": ("bert/hf_model.py", "--bert-model {bert}"),
     "bert/main": ("bert/main.py", "--bert-model {bert} --mlx-model {bert}.npz 'the capital [MASK].'"),
     "bert/benchmark": ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
+    "bert/benchmark --profile": ("bert/benchmark.py", "--tiny --profile --repeats 1 --shapes 2x16"),
 }
 
 
