@@ -48,7 +48,7 @@ def main():
             raise ValueError(f"no {tokenizer.mask_token} in {missing[0]!r}")
         results = fill_mask(model, tokenizer, args.text, args.top_k)
     except (WeightsError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
 
     for sentence, fills in zip(args.text, results):
         print(sentence)

@@ -243,7 +243,7 @@ def main():
         tokens = tokenizer(args.text, return_tensors="np", padding=True)
         output, pooled = model(**{k: mx.array(v) for k, v in tokens.items()})
     except (WeightsError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
     print("MLX BERT:")
     print(output)
     if pooled is not None:

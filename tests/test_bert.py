@@ -176,3 +176,10 @@ def test_float16_inference_stays_close(pretraining):
     assert output.dtype == mx.float16
     _, _, (reference, _), _ = run_both(folder, npz, SENTENCES)
     assert np.abs(np.array(output.astype(mx.float32)) - reference).max() < 0.05
+
+
+def test_an_unreachable_model_name_gives_one_line(pretraining):
+    _, npz = pretraining
+    result = run_script("bert/model.py", "--bert-model", "no-such-org/no-such-bert", "--mlx-model", npz)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
