@@ -10,12 +10,12 @@ Parameter names follow Hugging Face's `BertModel` closely, so `convert.py`'s map
 """
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 
 @dataclass
@@ -173,42 +173,41 @@ class WeightsError(Exception):
     """Weights that are missing, corrupt or do not fit the model. The message names what is wrong."""
 
 
-def load_weights(model, weights_path):
-    """Load a .npz written by convert.py into `model`, checking every key and shape."""
+def read_weights(weights_path):
+    """{name: array} from a .npz written by convert.py."""
+    if not os.path.isfile(weights_path):
+        raise WeightsError(f"{weights_path} does not exist; write it with convert.py first")
     try:
-        weights = mx.load(str(weights_path))
+        return mx.load(str(weights_path))
     except (OSError, RuntimeError, ValueError) as e:
         raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
+
+
+def load_weights(model, weights, source):
+    """Load `weights` into `model`, checking every key and shape; `source` names them in errors."""
     expected = {k: v.shape for k, v in nn.utils.tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{weights_path} does not fit the model: missing {missing or 'nothing'}, "
+        raise WeightsError(f"{source} does not fit the model: missing {missing or 'nothing'}, "
                            f"unexpected {unexpected or 'nothing'}")
     wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(s)})"
              for k, s in expected.items() if tuple(weights[k].shape) != tuple(s)]
     if wrong:
-        raise WeightsError(f"{weights_path}: wrong shapes: {', '.join(wrong)}")
+        raise WeightsError(f"{source}: wrong shapes: {', '.join(wrong)}")
     model.load_weights(list(weights.items()))
-
-
-def weight_names(weights_path):
-    with np.load(weights_path, allow_pickle=False) as f:
-        return f.files
 
 
 def load_model(bert_model, weights_path, dtype=mx.float32):
     """(Bert, tokenizer) from a Hugging Face name or folder (config and tokenizer) and converted weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        names = weight_names(weights_path)
-    except (OSError, ValueError, EOFError) as e:
-        raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
+    weights = read_weights(weights_path)
     config = BertConfig.from_hf(AutoConfig.from_pretrained(bert_model))
-    model = Bert(config, with_pooler="pooler.weight" in names,
-                 with_mlm_head=any(name.startswith("mlm.") for name in names))
-    load_weights(model, weights_path)
+    # The optional parts are built when the weights have them.
+    model = Bert(config, with_pooler="pooler.weight" in weights,
+                 with_mlm_head=any(name.startswith("mlm.") for name in weights))
+    load_weights(model, weights, weights_path)
     if dtype != mx.float32:
         model.set_dtype(dtype)
     model.eval()
