@@ -23,13 +23,12 @@ import mlx.nn as nn
 import numpy as np
 import torch
 
-from model import Bert, BertConfig
+from model import DTYPES, Bert, BertConfig
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
             intermediate_size=3072, max_position_embeddings=512)
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
-DTYPES = ["float32", "float16", "bfloat16"]
 
 
 def warn_if_reference_blas():
@@ -68,7 +67,7 @@ def batch(vocab_size, B, T, seed=0):
 
 def time_mlx(config, shapes, dtype, repeats, compiled):
     model = Bert(BertConfig(**config))
-    model.set_dtype(getattr(mx, dtype))
+    model.set_dtype(DTYPES[dtype])
     model.eval()
     mx.eval(model.parameters())
     forward = mx.compile(model) if compiled else model
@@ -101,7 +100,7 @@ def time_torch(config, shapes, dtype, repeats, device):
 def profile_layer(config, B, T, dtype, repeats):
     """Milliseconds of the pieces of one MLX encoder layer at (B, T): where does the time go?"""
     D, F, H = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    dt = getattr(mx, dtype)
+    dt = DTYPES[dtype]
     x, h = mx.random.normal((B * T, D)).astype(dt), mx.random.normal((B * T, F)).astype(dt)
     w_d, w_up, w_down = (mx.random.normal(s).astype(dt) for s in [(D, D), (F, D), (D, F)])
     q = mx.random.normal((B, H, T, D // H)).astype(dt)
@@ -145,7 +144,7 @@ def main(argv=None):
                         help="batch shapes as BATCHxTOKENS (default: 8x128 1x16)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations (default: float32)")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes; the median is used (default: 10)")
     parser.add_argument("--tiny", action="store_true", help="a tiny 2-layer model instead of bert-base (for tests)")
     parser.add_argument("--profile", action="store_true",
