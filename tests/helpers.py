@@ -88,3 +88,94 @@ def tiny_bert(folder, hf_class=None, seed=0):
     hf_class(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+LLAMA_TEXT = [
+    "call me ishmael some years ago never mind how long precisely",
+    "having little or no money in my purse and nothing particular to interest me on shore",
+    "i thought i would sail about a little and see the watery part of the world",
+    "the quick brown fox jumps over the lazy dog, café and naïve words too",
+] * 20
+
+
+def tiny_sentencepiece(path, vocab_size=320):
+    """Train a small BPE SentencePiece model (bos 1, eos 2, byte fallback, as Llama's) and write it to `path`."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(LLAMA_TEXT), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    Path(path).write_bytes(model.getvalue())
+    return Path(path)
+
+
+LLAMA_CONFIG = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=192, rope_theta=5000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=96, tie_word_embeddings=False)
+# The same model in Meta's params.json terms: 2/3 * 4 * 64 = 170, rounded up to a multiple of 32 = 192.
+LLAMA_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32,
+                    norm_eps=1e-5, rope_theta=5000.0)
+
+
+def tiny_llama(folder, seed=0, **overrides):
+    """A tiny random LlamaForCausalLM (GQA, rope_theta 5000) saved like a Hub folder, with tokenizer.model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_CONFIG, **overrides})).eval()
+    with torch.no_grad():  # the default init (std 0.02) makes near-uniform logits; widen it so tokens differ
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    tiny_sentencepiece(folder / "tokenizer.model", LLAMA_CONFIG["vocab_size"])
+    return folder
+
+
+def hf_to_meta_state_dict(state_dict, n_heads=4, n_kv_heads=2):
+    """Undo Hugging Face's Llama conversion: Meta names, and wq/wk rows back in interleaved-RoPE order."""
+    import torch
+
+    def unpermute(w, heads):  # inverse of convert_llama_weights_to_hf.permute
+        out_dim, in_dim = w.shape
+        return w.view(heads, 2, out_dim // heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    meta = {}
+    for name, w in state_dict.items():
+        if name in names:
+            meta[names[name]] = w.clone()
+            continue
+        _, _, i, *rest = name.split(".")
+        part = parts[".".join(rest[:-1])]
+        if part == "attention.wq":
+            w = unpermute(w, n_heads)
+        elif part == "attention.wk":
+            w = unpermute(w, n_kv_heads)
+        meta[f"layers.{i}.{part}.weight"] = w.clone()
+    meta["rope.freqs"] = torch.zeros(8)  # Llama 2 checkpoints carry this buffer; the converter drops it
+    return meta
+
+
+def split_meta_state_dict(meta, n_shards):
+    """Llama 2's model-parallel split: column-parallel weights on dim 0, row-parallel (wo, w2) and the
+    embedding on dim 1, norms repeated in every shard."""
+    shards = [{} for _ in range(n_shards)]
+    for name, w in meta.items():
+        if w.ndim == 1:
+            pieces = [w.clone()] * n_shards
+        else:
+            axis = 1 if name.endswith(("wo.weight", "w2.weight")) or name.startswith("tok_embeddings") else 0
+            pieces = [p.clone() for p in w.chunk(n_shards, dim=axis)]
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece
+    return shards

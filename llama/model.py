@@ -1,0 +1,235 @@
+"""Llama in MLX: RMSNorm, rotary embeddings, grouped-query attention with a key/value cache, SwiGLU.
+
+Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, ...), so a
+Meta checkpoint loads as it is and `convert.py` renames a Hugging Face one. The model configuration
+travels inside the converted weights file, so `load_model(path)` needs nothing else.
+
+    from model import load_model
+    model = load_model("weights.npz")
+    for token in model.generate(mx.array([1, 450, 7483]), temp=0.0):   # a generator, one int per step
+        ...
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # fewer key/value heads than query heads: grouped-query attention
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # feed-forward width; None: derived from multiple_of as Meta does
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Meta's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...: traditional=True.
+    # Hugging Face's converter permuted the rows of wq and wk so that rotating the two halves
+    # (x0, x_{d/2}), (x1, x_{d/2+1}), ... gives the same result: traditional=False for HF weights.
+    rope_traditional: bool = True
+    max_seq_len: int = 4096  # the context the model was trained with; longer prompts are refused
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
+            hidden_dim = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden_dim / self.multiple_of)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+class KVCache:
+    """The keys and values of every position seen so far, for one layer.
+
+    Storage is (B, n_kv_heads, capacity, head_dim), grown `step` positions at a time and written in
+    place, so a decoding step does not copy the whole cache as `mx.concatenate` would.
+    """
+
+    step = 256
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0  # number of positions filled
+
+    def update(self, keys, values):
+        """Append (B, n_kv_heads, T, head_dim) keys and values; return all of them so far."""
+        B, H, T, D = keys.shape
+        if self.keys is None or self.offset + T > self.keys.shape[2]:
+            capacity = self.step * math.ceil((self.offset + T) / self.step)
+            new_keys, new_values = (mx.zeros((B, H, capacity, D), keys.dtype) for _ in range(2))
+            if self.keys is not None:
+                new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
+                new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
+            self.keys, self.values = new_keys, new_values
+        self.keys[:, :, self.offset : self.offset + T] = keys
+        self.values[:, :, self.offset : self.offset + T] = values
+        self.offset += T
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.rope = nn.RoPE(args.head_dim, traditional=args.rope_traditional, base=args.rope_theta)
+
+    def __call__(self, x, cache: Optional[KVCache] = None):
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0  # position of the first of these T tokens
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, n_kv_heads, offset + T, head_dim)
+        # Each query head i attends with key/value head i // (n_heads // n_kv_heads); the fused kernel
+        # does that grouping itself. One new token sees everything before it: no mask is needed.
+        mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def __call__(self, x):
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+    def __call__(self, x, cache=None):
+        h = x + self.attention(self.attention_norm(x), cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def __call__(self, tokens, cache: Optional[list] = None):
+        """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (one KVCache per layer), the
+        tokens continue the sequence the cache holds, and the cache is extended with them."""
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.output(self.norm(h))
+
+    def generate(self, prompt, temp=0.0, top_p=1.0):
+        """Yield the next token (an int) after `prompt` (T,), forever; the caller decides when to stop.
+
+        temp 0 is greedy decoding; otherwise sample from softmax(logits / temp), restricted to the
+        smallest set of tokens whose probability adds up to top_p.
+        """
+        cache = [KVCache() for _ in self.layers]
+        token = sample(self(prompt[None], cache)[:, -1], temp, top_p)  # the whole prompt in one pass
+        mx.async_eval(token)
+        while True:
+            # Build and start the next step before waiting for this token: the Python work of one
+            # step overlaps the device's work of the previous one. `token` is still lazy here.
+            next_token = sample(self(token[:, None], cache)[:, -1], temp, top_p)
+            mx.async_eval(next_token)
+            yield token.item()  # waits for `token` only
+            token = next_token
+
+
+def sample(logits, temp, top_p):
+    """(B, vocab) logits -> (B,) tokens."""
+    if temp == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) / temp
+    if top_p < 1.0:
+        probs = mx.softmax(logits, axis=-1)
+        order = mx.argsort(-probs, axis=-1)  # most likely first
+        sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+        # Keep a token if the tokens more likely than it add up to less than top_p (the first always stays).
+        keep = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+        sorted_logits = mx.where(keep, mx.take_along_axis(logits, order, axis=-1), -mx.inf)
+        return mx.take_along_axis(order, mx.random.categorical(sorted_logits)[:, None], axis=-1)[:, 0]
+    return mx.random.categorical(logits)
+
+
+# ---- Loading ------------------------------------------------------------------------------------
+
+
+class WeightsError(Exception):
+    """A weights file that is missing, unreadable, or does not fit the model it describes."""
+
+
+def check_weights(model, weights):
+    """Raise WeightsError naming every missing or unexpected key and every shape that does not fit."""
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
+    problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if items]
+    if problems:
+        raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
+
+
+def load_model(path):
+    """The Llama stored in `path` (.npz or .safetensors from convert.py), weights evaluated."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist; write it with convert.py first")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    # convert.py stores the configuration as JSON bytes in an extra uint8 array.
+    if "config" not in weights:
+        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
+    config = json.loads(bytes(memoryview(weights.pop("config"))).decode())
+    known = {f.name for f in fields(ModelArgs)}
+    model = Llama(ModelArgs(**{k: v for k, v in config.items() if k in known}))
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def config_array(args: ModelArgs):
+    """ModelArgs as a uint8 array of JSON bytes, stored beside the weights as `config`."""
+    return mx.array(list(json.dumps(asdict(args)).encode()), dtype=mx.uint8)
