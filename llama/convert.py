@@ -250,7 +250,8 @@ def main():
         sys.exit(f"error: {e}")
     n_params = sum(math.prod(v.shape) for v in weights.values())
     layout = "interleaved (Meta)" if model_args.rope_traditional else "halves (Hugging Face)"
-    print(f"Wrote {n_params / 1e9:.2f}B parameters ({len(weights)} arrays, {next(iter(weights.values())).dtype}), "
+    size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+    print(f"Wrote {size} parameters ({len(weights)} arrays, {next(iter(weights.values())).dtype}), "
           f"{model_args.n_layers} layers, RoPE {layout}, to {args.output}")
 
 

@@ -105,7 +105,7 @@ def test_kv_cache_matches_full_recompute(converted):
         pieces = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 20)]
     finally:
         model_module.KVCache.step = 256
-    np.testing.assert_allclose(np.array(mx.concatenate(pieces, axis=1)), np.array(full), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(pieces, axis=1)), np.array(full), atol=TOL, rtol=0)
 
 
 def test_generate_is_greedy_decoding_of_the_logits(converted):

@@ -1,0 +1,249 @@
+"""Prompt and decoding speed of this MLX Llama against transformers' LlamaForCausalLM.generate.
+
+    python llama/benchmark.py                                              # --preset small, CPU, float32
+    python llama/benchmark.py --device gpu --preset 7b --dtype float16     # a 7B-shaped model on a GPU
+    python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1     # a quick check
+
+Both frameworks run the same random weights (made by PyTorch with --seed, then converted; nothing
+is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt) and decoding
+tokens/s (one sequence, greedy, --max-tokens new tokens, after the first), medians of --repeats.
+
+Decoding one sequence reads every weight once per token, so decode tokens/s x weight bytes is the
+memory bandwidth achieved. The script measures the device's copy bandwidth (PyTorch) and reports
+the fraction of that ceiling (copy bandwidth / weight bytes tokens/s) that decoding reaches.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import torch
+
+from convert import hf_to_mlx_name, save
+from model import Llama, ModelArgs, load_model
+
+# Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape.
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192, vocab_size=320),
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=2048, vocab_size=32000),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008, vocab_size=32000),
+}
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def warn_if_reference_blas():
+    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
+    if not sys.platform.startswith("linux"):
+        return
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "/" in line}
+    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
+    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
+    if reference and not openblas:
+        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
+              "see README.md to preload OpenBLAS", file=sys.stderr)
+
+
+def torch_model(preset, dtype, device, seed):
+    """The random-weight transformers Llama for `preset`, built directly in `dtype` on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # a 7B model never exists in float32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def mlx_model(hf_model):
+    """The same weights in this example's Llama (Hugging Face RoPE layout: rotate halves)."""
+    c = hf_model.config
+    args = ModelArgs(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                     n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
+                     norm_eps=c.rms_norm_eps, rope_theta=10000.0, rope_traditional=False, max_seq_len=4096)
+    model = Llama(args)
+    weights = []
+    for name, tensor in hf_model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
+            array = mx.array(tensor.view(torch.uint16).numpy()).view(mx.bfloat16)
+        else:
+            array = mx.array(tensor.numpy())
+        weights.append((hf_to_mlx_name(name), array))
+        mx.eval(array)  # one tensor at a time, so that peak host memory stays near one copy
+    model.load_weights(weights)
+    mx.eval(model.parameters())
+    return model
+
+
+def prompt_ids(vocab_size, n, seed):
+    return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def time_mlx(model, prompt, max_tokens, repeats):
+    """Median (prompt seconds, seconds per decoded token) of model.generate, as llama.py runs it."""
+    prompt = mx.array(prompt)
+    runs = []
+    for _ in range(repeats + 1):  # the first run warms up
+        tic = time.perf_counter()
+        generator = model.generate(prompt, temp=0.0)
+        next(generator)  # the first token: one pass over the prompt
+        first = time.perf_counter()
+        for _ in range(max_tokens - 1):
+            next(generator)
+        runs.append((first - tic, (time.perf_counter() - first) / (max_tokens - 1)))
+    return [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)]
+
+
+def time_torch(hf_model, prompt, max_tokens, repeats, device):
+    """Median (prompt seconds, seconds per decoded token) of transformers: a forward pass over the
+    prompt, and generate() for max_tokens greedy tokens, minus that prompt pass."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ids = torch.tensor([prompt], device=device)
+    prefill, decode = [], []
+    for _ in range(repeats + 1):
+        with torch.inference_mode():
+            sync()
+            tic = time.perf_counter()
+            hf_model(ids, use_cache=True)
+            sync()
+            prefill.append(time.perf_counter() - tic)
+            tic = time.perf_counter()
+            hf_model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                              pad_token_id=0)
+            sync()
+            decode.append((time.perf_counter() - tic - prefill[-1]) / (max_tokens - 1))
+    return statistics.median(prefill[1:]), statistics.median(decode[1:])
+
+
+def copy_bandwidth(device, repeats=5):
+    """Bytes per second read plus written by a 1 GiB copy (PyTorch's copy_, multithreaded on a CPU)."""
+    x = torch.ones(2**28, device=device)
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        tic = time.perf_counter()
+        y.copy_(x)
+        sync()
+        times.append(time.perf_counter() - tic)
+    return 2 * x.nbytes / statistics.median(times[1:])
+
+
+def time_load(model, repeats=3):
+    """Median seconds of load_model for the model saved as .npz and as .safetensors (in the page cache)."""
+    weights = dict(nn.utils.tree_flatten(model.parameters()))
+    result = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
+        for suffix in (".npz", ".safetensors"):
+            path = Path(folder) / f"weights{suffix}"
+            save(model.args, weights, path)
+            times = []
+            for _ in range(repeats + 1):  # the first read brings the file into the page cache
+                tic = time.perf_counter()
+                loaded = load_model(path)
+                times.append(time.perf_counter() - tic)
+                del loaded
+            result[suffix] = statistics.median(times[1:])
+            path.unlink()
+    return result
+
+
+def torch_in_child(argv):
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the PyTorch child process failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch).")
+    parser.add_argument("--preset", choices=list(PRESETS), default="small",
+                        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B) (default: small)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per run (default: 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are used (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and prompt (default: 0)")
+    parser.add_argument("--time-load", action="store_true",
+                        help="also save the MLX weights to a temporary file and time load_model from the page cache")
+    parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
+    args = parser.parse_args(argv)
+    if args.max_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
+        parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
+    if args.prompt_tokens + args.max_tokens > 4096:
+        parser.error("--prompt-tokens plus --max-tokens must fit the 4096-token context")
+
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    prompt = prompt_ids(PRESETS[args.preset]["vocab_size"], args.prompt_tokens, args.seed)
+    if args.only == "torch":
+        hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
+        print(json.dumps(time_torch(hf, prompt, args.max_tokens, args.repeats, torch_device)))
+        return
+    if args.device == "gpu":
+        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
+            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+        warn_if_reference_blas()
+
+    hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
+    model = mlx_model(hf)
+    separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
+    if separate:  # PyTorch is timed in a child that builds the same weights from the same seed
+        del hf
+        t_torch = torch_in_child(argv)
+    else:
+        t_torch = time_torch(hf, prompt, args.max_tokens, args.repeats, torch_device)
+        del hf
+        if torch_device == "cuda":
+            torch.cuda.empty_cache()
+    t_mlx = time_mlx(model, prompt, args.max_tokens, args.repeats)
+
+    weight_bytes = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
+    bandwidth = copy_bandwidth(torch_device)
+    ceiling = bandwidth / weight_bytes
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
+    print(f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), random weights, prompt "
+          f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
+          f"MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch {torch.__version__} on {torch_device}"
+          f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers generate()")
+    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s -> decoding ceiling {ceiling:.1f} tokens/s")
+    print(f"{'':>10} {'MLX':>10} {'PyTorch':>10} {'MLX/PyTorch':>12}")
+    print(f"{'prompt':>10} {args.prompt_tokens / t_mlx[0]:>10.1f} {args.prompt_tokens / t_torch[0]:>10.1f} "
+          f"{t_torch[0] / t_mlx[0]:>11.2f}x   tokens/s")
+    print(f"{'decoding':>10} {1 / t_mlx[1]:>10.1f} {1 / t_torch[1]:>10.1f} {t_torch[1] / t_mlx[1]:>11.2f}x   tokens/s")
+    for name, seconds in (("MLX", t_mlx[1]), ("PyTorch", t_torch[1])):
+        print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
+              f"{100 / seconds / ceiling:.0f}% of the ceiling")
+    if args.time_load:
+        for suffix, seconds in time_load(model).items():
+            print(f"load_model from {suffix} in the page cache: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
