@@ -179,3 +179,34 @@ def split_meta_state_dict(meta, n_shards):
         for shard, piece in zip(shards, pieces):
             shard[name] = piece
     return shards
+
+
+def tiny_gpt2(folder, seed=0, tie=True):
+    """A tiny random GPT2LMHeadModel saved like a Hub folder, with a byte-level BPE tokenizer
+    (the 256 byte symbols, a few merges, and <|endoftext|>)."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map to chr(256 + n).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+    symbols = [table[b] for b in range(256)]
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n")]
+    vocab = {s: i for i, s in enumerate(symbols + ["".join(m) for m in merges] + ["<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        tie_word_embeddings=tie, bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2's init (std 0.02) gives near-uniform logits; widen it, and make biases nonzero
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim == 2 else 0.1).add_(1.0 if "ln_" in name and name.endswith("weight") else 0)
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,139 @@
+"""Convert OpenAI's GPT-2 from Hugging Face to one MLX weights file, with its tokenizer beside it.
+
+    python gpt2/convert.py gpt2 weights/gpt2.npz                 # or gpt2-medium, gpt2-large, gpt2-xl
+    python gpt2/convert.py path/to/local/gpt2 weights/gpt2.npz   # a folder with config.json + weights
+
+Writes weights/gpt2.npz (weights and config, atomically) and weights/gpt2-tokenizer/ (the BPE
+tokenizer files) for `python gpt2/model.py weights/gpt2.npz`.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from model import GPT, GPTConfig, WeightsError, check_weights, config_array, tokenizer_dir
+
+# Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the transpose of a
+# Linear layer's (out, in). These are they.
+CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+# Buffers of older checkpoints (the causal mask), not weights.
+DROPPED = re.compile(r"\.attn\.(bias|masked_bias)$")
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+class ConversionError(Exception):
+    pass
+
+
+def gpt_config(hf):
+    """GPTConfig from a Hugging Face GPT-2 config.json (as a dict)."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ConversionError(f"model_type {hf['model_type']!r} is not GPT-2")
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ConversionError(f"activation_function {hf['activation_function']!r}: this model uses GPT-2's gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ConversionError("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
+                     tie_head=hf.get("tie_word_embeddings", True), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def mlx_name(name):
+    """MLX name for a Hugging Face one, or None for a buffer. "transformer.h.0.attn.c_attn.weight" -> "h.0.attn.c_attn.weight"."""
+    if DROPPED.search(name):
+        return None
+    return re.sub(r"^transformer\.", "", name)
+
+
+def resolve(source):
+    if Path(source).is_dir():
+        return Path(source)
+    if os.path.sep in source:
+        raise ConversionError(f"{source} is not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=[
+            "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as e:  # offline, unknown name, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConversionError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
+                              "pass a local folder instead") from None
+
+
+def convert(source, dtype=None):
+    """(GPTConfig, {MLX name: mx.array}, folder) for a Hugging Face GPT-2 name or folder."""
+    folder = resolve(source)
+    try:
+        config = gpt_config(json.loads((folder / "config.json").read_text()))
+        hf_weights = mx.load(str(folder / "model.safetensors"))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ConversionError(f"cannot read the GPT-2 checkpoint in {folder}: {e}") from None
+    weights = {}
+    for name, value in hf_weights.items():
+        new = mlx_name(name)
+        if new is None or (new == "lm_head.weight" and config.tie_head):  # tied: the same array as wte
+            continue
+        weights[new] = value.T if CONV1D.search(name) else value  # Conv1D (in, out) -> Linear (out, in)
+    try:
+        check_weights(GPT(config), weights)
+    except WeightsError as e:
+        raise ConversionError(str(e)) from None
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    return config, weights, folder
+
+
+def save(config, weights, path):
+    """Write the weights and config to `path` (.npz or .safetensors) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    try:
+        arrays = {**weights, "config": config_array(config)}
+        mx.savez(tmp, **arrays) if path.suffix == ".npz" else mx.save_safetensors(tmp, arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_tokenizer(folder, weights_path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ConversionError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
+    tokenizer.save_pretrained(tokenizer_dir(weights_path))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Convert Hugging Face GPT-2 weights to MLX.")
+    parser.add_argument("source", help="Hugging Face name (gpt2, gpt2-medium, ...) or local folder with config.json, "
+                                       "model.safetensors and the tokenizer files")
+    parser.add_argument("output", help="the file to write: .npz or .safetensors")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as in the checkpoint)")
+    args = parser.parse_args()
+    if Path(args.output).suffix not in (".npz", ".safetensors"):
+        sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
+    try:
+        config, weights, folder = convert(args.source, args.dtype)
+        save_tokenizer(folder, args.output)
+        save(config, weights, args.output)
+    except ConversionError as e:
+        sys.exit(f"error: {e}")
+    n_params = sum(v.size for v in weights.values())
+    print(f"Wrote {n_params / 1e6:.1f}M parameters ({config.n_layer} layers, n_embd {config.n_embd}) to "
+          f"{args.output}, and the tokenizer to {tokenizer_dir(args.output)}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Train a character-level GPT on Tiny Shakespeare, then write 1000 generated characters to completions.txt.
+
+    python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
+    python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
+    python gpt2/main.py --resume                          # continue from OUT/checkpoint.safetensors
+
+The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first 90% of the
+text trains, the last 10% validates. Each epoch cuts the training text into windows of ctx_len
+characters (input) and the same windows shifted by one (labels), shuffles them into mini-batches,
+and takes one AdamW step per batch. The model is gpt2/model.py's GPT.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from model import GPT, GPTConfig, config_array, read_config
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+class DataError(Exception):
+    """The text could not be found, downloaded or read. The message says what to do."""
+
+
+# ---- Data ---------------------------------------------------------------------------------------
+
+
+def default_cache_path():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mlx-examples" / "tinyshakespeare" / "input.txt"
+
+
+def download_shakespeare(path, url=SHAKESPEARE_URL):
+    """Download Tiny Shakespeare to `path`, checking its SHA-256, through a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Downloading Tiny Shakespeare from {url} to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except Exception as e:  # URLError, timeouts, HTTP errors
+        raise DataError(f"cannot download Tiny Shakespeare from {url} ({e}); download input.txt by hand "
+                        f"to {path}, or pass --data PATH to any text file") from None
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise DataError(f"the file downloaded from {url} is not Tiny Shakespeare (SHA-256 mismatch); "
+                        f"put the right input.txt in {path} by hand")
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_text(data_path=None):
+    """The training text: `data_path` if given, else Tiny Shakespeare from the cache (downloaded once)."""
+    if data_path is None:
+        data_path = default_cache_path()
+        if not data_path.is_file():
+            download_shakespeare(data_path)
+    try:
+        text = Path(data_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {data_path} as UTF-8 text: {e}") from None
+    return text
+
+
+class CharVocab:
+    """Characters <-> integer ids, in sorted order of the characters seen in the text."""
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars))
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.ids))
+        if unknown:
+            raise ValueError(f"characters not in the training vocabulary: {''.join(unknown)!r}")
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def epoch_batches(data, ctx_len, batch_size, seed, epoch):
+    """The (B, ctx_len) window start positions of one epoch's batches, in order.
+
+    Windows do not overlap; the grid of windows starts at a random offset each epoch, so that over
+    epochs the model sees every position at every place in the context. Partial batches are dropped.
+    """
+    rng = np.random.default_rng([seed, epoch])  # the same plan for the same (seed, epoch): --resume is exact
+    offset = int(rng.integers(0, ctx_len))
+    starts = np.arange(offset, len(data) - ctx_len - 1, ctx_len)
+    starts = rng.permutation(starts)
+    n_batches = len(starts) // batch_size
+    return starts[: n_batches * batch_size].reshape(n_batches, batch_size)
+
+
+def windows(data, starts, ctx_len):
+    """Inputs data[s : s + ctx_len] and labels data[s + 1 : s + ctx_len + 1] for each start s: (B, ctx_len) each."""
+    index = starts[:, None] + np.arange(ctx_len)
+    return mx.array(data[index]), mx.array(data[index + 1])
+
+
+# ---- Training -----------------------------------------------------------------------------------
+
+
+def loss_fn(model, x, y):
+    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+def learning_rate(args, total_steps):
+    """Constant args.lr, or (with --min-lr) linear warm-up then cosine decay to --min-lr, as nanoGPT."""
+    if args.min_lr is None:
+        return args.lr
+    warmup = optim.linear_schedule(0.0, args.lr, max(args.warmup, 1))
+    decay = optim.cosine_decay(args.lr, max(total_steps - args.warmup, 1), end=args.min_lr)
+    return optim.join_schedules([warmup, decay], [max(args.warmup, 1)])
+
+
+def evaluate(model, data, ctx_len, batch_size):
+    """Mean cross-entropy over every non-overlapping window of `data` (dropout off)."""
+    model.eval()
+    starts = np.arange(0, len(data) - ctx_len - 1, ctx_len)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = windows(data, starts[i : i + batch_size], ctx_len)
+        total += loss_fn(model, x, y).item() * x.shape[0]
+        count += x.shape[0]
+    model.train()
+    return total / count
+
+
+def save_checkpoint(path, model, optimizer, step, meta):
+    """Weights, optimizer state, step and run description in one .safetensors file, written atomically."""
+    arrays = {f"model.{k}": v for k, v in nn.utils.tree_flatten(model.parameters())}
+    arrays.update({f"optimizer.{k}": v for k, v in nn.utils.tree_flatten(optimizer.state)})
+    arrays["config"] = config_array(model.config)
+    arrays["meta"] = mx.array(list(json.dumps({**meta, "step": step}).encode()), dtype=mx.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """(GPTConfig, model weights, optimizer state, meta) from save_checkpoint's file."""
+    try:
+        arrays = mx.load(str(path))
+        config = read_config(arrays.pop("config"))
+        meta = json.loads(bytes(memoryview(arrays.pop("meta"))).decode())
+    except Exception as e:
+        raise DataError(f"cannot read the checkpoint {path}: {e}") from None
+    weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
+    opt_state = nn.utils.tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    return config, weights, opt_state, meta
+
+
+def write_atomically(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train(args):
+    text = load_text(args.data)
+    vocab = CharVocab(text)
+    data = np.array(vocab.encode(text), dtype=np.int32)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+    if len(val_data) < args.ctx_len + 2 or len(train_data) < (args.ctx_len + 1) * args.batch_size + args.ctx_len:
+        raise DataError(f"the text ({len(text)} characters) is too short for --ctx-len {args.ctx_len} "
+                        f"and --batch-size {args.batch_size}")
+    checkpoint = Path(args.out) / "checkpoint.safetensors"
+    run = dict(chars="".join(vocab.chars), seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+               min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+               epochs=args.epochs, text_sha256=hashlib.sha256(text.encode()).hexdigest())
+
+    mx.random.seed(args.seed)
+    config = GPTConfig(vocab_size=len(vocab.chars), block_size=args.ctx_len, n_layer=args.n_layers,
+                       n_head=args.n_heads, n_embd=args.n_emb, dropout=args.dropout)
+    steps_per_epoch = [len(epoch_batches(train_data, config.block_size, args.batch_size, args.seed, e))
+                       for e in range(args.epochs)]
+    total_steps = min(sum(steps_per_epoch), args.max_steps or math.inf)
+    model = GPT(config)
+    # The schedule spans all epochs; --max-steps only stops early, so a capped run and its --resume
+    # follow the same learning rates as one uninterrupted run.
+    optimizer = optim.AdamW(learning_rate(args, sum(steps_per_epoch)), betas=[0.9, args.beta2], weight_decay=args.weight_decay)
+    step = 0
+    if args.resume:
+        if not checkpoint.is_file():
+            raise DataError(f"--resume: no checkpoint at {checkpoint}")
+        config, weights, opt_state, meta = load_checkpoint(checkpoint)
+        changed = [k for k in run if meta.get(k) != run[k]]
+        if changed:
+            raise DataError(f"--resume: the checkpoint was made with other settings or text ({', '.join(changed)}); "
+                            "resume with the same flags and --data")
+        model = GPT(config)
+        model.load_weights(weights)
+        optimizer.state = opt_state
+        step = meta["step"]
+        print(f"Resumed from {checkpoint} at step {step}")
+    mx.eval(model.parameters(), optimizer.state)
+    n_params = sum(p.size for _, p in nn.utils.tree_flatten(model.parameters()))
+    print(f"{len(text):,} characters, vocabulary {len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; "
+          f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y):
+        loss, grads = loss_and_grad(model, x, y)
+        if args.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    start, done = time.perf_counter(), step
+    try:
+        for epoch in range(args.epochs):
+            if sum(steps_per_epoch[: epoch + 1]) <= step:
+                continue  # finished before a --resume
+            batches = epoch_batches(train_data, config.block_size, args.batch_size, args.seed, epoch)
+            first = step - sum(steps_per_epoch[:epoch])  # > 0 only in the epoch a --resume lands in
+            losses, tic = [], time.perf_counter()
+            for starts in batches[first:]:
+                if step >= total_steps:
+                    break
+                mx.random.seed(args.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
+                x, y = windows(train_data, starts, config.block_size)
+                losses.append(train_step(x, y))
+                mx.eval(state, losses[-1])
+                step += 1
+            seconds = time.perf_counter() - tic
+            tokens_per_s = len(losses) * args.batch_size * config.block_size / seconds if losses else 0.0
+            val = evaluate(model, val_data, config.block_size, args.batch_size)
+            train_loss = mx.mean(mx.stack(losses)).item() if losses else float("nan")
+            print(f"Epoch {epoch + 1} | train = {train_loss:.4f} | val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+            save_checkpoint(checkpoint, model, optimizer, step, run)
+            if step >= total_steps:
+                break
+    except KeyboardInterrupt:
+        save_checkpoint(checkpoint, model, optimizer, step, run)
+        sys.exit(f"\nInterrupted at step {step}; saved {checkpoint}; continue with --resume")
+    print(f"Trained {step - done} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
+    return model, vocab
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Train a character-level GPT (default: Tiny Shakespeare) and write "
+                                                 "generated text to OUT/completions.txt.")
+    parser.add_argument("--data", type=Path, help="a UTF-8 text file to train on (default: Tiny Shakespeare, "
+                                                  "downloaded once to ~/.cache/mlx-examples)")
+    parser.add_argument("--out", default=".", help="folder for completions.txt and checkpoint.safetensors (default: .)")
+    parser.add_argument("--ctx-len", type=int, default=128, help="context length in characters (default: 128)")
+    parser.add_argument("--n-emb", type=int, default=128, help="embedding width (default: 128)")
+    parser.add_argument("--n-heads", type=int, default=4, help="attention heads (default: 4)")
+    parser.add_argument("--n-layers", type=int, default=3, help="transformer blocks (default: 3)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout probability (default: 0.1)")
+    parser.add_argument("--epochs", type=int, default=20, help="passes over the training text (default: 20)")
+    parser.add_argument("--batch-size", type=int, default=64, help="windows per step (default: 64)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    parser.add_argument("--min-lr", type=float, help="decay the learning rate to this with a cosine after --warmup "
+                                                     "steps (default: constant --lr)")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps with --min-lr (default: 0)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (default: 0.999)")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 is off (default: 0)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many training steps in all (default: no cap)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.safetensors")
+    parser.add_argument("--prompt", default="\n", help="text the generated characters continue (default: a newline)")
+    parser.add_argument("--max-tokens", type=int, default=1000, help="characters to generate (default: 1000)")
+    parser.add_argument("--temp", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
+    args = parser.parse_args()
+    if min(args.ctx_len, args.n_emb, args.n_heads, args.n_layers, args.epochs, args.batch_size) < 1:
+        parser.error("--ctx-len, --n-emb, --n-heads, --n-layers, --epochs and --batch-size must be at least 1")
+    if args.n_emb % args.n_heads:
+        parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}")
+    if not 0 <= args.dropout < 1 or args.temp < 0 or (args.max_steps is not None and args.max_steps < 1):
+        parser.error("--dropout must be in [0, 1), --temp at least 0, --max-steps at least 1")
+
+    try:
+        model, vocab = train(args)
+        prompt = vocab.encode(args.prompt)
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    model.eval()
+    mx.random.seed(args.seed)
+    completion = vocab.decode(model.generate(prompt, args.max_tokens, temperature=args.temp))
+    out = Path(args.out) / "completions.txt"
+    write_atomically(out, args.prompt + completion)
+    print(f"Wrote {len(completion)} generated characters to {out}:\n{completion[:300]}")
+
+
+if __name__ == "__main__":
+    main()

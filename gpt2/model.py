@@ -1,0 +1,251 @@
+"""GPT-2 in MLX: token and position embeddings, pre-LayerNorm blocks of causal self-attention and a
+GELU MLP, a final LayerNorm and the language-model head.
+
+    python gpt2/model.py weights/gpt2.npz --prompt "Hello, my name is" --max-tokens 50
+
+generates with weights written by convert.py (OpenAI's GPT-2) and the BPE tokenizer saved beside
+them. main.py trains the same model from scratch on characters.
+
+Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`, `ln_f`),
+so converting is a rename plus a transpose.
+"""
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # the longest sequence (context) the position embedding covers
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
+    tie_head: bool = True  # the LM head reuses the token embedding (wte), as GPT-2
+    layer_norm_eps: float = 1e-5
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def __call__(self, x):
+        B, T, C = x.shape
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v))
+        scale = 1.0 / math.sqrt(C // self.n_head)
+        if self.training and self.dropout > 0:
+            # Dropout on the attention probabilities needs them spelled out; the fused kernel has none.
+            scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
+            causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
+            y = self.attn_dropout(mx.softmax(scores + causal, axis=-1, precise=True)) @ v
+        else:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def __call__(self, x):
+        # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)): LayerNorm before each sublayer (GPT-2), not after (BERT)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.h = [Block(config) for _ in range(config.n_layer)]
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        if not config.tie_head:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights, normal(0,
+        0.02 / sqrt(2 * n_layer)) for the projections that write into the residual stream (each
+        block adds two), zero biases, LayerNorm weight 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+
+        def init(name, p):
+            if name.endswith("c_proj.weight"):
+                return residual_std * mx.random.normal(p.shape)
+            if name.endswith("bias"):
+                return mx.zeros(p.shape)
+            if name.startswith("ln_") or ".ln_" in name:
+                return mx.ones(p.shape)
+            return 0.02 * mx.random.normal(p.shape)
+
+        self.update(nn.utils.tree_unflatten(
+            [(name, init(name, p)) for name, p in nn.utils.tree_flatten(self.parameters())]))
+
+    def __call__(self, idx):
+        """idx (B, T) int tokens -> logits (B, T, vocab_size)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"a sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        x = self.drop(self.wte(idx) + self.wpe(mx.arange(T)))  # (B, T, n_embd)
+        for block in self.h:
+            x = block(x)
+        x = self.ln_f(x)
+        return self.wte.as_linear(x) if self.config.tie_head else self.lm_head(x)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Yield max_new_tokens tokens (ints) continuing idx (T,), one at a time.
+
+        The last block_size tokens are the context: every step recomputes them (no cache; the
+        models here are small). temperature 0 is greedy; top_k keeps only the k most likely tokens.
+        """
+        idx = list(idx)
+        for _ in range(max_new_tokens):
+            context = mx.array(idx[-self.config.block_size :])[None]
+            logits = self(context)[0, -1].astype(mx.float32)  # (vocab_size,)
+            if temperature == 0:
+                token = int(mx.argmax(logits).item())
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[0]:
+                    kth = mx.sort(logits)[-top_k]  # the k-th largest logit
+                    logits = mx.where(logits < kth, -mx.inf, logits)
+                token = int(mx.random.categorical(logits).item())
+            idx.append(token)
+            yield token
+
+
+# ---- Saving and loading: weights plus the config, in one file -----------------------------------
+
+
+class WeightsError(Exception):
+    """A weights file that is missing, unreadable, or does not fit its model."""
+
+
+def config_array(config: GPTConfig):
+    """GPTConfig as a uint8 array of JSON bytes, stored beside the weights under the name `config`."""
+    return mx.array(list(json.dumps(asdict(config)).encode()), dtype=mx.uint8)
+
+
+def read_config(array):
+    values = json.loads(bytes(memoryview(array)).decode())
+    return GPTConfig(**{f.name: values[f.name] for f in fields(GPTConfig) if f.name in values})
+
+
+def check_weights(model, weights):
+    """Raise WeightsError naming every missing or unexpected key and every shape that does not fit."""
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
+    problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
+
+
+def load_model(path):
+    """The GPT stored in `path` (.npz or .safetensors, by convert.py or main.py), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if "config" not in weights:
+        raise WeightsError(f"{path} has no model config; write it with convert.py or main.py")
+    model = GPT(read_config(weights.pop("config")))
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def tokenizer_dir(weights_path):
+    """Where convert.py puts the BPE tokenizer: weights/gpt2.npz -> weights/gpt2-tokenizer/."""
+    path = Path(weights_path)
+    return path.with_name(path.stem + "-tokenizer")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Generate text with GPT-2 weights converted by convert.py.")
+    parser.add_argument("weights", help="the .npz or .safetensors file from convert.py (tokenizer in NAME-tokenizer/ beside it)")
+    parser.add_argument("--prompt", default="Hello, my name is", help="text to continue (default: %(default)r)")
+    parser.add_argument("--max-tokens", type=int, default=50, help="tokens to generate (default: 50)")
+    parser.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    args = parser.parse_args()
+    if args.max_tokens < 1 or args.temp < 0 or args.top_k < 1:
+        parser.error("--max-tokens and --top-k must be at least 1, --temp at least 0")
+    mx.random.seed(args.seed)
+    try:
+        model = load_model(args.weights)
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    folder = tokenizer_dir(args.weights)
+    if not folder.is_dir():
+        sys.exit(f"error: no tokenizer in {folder}; convert.py saves it there beside the weights")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) > model.config.vocab_size:
+        sys.exit(f"error: the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        sys.exit("error: the prompt is empty; give some text to continue")
+    if len(prompt) >= model.config.block_size:
+        sys.exit(f"error: the prompt is {len(prompt)} tokens; the model's context is {model.config.block_size}")
+
+    print(args.prompt, end="", flush=True)
+    generated, printed = [], 0
+    for token in model.generate(prompt, args.max_tokens, args.temp, args.top_k):
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a character split across tokens
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+    print(tokenizer.decode(generated)[printed:])
+
+
+if __name__ == "__main__":
+    main()
