@@ -64,12 +64,12 @@ def download_shakespeare(path, url=SHAKESPEARE_URL):
     os.replace(tmp, path)
 
 
-def load_text(data_path=None):
+def load_text(data_path=None, url=SHAKESPEARE_URL):
     """The training text: `data_path` if given, else Tiny Shakespeare from the cache (downloaded once)."""
     if data_path is None:
         data_path = default_cache_path()
         if not data_path.is_file():
-            download_shakespeare(data_path)
+            download_shakespeare(data_path, url)
     try:
         text = Path(data_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -119,6 +119,27 @@ def windows(data, starts, ctx_len):
 
 def loss_fn(model, x, y):
     return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+def make_train_step(model, optimizer, grad_clip=0.0):
+    """One compiled AdamW step on a batch: train_step(x, y) -> loss (lazy).
+
+    mx.compile traces the step once and replays it. The model's weights, the optimizer's state and
+    the random state (for dropout) are read and written by every call, so they are declared as the
+    compiled function's implicit inputs and outputs.
+    """
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y):
+        loss, grads = loss_and_grad(model, x, y)
+        if grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    return train_step, state
 
 
 def learning_rate(args, total_steps):
@@ -182,7 +203,7 @@ def write_atomically(path, text):
 
 
 def train(args):
-    text = load_text(args.data)
+    text = load_text(args.data, args.data_url)
     vocab = CharVocab(text)
     data = np.array(vocab.encode(text), dtype=np.int32)
     split = int(0.9 * len(data))
@@ -224,17 +245,7 @@ def train(args):
     print(f"{len(text):,} characters, vocabulary {len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; "
           f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}")
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x, y):
-        loss, grads = loss_and_grad(model, x, y)
-        if args.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
-        optimizer.update(model, grads)
-        return loss
-
+    train_step, state = make_train_step(model, optimizer, args.grad_clip)
     model.train()
     start, done = time.perf_counter(), step
     try:
@@ -273,6 +284,8 @@ def main():
                                                  "generated text to OUT/completions.txt.")
     parser.add_argument("--data", type=Path, help="a UTF-8 text file to train on (default: Tiny Shakespeare, "
                                                   "downloaded once to ~/.cache/mlx-examples)")
+    parser.add_argument("--data-url", default=SHAKESPEARE_URL,
+                        help="where to download Tiny Shakespeare from when it is not cached (default: karpathy/char-rnn on GitHub)")
     parser.add_argument("--out", default=".", help="folder for completions.txt and checkpoint.safetensors (default: .)")
     parser.add_argument("--ctx-len", type=int, default=128, help="context length in characters (default: 128)")
     parser.add_argument("--n-emb", type=int, default=128, help="embedding width (default: 128)")

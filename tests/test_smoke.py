@@ -2,7 +2,8 @@
 
 Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set, `{bert}` a tiny BERT
 folder in Hugging Face layout with `{bert}.npz` its conversion, `{llama}` the same for a tiny Llama
-(with its SentencePiece `tokenizer.model`), and `{tmp}` a scratch folder.
+(with its SentencePiece `tokenizer.model`) and `{gpt2}` for a tiny GPT-2, `{text}` a small text
+file, and `{tmp}` a scratch folder.
 """
 
 import re
@@ -10,7 +11,7 @@ import shlex
 
 import pytest
 
-from helpers import run_script, tiny_bert, tiny_llama, tiny_mnist
+from helpers import run_script, tiny_bert, tiny_gpt2, tiny_llama, tiny_mnist
 
 CASES = {
     "linear_regression/main": ("linear_regression/main.py",
@@ -27,6 +28,10 @@ CASES = {
     "llama/main": ("llama/main.py", "--n-layers 2 --dim 64 --hidden-dim 128 --vocab-size 256 --max-tokens 4"),
     "llama/llama": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9"),
     "llama/benchmark": ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1 --time-load"),
+    "gpt2/main": ("gpt2/main.py", "--data {text} --out {tmp} --ctx-len 16 --n-emb 16 --n-heads 2 --n-layers 1 "
+                                  "--batch-size 8 --epochs 2 --max-tokens 30"),
+    "gpt2/model": ("gpt2/model.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
+    "gpt2/benchmark": ("gpt2/benchmark.py", "--tiny --steps 2 --repeats 1"),
 }
 
 
@@ -46,11 +51,21 @@ def llama(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    folder = tiny_gpt2(tmp_path_factory.mktemp("smoke") / "gpt2")
+    result = run_script("gpt2/convert.py", folder, f"{folder}.npz")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_example_runs(case, tmp_path, bert, llama):
+def test_example_runs(case, tmp_path, bert, llama, gpt2):
     script, args = CASES[case]
     data = tiny_mnist(tmp_path / "mnist", n_train=64, n_test=16)
-    args = shlex.split(args.format(data=data, tmp=tmp_path, bert=bert, llama=llama))
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 30)
+    args = shlex.split(args.format(data=data, tmp=tmp_path, bert=bert, llama=llama, gpt2=gpt2, text=text))
     result = run_script(script, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
@@ -68,6 +83,7 @@ def test_mlp_mnist_convert_round_trip(tmp_path):
     ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
     ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
     ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1"),
+    ("gpt2/benchmark.py", "--tiny --steps 2 --repeats 1"),
 ])
 def test_benchmarks_time_pytorch_apart_when_ld_preload_is_set(script, args, tmp_path):
     # An empty LD_PRELOAD changes nothing for the loader but takes the child-process path.

@@ -1,0 +1,209 @@
+"""Training-step time of main.py's GPT (compiled MLX step) against the same model in PyTorch (eager).
+
+    python gpt2/benchmark.py                               # both configs below, CPU
+    python gpt2/benchmark.py --device gpu                  # MLX's GPU backend vs PyTorch on CUDA
+    python gpt2/benchmark.py --config walkthrough --steps 3 --repeats 1 --tiny    # a quick check
+
+Configs: "walkthrough" is main.py's default (3 layers, 4 heads, n_embd 128, ctx 128, batch 64,
+dropout 0.1); "nanogpt" is nanoGPT's Shakespeare-char config (6 layers, 6 heads, 384, ctx 256,
+batch 64, dropout 0.2). Vocabulary 65 (Tiny Shakespeare's characters), random token batches, float32,
+AdamW. A step is forward, backward and the optimizer update, timed until the new weights exist.
+Each framework runs --steps steps per repeat; the median repeat is used.
+
+On a GPU both frameworks compute float32 matmuls in full float32 by default: this script sets
+MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and PyTorch's TF32 follows it.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("MLX_ENABLE_TF32", "0")  # before MLX starts: compare full float32 with full float32
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+from main import make_train_step
+from model import GPT, GPTConfig
+
+CONFIGS = {
+    "walkthrough": dict(n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=64, dropout=0.1),
+    "nanogpt": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2),
+}
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4)
+VOCAB = 65
+
+
+def warn_if_reference_blas():
+    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
+    if not sys.platform.startswith("linux"):
+        return
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "/" in line}
+    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
+    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
+    if reference and not openblas:
+        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
+              "see README.md to preload OpenBLAS", file=sys.stderr)
+
+
+# ---- The same model in PyTorch (nanoGPT's, which is GPT-2's) ------------------------------------
+
+
+class TorchBlock(tnn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head, self.dropout = c["n_head"], c["dropout"]
+        self.ln_1, self.ln_2 = tnn.LayerNorm(c["n_embd"]), tnn.LayerNorm(c["n_embd"])
+        self.c_attn = tnn.Linear(c["n_embd"], 3 * c["n_embd"])
+        self.attn_proj = tnn.Linear(c["n_embd"], c["n_embd"])
+        self.c_fc = tnn.Linear(c["n_embd"], 4 * c["n_embd"])
+        self.mlp_proj = tnn.Linear(4 * c["n_embd"], c["n_embd"])
+        self.drop = tnn.Dropout(c["dropout"])
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+
+
+class TorchGPT(tnn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.wte, self.wpe = tnn.Embedding(VOCAB, c["n_embd"]), tnn.Embedding(c["block_size"], c["n_embd"])
+        self.drop = tnn.Dropout(c["dropout"])
+        self.h = tnn.ModuleList(TorchBlock(c) for _ in range(c["n_layer"]))
+        self.ln_f = tnn.LayerNorm(c["n_embd"])
+
+    def forward(self, idx, targets):
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
+        for block in self.h:
+            x = block(x)
+        logits = self.ln_f(x) @ self.wte.weight.T  # tied head
+        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+
+def batches(c, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, (2, c["batch_size"], c["block_size"])).astype(np.int32) for _ in range(steps)]
+
+
+def time_steps(run_steps, repeats):
+    """Median seconds per step over `repeats` runs of run_steps() (after one warm-up run)."""
+    run_steps()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        n = run_steps()
+        times.append((time.perf_counter() - tic) / n)
+    return statistics.median(times)
+
+
+def time_mlx(c, steps, repeats):
+    mx.random.seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                          n_embd=c["n_embd"], dropout=c["dropout"]))
+    model.train()
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    train_step, state = make_train_step(model, optimizer)  # exactly main.py's step
+    data = [tuple(mx.array(a) for a in b) for b in batches(c, steps)]
+    mx.eval(state, data)
+
+    def run_steps():
+        for x, y in data:
+            loss = train_step(x, y)
+            mx.eval(state, loss)  # as main.py: each step's weights exist before the next batch
+        return len(data)
+
+    return time_steps(run_steps, repeats)
+
+
+def time_torch(c, steps, repeats, device):
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = os.environ["MLX_ENABLE_TF32"] != "0"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    model = TorchGPT(c).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = [tuple(torch.from_numpy(a).long().to(device) for a in b) for b in batches(c, steps)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run_steps():
+        for x, y in data:
+            loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync()
+        return len(data)
+
+    return time_steps(run_steps, repeats)
+
+
+def torch_in_child(argv):
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: seconds}."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the PyTorch child process failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description="GPT training-step time, compiled MLX vs PyTorch eager.")
+    parser.add_argument("--config", choices=list(CONFIGS), nargs="+", default=list(CONFIGS),
+                        help="which configs to time (default: both)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed run (default: 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the median is used (default: 3)")
+    parser.add_argument("--tiny", action="store_true", help="shrink every config to 2 tiny layers (for tests)")
+    parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    configs = {name: {**CONFIGS[name], **(TINY if args.tiny else {})} for name in args.config}
+
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    if args.only == "torch":
+        print(json.dumps({name: time_torch(c, args.steps, args.repeats, torch_device) for name, c in configs.items()}))
+        return
+    if args.device == "gpu":
+        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
+            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+        warn_if_reference_blas()
+
+    separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
+    t_torch = torch_in_child(argv) if separate else {
+        name: time_torch(c, args.steps, args.repeats, torch_device) for name, c in configs.items()}
+    t_mlx = {name: time_mlx(c, args.steps, args.repeats) for name, c in configs.items()}
+
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
+    tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
+    print(f"float32, {tf32}, random batches, {args.steps} steps x median of {args.repeats}; MLX {mx.__version__} "
+          f"on {mx.default_device()}{gpu} (compiled step); PyTorch {torch.__version__} on {torch_device} (eager)"
+          f"{' in a child process without LD_PRELOAD' if separate else ''}")
+    print(f"{'config':>12} {'MLX ms/step':>12} {'PyTorch ms/step':>16} {'MLX tokens/s':>13} {'MLX/PyTorch time':>17}")
+    for name, c in configs.items():
+        tokens = c["batch_size"] * c["block_size"]
+        print(f"{name:>12} {1e3 * t_mlx[name]:>12.2f} {1e3 * t_torch[name]:>16.2f} {tokens / t_mlx[name]:>13,.0f} "
+              f"{t_mlx[name] / t_torch[name]:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""gpt2/: parity with transformers' GPT2LMHeadModel, conversion errors, character-level training,
+exact --resume, and the data and vocabulary errors."""
+
+import hashlib
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from helpers import import_example, run_script, tiny_gpt2
+
+TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+        "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied head", "separate head"])
+def converted(request, tmp_path_factory):
+    folder = tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "hf", tie=request.param)
+    result = run_script("gpt2/convert.py", folder, folder.parent / "gpt2.npz")
+    assert result.returncode == 0, result.stderr
+    return folder, folder.parent / "gpt2.npz"
+
+
+def test_logits_match_transformers(converted):
+    from transformers import GPT2LMHeadModel
+
+    folder, weights = converted
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids)).logits.numpy()
+    logits = np.array(import_example("gpt2", "model").load_model(weights)(mx.array(ids)))
+    assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()  # 1e-5 relative, float32
+
+
+def test_model_py_greedy_generation_equals_transformers(converted):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    folder, weights = converted
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = "the cat sat in the hat"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist()) + "\n"
+    result = run_script("gpt2/model.py", weights, "--prompt", prompt, "--max-tokens", "12", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+
+
+def test_convert_names_missing_keys_and_writes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_gpt2(tmp_path / "hf")
+    weights = load_file(folder / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.bias"]
+    save_file(weights, folder / "model.safetensors")
+    result = run_script("gpt2/convert.py", folder, tmp_path / "out.npz")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "missing: h.1.mlp.c_fc.bias" in result.stderr
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_convert_refuses_other_models(tmp_path):
+    folder = tiny_gpt2(tmp_path / "hf")
+    config = (folder / "config.json").read_text().replace('"gelu_new"', '"relu"')
+    (folder / "config.json").write_text(config)
+    result = run_script("gpt2/convert.py", folder, tmp_path / "out.npz")
+    assert result.returncode != 0 and "activation_function 'relu'" in result.stderr
+
+
+def epoch_lines(stdout):
+    return [tuple(map(float, m)) for m in re.findall(r"Epoch \d+ \| train = ([\d.]+) \| val = ([\d.]+)", stdout)]
+
+
+def test_training_lowers_the_loss(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run_script("gpt2/main.py", "--data", tmp_path / "text.txt", "--out", tmp_path, "--ctx-len", "32",
+                        "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16", "--epochs", "4",
+                        "--lr", "3e-3", "--max-tokens", "50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    losses = epoch_lines(result.stdout)
+    assert len(losses) == 4
+    assert losses[-1][0] < losses[0][0] - 0.5 and losses[-1][1] < losses[0][1] - 0.5  # train and val
+    completion = (tmp_path / "completions.txt").read_text()
+    assert len(completion) == 51 and set(completion) <= set(TEXT)  # the prompt "\n" and 50 characters
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ["--data", tmp_path / "text.txt", "--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2",
+              "--batch-size", "16", "--epochs", "3", "--dropout", "0.2", "--min-lr", "1e-4", "--warmup", "2",
+              "--grad-clip", "1.0", "--max-tokens", "20"]
+    # 11 steps per epoch here: the interrupted run stops mid-epoch 2, the full one runs to step 17.
+    full = run_script("gpt2/main.py", *common, "--out", tmp_path / "full", "--max-steps", "17")
+    first = run_script("gpt2/main.py", *common, "--out", tmp_path / "resumed", "--max-steps", "13")
+    second = run_script("gpt2/main.py", *common, "--out", tmp_path / "resumed", "--max-steps", "17", "--resume")
+    for result in (full, first, second):
+        assert result.returncode == 0, result.stderr
+    assert "Resumed from" in second.stdout and "at step 13" in second.stdout
+    a = mx.load(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = mx.load(str(tmp_path / "resumed" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    for name in a:
+        assert mx.array_equal(a[name], b[name]).item(), name
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ["--data", tmp_path / "text.txt", "--out", tmp_path, "--ctx-len", "32", "--n-emb", "32", "--n-heads", "2",
+              "--n-layers", "1", "--batch-size", "16", "--max-steps", "2", "--max-tokens", "5"]
+    assert run_script("gpt2/main.py", *common).returncode == 0
+    result = run_script("gpt2/main.py", *common, "--lr", "0.1", "--resume")
+    assert result.returncode != 0 and "other settings" in result.stderr and "lr" in result.stderr
+
+
+def test_char_vocab_round_trips_and_names_unknown_characters():
+    main = import_example("gpt2", "main")
+    vocab = main.CharVocab(TEXT)
+    assert vocab.decode(vocab.encode(TEXT)) == TEXT
+    assert len(vocab.chars) == len(set(TEXT))
+    with pytest.raises(ValueError, match=r"not in the training vocabulary: 'Zé'"):
+        vocab.encode("Zé First")
+
+
+def test_unknown_prompt_characters_give_one_line(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run_script("gpt2/main.py", "--data", tmp_path / "text.txt", "--out", tmp_path, "--ctx-len", "16",
+                        "--n-emb", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8", "--max-steps", "1",
+                        "--prompt", "Zebra")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "not in the training vocabulary: 'Zb'" in result.stderr
+    assert not (tmp_path / "completions.txt").exists()
+
+
+def test_no_data_offline_says_where_to_put_it(tmp_path):
+    result = run_script("gpt2/main.py", "--data-url", (tmp_path / "nowhere.txt").as_uri(),
+                        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot download Tiny Shakespeare")
+    assert str(tmp_path / "cache" / "mlx-examples" / "tinyshakespeare" / "input.txt") in lines[-1]
+    assert "--data PATH" in lines[-1]
+
+
+def test_download_checks_the_checksum_and_caches(tmp_path, monkeypatch):
+    main = import_example("gpt2", "main")
+    source = tmp_path / "input.txt"
+    source.write_text(TEXT)
+    target = tmp_path / "cache" / "input.txt"
+    with pytest.raises(main.DataError, match="SHA-256 mismatch"):
+        main.download_shakespeare(target, source.as_uri())
+    assert not target.exists() and not list(target.parent.iterdir())  # no partial file left behind
+    monkeypatch.setattr(main, "SHAKESPEARE_SHA256", hashlib.sha256(TEXT.encode()).hexdigest())
+    main.download_shakespeare(target, source.as_uri())
+    assert target.read_text() == TEXT
+
+
+def test_init_follows_gpt2():
+    model_module = import_example("gpt2", "model")
+    mx.random.seed(0)
+    config = model_module.GPTConfig(vocab_size=500, block_size=64, n_layer=8, n_head=4, n_embd=256)
+    model = model_module.GPT(config)
+    std = lambda a: float(np.array(a).std())  # noqa: E731
+    assert abs(std(model.wte.weight) - 0.02) < 1e-3
+    assert abs(std(model.h[0].mlp.c_fc.weight) - 0.02) < 1e-3
+    assert abs(std(model.h[0].attn.c_proj.weight) - 0.02 / 4) < 3e-4  # 0.02 / sqrt(2 * 8)
+    assert abs(std(model.h[0].mlp.c_proj.weight) - 0.02 / 4) < 3e-4
+    assert float(mx.abs(model.h[0].attn.c_attn.bias).max()) == 0.0
+    assert float(mx.min(model.h[0].ln_1.weight)) == 1.0
