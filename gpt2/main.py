@@ -146,9 +146,11 @@ def learning_rate(args, total_steps):
     """Constant args.lr, or (with --min-lr) linear warm-up then cosine decay to --min-lr, as nanoGPT."""
     if args.min_lr is None:
         return args.lr
-    warmup = optim.linear_schedule(0.0, args.lr, max(args.warmup, 1))
     decay = optim.cosine_decay(args.lr, max(total_steps - args.warmup, 1), end=args.min_lr)
-    return optim.join_schedules([warmup, decay], [max(args.warmup, 1)])
+    if args.warmup == 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, args.lr, args.warmup)
+    return optim.join_schedules([warmup, decay], [args.warmup])
 
 
 def evaluate(model, data, ctx_len, batch_size):
@@ -312,8 +314,8 @@ def main():
         parser.error("--ctx-len, --n-emb, --n-heads, --n-layers, --epochs and --batch-size must be at least 1")
     if args.n_emb % args.n_heads:
         parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}")
-    if not 0 <= args.dropout < 1 or args.temp < 0 or (args.max_steps is not None and args.max_steps < 1):
-        parser.error("--dropout must be in [0, 1), --temp at least 0, --max-steps at least 1")
+    if not 0 <= args.dropout < 1 or args.temp < 0 or args.warmup < 0 or (args.max_steps is not None and args.max_steps < 1):
+        parser.error("--dropout must be in [0, 1), --temp and --warmup at least 0, --max-steps at least 1")
 
     try:
         model, vocab = train(args)

@@ -104,8 +104,14 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     a = mx.load(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = mx.load(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    # On the CPU, bit for bit. GPU kernels that sum with atomics (the embedding gradients) round
+    # differently from run to run, even without a resume, so there the last bits may differ.
+    exact = mx.default_device() == mx.cpu
     for name in a:
-        assert mx.array_equal(a[name], b[name]).item(), name
+        if exact:
+            assert mx.array_equal(a[name], b[name]).item(), name
+        else:
+            np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-8, err_msg=name)
 
 
 def test_resume_refuses_other_settings(tmp_path):
