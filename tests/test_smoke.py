@@ -35,28 +35,28 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    folder = tiny_bert(tmp_path_factory.mktemp("smoke") / "bert")
-    result = run_script("bert/convert.py", "--bert-model", folder, "--mlx-model", f"{folder}.npz")
+def tiny_converted(tmp_path_factory, make, convert_args):
+    """A tiny Hugging Face folder made by `make`, converted to FOLDER.npz by `convert_args(folder)`."""
+    folder = make(tmp_path_factory.mktemp("smoke") / make.__name__)
+    result = run_script(*convert_args(folder))
     assert result.returncode == 0, result.stderr
     return folder
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return tiny_converted(tmp_path_factory, tiny_bert,
+                          lambda f: ("bert/convert.py", "--bert-model", f, "--mlx-model", f"{f}.npz"))
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    folder = tiny_llama(tmp_path_factory.mktemp("smoke") / "llama")
-    result = run_script("llama/convert.py", folder, f"{folder}.npz")
-    assert result.returncode == 0, result.stderr
-    return folder
+    return tiny_converted(tmp_path_factory, tiny_llama, lambda f: ("llama/convert.py", f, f"{f}.npz"))
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    folder = tiny_gpt2(tmp_path_factory.mktemp("smoke") / "gpt2")
-    result = run_script("gpt2/convert.py", folder, f"{folder}.npz")
-    assert result.returncode == 0, result.stderr
-    return folder
+    return tiny_converted(tmp_path_factory, tiny_gpt2, lambda f: ("gpt2/convert.py", f, f"{f}.npz"))
 
 
 @pytest.mark.parametrize("case", CASES)
