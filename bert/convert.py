@@ -54,11 +54,16 @@ def hf_to_mlx_name(name):
     raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a BERT model?")
 
 
+def is_hub_name(name):
+    """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+
+
 def resolve(bert_model):
     """A local folder for `bert_model`: itself if it is a folder, else a Hub download (cached)."""
     if Path(bert_model).is_dir():
         return Path(bert_model)
-    if os.path.sep in bert_model and not Path(bert_model).exists():
+    if not is_hub_name(bert_model):
         raise ConversionError(f"{bert_model} is not a folder")
     from huggingface_hub import snapshot_download
 

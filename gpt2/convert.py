@@ -51,10 +51,15 @@ def mlx_name(name):
     return re.sub(r"^transformer\.", "", name)
 
 
+def is_hub_name(name):
+    """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+
+
 def resolve(source):
     if Path(source).is_dir():
         return Path(source)
-    if os.path.sep in source:
+    if not is_hub_name(source):
         raise ConversionError(f"{source} is not a folder")
     from huggingface_hub import snapshot_download
 

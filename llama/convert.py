@@ -152,10 +152,15 @@ def hf_to_mlx_name(name):
     raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a Llama model?")
 
 
+def is_hub_name(name):
+    """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+
+
 def resolve_hf(source):
     if Path(source).is_dir():
         return Path(source)
-    if os.path.sep in source or source.endswith((".pth", ".json")):
+    if not is_hub_name(source) or source.endswith((".pth", ".json")):
         raise ConversionError(f"{source} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -198,6 +203,8 @@ def read_hf(folder):
 def convert(source, dtype=None, max_seq_len=4096):
     """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model."""
     path = Path(source)
+    if path.suffix == ".pth" and not path.is_file():
+        raise ConversionError(f"{source} does not exist")
     if path.suffix == ".pth" or (path.is_dir() and (path / "params.json").is_file()):
         args, weights = read_meta(path, max_seq_len)
     else:
@@ -241,8 +248,6 @@ def main():
     args = parser.parse_args()
     if Path(args.output).suffix not in (".npz", ".safetensors"):
         sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
-    if not Path(args.checkpoint).exists() and (os.path.sep in args.checkpoint or args.checkpoint.endswith(".pth")):
-        sys.exit(f"error: {args.checkpoint} does not exist")
     try:
         model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len)
         save(model_args, weights, args.output)

@@ -128,7 +128,14 @@ def test_corrupt_weights_give_one_line(pretraining, tmp_path):
 def test_convert_refuses_a_missing_folder_and_writes_nothing(tmp_path):
     result = run_script("bert/convert.py", "--bert-model", tmp_path / "nope" / "here", "--mlx-model", tmp_path / "o.npz")
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is not a folder" in result.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_convert_takes_org_slash_name_as_a_hub_name(tmp_path):
+    result = run_script("bert/convert.py", "--bert-model", "google-bert/bert-base-uncased", "--mlx-model", tmp_path / "o.npz")
+    assert result.returncode == 1  # offline in tests: the Hub is asked and cannot answer
+    assert "cannot get 'google-bert/bert-base-uncased' from the Hugging Face Hub" in result.stderr
 
 
 def test_convert_reads_pytorch_bin_checkpoints(tmp_path, pretraining):

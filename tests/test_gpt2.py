@@ -70,6 +70,11 @@ def test_convert_refuses_other_models(tmp_path):
     (folder / "config.json").write_text(config)
     result = run_script("gpt2/convert.py", folder, tmp_path / "out.npz")
     assert result.returncode != 0 and "activation_function 'relu'" in result.stderr
+    result = run_script("gpt2/convert.py", "openai-community/gpt2", tmp_path / "out.npz")  # offline in tests
+    assert result.returncode != 0 and "cannot get 'openai-community/gpt2' from the Hugging Face Hub" in result.stderr
+    result = run_script("gpt2/convert.py", tmp_path / "nowhere", tmp_path / "out.npz")
+    assert result.returncode != 0 and "is not a folder" in result.stderr
+    assert not (tmp_path / "out.npz").exists()
 
 
 def epoch_lines(stdout):

@@ -243,6 +243,10 @@ def test_convert_refuses_what_it_cannot_convert(hf_folder, tmp_path):
     assert result.returncode != 0 and "RoPE scaling 'linear' is not supported" in result.stderr
     result = run_script("llama/convert.py", tmp_path / "nowhere", tmp_path / "out.npz")
     assert result.returncode != 0 and "does not exist" in result.stderr
+    result = run_script("llama/convert.py", tmp_path / "consolidated.00.pth", tmp_path / "out.npz")
+    assert result.returncode != 0 and "consolidated.00.pth does not exist" in result.stderr
+    result = run_script("llama/convert.py", "meta-llama/Llama-2-7b-hf", tmp_path / "out.npz")  # offline in tests
+    assert result.returncode != 0 and "cannot get 'meta-llama/Llama-2-7b-hf' from the Hugging Face Hub" in result.stderr
     result = run_script("llama/convert.py", hf_folder, tmp_path / "out.bin")
     assert result.returncode != 0 and "must end in .npz or .safetensors" in result.stderr
     assert not list(tmp_path.glob("out*"))
