@@ -227,7 +227,10 @@ def main():
         sys.exit(f"error: no tokenizer in {folder}; convert.py saves it there beside the weights")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # missing or damaged files
+        sys.exit(f"error: cannot load the tokenizer in {folder} ({type(e).__name__}); run convert.py again")
     if len(tokenizer) > model.config.vocab_size:
         sys.exit(f"error: the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     prompt = tokenizer.encode(args.prompt)
