@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from model import GPT, GPTConfig, config_array, read_config
+from model import GPT, GPTConfig, config_array
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -184,16 +184,16 @@ def save_checkpoint(path, model, optimizer, step, meta):
 
 
 def load_checkpoint(path):
-    """(GPTConfig, model weights, optimizer state, meta) from save_checkpoint's file."""
+    """(model weights, optimizer state, meta) from save_checkpoint's file."""
     try:
         arrays = mx.load(str(path))
-        config = read_config(arrays.pop("config"))
+        arrays.pop("config")  # for load_model; the run's settings in `meta` say the same and more
         meta = json.loads(bytes(memoryview(arrays.pop("meta"))).decode())
     except Exception as e:
         raise DataError(f"cannot read the checkpoint {path}: {e}") from None
     weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
     opt_state = nn.utils.tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
-    return config, weights, opt_state, meta
+    return weights, opt_state, meta
 
 
 def write_atomically(path, text):
@@ -207,6 +207,7 @@ def write_atomically(path, text):
 def train(args):
     text = load_text(args.data, args.data_url)
     vocab = CharVocab(text)
+    vocab.encode(args.prompt)  # unknown characters in --prompt: fail now, not after training
     data = np.array(vocab.encode(text), dtype=np.int32)
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
@@ -214,7 +215,9 @@ def train(args):
         raise DataError(f"the text ({len(text)} characters) is too short for --ctx-len {args.ctx_len} "
                         f"and --batch-size {args.batch_size}")
     checkpoint = Path(args.out) / "checkpoint.safetensors"
-    run = dict(chars="".join(vocab.chars), seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+    # What a --resume must share with the run it continues.
+    run = dict(chars="".join(vocab.chars), ctx_len=args.ctx_len, n_emb=args.n_emb, n_heads=args.n_heads,
+               n_layers=args.n_layers, dropout=args.dropout, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                epochs=args.epochs, text_sha256=hashlib.sha256(text.encode()).hexdigest())
 
@@ -232,12 +235,11 @@ def train(args):
     if args.resume:
         if not checkpoint.is_file():
             raise DataError(f"--resume: no checkpoint at {checkpoint}")
-        config, weights, opt_state, meta = load_checkpoint(checkpoint)
+        weights, opt_state, meta = load_checkpoint(checkpoint)
         changed = [k for k in run if meta.get(k) != run[k]]
         if changed:
             raise DataError(f"--resume: the checkpoint was made with other settings or text ({', '.join(changed)}); "
                             "resume with the same flags and --data")
-        model = GPT(config)
         model.load_weights(weights)
         optimizer.state = opt_state
         step = meta["step"]
@@ -249,7 +251,7 @@ def train(args):
 
     train_step, state = make_train_step(model, optimizer, args.grad_clip)
     model.train()
-    start, done = time.perf_counter(), step
+    start, first_step = time.perf_counter(), step
     try:
         for epoch in range(args.epochs):
             if sum(steps_per_epoch[: epoch + 1]) <= step:
@@ -277,7 +279,7 @@ def train(args):
     except KeyboardInterrupt:
         save_checkpoint(checkpoint, model, optimizer, step, run)
         sys.exit(f"\nInterrupted at step {step}; saved {checkpoint}; continue with --resume")
-    print(f"Trained {step - done} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
+    print(f"Trained {step - first_step} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
     return model, vocab
 
 

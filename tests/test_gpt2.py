@@ -125,7 +125,9 @@ def test_resume_refuses_other_settings(tmp_path):
               "--n-layers", "1", "--batch-size", "16", "--max-steps", "2", "--max-tokens", "5"]
     assert run_script("gpt2/main.py", *common).returncode == 0
     result = run_script("gpt2/main.py", *common, "--lr", "0.1", "--resume")
-    assert result.returncode != 0 and "other settings" in result.stderr and "lr" in result.stderr
+    assert result.returncode != 0 and "other settings" in result.stderr and "(lr)" in result.stderr
+    result = run_script("gpt2/main.py", *common, "--n-layers", "2", "--resume")
+    assert result.returncode != 0 and "(n_layers)" in result.stderr
 
 
 def test_char_vocab_round_trips_and_names_unknown_characters():
@@ -144,6 +146,7 @@ def test_unknown_prompt_characters_give_one_line(tmp_path):
                         "--prompt", "Zebra")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "not in the training vocabulary: 'Zb'" in result.stderr
+    assert "Epoch" not in result.stdout  # refused before training, not after
     assert not (tmp_path / "completions.txt").exists()
 
 
