@@ -98,7 +98,7 @@ def time_torch(config, shapes, dtype, repeats, device):
 
 
 def profile_layer(config, B, T, dtype, repeats):
-    """Milliseconds of the pieces of one MLX encoder layer at (B, T): where does the time go?"""
+    """{piece: (MLX ms, PyTorch ms or None)} for one MLX encoder layer at (B, T): where does the time go?"""
     D, F, H = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
     dt = DTYPES[dtype]
     x, h = mx.random.normal((B * T, D)).astype(dt), mx.random.normal((B * T, F)).astype(dt)
@@ -115,7 +115,20 @@ def profile_layer(config, B, T, dtype, repeats):
         "exp on (B*T, 4D), for scale": lambda: mx.exp(h),
         "multiply on (B*T, 4D), for scale": lambda: h * h,
     }
-    return {name: 1e3 * median_seconds(lambda: mx.eval(fn()), repeats) for name, fn in pieces.items()}
+    # The element-wise pieces in PyTorch on the same device, for comparison (no BLAS involved).
+    th = torch.randn(B * T, F, dtype=getattr(torch, dtype), device="cuda" if mx.default_device() == mx.gpu else "cpu")
+    sync = torch.cuda.synchronize if th.is_cuda else (lambda: None)
+    torch_pieces = {
+        "GELU (exact, erf) on (B*T, 4D)": lambda: torch.nn.functional.gelu(th),
+        "exp on (B*T, 4D), for scale": lambda: torch.exp(th),
+        "multiply on (B*T, 4D), for scale": lambda: th * th,
+    }
+    result = {}
+    for name, fn in pieces.items():
+        ms_mlx = 1e3 * median_seconds(lambda: mx.eval(fn()), repeats)
+        ms_torch = 1e3 * median_seconds(lambda: (torch_pieces[name](), sync()), repeats) if name in torch_pieces else None
+        result[name] = (ms_mlx, ms_torch)
+    return result
 
 
 def torch_in_child(argv):
@@ -170,9 +183,11 @@ def main(argv=None):
     if args.profile:
         B, T = args.shapes[0]
         print(f"one {'tiny' if args.tiny else 'bert-base'} layer at {B}x{T}, {args.dtype}, "
-              f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}:")
-        for name, ms in profile_layer(config, B, T, args.dtype, args.repeats).items():
-            print(f"  {ms:8.2f}  {name}")
+              f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}; "
+              f"the element-wise pieces also in PyTorch {torch.__version__}:")
+        print(f"  {'MLX':>8}  {'PyTorch':>8}")
+        for name, (ms, ms_torch) in profile_layer(config, B, T, args.dtype, args.repeats).items():
+            print(f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  {name}")
         return
 
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
