@@ -12,12 +12,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
-from model import GPT, GPTConfig, WeightsError, check_weights, config_array, tokenizer_dir
+from model import GPT, GPTConfig, WeightsError, check_weights, config_array, save_arrays, tokenizer_dir
 
 # Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the transpose of a
 # Linear layer's (out, in). These are they.
@@ -97,17 +96,7 @@ def convert(source, dtype=None):
 
 def save(config, weights, path):
     """Write the weights and config to `path` (.npz or .safetensors) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        arrays = {**weights, "config": config_array(config)}
-        mx.savez(tmp, **arrays) if path.suffix == ".npz" else mx.save_safetensors(tmp, arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_arrays(path, {**weights, "config": config_array(config)})
 
 
 def save_tokenizer(folder, weights_path):

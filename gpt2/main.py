@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from model import GPT, GPTConfig, config_array
+from model import GPT, GPTConfig, config_array, save_arrays
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -45,9 +45,17 @@ def default_cache_path():
     return Path(cache) / "mlx-examples" / "tinyshakespeare" / "input.txt"
 
 
+def write_atomically(path, data):
+    """Write bytes to `path` through a temporary file in the same folder, renamed when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def download_shakespeare(path, url=SHAKESPEARE_URL):
     """Download Tiny Shakespeare to `path`, checking its SHA-256, through a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     print(f"Downloading Tiny Shakespeare from {url} to {path}", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -58,10 +66,7 @@ def download_shakespeare(path, url=SHAKESPEARE_URL):
     if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
         raise DataError(f"the file downloaded from {url} is not Tiny Shakespeare (SHA-256 mismatch); "
                         f"put the right input.txt in {path} by hand")
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomically(path, data)
 
 
 def load_text(data_path=None, url=SHAKESPEARE_URL):
@@ -172,15 +177,7 @@ def save_checkpoint(path, model, optimizer, step, meta):
     arrays.update({f"optimizer.{k}": v for k, v in nn.utils.tree_flatten(optimizer.state)})
     arrays["config"] = config_array(model.config)
     arrays["meta"] = mx.array(list(json.dumps({**meta, "step": step}).encode()), dtype=mx.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_arrays(path, arrays)
 
 
 def load_checkpoint(path):
@@ -194,14 +191,6 @@ def load_checkpoint(path):
     weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
     opt_state = nn.utils.tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
     return weights, opt_state, meta
-
-
-def write_atomically(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train(args):
@@ -328,7 +317,7 @@ def main():
     mx.random.seed(args.seed)
     completion = vocab.decode(model.generate(prompt, args.max_tokens, temperature=args.temp))
     out = Path(args.out) / "completions.txt"
-    write_atomically(out, args.prompt + completion)
+    write_atomically(out, (args.prompt + completion).encode("utf-8"))
     print(f"Wrote {len(completion)} generated characters to {out}:\n{completion[:300]}")
 
 

@@ -13,7 +13,9 @@ so converting is a rename plus a transpose.
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -163,6 +165,21 @@ class WeightsError(Exception):
 def config_array(config: GPTConfig):
     """GPTConfig as a uint8 array of JSON bytes, stored beside the weights under the name `config`."""
     return mx.array(list(json.dumps(asdict(config)).encode()), dtype=mx.uint8)
+
+
+def save_arrays(path, arrays):
+    """Write {name: array} to `path` (.npz or .safetensors) atomically: a temporary file in the same
+    folder, renamed over `path` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    try:
+        mx.savez(tmp, **arrays) if path.suffix == ".npz" else mx.save_safetensors(tmp, arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_config(array):
