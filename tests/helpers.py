@@ -119,8 +119,9 @@ LLAMA_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, 
                     norm_eps=1e-5, rope_theta=5000.0)
 
 
-def tiny_llama(folder, seed=0, **overrides):
-    """A tiny random LlamaForCausalLM (GQA, rope_theta 5000) saved like a Hub folder, with tokenizer.model."""
+def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
+    """A tiny random LlamaForCausalLM (GQA, rope_theta 5000) saved like a Hub folder, with tokenizer.model.
+    `max_shard_size` (e.g. "40KB") splits the weights into several safetensors files, as large models are."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,7 +133,7 @@ def tiny_llama(folder, seed=0, **overrides):
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tiny_sentencepiece(folder / "tokenizer.model", LLAMA_CONFIG["vocab_size"])
     return folder
 

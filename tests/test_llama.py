@@ -64,6 +64,21 @@ def test_hf_checkpoint_logits_match_transformers(hf_model, converted):
     np.testing.assert_allclose(mlx_logits(converted, ids), hf_logits(hf_model, ids), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("variant", [dict(tie_word_embeddings=True), dict(max_shard_size="40KB")],
+                         ids=["tied embeddings (as Llama 3.2 1B)", "sharded safetensors"])
+def test_hf_variants_match_transformers(variant, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    folder = tiny_llama(tmp_path / "hf", seed=3, **variant)
+    if "max_shard_size" in variant:
+        assert len(list(folder.glob("*.safetensors"))) > 1
+    result = run_script("llama/convert.py", folder, tmp_path / "w.safetensors")
+    assert result.returncode == 0, result.stderr
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokens(seed=4)
+    np.testing.assert_allclose(mlx_logits(tmp_path / "w.safetensors", ids), hf_logits(hf, ids), atol=TOL, rtol=0)
+
+
 def test_meta_checkpoint_logits_match_transformers(hf_model, meta_folder, tmp_path):
     # Meta's wq/wk rows are in interleaved-RoPE order, HF's in halves order: the logits must still agree.
     result = run_script("llama/convert.py", meta_folder, tmp_path / "meta.npz", "--max-seq-len", "96")
