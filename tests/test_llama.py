@@ -109,6 +109,22 @@ def test_two_shard_meta_checkpoint_converts_to_the_same_weights(hf_model, meta_f
         assert mx.array_equal(one[name], two[name]).item(), name
 
 
+def test_bfloat16_meta_checkpoint_keeps_its_bits(hf_model, tmp_path):
+    # Meta ships bfloat16 weights; numpy has no bfloat16, so the converter moves the raw bits.
+    folder = tmp_path / "llama-bf16"
+    folder.mkdir()
+    meta = {k: v.to(torch.bfloat16) for k, v in hf_to_meta_state_dict(hf_model.state_dict()).items()}
+    torch.save(meta, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(LLAMA_PARAMS))
+    result = run_script("llama/convert.py", folder, tmp_path / "bf16.safetensors")
+    assert result.returncode == 0, result.stderr
+    converted = mx.load(str(tmp_path / "bf16.safetensors"))
+    for name in ("layers.0.attention.wq.weight", "tok_embeddings.weight", "norm.weight"):
+        assert converted[name].dtype == mx.bfloat16
+        expected = meta[name].view(torch.int16).numpy()
+        assert np.array_equal(np.array(converted[name].view(mx.int16)), expected), name
+
+
 def test_kv_cache_matches_full_recompute(converted):
     model_module = import_example("llama", "model")
     model = model_module.load_model(converted)
