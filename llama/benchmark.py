@@ -76,7 +76,8 @@ def mlx_model(hf_model):
     c = hf_model.config
     args = ModelArgs(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
-                     norm_eps=c.rms_norm_eps, rope_theta=10000.0, rope_traditional=False, max_seq_len=4096)
+                     norm_eps=c.rms_norm_eps, rope_theta=(c.rope_parameters or {}).get("rope_theta", 10000.0),
+                     rope_traditional=False, max_seq_len=4096)
     model = Llama(args)
     weights = []
     for name, tensor in hf_model.state_dict().items():

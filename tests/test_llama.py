@@ -281,3 +281,10 @@ def test_convert_refuses_what_it_cannot_convert(hf_folder, tmp_path):
     result = run_script("llama/convert.py", hf_folder, tmp_path / "out.bin")
     assert result.returncode != 0 and "must end in .npz or .safetensors" in result.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+def test_benchmark_times_the_same_model_in_both_frameworks():
+    benchmark = import_example("llama", "benchmark")
+    hf = benchmark.torch_model("tiny", "float32", "cpu", seed=0)
+    ids = tokens(B=1, T=12)
+    np.testing.assert_allclose(np.array(benchmark.mlx_model(hf)(mx.array(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
