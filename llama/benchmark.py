@@ -27,8 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import torch
 
-from convert import hf_to_mlx_name, save
-from model import Llama, ModelArgs, load_model
+from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
+from model import Llama, load_model
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape.
 PRESETS = {
@@ -72,20 +72,11 @@ def torch_model(preset, dtype, device, seed):
 
 
 def mlx_model(hf_model):
-    """The same weights in this example's Llama (Hugging Face RoPE layout: rotate halves)."""
-    c = hf_model.config
-    args = ModelArgs(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                     n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
-                     norm_eps=c.rms_norm_eps, rope_theta=(c.rope_parameters or {}).get("rope_theta", 10000.0),
-                     rope_traditional=False, max_seq_len=4096)
-    model = Llama(args)
+    """The same weights in this example's Llama, configured and named as convert.py does it."""
+    model = Llama(hf_args(hf_model.config.to_dict()))
     weights = []
     for name, tensor in hf_model.state_dict().items():
-        tensor = tensor.detach().cpu()
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-            array = mx.array(tensor.view(torch.uint16).numpy()).view(mx.bfloat16)
-        else:
-            array = mx.array(tensor.numpy())
+        array = torch_to_mx(tensor.detach().cpu())
         weights.append((hf_to_mlx_name(name), array))
         mx.eval(array)  # one tensor at a time, so that peak host memory stays near one copy
     model.load_weights(weights)

@@ -52,12 +52,14 @@ class StreamingDecoder:
         text = self.sp.decode(self.tokens)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte token
             return ""
-        new, self.printed = text[self.printed :], len(text)
-        return new
+        return self.take(text)
 
     def flush(self):
         """Whatever is still held back (bytes that never formed a character print as \ufffd)."""
-        text = self.sp.decode(self.tokens)
+        return self.take(self.sp.decode(self.tokens))
+
+    def take(self, text):
+        """The part of `text` not printed yet; it counts as printed from now on."""
         new, self.printed = text[self.printed :], len(text)
         return new
 
