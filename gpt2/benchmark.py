@@ -16,7 +16,6 @@ MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and PyT
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess

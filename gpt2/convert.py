@@ -9,7 +9,6 @@ tokenizer files) for `python gpt2/model.py weights/gpt2.npz`.
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path

@@ -12,7 +12,6 @@ and takes one AdamW step per batch. The model is gpt2/model.py's GPT.
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from model import GPT, GPTConfig, config_array, save_arrays
+from model import GPT, GPTConfig, config_array, from_json_array, json_array, save_arrays
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -176,7 +175,7 @@ def save_checkpoint(path, model, optimizer, step, meta):
     arrays = {f"model.{k}": v for k, v in nn.utils.tree_flatten(model.parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in nn.utils.tree_flatten(optimizer.state)})
     arrays["config"] = config_array(model.config)
-    arrays["meta"] = mx.array(list(json.dumps({**meta, "step": step}).encode()), dtype=mx.uint8)
+    arrays["meta"] = json_array({**meta, "step": step})
     save_arrays(path, arrays)
 
 
@@ -185,7 +184,7 @@ def load_checkpoint(path):
     try:
         arrays = mx.load(str(path))
         arrays.pop("config")  # for load_model; the run's settings in `meta` say the same and more
-        meta = json.loads(bytes(memoryview(arrays.pop("meta"))).decode())
+        meta = from_json_array(arrays.pop("meta"))
     except Exception as e:
         raise DataError(f"cannot read the checkpoint {path}: {e}") from None
     weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]

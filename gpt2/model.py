@@ -162,9 +162,18 @@ class WeightsError(Exception):
     """A weights file that is missing, unreadable, or does not fit its model."""
 
 
+def json_array(value):
+    """A JSON-able value as a uint8 array of its JSON bytes, so it can be stored beside the weights."""
+    return mx.array(list(json.dumps(value).encode()), dtype=mx.uint8)
+
+
+def from_json_array(array):
+    return json.loads(bytes(memoryview(array)).decode())
+
+
 def config_array(config: GPTConfig):
-    """GPTConfig as a uint8 array of JSON bytes, stored beside the weights under the name `config`."""
-    return mx.array(list(json.dumps(asdict(config)).encode()), dtype=mx.uint8)
+    """GPTConfig as a json_array, stored beside the weights under the name `config`."""
+    return json_array(asdict(config))
 
 
 def save_arrays(path, arrays):
@@ -183,7 +192,7 @@ def save_arrays(path, arrays):
 
 
 def read_config(array):
-    values = json.loads(bytes(memoryview(array)).decode())
+    values = from_json_array(array)
     return GPTConfig(**{f.name: values[f.name] for f in fields(GPTConfig) if f.name in values})
 
 
