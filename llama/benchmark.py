@@ -3,6 +3,7 @@
     python llama/benchmark.py                                              # --preset small, CPU, float32
     python llama/benchmark.py --device gpu --preset 7b --dtype float16     # a 7B-shaped model on a GPU
     python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1     # a quick check
+    python llama/benchmark.py --profile --device gpu --preset 7b --dtype float16   # matrix-vector GB/s
 
 Both frameworks run the same random weights (made by PyTorch with --seed, then converted; nothing
 is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt) and decoding
@@ -40,6 +41,7 @@ PRESETS = {
                intermediate_size=11008, vocab_size=32000),
 }
 DTYPES = ["float32", "float16", "bfloat16"]
+DTYPES_MX = {name: getattr(mx, name) for name in DTYPES}
 
 
 def warn_if_reference_blas():
@@ -139,21 +141,65 @@ def copy_bandwidth(device, repeats=5):
     return 2 * x.nbytes / statistics.median(times[1:])
 
 
-def time_load(model, repeats=3):
-    """Median seconds of load_model for the model saved as .npz and as .safetensors (in the page cache)."""
+def profile_matvec(preset, dtype, device, repeats):
+    """[(what, MLX GB/s, PyTorch GB/s)] for each weight shape of the preset: one token through many
+    different matrices of that shape (more than a GPU's cache holds), and a plain read (a sum, 1 GiB on a
+    GPU) for the bandwidth the memory gives each framework."""
+    c = PRESETS[preset]
+    D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    KV = D // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = {"wq, wo": (D, D), "wk, wv": (KV, D), "w1, w3": (F, D), "w2": (D, F), "output": (V, D)}
+    tdevice = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    total = 2**30 if device == "gpu" else 2**28  # bytes of weights per shape
+
+    def gbps(nbytes, fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - tic)
+        return nbytes / statistics.median(times) / 1e9
+
+    rows = []
+    for name, (N, K) in shapes.items():
+        count = min(64, max(2, total // (N * K * DTYPES_MX[dtype].size)))
+        ws = [mx.random.normal((N, K)).astype(DTYPES_MX[dtype]) for _ in range(count)]
+        x = mx.random.normal((K,)).astype(DTYPES_MX[dtype])
+        mx.eval(ws, x)
+        nbytes = sum(w.nbytes for w in ws)
+        plain = gbps(nbytes, lambda: mx.eval([x @ w.T for w in ws]))
+        tws = [torch.randn(N, K, dtype=getattr(torch, dtype), device=tdevice) for _ in range(count)]
+        tx = torch.randn(K, dtype=getattr(torch, dtype), device=tdevice)
+        ref = gbps(nbytes, lambda: ([torch.nn.functional.linear(tx, w) for w in tws], sync()))
+        rows.append((f"{name} ({N}x{K}) x{count}", plain, ref))
+    big = mx.ones((total // 4,), mx.float32)
+    tbig = torch.ones(total // 4, dtype=torch.float32, device=tdevice)
+    rows.append((f"read {total >> 20} MiB (a sum)", gbps(big.nbytes, lambda: mx.eval(big.sum())),
+                 gbps(big.nbytes, lambda: (tbig.sum(), sync()))))
+    return rows
+
+
+def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
+    """{suffix: (median seconds of load_model, median seconds of load_model plus one token)} for the model
+    saved in each format, read from the page cache. The token counts because a GPU may only fetch the
+    weights when it first uses them (MLX's CUDA backend keeps arrays in managed memory)."""
     weights = dict(nn.utils.tree_flatten(model.parameters()))
     result = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
-        for suffix in (".npz", ".safetensors"):
+        for suffix in suffixes:
             path = Path(folder) / f"weights{suffix}"
             save(model.args, weights, path)
             times = []
             for _ in range(repeats + 1):  # the first read brings the file into the page cache
                 tic = time.perf_counter()
                 loaded = load_model(path)
-                times.append(time.perf_counter() - tic)
+                loaded_at = time.perf_counter()
+                mx.eval(loaded(mx.array([[1]])))
+                times.append((loaded_at - tic, time.perf_counter() - tic))
                 del loaded
-            result[suffix] = statistics.median(times[1:])
+            result[suffix] = tuple(statistics.median(t[i] for t in times[1:]) for i in (0, 1))
             path.unlink()
     return result
 
@@ -181,7 +227,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are used (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and prompt (default: 0)")
     parser.add_argument("--time-load", action="store_true",
-                        help="also save the MLX weights to a temporary file and time load_model from the page cache")
+                        help="also save the MLX weights to a temporary file and time load_model from the page cache, "
+                             "alone and with the first token")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
     if args.max_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
@@ -202,6 +251,13 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
+    if args.profile:
+        print(f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s of weights read, median of "
+              f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device}")
+        print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
+        for name, plain, ref in profile_matvec(args.preset, args.dtype, args.device, args.repeats):
+            print(f"{name:>32} {plain:>12.0f} {ref:>9.0f}")
+        return
 
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
@@ -233,8 +289,8 @@ def main(argv=None):
         print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
               f"{100 / seconds / ceiling:.0f}% of the ceiling")
     if args.time_load:
-        for suffix, seconds in time_load(model).items():
-            print(f"load_model from {suffix} in the page cache: {seconds:.2f} s")
+        for suffix, (load, first) in time_load(model, args.repeats).items():
+            print(f"load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s")
 
 
 if __name__ == "__main__":

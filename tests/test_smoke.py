@@ -28,6 +28,7 @@ CASES = {
     "llama/main": ("llama/main.py", "--n-layers 2 --dim 64 --hidden-dim 128 --vocab-size 256 --max-tokens 4"),
     "llama/llama": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9"),
     "llama/benchmark": ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1 --time-load"),
+    "llama/benchmark --profile": ("llama/benchmark.py", "--preset tiny --profile --repeats 1"),
     "gpt2/main": ("gpt2/main.py", "--data {text} --out {tmp} --ctx-len 16 --n-emb 16 --n-heads 2 --n-layers 1 "
                                   "--batch-size 8 --epochs 2 --max-tokens 30"),
     "gpt2/model": ("gpt2/model.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
