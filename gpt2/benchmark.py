@@ -25,6 +25,7 @@ import time
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # before MLX starts: compare full float32 with full float32
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import torch
@@ -150,6 +151,49 @@ def time_torch(c, steps, repeats, device):
     return time_steps(run_steps, repeats)
 
 
+def profile_pieces(c, device, repeats):
+    """{piece: (MLX ms, PyTorch ms)} for the pieces of one training step at config c, each forward and
+    backward where it has one (MLX compiled, PyTorch eager): where does the step's time go?"""
+    B, T, D, H = c["batch_size"], c["block_size"], c["n_embd"], c["n_head"]
+    tdev = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = os.environ["MLX_ENABLE_TF32"] != "0"
+    rng = np.random.default_rng(0)
+    x_np, h_np = rng.standard_normal((B * T, D), np.float32), rng.standard_normal((B * T, 4 * D), np.float32)
+    w_np, q_np = rng.standard_normal((4 * D, D), np.float32) * 0.02, rng.standard_normal((B, H, T, D // H), np.float32)
+    x, h, w, q = (mx.array(a) for a in (x_np, h_np, w_np, q_np))
+    tx, th, tw, tq = (torch.from_numpy(a).to(tdev).requires_grad_() for a in (x_np, h_np, w_np, q_np))
+    norm = nn.LayerNorm(D)
+    tnorm = tnn.LayerNorm(D).to(tdev)
+    scale = (D // H) ** -0.5
+    dropout = nn.Dropout(c["dropout"])
+
+    def mlx_grad(f, *args):  # compiled, as in the training step
+        grad = mx.compile(mx.grad(lambda *a: f(*a).sum(), argnums=list(range(len(args)))))
+        return lambda: grad(*args)
+
+    def torch_grad(f, *args):
+        return lambda: torch.autograd.grad(f(*args).sum(), args)
+
+    pieces = {
+        "c_fc matmul (B*T, D) @ (D, 4D), fwd+bwd": (mlx_grad(lambda a, b: a @ b.T, x, w),
+                                                   torch_grad(lambda a, b: a @ b.T, tx, tw)),
+        "GELU (tanh) on (B*T, 4D), fwd+bwd": (mlx_grad(nn.gelu_approx, h),
+                                             torch_grad(lambda a: F.gelu(a, approximate="tanh"), th)),
+        "LayerNorm on (B*T, D), fwd+bwd": (mlx_grad(norm, x), torch_grad(tnorm, tx)),
+        "causal attention (no dropout), fwd+bwd": (
+            mlx_grad(lambda a: mx.fast.scaled_dot_product_attention(a, a, a, scale=scale, mask="causal"), q),
+            torch_grad(lambda a: F.scaled_dot_product_attention(a, a, a, is_causal=True), tq)),
+        f"dropout {c['dropout']} on (B*T, 4D)": (lambda: dropout(h),
+                                                lambda: F.dropout(th.detach(), c["dropout"])),
+    }
+    result = {}
+    for name, (mlx_fn, torch_fn) in pieces.items():
+        result[name] = (1e3 * time_steps(lambda: (mx.eval(mlx_fn()), 1)[1], repeats),
+                        1e3 * time_steps(lambda: (torch_fn(), sync(), 1)[2], repeats))
+    return result
+
+
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: seconds}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -169,6 +213,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run (default: 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the median is used (default: 3)")
     parser.add_argument("--tiny", action="store_true", help="shrink every config to 2 tiny layers (for tests)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
+                             "in both frameworks, at the last --config")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
@@ -186,6 +233,15 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
+    if args.profile:
+        name, c = list(configs.items())[-1]
+        tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
+        print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; MLX {mx.__version__} on "
+              f"{mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} on {torch_device} (eager)")
+        print(f"{'piece':>42} {'MLX ms':>8} {'PyTorch ms':>11} {'MLX/PyTorch':>12}")
+        for piece, (ms, ms_torch) in profile_pieces(c, args.device, args.repeats).items():
+            print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
+        return
 
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else {
