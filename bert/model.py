@@ -12,10 +12,12 @@ Parameter names follow Hugging Face's `BertModel` closely, so `convert.py`'s map
 import argparse
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -174,12 +176,23 @@ class WeightsError(Exception):
 
 
 def read_weights(weights_path):
-    """{name: array} from a .npz written by convert.py."""
+    """{name: array} from a .npz written by convert.py.
+
+    NumPy reads the file, not mx.load: MLX 0.32 reads .npz members through Python file objects on
+    its own I/O threads, and one of those still waiting for the interpreter lock when a script ends
+    aborts the process ("terminate called without an active exception"). NumPy has no bfloat16;
+    MLX stores it as 2-byte void ("|V2"), which is viewed back as bfloat16 here.
+    """
     if not os.path.isfile(weights_path):
         raise WeightsError(f"{weights_path} does not exist; write it with convert.py first")
     try:
-        return mx.load(str(weights_path))
-    except (OSError, RuntimeError, ValueError) as e:
+        weights = {}
+        with np.load(weights_path, allow_pickle=False) as npz:
+            for name in npz.files:
+                a = npz[name]
+                weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+        return weights
+    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
         raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
 
 

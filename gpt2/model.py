@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -208,13 +209,31 @@ def check_weights(model, weights):
         raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
 
 
+def read_arrays(path):
+    """{name: array} from a .safetensors or .npz file.
+
+    NumPy reads .npz, not mx.load: MLX 0.32 reads .npz members through Python file objects on its
+    own I/O threads, and one of those still waiting for the interpreter lock when a script ends
+    aborts the process ("terminate called without an active exception"). NumPy has no bfloat16;
+    MLX stores it as 2-byte void ("|V2"), which is viewed back as bfloat16 here.
+    """
+    if path.suffix != ".npz":
+        return mx.load(str(path))
+    weights = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for name in npz.files:
+            a = npz[name]
+            weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+    return weights
+
+
 def load_model(path):
     """The GPT stored in `path` (.npz or .safetensors, by convert.py or main.py), in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist")
     try:
-        weights = mx.load(str(path))
+        weights = read_arrays(path)
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
     if "config" not in weights:

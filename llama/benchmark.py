@@ -126,19 +126,24 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
     return statistics.median(prefill[1:]), statistics.median(decode[1:])
 
 
+def median_seconds(fn, repeats):
+    """Median seconds of fn() over `repeats` calls, after one warm-up call. fn must wait for its work."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
 def copy_bandwidth(device, repeats=5):
     """Bytes per second read plus written by a 1 GiB copy (PyTorch's copy_, multithreaded on a CPU)."""
     x = torch.ones(2**28, device=device)
     y = torch.empty_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats + 1):
-        sync()
-        tic = time.perf_counter()
-        y.copy_(x)
-        sync()
-        times.append(time.perf_counter() - tic)
-    return 2 * x.nbytes / statistics.median(times[1:])
+    sync()
+    return 2 * x.nbytes / median_seconds(lambda: (y.copy_(x), sync()), repeats)
 
 
 def profile_matvec(preset, dtype, device, repeats):
@@ -154,13 +159,7 @@ def profile_matvec(preset, dtype, device, repeats):
     total = 2**30 if device == "gpu" else 2**28  # bytes of weights per shape
 
     def gbps(nbytes, fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - tic)
-        return nbytes / statistics.median(times) / 1e9
+        return nbytes / median_seconds(fn, repeats) / 1e9
 
     rows = []
     for name, (N, K) in shapes.items():
@@ -174,8 +173,8 @@ def profile_matvec(preset, dtype, device, repeats):
         tx = torch.randn(K, dtype=getattr(torch, dtype), device=tdevice)
         ref = gbps(nbytes, lambda: ([torch.nn.functional.linear(tx, w) for w in tws], sync()))
         rows.append((f"{name} ({N}x{K}) x{count}", plain, ref))
-    big = mx.ones((total // 4,), mx.float32)
-    tbig = torch.ones(total // 4, dtype=torch.float32, device=tdevice)
+    big = mx.ones((total // DTYPES_MX[dtype].size,), DTYPES_MX[dtype])
+    tbig = torch.ones(total // DTYPES_MX[dtype].size, dtype=getattr(torch, dtype), device=tdevice)
     rows.append((f"read {total >> 20} MiB (a sum)", gbps(big.nbytes, lambda: mx.eval(big.sum())),
                  gbps(big.nbytes, lambda: (tbig.sum(), sync()))))
     return rows

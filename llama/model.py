@@ -18,6 +18,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -209,16 +210,34 @@ def check_weights(model, weights):
         raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
 
 
+def read_arrays(path):
+    """{name: array} from a .safetensors or .npz file.
+
+    NumPy reads .npz, not mx.load: MLX 0.32 reads .npz members through Python file objects on its
+    own I/O threads, and one of those still waiting for the interpreter lock when a script ends
+    aborts the process ("terminate called without an active exception"). NumPy has no bfloat16;
+    MLX stores it as 2-byte void ("|V2"), which is viewed back as bfloat16 here.
+    """
+    if path.suffix != ".npz":
+        # Read on the CPU stream: MLX reads the arrays there in parallel, which with MLX's CUDA
+        # backend is several times faster than through the GPU stream. (The GPU then fetches the
+        # weights on first use; on Apple silicon CPU and GPU share the memory.)
+        return mx.load(str(path), stream=mx.cpu)
+    weights = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for name in npz.files:
+            a = npz[name]
+            weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+    return weights
+
+
 def load_model(path):
     """The Llama stored in `path` (.npz or .safetensors from convert.py), weights evaluated."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; write it with convert.py first")
     try:
-        # Read on the CPU stream: MLX reads the arrays there in parallel, which with MLX's CUDA
-        # backend is several times faster than reading through the GPU stream. (The GPU then fetches
-        # the weights on first use; on Apple silicon CPU and GPU share the memory.)
-        weights = mx.load(str(path), stream=mx.cpu)
+        weights = read_arrays(path)
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
     # convert.py stores the configuration as JSON bytes in an extra uint8 array.

@@ -33,6 +33,7 @@ CASES = {
                                   "--batch-size 8 --epochs 2 --max-tokens 30"),
     "gpt2/model": ("gpt2/model.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
     "gpt2/benchmark": ("gpt2/benchmark.py", "--tiny --steps 2 --repeats 1"),
+    "gpt2/benchmark --profile": ("gpt2/benchmark.py", "--tiny --profile --repeats 1"),
 }
 
 
