@@ -187,10 +187,16 @@ def profile_pieces(c, device, repeats):
         f"dropout {c['dropout']} on (B*T, 4D)": (lambda: dropout(h),
                                                 lambda: F.dropout(th.detach(), c["dropout"])),
     }
+    def one_step(fn):  # fn as a run of one step, for time_steps
+        def run():
+            fn()
+            return 1
+        return run
+
     result = {}
     for name, (mlx_fn, torch_fn) in pieces.items():
-        result[name] = (1e3 * time_steps(lambda: (mx.eval(mlx_fn()), 1)[1], repeats),
-                        1e3 * time_steps(lambda: (torch_fn(), sync(), 1)[2], repeats))
+        result[name] = (1e3 * time_steps(one_step(lambda: mx.eval(mlx_fn())), repeats),
+                        1e3 * time_steps(one_step(lambda: (torch_fn(), sync())), repeats))
     return result
 
 
@@ -233,11 +239,12 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
+    tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
     if args.profile:
         name, c = list(configs.items())[-1]
-        tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
-        print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; MLX {mx.__version__} on "
-              f"{mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} on {torch_device} (eager)")
+        print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
+              f"MLX {mx.__version__} on {mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} "
+              f"on {torch_device} (eager, in this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})")
         print(f"{'piece':>42} {'MLX ms':>8} {'PyTorch ms':>11} {'MLX/PyTorch':>12}")
         for piece, (ms, ms_torch) in profile_pieces(c, args.device, args.repeats).items():
             print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
@@ -249,7 +256,6 @@ def main(argv=None):
     t_mlx = {name: time_mlx(c, args.steps, args.repeats) for name, c in configs.items()}
 
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
     print(f"float32, {tf32}, random batches, {args.steps} steps x median of {args.repeats}; MLX {mx.__version__} "
           f"on {mx.default_device()}{gpu} (compiled step); PyTorch {torch.__version__} on {torch_device} (eager)"
           f"{' in a child process without LD_PRELOAD' if separate else ''}")
