@@ -185,6 +185,8 @@ def read_weights(weights_path):
     """
     if not os.path.isfile(weights_path):
         raise WeightsError(f"{weights_path} does not exist; write it with convert.py first")
+    if not zipfile.is_zipfile(weights_path):
+        raise WeightsError(f"cannot read weights from {weights_path}: it is not a .npz (zip) archive")
     try:
         weights = {}
         with np.load(weights_path, allow_pickle=False) as npz:

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -219,6 +220,8 @@ def read_arrays(path):
     """
     if path.suffix != ".npz":
         return mx.load(str(path))
+    if not zipfile.is_zipfile(path):
+        raise ValueError("it is not a .npz (zip) archive")
     weights = {}
     with np.load(path, allow_pickle=False) as npz:
         for name in npz.files:

@@ -12,6 +12,7 @@ travels inside the converted weights file, so `load_model(path)` needs nothing e
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -223,6 +224,8 @@ def read_arrays(path):
         # backend is several times faster than through the GPU stream. (The GPU then fetches the
         # weights on first use; on Apple silicon CPU and GPU share the memory.)
         return mx.load(str(path), stream=mx.cpu)
+    if not zipfile.is_zipfile(path):
+        raise ValueError("it is not a .npz (zip) archive")
     weights = {}
     with np.load(path, allow_pickle=False) as npz:
         for name in npz.files:

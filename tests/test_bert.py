@@ -123,6 +123,7 @@ def test_corrupt_weights_give_one_line(pretraining, tmp_path):
     result = run_script("bert/model.py", "--bert-model", folder, "--mlx-model", tmp_path / "bad.npz")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "bad.npz" in result.stderr.strip().splitlines()[-1]
+    assert "not a .npz (zip) archive" in result.stderr
 
 
 def test_convert_refuses_a_missing_folder_and_writes_nothing(tmp_path):
