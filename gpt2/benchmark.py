@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from main import make_train_step
 from model import GPT, GPTConfig
 
+TF32 = os.environ["MLX_ENABLE_TF32"] != "0"
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TF32  # PyTorch follows MLX
+
 CONFIGS = {
     "walkthrough": dict(n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=64, dropout=0.1),
     "nanogpt": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2),
@@ -132,8 +135,6 @@ def time_mlx(c, steps, repeats):
 
 def time_torch(c, steps, repeats, device):
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = os.environ["MLX_ENABLE_TF32"] != "0"
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     model = TorchGPT(c).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = [tuple(torch.from_numpy(a).long().to(device) for a in b) for b in batches(c, steps)]
@@ -157,7 +158,6 @@ def profile_pieces(c, device, repeats):
     B, T, D, H = c["batch_size"], c["block_size"], c["n_embd"], c["n_head"]
     tdev = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-    torch.backends.cuda.matmul.allow_tf32 = os.environ["MLX_ENABLE_TF32"] != "0"
     rng = np.random.default_rng(0)
     x_np, h_np = rng.standard_normal((B * T, D), np.float32), rng.standard_normal((B * T, 4 * D), np.float32)
     w_np, q_np = rng.standard_normal((4 * D, D), np.float32) * 0.02, rng.standard_normal((B, H, T, D // H), np.float32)
@@ -239,7 +239,7 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
-    tf32 = "TF32 matmuls" if os.environ["MLX_ENABLE_TF32"] != "0" else "full float32 matmuls"
+    tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
     if args.profile:
         name, c = list(configs.items())[-1]
         print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
