@@ -1,6 +1,7 @@
 """gpt2/: parity with transformers' GPT2LMHeadModel, conversion errors, character-level training,
 exact --resume, and the data and vocabulary errors."""
 
+from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import re
 
@@ -99,24 +100,39 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     common = ["--data", tmp_path / "text.txt", "--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2",
               "--batch-size", "16", "--epochs", "3", "--dropout", "0.2", "--min-lr", "1e-4", "--warmup", "2",
               "--grad-clip", "1.0", "--max-tokens", "20"]
-    # 11 steps per epoch here: the interrupted run stops mid-epoch 2, the full one runs to step 17.
-    full = run_script("gpt2/main.py", *common, "--out", tmp_path / "full", "--max-steps", "17")
-    first = run_script("gpt2/main.py", *common, "--out", tmp_path / "resumed", "--max-steps", "13")
+    # On the CPU, MLX is deterministic and the resumed run must equal the uninterrupted one bit for bit.
+    # On a GPU some kernels sum with atomics (the embedding gradients), so two identical uninterrupted runs
+    # already differ in the last bits. There the test measures that run-to-run noise with a second
+    # uninterrupted run and demands that the resumed run be no further from the first than 4x that noise.
+    exact = mx.default_device() == mx.cpu
+    runs = {"full": ["--out", tmp_path / "full", "--max-steps", "17"],
+            "first": ["--out", tmp_path / "resumed", "--max-steps", "13"]}
+    if not exact:
+        runs["again"] = ["--out", tmp_path / "again", "--max-steps", "17"]
+    # 11 steps per epoch here: the interrupted run stops mid-epoch 2, the full ones run to step 17.
+    # The independent runs go in parallel (each spends most of its time compiling on a GPU).
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = dict(zip(runs, pool.map(lambda args: run_script("gpt2/main.py", *common, *args), runs.values())))
     second = run_script("gpt2/main.py", *common, "--out", tmp_path / "resumed", "--max-steps", "17", "--resume")
-    for result in (full, first, second):
+    for result in (*results.values(), second):
         assert result.returncode == 0, result.stderr
     assert "Resumed from" in second.stdout and "at step 13" in second.stdout
-    a = mx.load(str(tmp_path / "full" / "checkpoint.safetensors"))
-    b = mx.load(str(tmp_path / "resumed" / "checkpoint.safetensors"))
+
+    def checkpoint(name):
+        return {k: np.array(v) for k, v in mx.load(str(tmp_path / name / "checkpoint.safetensors")).items()}
+
+    def max_difference(x, y):
+        return max(float(np.max(np.abs(x[k] - y[k]))) for k in x)
+
+    a, b = checkpoint("full"), checkpoint("resumed")
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
-    # On the CPU, bit for bit. GPU kernels that sum with atomics (the embedding gradients) round
-    # differently from run to run, even without a resume, so there the last bits may differ.
-    exact = mx.default_device() == mx.cpu
-    for name in a:
-        if exact:
-            assert mx.array_equal(a[name], b[name]).item(), name
-        else:
-            np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-8, err_msg=name)
+    if exact:
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
+    else:
+        noise = max_difference(a, checkpoint("again"))
+        assert noise < 1e-6, f"two uninterrupted GPU runs differ by {noise}: more than rounding"
+        assert max_difference(a, b) <= 4 * noise, (max_difference(a, b), noise)
 
 
 def test_resume_refuses_other_settings(tmp_path):
