@@ -43,6 +43,8 @@ HF_KEY_MAP = [
 ]
 # Buffers some checkpoints carry that the model recomputes.
 DROPPED = [r"rotary_emb\.inv_freq$", r"^rope\.freqs$"]
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "special_tokens_map.json"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -72,13 +74,29 @@ def load_pth(path):
 # ---- Meta checkpoints ---------------------------------------------------------------------------
 
 
-def meta_args(params, vocab_size, max_seq_len):
-    """ModelArgs from Meta's params.json. Llama 2 writes vocab_size -1: it comes from the embedding."""
+# Llama 3.1's scaled RoPE as Meta's reference code hardcodes it (`apply_scaling`): params.json only says
+# use_scaled_rope. Llama 3.2 1B and 3B were published on Hugging Face with factor 32 instead of 8.
+META_ROPE_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA_3_2_SMALL_DIMS = (2048, 3072)  # Llama 3.2 1B and 3B
+
+
+def meta_args(params, vocab_size, max_seq_len=None, rope_scaling_factor=None, tied=False):
+    """ModelArgs from Meta's params.json. Llama 2 writes vocab_size -1: it comes from the embedding.
+
+    params.json has no context length; by default it is the family's: 4096 for Llama 1 and 2, 8192 for
+    Llama 3, 131072 with scaled RoPE (Llama 3.1 and later)."""
+    rope_scaling = None
     if params.get("use_scaled_rope"):
-        raise ConversionError("use_scaled_rope (Llama 3.1 RoPE scaling) is not supported by this example")
+        if rope_scaling_factor is None:
+            rope_scaling_factor = params.get("rope_scaling_factor") or (
+                32.0 if params["dim"] in LLAMA_3_2_SMALL_DIMS else META_ROPE_SCALING["factor"])
+        rope_scaling = {**META_ROPE_SCALING, "factor": float(rope_scaling_factor)}
+    if max_seq_len is None:
+        max_seq_len = 131072 if rope_scaling else 8192 if vocab_size >= 128000 else 4096
     known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
     return ModelArgs(**{k: params[k] for k in known if params.get(k) is not None},
-                     vocab_size=vocab_size, rope_traditional=True, max_seq_len=params.get("max_seq_len", max_seq_len))
+                     vocab_size=vocab_size, rope_traditional=True, rope_scaling=rope_scaling,
+                     max_seq_len=params.get("max_seq_len", max_seq_len), tie_word_embeddings=tied)
 
 
 def merge_shards(shards, expected):
@@ -93,7 +111,7 @@ def merge_shards(shards, expected):
     raise ConversionError(f"cannot merge shards of shape {tuple(shards[0].shape)} into {tuple(expected)}")
 
 
-def read_meta(path, max_seq_len):
+def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
     folder = path if path.is_dir() else path.parent
     files = sorted(folder.glob("consolidated.*.pth")) if path.is_dir() else [path]
     if not files:
@@ -107,11 +125,14 @@ def read_meta(path, max_seq_len):
     # The vocabulary is the embedding's full first dimension (Llama 2 splits the embedding on dim 1).
     split_on_vocab = embedding.shape[1] == params["dim"]
     vocab_size = embedding.shape[0] * (len(files) if split_on_vocab else 1)
-    args = meta_args(params, vocab_size, max_seq_len)
+    # No output.weight, or one equal to the embedding: store the matrix once (tied embeddings).
+    output = state_dicts[0].get("output.weight")
+    tied = output is None or (len(files) == 1 and output.shape == embedding.shape and bool((output == embedding).all()))
+    args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
     expected = {k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())}  # lazy: no memory
     weights = {}
     for name in state_dicts[0]:
-        if any(re.search(p, name) for p in DROPPED):
+        if any(re.search(p, name) for p in DROPPED) or (tied and name == "output.weight"):
             continue
         if name not in expected:
             raise ConversionError(f"unexpected weight {name!r} in {files[0].name}; is it a Llama checkpoint?")
@@ -123,23 +144,45 @@ def read_meta(path, max_seq_len):
 
 
 def hf_args(config):
-    if config.get("model_type", "llama") != "llama":
-        raise ConversionError(f"model_type {config['model_type']!r} is not a Llama")
+    """ModelArgs from a Hugging Face config.json: Llama (1, 2, 3.x, TinyLlama, ...) or Mistral without a
+    sliding window. Anything else is refused with the reason."""
+    model_type = config.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise ConversionError(f"model_type {model_type!r} is not supported: this example runs LlamaForCausalLM "
+                              "and MistralForCausalLM checkpoints")
+    if model_type == "mistral" and config.get("sliding_window") is not None:
+        raise ConversionError(f"sliding_window {config['sliding_window']} (Mistral 7B v0.1) is not supported; "
+                              "Mistral 7B v0.2 and v0.3 have none")
+    # transformers 5 writes rope_parameters (with rope_theta inside); older configs rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConversionError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by this example")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in names if k not in rope]
+        if missing:
+            raise ConversionError(f"llama3 RoPE scaling without {', '.join(missing)} in config.json")
+        rope_scaling = {k: rope[k] for k in names}
+    elif rope_type == "default":
+        rope_scaling = None
+    else:
+        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported by this example "
+                              "(supported: none, and 'llama3' as in Llama 3.1)")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ConversionError("Llama variants with attention or MLP biases are not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+    if (config.get("head_dim") or dim // n_heads) != dim // n_heads:
         raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
     return ModelArgs(
         dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
         rope_traditional=False,  # HF permuted wq/wk for rotate-halves RoPE
+        rope_scaling=rope_scaling,
         max_seq_len=config.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -165,8 +208,9 @@ def resolve_hf(source):
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors",
-                                                              "model.safetensors.index.json", "tokenizer.model"]))
+        # The weights, and the tokenizer files llama.py reads from the same Hub name.
+        return Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
+                                                              *TOKENIZER_FILES]))
     except Exception as e:  # offline, gated, unknown name, ...
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConversionError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
@@ -192,21 +236,21 @@ def read_hf(folder):
             mlx_name = hf_to_mlx_name(name)
             if mlx_name is not None:
                 weights[mlx_name] = value
-    if config.get("tie_word_embeddings") and "output.weight" not in weights and "tok_embeddings.weight" in weights:
-        weights["output.weight"] = weights["tok_embeddings.weight"]  # Llama 3.2 1B/3B share them
+    if args.tie_word_embeddings:  # Llama 3.2 1B/3B: the output layer is the embedding; some files repeat it
+        weights.pop("output.weight", None)
     return args, weights
 
 
 # ---- Both ---------------------------------------------------------------------------------------
 
 
-def convert(source, dtype=None, max_seq_len=4096):
+def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None):
     """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model."""
     path = Path(source)
     if path.suffix == ".pth" and not path.is_file():
         raise ConversionError(f"{source} does not exist")
     if path.suffix == ".pth" or (path.is_dir() and (path / "params.json").is_file()):
-        args, weights = read_meta(path, max_seq_len)
+        args, weights = read_meta(path, max_seq_len, rope_scaling_factor)
     else:
         args, weights = read_hf(resolve_hf(source))
     try:
@@ -242,22 +286,29 @@ def main():
                                            "params.json beside it, or a Hugging Face Llama folder or Hub name")
     parser.add_argument("output", help="the file to write: .npz or .safetensors")
     parser.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as in the checkpoint)")
-    parser.add_argument("--max-seq-len", type=int, default=4096,
-                        help="context length for Meta checkpoints, whose params.json omits it "
-                             "(default: 4096, Llama 2's; Hugging Face configs carry their own)")
+    parser.add_argument("--max-seq-len", type=int,
+                        help="context length for Meta checkpoints, whose params.json omits it (default: the family's: "
+                             "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging Face configs "
+                             "carry their own)")
+    parser.add_argument("--rope-scaling-factor", type=float,
+                        help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: 32 for Llama 3.2 "
+                             "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)")
     args = parser.parse_args()
     if Path(args.output).suffix not in (".npz", ".safetensors"):
         sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
     try:
-        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len)
+        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor)
         save(model_args, weights, args.output)
     except ConversionError as e:
         sys.exit(f"error: {e}")
     n_params = sum(math.prod(v.shape) for v in weights.values())
     layout = "interleaved (Meta)" if model_args.rope_traditional else "halves (Hugging Face)"
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+    scaling = f", scaled x{model_args.rope_scaling['factor']:g}" if model_args.rope_scaling else ""
+    tied = ", tied embeddings" if model_args.tie_word_embeddings else ""
     print(f"Wrote {size} parameters ({len(weights)} arrays, {next(iter(weights.values())).dtype}), "
-          f"{model_args.n_layers} layers, RoPE {layout}, to {args.output}")
+          f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
+          f"to {args.output}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,11 @@ class ModelArgs:
     # Hugging Face's converter permuted the rows of wq and wk so that rotating the two halves
     # (x0, x_{d/2}), (x1, x_{d/2+1}), ... gives the same result: traditional=False for HF weights.
     rope_traditional: bool = True
+    # Llama 3.1's scaled RoPE: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (Hugging Face's names), or None for plain RoPE.
+    rope_scaling: Optional[dict] = None
     max_seq_len: int = 4096  # the context the model was trained with; longer prompts are refused
+    tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -83,6 +87,43 @@ class KVCache:
         self.offset += T
         return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
 
+    def trim(self, n):
+        """Forget all but the first n positions (a chat whose new prompt differs from there on)."""
+        self.offset = min(self.offset, n)
+
+
+def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's RoPE frequencies, rescaled once for a longer context (Meta's `apply_scaling`).
+
+    Plain RoPE rotates feature pair i at position p by the angle p / base^(2i/head_dim). Llama 3.1 keeps
+    the fast rotations (wavelength shorter than original_max_position_embeddings / high_freq_factor),
+    slows the slow ones (wavelength longer than original_max_position_embeddings / low_freq_factor) by
+    `factor`, and blends the two in between. Returns the per-pair periods base^(2i/head_dim), rescaled:
+    the `freqs` that mx.fast.rope divides the position by.
+    """
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return mx.array(1.0 / scaled, dtype=mx.float32)
+
+
+class RoPE(nn.Module):
+    """nn.RoPE, with the frequencies given (Llama 3.1) instead of computed from the base."""
+
+    def __init__(self, dims, traditional, freqs):
+        super().__init__()
+        self.dims, self.traditional = dims, traditional
+        self._freqs = freqs  # a leading underscore keeps it out of the parameters
+
+    def __call__(self, x, offset=0):
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
+                            freqs=self._freqs)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -92,7 +133,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.rope = nn.RoPE(args.head_dim, traditional=args.rope_traditional, base=args.rope_theta)
+        if args.rope_scaling is None:
+            self.rope = nn.RoPE(args.head_dim, traditional=args.rope_traditional, base=args.rope_theta)
+        else:
+            freqs = llama3_rope_freqs(args.head_dim, args.rope_theta, **args.rope_scaling)
+            self.rope = RoPE(args.head_dim, args.rope_traditional, freqs)
 
     def __call__(self, x, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
@@ -146,24 +191,33 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if not args.tie_word_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def __call__(self, tokens, cache: Optional[list] = None):
+    def __call__(self, tokens, cache: Optional[list] = None, last_only=False):
         """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (one KVCache per layer), the
-        tokens continue the sequence the cache holds, and the cache is extended with them."""
+        tokens continue the sequence the cache holds, and the cache is extended with them.
+        last_only: the logits of the last position only, (B, 1, vocab_size), as generation needs."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)
-        return self.output(self.norm(h))
+        h = self.norm(h[:, -1:] if last_only else h)
+        # Tied embeddings: logits are h @ tok_embeddings.weight.T.
+        return self.tok_embeddings.as_linear(h) if self.args.tie_word_embeddings else self.output(h)
 
-    def generate(self, prompt, temp=0.0, top_p=1.0):
+    def make_cache(self):
+        return [KVCache() for _ in self.layers]
+
+    def generate(self, prompt, temp=0.0, top_p=1.0, cache=None):
         """Yield the next token (an int) after `prompt` (T,), forever; the caller decides when to stop.
 
         temp 0 is greedy decoding; otherwise sample from softmax(logits / temp), restricted to the
-        smallest set of tokens whose probability adds up to top_p.
+        smallest set of tokens whose probability adds up to top_p. With `cache` (from make_cache), the
+        prompt continues the sequence the cache holds (a chat's earlier turns). When the caller stops
+        after a token, the cache holds the prompt and every token yielded, that last one included.
         """
-        cache = [KVCache() for _ in self.layers]
-        token = sample(self(prompt[None], cache)[:, -1], temp, top_p)  # the whole prompt in one pass
+        cache = self.make_cache() if cache is None else cache
+        token = sample(self(prompt[None], cache, last_only=True)[:, -1], temp, top_p)  # the prompt in one pass
         mx.async_eval(token)
         while True:
             # Build and start the next step before waiting for this token: the Python work of one
