@@ -112,7 +112,7 @@ def main():
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample only from the most likely tokens whose probabilities add up to this (default: 1, all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompt is None and not args.chat:
         parser.error("give a prompt to continue, or --chat for a conversation")
     if args.prompt is not None and not args.prompt.strip():
