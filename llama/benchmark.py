@@ -2,11 +2,13 @@
 
     python llama/benchmark.py                                              # --preset small, CPU, float32
     python llama/benchmark.py --device gpu --preset 7b --dtype float16     # a 7B-shaped model on a GPU
+    python llama/benchmark.py --device gpu --preset 8b --dtype float16     # Llama 3.1 8B's shape
     python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1     # a quick check
     python llama/benchmark.py --profile --device gpu --preset 7b --dtype float16   # matrix-vector GB/s
 
 Both frameworks run the same random weights (made by PyTorch with --seed, then converted; nothing
-is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt) and decoding
+is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt, computing the last
+position's logits only, as generation does) and decoding
 tokens/s (one sequence, greedy, --max-tokens new tokens, after the first), medians of --repeats.
 
 Decoding one sequence reads every weight once per token, so decode tokens/s x weight bytes is the
@@ -31,7 +33,10 @@ import torch
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
 from model import Llama, load_model
 
-# Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape.
+# Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
+# a 128,256-token vocabulary, and scaled RoPE.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192, vocab_size=320),
@@ -39,6 +44,8 @@ PRESETS = {
                   intermediate_size=2048, vocab_size=32000),
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                intermediate_size=11008, vocab_size=32000),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072),
 }
 DTYPES = ["float32", "float16", "bfloat16"]
 DTYPES_MX = {name: getattr(mx, name) for name in DTYPES}
@@ -62,7 +69,7 @@ def torch_model(preset, dtype, device, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096, attn_implementation="sdpa")
+    config = LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}, attn_implementation="sdpa")
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # a 7B model never exists in float32
     try:
@@ -115,7 +122,7 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
         with torch.inference_mode():
             sync()
             tic = time.perf_counter()
-            hf_model(ids, use_cache=True)
+            hf_model(ids, use_cache=True, logits_to_keep=1)  # the last position's logits, as generate() and MLX
             sync()
             prefill.append(time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -217,7 +224,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch).")
     parser.add_argument("--preset", choices=list(PRESETS), default="small",
-                        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B) (default: small)")
+                        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
+                             "(default: small)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")

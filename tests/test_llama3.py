@@ -267,6 +267,16 @@ def test_hub_and_meta_llama31_configs_give_the_8b_model():
     assert convert.meta_args({**params, "use_scaled_rope": False}, 128256).max_seq_len == 8192  # Llama 3.0
 
 
+def test_benchmark_8b_preset_is_the_llama31_8b_shape():
+    from transformers import LlamaConfig
+
+    benchmark = import_example("llama", "benchmark")
+    args = benchmark.hf_args(LlamaConfig(**benchmark.PRESETS["8b"]).to_dict())
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size) == (
+        4096, 32, 32, 8, 14336, 128256)
+    assert args.rope_theta == 500000.0 and args.rope_scaling["factor"] == 8.0
+
+
 def test_mistral_without_sliding_window_and_tinyllama_shapes_match_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
