@@ -1,0 +1,290 @@
+"""Tensor parallelism: one Llama split over N processes (the GPUs of one machine, or several Macs).
+
+    mlx.launch -n 4 --backend nccl --python python3 llama/llama.py weights.safetensors tokenizer.model "Hello"
+    mlx.launch --hostfile hosts.json --backend ring llama/llama.py weights.safetensors tokenizer.model "Hello"
+
+Every process ("rank") runs the same script. `mx.distributed.init()` connects them (mlx.launch tells each
+its rank and where the others are); llama.py then calls `load_sharded` instead of `load_model`. The
+model in model.py is unchanged: `shard` swaps eight of each block's layers for sharded ones, as
+gpt-fast's tp.py does for PyTorch.
+
+The split is Megatron-LM's (Shoeybi et al., 2019). With N ranks, rank r holds
+
+    attention     wq, wk, wv: rows for query heads r*H/N ... (r+1)*H/N - 1 and for their key/value
+                  heads (query head i uses key/value head i // (H / H_kv), so contiguous blocks of both
+                  line up). The rank computes attention for those heads only, and its KV cache holds
+                  only them: (B, H_kv / N, T, head_dim) per layer.
+                  wo: the matching input columns. Its product with the rank's heads is a partial sum
+                  of the full product; one all-reduce (mx.distributed.all_sum) adds the N of them.
+    feed-forward  w1, w3: rows for hidden units r*F/N ... (r+1)*F/N - 1; silu(w1 x) * w3 x needs no
+                  other rank's units. w2: the matching input columns, then one all-reduce.
+
+So per layer and token each rank sends and receives two vectors of `dim` numbers, and every rank ends
+each block with the same full (B, T, dim) activations.
+
+Embedding and output layer: every rank holds both whole (replicated). The embedding is a lookup that
+reads B*T rows per step, so splitting it saves memory only (0.5 GB of a 70B model's 138 GB). The output
+layer is read whole for every token, so splitting it by vocabulary rows would save each rank
+(N-1)/N * vocab * dim * 2 bytes per token: 0.39 GB against the 34.5 GB of layer weights a rank reads
+per token for 70B on 4 GPUs, about 1.1% of the time, or 1.3% for 13B on 2. It would cost a third
+collective per token (an all_gather of the logits), whose latency is of the same order as that saving
+over NVLink (tens of microseconds against 0.2 ms) and larger over Ethernet between Macs. Replicated,
+every rank computes the same logits and so samples the same token with the same seed, with no
+exchange: simpler, and about as fast.
+
+Quantized weights (a file with `scales`/`biases` beside a packed `weight`, as mx.quantize writes): the
+packed arrays are split as they are, rows for the row-split layers, and for wo and w2 along the last
+axis, which splits the packed columns and the quantization groups together; mlx.nn's sharded linear
+layers do the same when they split a QuantizedLinear. This needs (input width / N) to be a multiple
+of the group size, which is checked.
+"""
+
+import json
+import os
+import re
+import struct
+import sys
+import time
+import zipfile
+from dataclasses import fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.nn.layers.distributed import shard_linear
+
+from model import Llama, ModelArgs, WeightsError, check_weights
+
+
+class ShardingError(Exception):
+    """The model cannot be split over this many ranks."""
+
+
+# ---- Splitting the model ------------------------------------------------------------------------
+
+ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3")  # split by output rows: "all-to-sharded"
+COLUMN_SPLIT = ("wo", "w2")  # split by input columns, then all_sum: "sharded-to-all"
+
+
+def shard(model, group):
+    """Split every block of `model` over the ranks of `group`, in place, and return the model.
+
+    Works on a model whose weights are loaded (each rank keeps its slice) and on a freshly built one,
+    whose weights are still unevaluated random arrays: then nothing is computed or allocated, and
+    the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py).
+    """
+    check_divisible(model.args, group.size())
+    for block in model.layers:
+        for module in (block.attention, block.feed_forward):
+            for name in ROW_SPLIT + COLUMN_SPLIT:
+                if hasattr(module, name):
+                    layer = getattr(module, name)
+                    if name in COLUMN_SPLIT and isinstance(layer, nn.QuantizedLinear):
+                        check_groups(layer, group.size())
+                    sharding = "all-to-sharded" if name in ROW_SPLIT else "sharded-to-all"
+                    setattr(module, name, shard_linear(layer, sharding, group=group))
+        block.attention.n_heads //= group.size()  # reshapes and the KV cache see this rank's heads only
+        block.attention.n_kv_heads //= group.size()
+    return model
+
+
+def check_divisible(args, n):
+    for count, what in ((args.n_heads, "attention heads"), (args.n_kv_heads, "key/value heads"),
+                        (args.hidden_dim, "feed-forward units")):
+        if count % n:
+            divisors = [d for d in range(1, count + 1) if count % d == 0 and args.n_heads % d == 0
+                        and args.n_kv_heads % d == 0 and args.hidden_dim % d == 0]
+            raise ShardingError(f"the model has {count} {what}, which do not split evenly over {n} processes; "
+                                f"use -n {' or '.join(map(str, divisors[:8]))}")
+
+
+def check_groups(layer, n):
+    groups = layer.scales.shape[-1]  # quantization groups per row
+    if groups % n:
+        raise ShardingError(f"a quantized layer has {groups} groups of {layer.group_size} inputs per row, which "
+                            f"do not split evenly over {n} processes; quantize with a smaller group size")
+
+
+def split_axis(name):
+    """The axis of parameter `name` that is split over the ranks; None for the replicated ones."""
+    layer = re.search(r"\.(\w+)\.(weight|scales|biases)$", name)
+    if layer and layer.group(1) in ROW_SPLIT:
+        return 0
+    if layer and layer.group(1) in COLUMN_SPLIT:
+        return -1  # for quantized weights: packed columns and quantization groups alike
+    return None  # embedding, output layer, norms
+
+
+def weight_bytes(model):
+    """(bytes of the split layer weights, bytes of the replicated ones) this rank holds."""
+    split = replicated = 0
+    for name, p in nn.utils.tree_flatten(model.parameters()):
+        if split_axis(name) is None:
+            replicated += p.nbytes
+        else:
+            split += p.nbytes
+    return split, replicated
+
+
+# ---- Reading only this rank's slice of the weights file -----------------------------------------
+#
+# mx.load reads a whole array even when only a slice of it is used (measured: slicing 1/8 of the rows
+# of a lazily loaded 134 MB array peaks at 134 MB). So the file is memory-mapped with NumPy, and each
+# rank copies out only its slice: per-rank memory is its share plus the replicated parts.
+
+SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64,
+                      "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+                      "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64, "BOOL": np.bool_}
+
+
+def memmap_safetensors(path):
+    """{name: (memory-mapped array, is_bfloat16)}. The format: an 8-byte little-endian header length,
+    a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+    header.pop("__metadata__", None)
+    arrays = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if start == end:  # np.memmap cannot map zero bytes
+            arrays[name] = (np.zeros(shape, dtype), False)
+            continue
+        arrays[name] = (np.memmap(path, dtype, "r", offset=8 + header_length + start, shape=shape),
+                        info["dtype"] == "BF16")
+    return arrays
+
+
+def memmap_npz(path):
+    """{name: (memory-mapped array, is_bfloat16)} for an uncompressed .npz (mx.savez writes those): a zip
+    archive of .npy files stored as they are, each found through its zip entry and .npy header."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{info.filename} is compressed; save the weights uncompressed (convert.py does)")
+            f.seek(info.header_offset + 26)  # a zip entry: 30 fixed bytes, then its name and an extra field
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{info.filename} holds Python objects")
+            is_bfloat16 = dtype == np.dtype("V2")  # MLX stores bfloat16 as 2-byte void
+            dtype = np.dtype(np.uint16) if is_bfloat16 else dtype
+            name = info.filename.removesuffix(".npy")
+            if int(np.prod(shape)) == 0:
+                arrays[name] = (np.zeros(shape, dtype), False)
+            else:
+                order = "F" if fortran_order else "C"  # MLX marks 1-D arrays Fortran-ordered
+                arrays[name] = (np.memmap(path, dtype, "r", offset=f.tell(), shape=shape, order=order), is_bfloat16)
+    return arrays
+
+
+def to_mlx(array, is_bfloat16):
+    """Copy a NumPy array (or memory-mapped slice) into an mx.array."""
+    a = mx.array(np.ascontiguousarray(array))
+    return a.view(mx.bfloat16) if is_bfloat16 else a
+
+
+def rank_slice(array, axis, rank, n):
+    """Rank `rank`'s piece of `array` split into `n` equal pieces along `axis` (the whole if axis is None)."""
+    if axis is None:
+        return array
+    size = array.shape[axis] // n
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(rank * size, (rank + 1) * size)
+    return array[tuple(index)]
+
+
+def load_sharded(path, group):
+    """This rank's part of the Llama stored in `path` (.npz or .safetensors from convert.py), evaluated.
+
+    Reads the configuration, checks that the model splits over `group.size()` ranks and that the file
+    fits the model (as load_model does), then copies out only this rank's slices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist on this machine; with several machines every one needs "
+                           "the weights at the same path")
+    try:
+        arrays = memmap_npz(path) if path.suffix == ".npz" else memmap_safetensors(path)
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if "config" not in arrays:
+        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
+    config = json.loads(bytes(arrays.pop("config")[0]).decode())
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in config.items() if k in known})
+
+    n, rank = group.size(), group.rank()
+    check_weights(Llama(args), {name: a for name, (a, _) in arrays.items()})  # whole shapes; reads nothing
+    model = shard(Llama(args), group)  # unevaluated: no memory yet
+    weights = {name: to_mlx(rank_slice(a, split_axis(name), rank, n), bf16) for name, (a, bf16) in arrays.items()}
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+# ---- Starting and agreeing on errors ------------------------------------------------------------
+
+
+def launched_rank():
+    """This process's rank as mlx.launch set it (0 when started without mlx.launch), known even when the
+    processes cannot connect: then rank 0 alone reports it."""
+    return int(os.environ.get("MLX_RANK", 0))
+
+
+def init_group():
+    """The group of processes that mlx.launch started, or None for a single process."""
+    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    if "MLX_RANK" not in os.environ or (os.environ.get("MLX_WORLD_SIZE", "1") == "1"
+                                        and not (hostfile and Path(hostfile).read_text().strip())):
+        return None  # not started by mlx.launch, or by `mlx.launch -n 1`
+    try:
+        group = mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise ShardingError(f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} processes, but they "
+                            f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU per process; "
+                            "--backend ring needs each host's IP address in the --hostfile") from None
+    return group if group.size() > 1 else None
+
+
+
+def stop_if_any_failed(group, error):
+    """Every rank calls this with its own error message, or None. If any rank has one, rank 0 prints the
+    first (prefixed "rank r: " unless r is 0) and every rank exits with status 1; otherwise it returns.
+
+    Without it a rank that fails alone (say its machine lacks the weights file) would exit while the
+    others wait forever in their first all_sum. `group` None: a single process, or processes that
+    could not connect, which all meet the same error (rank 0 still prints it alone).
+    """
+    if group is not None:
+        # float32 carries the message bytes because every backend all-gathers it.
+        message = (error or "").encode()[:1000]
+        row = np.zeros((1, 1001), np.float32)
+        row[0, 0] = len(message)
+        row[0, 1 : 1 + len(message)] = np.frombuffer(message, np.uint8)
+        rows = np.array(mx.distributed.all_gather(mx.array(row), group=group))  # (N, 1001)
+        failed = [r for r in range(len(rows)) if rows[r, 0] > 0]
+        error = None
+        if failed:
+            r = failed[0]
+            error = bytes(rows[r, 1 : 1 + int(rows[r, 0])].astype(np.uint8)).decode(errors="replace")
+            error = error if r == 0 else f"rank {r}: {error}"
+    if error is None:
+        return
+    rank = group.rank() if group is not None else launched_rank()
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    # mlx.launch stops every process as soon as one exits non-zero: the others leave after rank 0 has printed.
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
+    elif rank > 0:
+        time.sleep(1)
+    sys.exit(1)
