@@ -3,6 +3,7 @@
     python llama/convert.py path/to/llama-2-7b weights.npz                 # Meta: params.json + consolidated.*.pth
     python llama/convert.py path/to/consolidated.00.pth weights.npz        # one Meta .pth, params.json beside it
     python llama/convert.py meta-llama/Llama-2-7b-hf weights.safetensors   # Hugging Face: a Hub name or folder
+    python llama/convert.py path/to/Llama3.1-8B-Instruct weights.safetensors   # Meta Llama 3.x: scaled RoPE
 
 The output is .npz or .safetensors (chosen by its extension) and is written atomically. Weights keep
 their checkpoint dtype unless --dtype says otherwise.
@@ -10,6 +11,8 @@ their checkpoint dtype unless --dtype says otherwise.
 Meta's checkpoints already use this model's names; several shards (model parallel, e.g. 13B has two)
 are concatenated along the axis each weight was split on. Hugging Face's names are mapped below, and
 their RoPE layout (rotate halves) is recorded in the configuration, not undone in the weights.
+Llama 3.1's scaled RoPE (`use_scaled_rope`, or `rope_scaling` of type `llama3`) and tied embeddings are
+recorded there too. Hugging Face Mistral models without a sliding window are Llamas with another config.
 """
 
 import argparse

@@ -2,7 +2,9 @@
 
 Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, ...), so a
 Meta checkpoint loads as it is and `convert.py` renames a Hugging Face one. The model configuration
-travels inside the converted weights file, so `load_model(path)` needs nothing else.
+travels inside the converted weights file, so `load_model(path)` needs nothing else. Llama 3.1 and later
+differ only in configuration: RoPE frequencies rescaled once (`rope_scaling`) and, for Llama 3.2 1B and
+3B, an output layer that is the embedding (`tie_word_embeddings`).
 
     from model import load_model
     model = load_model("weights.npz")

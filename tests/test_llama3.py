@@ -371,6 +371,7 @@ def test_chat_with_a_prompt_answers_once_without_reading_stdin(llama3_model, ran
     ("no chat format", "has no known chat format"),
     ("system without chat", "--system needs --chat"),
     ("no prompt", "give a prompt to continue, or --chat"),
+    ("hub tokenizer offline", "cannot get 'meta-llama/Llama-3.1-8B-Instruct' from the Hugging Face Hub"),
 ])
 def test_llama_py_bad_llama3_input_gives_one_line(case, message, llama3_model, rank_file, ranks, tmp_path):
     args = [llama3_model, rank_file, "Call me"]
@@ -390,6 +391,8 @@ def test_llama_py_bad_llama3_input_gives_one_line(case, message, llama3_model, r
         args += ["--system", "Be brief."]
     elif case == "no prompt":
         args = args[:2]
+    elif case == "hub tokenizer offline":  # tests run offline
+        args[1] = "meta-llama/Llama-3.1-8B-Instruct"
     result = run_script("llama/llama.py", *args)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
