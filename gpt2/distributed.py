@@ -1,0 +1,139 @@
+"""Data parallelism for main.py with mx.distributed: N processes train one model.
+
+    mlx.launch -n 4 --backend nccl gpt2/main.py ...               # 4 GPUs of one machine
+    mlx.launch --hostfile hosts.json --backend ring gpt2/main.py  # several Macs (see README.md)
+
+Every process (a rank) holds the whole model and the whole optimizer state. Each step, rank r takes
+its slice of the global batch, computes gradients on it, and one all-reduce (a sum over ranks)
+averages them, so every rank applies the same update to the same weights. Started with plain
+`python`, the group has one process and nothing here communicates.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# What to do when a backend is missing from this MLX, or does not start.
+INSTALL = {
+    "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install 'mlx[cuda12]' (or 'mlx[cuda13]')",
+    "ring": "the ring backend comes with every MLX; start the script with `mlx.launch --backend ring`, "
+            "which sets MLX_RANK and MLX_HOSTFILE",
+    "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) and start with "
+           "`mlx.launch --backend mpi`",
+    "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with RDMA enabled",
+}
+
+
+class DistributedError(Exception):
+    """The processes could not be connected. The message says what to do."""
+
+
+def launched_backend(env=os.environ):
+    """The backend mlx.launch (or mpirun) set this process up for, read from its environment; None for
+    a process started alone, or by `mlx.launch -n 1`."""
+    if "MLX_WORLD_SIZE" in env or "NCCL_HOST_IP" in env:
+        return "nccl" if int(env.get("MLX_WORLD_SIZE", "2")) > 1 else None
+    if "MLX_JACCL_COORDINATOR" in env or "MLX_IBV_DEVICES" in env:
+        return "jaccl"
+    if "MLX_HOSTFILE" in env:
+        try:  # mlx.launch -n 1 writes an empty hostfile
+            return "ring" if open(env["MLX_HOSTFILE"]).read().strip() else None
+        except OSError:
+            return "ring"  # let MLX say what is wrong with the hostfile
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return "mpi"
+    return None
+
+
+def init():
+    """The group of all processes of this run: a group of one without a launcher."""
+    backend = launched_backend()
+    if backend is None:
+        return mx.distributed.init()  # size 1: all_sum returns its input, average_gradients the gradients
+    if not mx.distributed.is_available(backend):
+        raise DistributedError(f"the {backend} backend is not available in this MLX ({mx.__version__}); "
+                               f"{INSTALL[backend]}")
+    try:
+        return mx.distributed.init(strict=True, backend=backend)
+    except RuntimeError as e:
+        raise DistributedError(f"cannot start the {backend} backend ({e}); {INSTALL[backend]}") from None
+
+
+def rank_rows(starts, group):
+    """This rank's rows of a global batch `starts` (B,): the rank-th of size() equal, contiguous slices.
+
+    Every row has the same number of tokens, so the mean over ranks of the slices' mean losses is
+    the mean loss of the global batch, and the mean of their gradients its gradient.
+    """
+    per_rank = len(starts) // group.size()
+    return starts[group.rank() * per_rank : (group.rank() + 1) * per_rank]
+
+
+def average(grads, loss, group):
+    """The gradients and the loss averaged over the ranks: one all-reduce of the gradients (in
+    buckets of up to 32 MiB: nn.average_gradients concatenates small arrays) and one of the loss.
+    Call it inside the compiled step; with one process it returns its inputs."""
+    if group.size() == 1:
+        return grads, loss
+    return nn.average_gradients(grads, group), mx.distributed.all_sum(loss, group=group) / group.size()
+
+
+def broadcast(tree, group):
+    """Rank 0's arrays on every rank (a sum in which the other ranks add zeros)."""
+    if group.size() == 1:
+        return tree
+    first = group.rank() == 0
+    return nn.utils.tree_map(lambda a: mx.distributed.all_sum(a if first else mx.zeros_like(a), group=group), tree)
+
+
+@contextmanager
+def finish_writing_first():
+    """Let a file write complete before SIGTERM ends the process.
+
+    When one rank fails, mlx.launch stops the others with SIGTERM; a rank-0 process killed inside
+    a checkpoint write would leave a temporary file behind. The signal is held until the write is
+    done, then acted on as it would have been.
+    """
+    received = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    except ValueError:  # not the main thread: nothing to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if received:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Watchdog:
+    """Stop this process, with a message, if the run makes no progress for `seconds`.
+
+    mlx.launch stops every process when one of them exits with an error, but it cannot see one
+    that hangs (a stuck host, a lost connection that no socket reports); then the others would wait
+    in the next all-reduce forever. The training loop calls progress() after every step.
+    """
+
+    def __init__(self, seconds, group):
+        self.seconds, self.group, self.last = seconds, group, time.monotonic()
+        if seconds > 0 and group.size() > 1:
+            threading.Thread(target=self.watch, daemon=True).start()
+
+    def progress(self):
+        self.last = time.monotonic()
+
+    def watch(self):
+        while time.monotonic() - self.last < self.seconds:
+            time.sleep(min(1.0, self.seconds / 10))
+        print(f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
+              "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # from this thread: the main thread may be blocked in a collective operation
