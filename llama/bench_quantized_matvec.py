@@ -4,12 +4,18 @@ mx.quantized_matmul against the CUDA kernel of quantized_matvec.py, in GB/s of q
 
     python llama/bench_quantized_matvec.py                  # 4- and 8-bit, group size 64, float16
     python llama/bench_quantized_matvec.py --sweep          # also the kernel's launch variants
+    python llama/bench_quantized_matvec.py --kernel-times   # also GPU time alone (PyTorch's profiler)
 
 Each shape is timed over enough different matrices (--working-set MB) that none stays in the GPU's
-50 MB L2 cache between calls; a call's time is the median over --repeats of one mx.eval of products
-with every matrix (4 passes), divided by their number, so MLX's per-operation overhead is included as it is in a
-model. The tokens/s estimate adds up the matrix products of a token (32 layers of wq, wk, wv, wo, w1,
-w3, w2, and the output layer): an upper bound, as attention, norms and sampling are left out.
+50 MB L2 cache between calls. One measurement builds the lazy products with every matrix (4 passes),
+then evaluates them: the time of mx.eval divided by the number of calls is a call's time (MLX's C++
+encoding and launch included, Python's graph building not: a decoding loop overlaps that with the
+GPU), the median over --repeats. Python's graph building is printed beside it, in us per call.
+--kernel-times adds the GPU's own kernel time per call, from PyTorch's CUDA profiler.
+
+The tokens/s estimate adds up the matrix products of one token: 32 layers of wq, wk, wv, wo, w1, w3,
+w2, and the output layer; and the same with wq|wk|wv and w1|w3 each concatenated into one matrix
+(4 products per layer instead of 7). It is an upper bound: attention, norms and sampling are left out.
 """
 
 import argparse
@@ -21,22 +27,54 @@ import mlx.core as mx
 
 import quantized_matvec
 
-# Llama 7B: (name, N = output features, K = input features, matrices per token)
-SHAPES = [("wq, wk, wv, wo", 4096, 4096, 4 * 32), ("w1, w3", 11008, 4096, 2 * 32),
-          ("w2", 4096, 11008, 32), ("output", 32000, 4096, 1)]
+# Llama 7B weight shapes, (N = output features, K = input features), and how many of each one token
+# reads, with separate matrices and with wq|wk|wv and w1|w3 concatenated.
+SHAPES = {"wq, wk, wv, wo": (4096, 4096), "w1, w3": (11008, 4096), "w2": (4096, 11008),
+          "output": (32000, 4096), "wq|wk|wv": (12288, 4096), "w1|w3": (22016, 4096)}
+LAYOUTS = {"separate": {"wq, wk, wv, wo": 4 * 32, "w1, w3": 2 * 32, "w2": 32, "output": 1},
+           "concatenated": {"wq|wk|wv": 32, "wq, wk, wv, wo": 32, "w1|w3": 32, "w2": 32, "output": 1}}
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-PASSES = 4  # passes over the matrices in one mx.eval, so its fixed cost is spread over more calls
-VARIANTS = [(1, 4, 2), (2, 4, 2), (4, 4, 1), (2, 8, 1), (4, 2, 2), (2, 2, 4), (1, 8, 1)]  # (R, WARPS, U)
+VARIANTS = [(2, 4, 2), (4, 4, 1), (4, 2, 2), (2, 2, 4), (4, 1, 4), (8, 2, 1)]  # (R, WARPS, U) for --sweep
+PASSES = 4  # passes over the matrices in one mx.eval, to spread its fixed cost over more calls
 
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up (and the kernel's compilation)
-    times = []
-    for _ in range(repeats):
+def seconds_per_call(call, mats, repeats):
+    """(median seconds of mx.eval per call, median seconds of Python graph building per call)."""
+    def once():
         tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), min(times), max(times)
+        outputs = [call(m) for _ in range(PASSES) for m in mats]
+        built = time.perf_counter()
+        mx.eval(outputs)
+        return time.perf_counter() - built, built - tic
+
+    once()  # warm-up, and the kernel's compilation
+    runs = [once() for _ in range(repeats)]
+    calls = PASSES * len(mats)
+    return statistics.median(e for e, _ in runs) / calls, statistics.median(b for _, b in runs) / calls
+
+
+def kernel_seconds_per_call(call, mats):
+    """GPU kernel time per call from PyTorch's CUDA profiler (it sees MLX's kernels too), or None."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    mx.eval([call(m) for m in mats])
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            mx.eval([call(m) for _ in range(PASSES) for m in mats])
+            mx.synchronize()
+    except RuntimeError as error:  # no CUPTI, or another profiler holds it
+        print(f"PyTorch's profiler failed: {error}", file=sys.stderr)
+        return None
+    total = 0.0
+    for event in prof.key_averages():
+        if str(event.device_type).endswith("CUDA"):
+            total += getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+    return total * 1e-6 / (PASSES * len(mats)) if total else None
 
 
 def random_quantized(N, K, group_size, bits, dtype, count):
@@ -52,11 +90,16 @@ def random_quantized(N, K, group_size, bits, dtype, count):
 
 
 def copy_bandwidth(repeats):
-    """Bytes per second read plus written by MLX copying 1 GiB on the device."""
+    """Bytes per second read plus written by MLX adding 1 to 1 GiB of float32 on the device."""
     big = mx.ones((2**28,), mx.float32)
     mx.eval(big)
-    seconds, _, _ = median_seconds(lambda: mx.eval(big + 1), repeats)
-    return 2 * big.nbytes / seconds
+    mx.eval(big + 1)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(big + 1)
+        times.append(time.perf_counter() - tic)
+    return 2 * big.nbytes / statistics.median(times)
 
 
 def main(argv=None):
@@ -67,59 +110,54 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed evaluations per measurement")
     parser.add_argument("--working-set", type=int, default=512, help="MB of matrices per shape (>> 50 MB L2)")
     parser.add_argument("--sweep", action="store_true", help="also time each (rows, warps, strides) variant")
+    parser.add_argument("--kernel-times", action="store_true", help="also GPU kernel time, PyTorch's profiler")
     args = parser.parse_args(argv)
     if not quantized_matvec.on_cuda():
         sys.exit("error: this benchmark times a CUDA kernel; run it where MLX's default device is a CUDA GPU")
-    dtype = DTYPES[args.dtype]
+    dtype, gs = DTYPES[args.dtype], args.group_size
 
     ceiling = copy_bandwidth(args.repeats)
     print(f"device: {mx.device_info().get('device_name', 'GPU')}; MLX {mx.__version__}; {args.dtype} activations, "
-          f"group size {args.group_size}")
+          f"group size {gs}")
     print(f"copy bandwidth (MLX, 1 GiB, read + write): {ceiling / 1e9:.0f} GB/s")
 
-    variants = VARIANTS if args.sweep else [(quantized_matvec.ROWS_PER_BLOCK, quantized_matvec.WARPS_PER_BLOCK,
-                                            quantized_matvec.STRIDES_IN_FLIGHT)]
     for bits in args.bits:
-        totals = {"mlx": 0.0, **{v: 0.0 for v in variants}}
-        token_bytes = 0
-        print(f"\n{bits}-bit: GB/s of quantized bytes (median of {args.repeats} timings)")
-        print(f"{'shape':<28} {'MB':>6} {'MLX':>7}  " + "  ".join(f"R{r}W{w}U{u}".rjust(8) for r, w, u in variants) + "  max|diff|/max|MLX|")
-        for name, N, K, per_token in SHAPES:
-            one = N * K * bits // 8 + 2 * N * (K // args.group_size) * dtype.size
-            count = max(2, args.working_set * 2**20 // one)
-            mats = random_quantized(N, K, args.group_size, bits, dtype, count)
+        default = quantized_matvec.launch_variant(bits)
+        variants = [default] + [v for v in VARIANTS if v != default and args.sweep]
+        names = ["MLX"] + ["R{}W{}U{}".format(*v) for v in variants]
+        seconds = {}  # (shape, name) -> seconds per call
+        print(f"\n{bits}-bit: GB/s of quantized bytes (mx.eval time, median of {args.repeats}); kernel is "
+              f"{names[1]}")
+        print(f"{'shape':<28} {'MB':>6} " + " ".join(f"{n:>8}" for n in names)
+              + "  build us (MLX, kernel)  max|diff|/max|MLX|" + ("  GPU-only GB/s (MLX, kernel)" if args.kernel_times else ""))
+        for shape, (N, K) in SHAPES.items():
+            one = N * K * bits // 8 + 2 * N * (K // gs) * dtype.size
+            mats = random_quantized(N, K, gs, bits, dtype, max(2, args.working_set * 2**20 // one))
             x = mx.random.normal((1, K)).astype(dtype)
             mx.eval(x)
-
-            calls = PASSES * count
-
-            def mlx_call():
-                mx.eval([mx.quantized_matmul(x, *m, transpose=True, group_size=args.group_size, bits=bits)
-                         for _ in range(PASSES) for m in mats])
-
-            seconds, _, _ = median_seconds(mlx_call, args.repeats)
-            row = [f"{name + f' ({N}x{K})':<28} {one / 1e6:>6.1f} {one * calls / seconds / 1e9:>7.0f}"]
-            totals["mlx"] += per_token * seconds / calls
-            for r, w, u in variants:
-                def kernel_call():
-                    mx.eval([quantized_matvec.quantized_matvec(x, *m, args.group_size, bits, r, w, u)
-                             for _ in range(PASSES) for m in mats])
-
-                seconds, _, _ = median_seconds(kernel_call, args.repeats)
-                row.append(f"{one * calls / seconds / 1e9:>8.0f}")
-                totals[(r, w, u)] += per_token * seconds / calls
-            expected = mx.quantized_matmul(x, *mats[0], transpose=True, group_size=args.group_size, bits=bits)
-            got = quantized_matvec.quantized_matvec(x, *mats[0], args.group_size, bits)
+            calls = {"MLX": lambda m: mx.quantized_matmul(x, *m, transpose=True, group_size=gs, bits=bits)}
+            for name, (r, w, u) in zip(names[1:], variants):
+                calls[name] = lambda m, r=r, w=w, u=u: quantized_matvec.quantized_matvec(x, *m, gs, bits, r, w, u)
+            builds = {}
+            for name, call in calls.items():
+                seconds[shape, name], builds[name] = seconds_per_call(call, mats, args.repeats)
+            expected, got = calls["MLX"](mats[0]), calls[names[1]](mats[0])
             difference = (mx.abs(got - expected).max() / mx.abs(expected).max()).item()
-            row.append(f"{difference:>10.1e}")
-            token_bytes += per_token * one
-            print("  ".join(row), flush=True)
+            row = (f"{shape + f' ({N}x{K})':<28} {one / 1e6:>6.1f} "
+                   + " ".join(f"{one / seconds[shape, n] / 1e9:>8.0f}" for n in names)
+                   + f"  {builds['MLX'] * 1e6:>10.1f} {builds[names[1]] * 1e6:>10.1f}  {difference:>18.1e}")
+            if args.kernel_times:
+                gpu = [kernel_seconds_per_call(calls[n], mats) for n in names[:2]]
+                row += "  " + " ".join(f"{one / t / 1e9:>8.0f}" if t else "       ?" for t in gpu)
+            print(row, flush=True)
             del mats
-        ideal = ceiling / 2  # a copy moves each byte twice
-        print(f"{bits}-bit token: {token_bytes / 1e9:.2f} GB of matrices; at the copy bandwidth "
-              f"{ideal / token_bytes:.0f} tokens/s")
-        print(f"{bits}-bit estimated tokens/s (matrix products only): MLX {1 / totals['mlx']:.0f}; kernel "
-              + ", ".join(f"R{r}W{w}U{u} {1 / totals[(r, w, u)]:.0f}" for r, w, u in variants))
+        for layout, counts in LAYOUTS.items():
+            token_bytes = sum(c * (SHAPES[s][0] * SHAPES[s][1] * bits // 8 + 2 * SHAPES[s][0] * (SHAPES[s][1] // gs)
+                                   * dtype.size) for s, c in counts.items())
+            speeds = {n: 1 / sum(c * seconds[s, n] for s, c in counts.items()) for n in names}
+            print(f"{bits}-bit, {layout}: a token reads {token_bytes / 1e9:.2f} GB, {ceiling / token_bytes:.0f} "
+                  f"tokens/s at the copy bandwidth; estimated tokens/s (matrix products only): "
+                  + ", ".join(f"{n} {s:.0f}" for n, s in speeds.items()))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,13 @@ Accumulation is in float32 (MLX's own 4-bit kernel accumulates float16 inputs in
 import mlx.core as mx
 
 MAX_ROWS = 4  # rows of x (tokens) up to which the kernel is used; more go to mx.quantized_matmul
-ROWS_PER_BLOCK = 2  # R: weight rows per block (the benchmark sweeps these three)
-WARPS_PER_BLOCK = 4  # WARPS
-STRIDES_IN_FLIGHT = 2  # U: strides of 16-byte loads issued before they are used
+# How the kernel is launched, (R, WARPS, U): R weight rows per block, WARPS warps per block, U strides of
+# 16-byte loads issued before they are used. The fastest of bench_quantized_matvec.py --sweep on an H100.
+LAUNCH_VARIANTS = {4: (4, 2, 2), 8: (2, 2, 4)}
+
+
+def launch_variant(bits):
+    return LAUNCH_VARIANTS[bits]
 
 HEADER = r"""
 // A 16-byte load of packed weights that are read once: through the non-coherent path, not kept in L1.
@@ -226,12 +230,13 @@ def kernel_applies(x, w, scales, biases, group_size, bits):
     return 0 < x.size // K <= MAX_ROWS
 
 
-def quantized_matvec(x, w, scales, biases, group_size, bits,
-                     rows_per_block=ROWS_PER_BLOCK, warps=WARPS_PER_BLOCK, strides_in_flight=STRIDES_IN_FLIGHT):
+def quantized_matvec(x, w, scales, biases, group_size, bits, rows_per_block=None, warps=None,
+                     strides_in_flight=None):
     """The kernel itself, without checks: y = x @ dequantize(w).T for x of at most MAX_ROWS rows."""
+    R, W, U = launch_variant(bits)
+    R, warps, strides_in_flight = rows_per_block or R, warps or W, strides_in_flight or U
     K, N = x.shape[-1], w.shape[0]
     M = x.size // K
-    R = rows_per_block
     while N % R:  # the grid has N / R blocks
         R //= 2
     threads = 32 * warps
