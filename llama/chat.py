@@ -66,7 +66,8 @@ def render_template(template, messages, special_tokens_map):
 def chat_tokens(tokenizer, messages):
     """The conversation's token ids in the tokenizer's chat format, ready for the assistant's reply."""
     roles = [m["role"] for m in messages if m["role"] != "system"]
-    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) or roles[-1] != "user":
+    if (not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2])
+            or roles[-1] != "user"):
         raise ChatFormatError("a conversation alternates user and assistant messages and ends with the user's")
     if tokenizer.chat_format == "llama2":
         return llama2_chat(tokenizer, messages)
