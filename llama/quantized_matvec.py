@@ -30,6 +30,8 @@ Decoding reads every weight once per token, so the kernel is written for memory 
 Accumulation is in float32 (MLX's own 4-bit kernel accumulates float16 inputs in float16).
 """
 
+import re
+
 import mlx.core as mx
 
 MAX_ROWS = 4  # rows of x (tokens) up to which the kernel is used; more go to mx.quantized_matmul
@@ -196,6 +198,11 @@ SOURCE = r"""
 _kernel = None  # built on first use: mx.fast.cuda_kernel raises where there is no CUDA back-end
 
 
+def _without_comments(code):
+    # MLX hashes the whole source on every call to find the compiled kernel: send it without comments.
+    return re.sub(r"[ \t]*//[^\n]*", "", code)
+
+
 def _get_kernel():
     global _kernel
     if _kernel is None:
@@ -203,8 +210,8 @@ def _get_kernel():
             name="quantized_matvec",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=SOURCE,
-            header=HEADER,
+            source=_without_comments(SOURCE),
+            header=_without_comments(HEADER),
         )
     return _kernel
 
@@ -237,6 +244,7 @@ def quantized_matvec(x, w, scales, biases, group_size, bits, rows_per_block=None
     R, warps, strides_in_flight = rows_per_block or R, warps or W, strides_in_flight or U
     K, N = x.shape[-1], w.shape[0]
     M = x.size // K
+    R = max(1, R // M)  # registers hold M x R sums: fewer weight rows per block for more rows of x
     while N % R:  # the grid has N / R blocks
         R //= 2
     threads = 32 * warps
