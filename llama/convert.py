@@ -212,8 +212,9 @@ def resolve_hf(source):
 
     try:
         # The weights, and the tokenizer files llama.py reads from the same Hub name.
+        # Mistral's repositories also hold the weights in Mistral's own format (consolidated.safetensors).
         return Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
-                                                              *TOKENIZER_FILES]))
+                                                              *TOKENIZER_FILES], ignore_patterns=["consolidated*"]))
     except Exception as e:  # offline, gated, unknown name, ...
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConversionError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
@@ -226,7 +227,15 @@ def read_hf(folder):
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read config.json in {folder}: {e}") from None
     args = hf_args(config)
-    files = sorted(folder.glob("*.safetensors"))
+    # The files the index names, or every .safetensors but Mistral's own consolidated.safetensors.
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConversionError(f"cannot read {index}: {e}") from None
+    else:
+        files = [f for f in sorted(folder.glob("*.safetensors")) if not f.name.startswith("consolidated")]
     if not files:
         raise ConversionError(f"no .safetensors weights in {folder}")
     weights = {}

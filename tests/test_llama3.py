@@ -290,6 +290,8 @@ def test_mistral_without_sliding_window_and_tinyllama_shapes_match_transformers(
         torch.manual_seed(0)
         hf = cls(config).eval()
         hf.save_pretrained(tmp_path / name)
+        if name == "mistral":  # Mistral's repositories also carry its own format, which is not read
+            (tmp_path / name / "consolidated.safetensors").write_bytes(b"not read")
         result = run_script("llama/convert.py", tmp_path / name, tmp_path / f"{name}.safetensors")
         assert result.returncode == 0, result.stderr
         model = import_example("llama", "model").load_model(tmp_path / f"{name}.safetensors")
