@@ -12,6 +12,8 @@ mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
 
 It runs the kernel below when the default device is a CUDA GPU and x holds at most MAX_ROWS rows (a
 decoding step is one row); everywhere else (CPU, Metal, prompts) it calls mx.quantized_matmul.
+In a model: `use_kernel(model)` after nn.quantize (or loading) makes each nn.QuantizedLinear a
+QuantizedLinear below, which calls quantized_matmul; nothing else changes.
 
 MLX's affine quantization (mx.quantize): each row of the (N, K) weight is cut into groups of `group_size`
 consecutive inputs; within a group w = scale * q + bias with q an unsigned `bits`-bit integer. The q are
@@ -33,6 +35,7 @@ Accumulation is in float32 (MLX's own 4-bit kernel accumulates float16 inputs in
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 
 MAX_ROWS = 4  # rows of x (tokens) up to which the kernel is used; more go to mx.quantized_matmul
 # How the kernel is launched, (R, WARPS, U): R weight rows per block, WARPS warps per block, U strides of
@@ -264,3 +267,22 @@ def quantized_matmul(x, w, scales, biases, group_size=64, bits=4):
     if kernel_applies(x, w, scales, biases, group_size, bits):
         return quantized_matvec(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose product goes through quantized_matmul: the CUDA kernel when decoding."""
+
+    def __call__(self, x):
+        if self.mode != "affine":
+            return super().__call__(x)
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+def use_kernel(model):
+    """Turn each nn.QuantizedLinear of `model` into a QuantizedLinear, parameters untouched (after nn.quantize
+    or after loading a quantized model); returns the model."""
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = QuantizedLinear
+    return model

@@ -2,6 +2,7 @@
 mx.quantized_matmul and with float32 math on the dequantized weights; off CUDA it is MLX's own call."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from helpers import import_example
@@ -53,6 +54,17 @@ def test_kernel_applies_only_to_what_it_supports(monkeypatch):
     assert not qmv.kernel_applies(mx.zeros((1, 128), mx.float16), w, scales, biases, 64, 4)
     monkeypatch.setattr(qmv, "on_cuda", lambda: False)
     assert not qmv.kernel_applies(x, w, scales, biases, 64, 4)
+
+
+def test_use_kernel_keeps_a_quantized_model_s_outputs():
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64, bias=False))
+    nn.quantize(model, group_size=64, bits=4)
+    x = mx.random.normal((1, 1, 256))
+    expected = model(x)
+    qmv.use_kernel(model)
+    assert all(type(layer) is qmv.QuantizedLinear for layer in model.layers)
+    assert relative_error(model(x), expected) <= TOL_REFERENCE[mx.float32]
 
 
 # (N, K, leading shape of x): a 4096-wide row, N not a multiple of the rows per block, K not a multiple
