@@ -1,0 +1,233 @@
+"""Data-parallel scaling of GPT-2 small training: MLX (mlx.launch) against PyTorch DDP (torchrun).
+
+    python gpt2/benchmark_ddp.py mlx                                         # MLX, 1 GPU
+    mlx.launch -n 4 --backend nccl gpt2/benchmark_ddp.py mlx                 # MLX, 4 GPUs
+    torchrun --nproc_per_node 4 gpt2/benchmark_ddp.py torch                  # PyTorch DDP, 4 GPUs
+    python gpt2/benchmark_ddp.py table results.jsonl                         # the runs' --json lines
+
+Every process trains GPT-2 small (124M: 12 layers, 12 heads, 768 wide, vocabulary 50304, context
+1024) on random tokens, with --batch-size sequences per GPU (the global batch grows with the GPUs:
+weak scaling). A step is forward and backward in bfloat16 on float32 weights, the all-reduce that
+averages the gradients over the GPUs, and AdamW. Each side has its usual best settings:
+
+- MLX: the step compiled with mx.compile; all weights cast to bfloat16 inside it (float32 master
+  weights, float32 loss); gradients averaged by nn.average_gradients (32 MiB buckets) inside the
+  compiled step, after the backward pass, over NCCL (distributed.average, as main.py).
+- PyTorch: torch.compile, bfloat16 autocast, fused AdamW, TF32 for what stays float32, and
+  DistributedDataParallel, which all-reduces 25 MiB gradient buckets during the backward pass.
+
+Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after --warmup
+steps) and, with --json FILE, appends it there as one line; `table` reads those lines and prints
+each run beside the 1-GPU run of its framework.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+import numpy as np
+
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
+TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=96, block_size=32)  # for tests on a CPU
+
+
+def random_batches(c, batch_size, count=4, seed=0):
+    """`count` (batch_size, block_size + 1) int32 token arrays; inputs are [:, :-1], labels [:, 1:]."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, c["vocab_size"], (batch_size, c["block_size"] + 1)).astype(np.int32) for _ in range(count)]
+
+
+def time_steps(run_step, steps, repeats, warmup):
+    """Seconds per step: the median and range of `repeats` timings of `steps` steps, after `warmup` steps.
+    run_step(i, sync) runs step i and waits for it to finish when sync is true."""
+    for i in range(warmup):
+        run_step(i, sync=True)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        for i in range(steps):
+            run_step(i, sync=i == steps - 1)
+        times.append((time.perf_counter() - tic) / steps)
+    return statistics.median(times), min(times), max(times)
+
+
+# ---- MLX ----------------------------------------------------------------------------------------
+
+
+def run_mlx(args, c):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    import distributed
+    from model import GPT, GPTConfig
+
+    group = distributed.init()
+    dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[args.dtype]
+    mx.random.seed(0)
+    model = GPT(GPTConfig(**c))
+    optimizer = optim.AdamW(6e-4, betas=[0.9, 0.95], weight_decay=0.1)
+    optimizer.init(model.trainable_parameters())
+
+    def loss_fn(params, x, y):
+        model.update(nn.utils.tree_map(lambda p: p.astype(dtype), params))  # compute in `dtype`
+        return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="mean")
+
+    loss_and_grad = mx.value_and_grad(loss_fn)
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y):
+        master = model.trainable_parameters()
+        loss, grads = loss_and_grad(master, x, y)  # float32 gradients of the float32 weights
+        model.update(master)
+        grads, loss = distributed.average(grads, loss, group)
+        optimizer.update(model, grads)
+        return loss
+
+    data = [(mx.array(b[:, :-1]), mx.array(b[:, 1:])) for b in random_batches(c, args.batch_size, seed=group.rank())]
+    mx.eval(state, data)
+
+    def run_step(i, sync):
+        loss = step(*data[i % len(data)])
+        mx.eval(state, loss)  # as main.py: each step's weights exist before the next batch is fed
+
+    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup)
+    peak = mx.get_peak_memory() / 2**30
+    return group.rank(), group.size(), seconds, f"MLX {mx.__version__}, {args.dtype}, peak {peak:.1f} GiB", str(mx.default_device())
+
+
+# ---- PyTorch: nanoGPT's model, DistributedDataParallel -----------------------------------------
+
+
+def run_torch(args, c):
+    import torch
+    import torch.distributed as dist
+    import torch.nn as tnn
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            D = c["n_embd"]
+            self.ln_1, self.ln_2 = tnn.LayerNorm(D), tnn.LayerNorm(D)
+            self.c_attn, self.attn_proj = tnn.Linear(D, 3 * D), tnn.Linear(D, D)
+            self.c_fc, self.mlp_proj = tnn.Linear(D, 4 * D), tnn.Linear(4 * D, D)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, c["n_head"], C // c["n_head"]).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = tnn.Embedding(c["vocab_size"], c["n_embd"]), tnn.Embedding(c["block_size"], c["n_embd"])
+            self.h = tnn.ModuleList(Block() for _ in range(c["n_layer"]))
+            self.ln_f = tnn.LayerNorm(c["n_embd"])
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T  # tied head, as GPT-2
+            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = GPT().to(device)
+    if cuda:
+        model = torch.compile(model)
+    model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    data = [torch.from_numpy(b).long().to(device) for b in random_batches(c, args.batch_size, seed=rank)]
+
+    def run_step(i, sync):
+        b = data[i % len(data)]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(b[:, :-1], b[:, 1:])
+        loss.backward()  # DDP all-reduces the gradient buckets as they are ready
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sync and cuda:
+            torch.cuda.synchronize()
+
+    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    result = rank, size, seconds, f"PyTorch {torch.__version__}, {args.dtype}, peak {peak:.1f} GiB", name
+    dist.destroy_process_group()
+    return result
+
+
+# ---- The table ----------------------------------------------------------------------------------
+
+
+def print_table(path):
+    runs = [json.loads(line) for line in open(path) if line.strip()]
+    one_gpu = {r["framework"]: r["tokens_per_s_per_gpu"] for r in runs if r["gpus"] == 1}
+    print(f"{'framework':>9} {'GPUs':>4} {'ms/step':>8} {'tokens/s per GPU':>17} {'range':>17} {'vs 1 GPU':>8}  notes")
+    for r in runs:
+        ratio = r["tokens_per_s_per_gpu"] / one_gpu[r["framework"]] if r["framework"] in one_gpu else float("nan")
+        low, high = r["range"]
+        print(f"{r['framework']:>9} {r['gpus']:>4} {r['ms_per_step']:>8.1f} {r['tokens_per_s_per_gpu']:>17,.0f} "
+              f"{f'{low:,.0f}-{high:,.0f}':>17} {ratio:>7.1%}  {r['notes']}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Tokens/s per GPU of GPT-2 small data-parallel training, MLX "
+                                                 "(under mlx.launch) or PyTorch DDP (under torchrun).")
+    parser.add_argument("framework", choices=["mlx", "torch", "table"],
+                        help="mlx or torch: time training steps; table: print the --json lines of earlier runs")
+    parser.add_argument("path", nargs="?", help="for table: the file the runs' --json wrote")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per GPU per step (default: 16)")
+    parser.add_argument("--ctx-len", type=int, help="context length (default: GPT-2's 1024)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="compute dtype; weights and AdamW stay float32 (default: bfloat16)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timing (default: 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings; the median is reported (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, for compilation (default: 3)")
+    parser.add_argument("--json", help="append rank 0's result to this file as one JSON line")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model of width 32 (for tests on a CPU)")
+    args = parser.parse_args()
+    if args.framework == "table":
+        if not args.path or not os.path.isfile(args.path):
+            parser.error("table needs the file that the runs' --json wrote")
+        return print_table(args.path)
+    if min(args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0 or (args.ctx_len or 1) < 1:
+        parser.error("--batch-size, --ctx-len, --steps and --repeats must be at least 1, --warmup at least 0")
+    c = {**GPT2_SMALL, **(TINY if args.tiny else {}), **({"block_size": args.ctx_len} if args.ctx_len else {})}
+
+    try:
+        rank, size, (median, fastest, slowest), notes, device = (run_mlx if args.framework == "mlx" else run_torch)(args, c)
+    except Exception as e:  # a backend that is missing, a GPU out of memory: one line, not a traceback
+        sys.exit(f"error: {args.framework} on this process failed: {type(e).__name__}: {e}")
+    if rank != 0:
+        return
+    tokens = args.batch_size * c["block_size"]
+    result = dict(framework=args.framework, gpus=size, ms_per_step=1e3 * median, tokens_per_s_per_gpu=tokens / median,
+                  range=[tokens / slowest, tokens / fastest], batch_per_gpu=args.batch_size, ctx_len=c["block_size"],
+                  notes=f"{notes}, batch {args.batch_size} x {c['block_size']} per GPU, {device}")
+    print(json.dumps(result), flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
