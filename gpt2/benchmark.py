@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -32,8 +33,9 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
-from main import make_train_step
+from main import DTYPES, make_train_step
 from model import GPT, GPTConfig
+from nanogpt_reference import TorchGPT, make_step, race
 
 TF32 = os.environ["MLX_ENABLE_TF32"] != "0"
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TF32  # PyTorch follows MLX
@@ -59,45 +61,6 @@ def warn_if_reference_blas():
               "see README.md to preload OpenBLAS", file=sys.stderr)
 
 
-# ---- The same model in PyTorch (nanoGPT's, which is GPT-2's) ------------------------------------
-
-
-class TorchBlock(tnn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.n_head, self.dropout = c["n_head"], c["dropout"]
-        self.ln_1, self.ln_2 = tnn.LayerNorm(c["n_embd"]), tnn.LayerNorm(c["n_embd"])
-        self.c_attn = tnn.Linear(c["n_embd"], 3 * c["n_embd"])
-        self.attn_proj = tnn.Linear(c["n_embd"], c["n_embd"])
-        self.c_fc = tnn.Linear(c["n_embd"], 4 * c["n_embd"])
-        self.mlp_proj = tnn.Linear(4 * c["n_embd"], c["n_embd"])
-        self.drop = tnn.Dropout(c["dropout"])
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(B, T, C)))
-        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
-
-
-class TorchGPT(tnn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.wte, self.wpe = tnn.Embedding(VOCAB, c["n_embd"]), tnn.Embedding(c["block_size"], c["n_embd"])
-        self.drop = tnn.Dropout(c["dropout"])
-        self.h = tnn.ModuleList(TorchBlock(c) for _ in range(c["n_layer"]))
-        self.ln_f = tnn.LayerNorm(c["n_embd"])
-
-    def forward(self, idx, targets):
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
-        for block in self.h:
-            x = block(x)
-        logits = self.ln_f(x) @ self.wte.weight.T  # tied head
-        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
-
-
 def batches(c, steps, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, (2, c["batch_size"], c["block_size"])).astype(np.int32) for _ in range(steps)]
@@ -114,38 +77,43 @@ def time_steps(run_steps, repeats):
     return statistics.median(times)
 
 
-def time_mlx(c, steps, repeats):
+def time_mlx(c, steps, repeats, dtype):
     mx.random.seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                           n_embd=c["n_embd"], dropout=c["dropout"]))
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-3)
-    train_step, state = make_train_step(model, optimizer)  # exactly main.py's step
+    train_step, state = make_train_step(model, optimizer, DTYPES[dtype])  # exactly main.py's step
     data = [tuple(mx.array(a) for a in b) for b in batches(c, steps)]
     mx.eval(state, data)
 
     def run_steps():
         for x, y in data:
             loss = train_step(x, y)
-            mx.eval(state, loss)  # as main.py: each step's weights exist before the next batch
+            mx.async_eval(state, loss)  # as main.py: queue the step, prepare the next one meanwhile
+        mx.eval(state, loss)
         return len(data)
 
     return time_steps(run_steps, repeats)
 
 
-def time_torch(c, steps, repeats, device):
+TORCH_WAYS = {"nanogpt": "PyTorch nanoGPT's way (bf16 autocast, torch.compile, fused AdamW)",
+              "eager": "PyTorch eager float32"}
+
+
+def time_torch(c, steps, repeats, device, way):
+    """way "nanogpt": bfloat16 autocast + torch.compile + fused AdamW + flash attention with dropout
+    (the anchor); "eager": float32, no compile, the default AdamW."""
     torch.manual_seed(0)
-    model = TorchGPT(c).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = TorchGPT({**c, "vocab_size": VOCAB}).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=way == "nanogpt" and device == "cuda")
+    step = make_step(model, optimizer, device, nanogpt=way == "nanogpt")
     data = [tuple(torch.from_numpy(a).long().to(device) for a in b) for b in batches(c, steps)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run_steps():
         for x, y in data:
-            loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x, y)
         sync()
         return len(data)
 
@@ -201,7 +169,7 @@ def profile_pieces(c, device, repeats):
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: seconds}."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: {way: seconds}}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -209,36 +177,85 @@ def torch_in_child(argv):
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def run_race(data, target):
+    """MLX (main.py, nanoGPT's config, 32 epochs, --dtype bfloat16) against nanoGPT's recipe in PyTorch, one
+    after the other on this GPU: the wall time until the validation loss is <= target."""
+    import re
+
+    command = [sys.executable, os.path.join(os.path.dirname(__file__), "main.py"), "--data", str(data),
+               "--out", os.path.join(os.path.dirname(os.path.abspath(data)), "race-mlx"), *NANOGPT_MAIN_FLAGS,
+               "--dtype", "bfloat16", "--max-tokens", "1"]
+    print("MLX:", " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: main.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    epochs = [(int(e), float(v), float(t)) for e, v, t in
+              re.findall(r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s \| ([\d.]+) s", result.stdout)]
+    for epoch, val, seconds in epochs:
+        print(f"epoch {epoch} (step {61 * epoch}) | val = {val:.4f} | {seconds:.1f} s")
+    print("PyTorch: nanoGPT's recipe (nanogpt_reference.py)", flush=True)
+    history = race(data, target)
+    first = lambda runs: next(((s, v, t) for s, v, t in runs if v <= target), None)  # noqa: E731
+    mlx, ref = first([(61 * e, v, t) for e, v, t in epochs]), first(history)
+    print(f"first val <= {target} ({torch.cuda.get_device_name()}):")
+    for name, hit in (("MLX bfloat16 (main.py)", mlx), ("PyTorch nanoGPT's recipe", ref)):
+        print(f"{name:>26}: " + (f"step {hit[0]}, val {hit[1]:.4f}, {hit[2]:.1f} s" if hit else "not reached"))
+
+
+# main.py's flags for nanoGPT's Shakespeare-char config (see README.md)
+NANOGPT_MAIN_FLAGS = ["--ctx-len", "256", "--n-emb", "384", "--n-heads", "6", "--n-layers", "6", "--dropout", "0.2",
+                      "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--weight-decay", "0.1",
+                      "--beta2", "0.99", "--grad-clip", "1.0", "--epochs", "32"]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description="GPT training-step time, compiled MLX vs PyTorch eager.")
+    parser = argparse.ArgumentParser(description="GPT training-step time: compiled MLX at each --dtype against "
+                                                 "PyTorch the nanoGPT way (the anchor) and PyTorch eager.")
     parser.add_argument("--config", choices=list(CONFIGS), nargs="+", default=list(CONFIGS),
                         help="which configs to time (default: both)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), nargs="+",
+                        help="MLX compute dtypes to time (default: all three on a GPU, float32 on the CPU)")
+    parser.add_argument("--anchor", action=argparse.BooleanOptionalAction,
+                        help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused AdamW); "
+                             "ratios are against it (default: on a GPU only; on the CPU torch.compile takes minutes)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run (default: 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the median is used (default: 3)")
     parser.add_argument("--tiny", action="store_true", help="shrink every config to 2 tiny layers (for tests)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
                              "in both frameworks, at the last --config")
+    parser.add_argument("--race", type=Path, metavar="INPUT_TXT",
+                        help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
+                             "recipe in PyTorch; print the wall time each takes to reach --target (GPU only)")
+    parser.add_argument("--target", type=float, default=1.47, help="validation loss for --race (default: 1.47)")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
     configs = {name: {**CONFIGS[name], **(TINY if args.tiny else {})} for name in args.config}
+    gpu = args.device == "gpu"
+    dtypes = args.dtype or (list(DTYPES) if gpu else ["float32"])
+    ways = (["nanogpt"] if (gpu if args.anchor is None else args.anchor) else []) + ["eager"]
 
-    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    torch_device = "cuda" if gpu else "cpu"
     if args.only == "torch":
-        print(json.dumps({name: time_torch(c, args.steps, args.repeats, torch_device) for name, c in configs.items()}))
+        print(json.dumps({name: {way: time_torch(c, args.steps, args.repeats, torch_device, way) for way in ways}
+                          for name, c in configs.items()}))
         return
-    if args.device == "gpu":
+    if gpu or args.race:
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+            sys.exit("error: --device gpu and --race need MLX's GPU backend and PyTorch with CUDA; use --device cpu")
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
+    if args.race:
+        if not args.race.is_file():
+            sys.exit(f"error: {args.race} does not exist; give Tiny Shakespeare's input.txt")
+        return run_race(args.race, args.target)
     tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
     if args.profile:
         name, c = list(configs.items())[-1]
@@ -250,20 +267,26 @@ def main(argv=None):
             print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
         return
 
-    separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
+    separate = not gpu and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else {
-        name: time_torch(c, args.steps, args.repeats, torch_device) for name, c in configs.items()}
-    t_mlx = {name: time_mlx(c, args.steps, args.repeats) for name, c in configs.items()}
+        name: {way: time_torch(c, args.steps, args.repeats, torch_device, way) for way in ways}
+        for name, c in configs.items()}
+    t_mlx = {name: {dtype: time_mlx(c, args.steps, args.repeats, dtype) for dtype in dtypes}
+             for name, c in configs.items()}
 
-    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"float32, {tf32}, random batches, {args.steps} steps x median of {args.repeats}; MLX {mx.__version__} "
-          f"on {mx.default_device()}{gpu} (compiled step); PyTorch {torch.__version__} on {torch_device} (eager)"
-          f"{' in a child process without LD_PRELOAD' if separate else ''}")
-    print(f"{'config':>12} {'MLX ms/step':>12} {'PyTorch ms/step':>16} {'MLX tokens/s':>13} {'MLX/PyTorch time':>17}")
+    device = f" ({torch.cuda.get_device_name()})" if gpu else ""
+    print(f"random batches, {args.steps} steps x median of {args.repeats}; float32 in {tf32}; MLX {mx.__version__} "
+          f"on {mx.default_device()}{device} (compiled step, float32 master weights); PyTorch {torch.__version__} "
+          f"on {torch_device}{' in a child process without LD_PRELOAD' if separate else ''}")
+    reference = ways[0]
+    print(f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} {'vs ' + reference:>11}")
     for name, c in configs.items():
         tokens = c["batch_size"] * c["block_size"]
-        print(f"{name:>12} {1e3 * t_mlx[name]:>12.2f} {1e3 * t_torch[name]:>16.2f} {tokens / t_mlx[name]:>13,.0f} "
-              f"{t_mlx[name] / t_torch[name]:>16.2f}x")
+        rows = [(TORCH_WAYS[way], t_torch[name][way]) for way in ways]
+        rows += [(f"MLX {dtype}", t_mlx[name][dtype]) for dtype in dtypes]
+        for variant, seconds in rows:
+            print(f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} {tokens / seconds:>10,.0f} "
+                  f"{seconds / t_torch[name][reference]:>10.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from model import GPT, GPTConfig, config_array, from_json_array, json_array, save_arrays
 
@@ -121,29 +122,86 @@ def windows(data, starts, ctx_len):
 # ---- Training -----------------------------------------------------------------------------------
 
 
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
 def loss_fn(model, x, y):
-    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+    logits = model(x).astype(mx.float32)  # (B, T, vocab): the loss in float32 whatever the compute dtype
+    return nn.losses.cross_entropy(logits, y, reduction="mean")
 
 
-def make_train_step(model, optimizer, grad_clip=0.0):
-    """One compiled AdamW step on a batch: train_step(x, y) -> loss (lazy).
+def new_loss_scale():
+    """float16's dynamic loss scale: the factor, and the overflow-free steps since it last changed."""
+    return {"scale": mx.array(2.0**15), "good_steps": mx.array(0)}
 
-    mx.compile traces the step once and replays it. The model's weights, the optimizer's state and
-    the random state (for dropout) are read and written by every call, so they are declared as the
-    compiled function's implicit inputs and outputs.
+
+def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scale=None):
+    """One compiled AdamW step on a batch: train_step(x, y) -> loss (lazy, float32).
+
+    Mixed precision: the model holds float32 master weights and AdamW float32 moments. Each step
+    casts the weights to `dtype` for the forward and backward pass; the gradient of that cast
+    returns the gradients in float32, and the update is made in float32 on the master weights.
+
+    float16 (largest value 65504, smallest normal 6e-5) also needs loss scaling: the loss is
+    multiplied by loss_scale["scale"] before the backward pass, so that small gradients do not
+    flush to zero, and the gradients are divided by it after. A step whose gradients overflowed
+    changes nothing but the scale, which it halves; 1000 overflow-free steps in a row double it.
+
+    mx.compile traces the step once and replays it. The model's weights, the optimizer's state, the
+    random state (for dropout) and the loss scale are read and written by every call, so they are
+    the compiled function's implicit inputs and outputs: `state`, returned beside the step.
     """
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
+    scaling = dtype == mx.float16
+    loss_scale = loss_scale or new_loss_scale()
+
+    def low_precision(name, p):  # the attention and MLP weights; embeddings and LayerNorms stay float32
+        return p.astype(dtype) if ".attn." in name or ".mlp." in name or name.startswith("lm_head") else p
+
+    def scaled_loss(params, x, y):
+        # The low-precision copy of the weights that the forward and backward pass compute with.
+        model.update(tree_unflatten([(k, low_precision(k, p)) for k, p in tree_flatten(params)]))
+        loss = loss_fn(model, x, y)
+        return (loss * loss_scale["scale"] if scaling else loss), loss
+
+    loss_and_grad = mx.value_and_grad(scaled_loss)
+    optimizer.init(model.trainable_parameters())  # the moments exist before the first step (fp16 keeps a copy)
+    state = [model.state, optimizer.state, mx.random.state] + ([loss_scale] if scaling else [])
 
     @partial(mx.compile, inputs=state, outputs=state)
     def train_step(x, y):
-        loss, grads = loss_and_grad(model, x, y)
+        master = model.trainable_parameters()
+        (_, loss), grads = loss_and_grad(master, x, y)  # grads: float32, like the master weights
+        model.update(master)  # back to the float32 weights, which the optimizer updates
+        if scaling:
+            grads = tree_map(lambda g: g / loss_scale["scale"], grads)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        if not scaling:
+            optimizer.update(model, grads)
+            return loss
+        finite = mx.all(mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
+        before = (master, tree_map(lambda a: a, optimizer.state))
         optimizer.update(model, grads)
+        keep_if_finite = partial(tree_map, lambda new, old: mx.where(finite, new, old))  # skip an overflowed step
+        model.update(keep_if_finite(model.trainable_parameters(), before[0]))
+        optimizer.state.update(keep_if_finite(optimizer.state, before[1]))
+        good_steps = mx.where(finite, loss_scale["good_steps"] + 1, 0)
+        grow = good_steps >= 1000
+        loss_scale["scale"] = mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * loss_scale["scale"]
+        loss_scale["good_steps"] = mx.where(grow, 0, good_steps)
         return loss
 
     return train_step, state
+
+
+def check_dtype(name):
+    """Raise DataError unless MLX's default device can multiply matrices in the dtype `name`."""
+    try:
+        a = mx.ones((2, 2), dtype=DTYPES[name])
+        mx.eval(a @ a)
+    except Exception as e:
+        raise DataError(f"--dtype {name}: MLX on {mx.default_device()} cannot compute in {name} ({e}); "
+                        "use --dtype float32") from None
 
 
 def learning_rate(args, total_steps):
@@ -170,17 +228,19 @@ def evaluate(model, data, ctx_len, batch_size):
     return total / count
 
 
-def save_checkpoint(path, model, optimizer, step, meta):
-    """Weights, optimizer state, step and run description in one .safetensors file, written atomically."""
-    arrays = {f"model.{k}": v for k, v in nn.utils.tree_flatten(model.parameters())}
-    arrays.update({f"optimizer.{k}": v for k, v in nn.utils.tree_flatten(optimizer.state)})
+def save_checkpoint(path, model, optimizer, loss_scale, step, meta):
+    """Weights, optimizer state, loss scale, step and run description in one .safetensors file, written
+    atomically. The weights are the float32 master weights, whatever --dtype the run computes in."""
+    arrays = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    arrays.update({f"loss_scale.{k}": v for k, v in loss_scale.items()})
     arrays["config"] = config_array(model.config)
     arrays["meta"] = json_array({**meta, "step": step})
     save_arrays(path, arrays)
 
 
 def load_checkpoint(path):
-    """(model weights, optimizer state, meta) from save_checkpoint's file."""
+    """(model weights, optimizer state, loss scale, meta) from save_checkpoint's file."""
     try:
         arrays = mx.load(str(path))
         arrays.pop("config")  # for load_model; the run's settings in `meta` say the same and more
@@ -188,8 +248,24 @@ def load_checkpoint(path):
     except Exception as e:
         raise DataError(f"cannot read the checkpoint {path}: {e}") from None
     weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
-    opt_state = nn.utils.tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
-    return weights, opt_state, meta
+    opt_state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    loss_scale = {k[len("loss_scale."):]: v for k, v in arrays.items() if k.startswith("loss_scale.")}
+    return weights, opt_state, loss_scale, meta
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def check_finite(loss, step, checkpoint):
+    """Stop the run if the training loss of step `step` (counted from 1) is inf or nan. The checkpoint
+    on disk, from the last epoch that ended well, is left as it is."""
+    value = loss.item()
+    if not math.isfinite(value):
+        kept = (f"the last good checkpoint, {checkpoint}, is kept (step {load_checkpoint(checkpoint)[3]['step']})"
+                if checkpoint.is_file() else "no checkpoint was written")
+        raise NonFiniteLoss(f"the training loss became {value} at step {step}; stopped, and {kept}. "
+                            "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
 
 
 def train(args):
@@ -219,25 +295,32 @@ def train(args):
     # The schedule spans all epochs; --max-steps only stops early, so a capped run and its --resume
     # follow the same learning rates as one uninterrupted run.
     optimizer = optim.AdamW(learning_rate(args, sum(steps_per_epoch)), betas=[0.9, args.beta2], weight_decay=args.weight_decay)
-    step = 0
+    step, loss_scale = 0, new_loss_scale()
     if args.resume:
         if not checkpoint.is_file():
             raise DataError(f"--resume: no checkpoint at {checkpoint}")
-        weights, opt_state, meta = load_checkpoint(checkpoint)
+        weights, opt_state, saved_scale, meta = load_checkpoint(checkpoint)
         changed = [k for k in run if meta.get(k) != run[k]]
         if changed:
             raise DataError(f"--resume: the checkpoint was made with other settings or text ({', '.join(changed)}); "
                             "resume with the same flags and --data")
         model.load_weights(weights)
         optimizer.state = opt_state
+        loss_scale.update(saved_scale)
         step = meta["step"]
-        print(f"Resumed from {checkpoint} at step {step}")
+        # The checkpoint holds float32 master weights and optimizer state, so any --dtype can continue it;
+        # only the rounding of the steps after this one changes.
+        saved_dtype = meta.get("dtype", "float32")
+        note = f" (trained in {saved_dtype}, continuing in {args.dtype})" if saved_dtype != args.dtype else ""
+        print(f"Resumed from {checkpoint} at step {step}{note}")
     mx.eval(model.parameters(), optimizer.state)
-    n_params = sum(p.size for _, p in nn.utils.tree_flatten(model.parameters()))
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     print(f"{len(text):,} characters, vocabulary {len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; "
-          f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}")
+          f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}; "
+          f"{args.dtype} on {mx.default_device()}")
 
-    train_step, state = make_train_step(model, optimizer, args.grad_clip)
+    train_step, state = make_train_step(model, optimizer, DTYPES[args.dtype], args.grad_clip, loss_scale)
+    meta = {**run, "dtype": args.dtype}
     model.train()
     start, first_step = time.perf_counter(), step
     try:
@@ -252,20 +335,27 @@ def train(args):
                     break
                 mx.random.seed(args.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
                 x, y = windows(train_data, starts, config.block_size)
-                losses.append(train_step(x, y))
-                mx.eval(state, losses[-1])
+                loss = train_step(x, y)
+                # Queue this step and return at once: Python prepares the next batch while the device
+                # computes. The previous step's loss is ready by now; check it.
+                mx.async_eval(state, loss)
+                if losses:
+                    check_finite(losses[-1], step, checkpoint)
+                losses.append(loss)
                 step += 1
+            if losses:
+                check_finite(losses[-1], step, checkpoint)
             seconds = time.perf_counter() - tic
             tokens_per_s = len(losses) * args.batch_size * config.block_size / seconds if losses else 0.0
             val = evaluate(model, val_data, config.block_size, args.batch_size)
             train_loss = mx.mean(mx.stack(losses)).item() if losses else float("nan")
             print(f"Epoch {epoch + 1} | train = {train_loss:.4f} | val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
-            save_checkpoint(checkpoint, model, optimizer, step, run)
+            save_checkpoint(checkpoint, model, optimizer, loss_scale, step, meta)
             if step >= total_steps:
                 break
     except KeyboardInterrupt:
-        save_checkpoint(checkpoint, model, optimizer, step, run)
+        save_checkpoint(checkpoint, model, optimizer, loss_scale, step, meta)
         sys.exit(f"\nInterrupted at step {step}; saved {checkpoint}; continue with --resume")
     print(f"Trained {step - first_step} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
     return model, vocab
@@ -298,6 +388,8 @@ def main():
     parser.add_argument("--prompt", default="\n", help="text the generated characters continue (default: a newline)")
     parser.add_argument("--max-tokens", type=int, default=1000, help="characters to generate (default: 1000)")
     parser.add_argument("--temp", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="compute in this dtype; weights and AdamW stay float32 "
+                        "(default: bfloat16 on a GPU, float32 on the CPU, where MLX's bfloat16 is slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
     args = parser.parse_args()
     if min(args.ctx_len, args.n_emb, args.n_heads, args.n_layers, args.epochs, args.batch_size) < 1:
@@ -307,10 +399,13 @@ def main():
     if not 0 <= args.dropout < 1 or args.temp < 0 or args.warmup < 0 or (args.max_steps is not None and args.max_steps < 1):
         parser.error("--dropout must be in [0, 1), --temp and --warmup at least 0, --max-steps at least 1")
 
+    if args.dtype is None:
+        args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
     try:
+        check_dtype(args.dtype)
         model, vocab = train(args)
         prompt = vocab.encode(args.prompt)
-    except (DataError, ValueError) as e:
+    except (DataError, NonFiniteLoss, ValueError) as e:
         sys.exit(f"error: {e}")
     model.eval()
     mx.random.seed(args.seed)

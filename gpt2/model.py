@@ -51,6 +51,7 @@ class CausalSelfAttention(nn.Module):
 
     def __call__(self, x):
         B, T, C = x.shape
+        x = x.astype(self.c_attn.weight.dtype)  # compute in the weights' dtype (see GPT.__call__)
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -59,7 +60,7 @@ class CausalSelfAttention(nn.Module):
             # Dropout on the attention probabilities needs them spelled out; the fused kernel has none.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
             causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
-            y = self.attn_dropout(mx.softmax(scores + causal, axis=-1, precise=True)) @ v
+            y = self.attn_dropout(mx.softmax(scores + causal, axis=-1, precise=True)) @ v  # softmax sums in float32
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
@@ -75,6 +76,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers).
+        x = x.astype(self.c_fc.weight.dtype)  # compute in the weights' dtype (see GPT.__call__)
         return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
 
 
@@ -125,7 +127,12 @@ class GPT(nn.Module):
             [(name, init(name, p)) for name, p in nn.utils.tree_flatten(self.parameters())]))
 
     def __call__(self, idx):
-        """idx (B, T) int tokens -> logits (B, T, vocab_size)."""
+        """idx (B, T) int tokens -> logits (B, T, vocab_size).
+
+        Mixed precision (main.py --dtype) gives the attention and MLP weights a low-precision dtype and
+        keeps the embeddings and LayerNorms in float32: the sublayers cast their input to their weights'
+        dtype, and their outputs join a float32 residual stream, as PyTorch's autocast does.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"a sequence of {T} tokens is longer than the context ({self.config.block_size})")
