@@ -4,6 +4,8 @@
     python llama/convert.py path/to/consolidated.00.pth weights.npz        # one Meta .pth, params.json beside it
     python llama/convert.py meta-llama/Llama-2-7b-hf weights.safetensors   # Hugging Face: a Hub name or folder
     python llama/convert.py path/to/Llama3.1-8B-Instruct weights.safetensors   # Meta Llama 3.x: scaled RoPE
+    python llama/convert.py meta-llama/Llama-2-7b-hf llama-2-7b-4bit.safetensors --quantize   # 4-bit, groups of 64
+    python llama/convert.py mlx-community/Llama-3.2-1B-Instruct-4bit out.safetensors   # already quantized (mlx-lm)
 
 The output is .npz or .safetensors (chosen by its extension) and is written atomically. Weights keep
 their checkpoint dtype unless --dtype says otherwise.
@@ -13,6 +15,12 @@ are concatenated along the axis each weight was split on. Hugging Face's names a
 their RoPE layout (rotate halves) is recorded in the configuration, not undone in the weights.
 Llama 3.1's scaled RoPE (`use_scaled_rope`, or `rope_scaling` of type `llama3`) and tied embeddings are
 recorded there too. Hugging Face Mistral models without a sliding window are Llamas with another config.
+
+--quantize stores the linear layers and the embedding as MLX affine-quantized weights (model.quantize;
+--q-bits 4 or 8, --q-group-size 32, 64 or 128) and records {"group_size", "bits"} in the configuration as
+"quantization", so llama.py needs no flag. --dtype then sets the dtype of the scales, biases and norms.
+Models that mlx-lm quantized (config.json with "quantization", `.scales`/`.biases` beside each packed
+`.weight`, as MLX models on the Hugging Face Hub are) keep their quantized arrays as they are.
 """
 
 import argparse
@@ -22,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,6 +58,7 @@ DROPPED = [r"rotary_emb\.inv_freq$", r"^rope\.freqs$"]
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "special_tokens_map.json"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+QUANTIZATION_KEYS = ("group_size", "bits", "mode")  # the rest of mlx-lm's "quantization" is per layer
 
 
 class ConversionError(Exception):
@@ -146,9 +156,35 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
 # ---- Hugging Face checkpoints -------------------------------------------------------------------
 
 
+def mlx_lm_quantization(config):
+    """{"group_size", "bits"} of a model that mlx-lm quantized (config.json's "quantization"), or None.
+
+    Per-layer entries are allowed when they repeat the global setting or are false (a layer mlx-lm left
+    in floating point; convert quantizes it). Other formats (GPTQ, AWQ, bitsandbytes, ...: a
+    "quantization_config" with a "quant_method") store weights differently and are refused."""
+    q = config.get("quantization")
+    if q is None:
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method is not None:
+            raise ConversionError(f"{method!r}-quantized checkpoints are not supported; convert the unquantized "
+                                  "model with --quantize, or an MLX (mlx-lm) quantized one")
+        return None
+    if q.get("mode", "affine") != "affine":
+        raise ConversionError(f"quantization mode {q['mode']!r} is not supported; only MLX's 'affine' mode is")
+    group_size, bits = q.get("group_size"), q.get("bits")
+    for layer, setting in q.items():
+        if layer in QUANTIZATION_KEYS or setting is False:
+            continue
+        if not (isinstance(setting, dict) and setting.get("bits", bits) == bits
+                and setting.get("group_size", group_size) == group_size):
+            raise ConversionError(f"per-layer quantization ({layer}: {setting}) is not supported; every layer "
+                                  f"must use the model's {bits} bits and group size {group_size}")
+    return {"group_size": group_size, "bits": bits}
+
+
 def hf_args(config):
     """ModelArgs from a Hugging Face config.json: Llama (1, 2, 3.x, TinyLlama, ...) or Mistral without a
-    sliding window. Anything else is refused with the reason."""
+    sliding window, possibly quantized by mlx-lm. Anything else is refused with the reason."""
     model_type = config.get("model_type", "llama")
     if model_type not in ("llama", "mistral"):
         raise ConversionError(f"model_type {model_type!r} is not supported: this example runs LlamaForCausalLM "
@@ -177,16 +213,20 @@ def hf_args(config):
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if (config.get("head_dim") or dim // n_heads) != dim // n_heads:
         raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
-    return ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        rope_traditional=False,  # HF permuted wq/wk for rotate-halves RoPE
-        rope_scaling=rope_scaling,
-        max_seq_len=config.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
+    try:
+        return ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+            hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_traditional=False,  # HF permuted wq/wk for rotate-halves RoPE
+            rope_scaling=rope_scaling,
+            max_seq_len=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            quantization=mlx_lm_quantization(config),
+        )
+    except ValueError as e:  # shapes that do not divide, an unsupported quantization
+        raise ConversionError(f"config.json: {e}") from None
 
 
 def hf_to_mlx_name(name):
@@ -249,15 +289,39 @@ def read_hf(folder):
             if mlx_name is not None:
                 weights[mlx_name] = value
     if args.tie_word_embeddings:  # Llama 3.2 1B/3B: the output layer is the embedding; some files repeat it
-        weights.pop("output.weight", None)
+        for name in ("output.weight", "output.scales", "output.biases"):
+            weights.pop(name, None)
     return args, weights
 
 
 # ---- Both ---------------------------------------------------------------------------------------
 
 
-def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None):
-    """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model."""
+def quantize_weights(args, weights):
+    """`weights` with each floating-point weight of a layer that args.quantization quantizes replaced by
+    mx.quantize's packed weight, scales and biases. Layers already quantized (mlx-lm) are kept as they are."""
+    group_size, bits = args.quantization["group_size"], args.quantization["bits"]
+    expected = dict(nn.utils.tree_flatten(Llama(args).parameters()))  # lazy: shapes only
+    weights = dict(weights)
+    for name in expected:
+        if not name.endswith(".scales"):
+            continue
+        layer = name.removesuffix("scales")
+        w = weights.get(layer + "weight")
+        if w is None or layer + "scales" in weights or not mx.issubdtype(w.dtype, mx.floating):
+            continue  # missing (check_weights names it) or already quantized
+        out_features, in_features = expected[layer + "weight"].shape[0], expected[name].shape[1] * group_size
+        if w.shape != (out_features, in_features):
+            raise ConversionError(f"{layer}weight has shape {tuple(w.shape)}, expected {(out_features, in_features)}")
+        weights[layer + "weight"], weights[layer + "scales"], weights[layer + "biases"] = mx.quantize(w, group_size, bits)
+    return weights
+
+
+def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quantize=None):
+    """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model.
+
+    quantize: {"group_size", "bits"} to quantize the linear layers and the embedding (model.quantize), or
+    None to keep the checkpoint's weights, quantized (mlx-lm) or not. dtype: of every floating-point array."""
     path = Path(source)
     if path.suffix == ".pth" and not path.is_file():
         raise ConversionError(f"{source} does not exist")
@@ -265,12 +329,22 @@ def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None):
         args, weights = read_meta(path, max_seq_len, rope_scaling_factor)
     else:
         args, weights = read_hf(resolve_hf(source))
+    if quantize is not None:
+        if args.quantization is not None and args.quantization != quantize:
+            raise ConversionError(f"the checkpoint is already quantized ({args.quantization['bits']} bits, groups of "
+                                  f"{args.quantization['group_size']}); convert it without --quantize")
+        try:
+            args = replace(args, quantization=quantize)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    if dtype is not None:  # before quantizing, so that scales and biases get this dtype too
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    if args.quantization is not None:
+        weights = quantize_weights(args, weights)
     try:
         check_weights(Llama(args), weights)
     except WeightsError as e:
         raise ConversionError(str(e)) from None
-    if dtype is not None:
-        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     return args, weights
 
 
@@ -292,12 +366,23 @@ def save(args, weights, path):
             os.remove(tmp)
 
 
+def file_size(nbytes):
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
 def main():
     parser = argparse.ArgumentParser(description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights.")
     parser.add_argument("checkpoint", help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
                                            "params.json beside it, or a Hugging Face Llama folder or Hub name")
     parser.add_argument("output", help="the file to write: .npz or .safetensors")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as in the checkpoint)")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="store floating-point weights in this dtype; with --quantize, the scales, biases and "
+                             "norms (default: as in the checkpoint)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="quantize the linear layers and the embedding (MLX affine quantization)")
+    parser.add_argument("--q-bits", type=int, help="bits per quantized weight with --quantize: 4 or 8 (default: 4)")
+    parser.add_argument("--q-group-size", type=int,
+                        help="weights per scale and bias with --quantize: 32, 64 or 128 (default: 64)")
     parser.add_argument("--max-seq-len", type=int,
                         help="context length for Meta checkpoints, whose params.json omits it (default: the family's: "
                              "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging Face configs "
@@ -308,19 +393,27 @@ def main():
     args = parser.parse_args()
     if Path(args.output).suffix not in (".npz", ".safetensors"):
         sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
+    if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
+        sys.exit("error: --q-bits and --q-group-size need --quantize")
+    # Checked with the model's shapes in convert (model.check_quantization).
+    quantize = {"group_size": args.q_group_size or 64, "bits": args.q_bits or 4} if args.quantize else None
     try:
-        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor)
+        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor, quantize)
         save(model_args, weights, args.output)
     except ConversionError as e:
         sys.exit(f"error: {e}")
-    n_params = sum(math.prod(v.shape) for v in weights.values())
+    q = model_args.quantization
+    # A packed uint32 word holds 32 / bits weights; scales and biases are not counted as parameters.
+    n_params = sum(math.prod(v.shape) * (32 // q["bits"] if v.dtype == mx.uint32 else 1)
+                   for k, v in weights.items() if not (q and k.endswith((".scales", ".biases"))))
     layout = "interleaved (Meta)" if model_args.rope_traditional else "halves (Hugging Face)"
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
     scaling = f", scaled x{model_args.rope_scaling['factor']:g}" if model_args.rope_scaling else ""
     tied = ", tied embeddings" if model_args.tie_word_embeddings else ""
-    print(f"Wrote {size} parameters ({len(weights)} arrays, {next(iter(weights.values())).dtype}), "
+    quantized = f", {q['bits']}-bit in groups of {q['group_size']}" if q else ""
+    print(f"Wrote {size} parameters ({len(weights)} arrays, {weights['norm.weight'].dtype}{quantized}), "
           f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
-          f"to {args.output}")
+          f"to {args.output} ({file_size(os.path.getsize(args.output))})")
 
 
 if __name__ == "__main__":
