@@ -5,6 +5,7 @@
     python llama/benchmark.py --device gpu --preset 8b --dtype float16     # Llama 3.1 8B's shape
     python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1     # a quick check
     python llama/benchmark.py --profile --device gpu --preset 7b --dtype float16   # matrix-vector GB/s
+    python llama/benchmark.py --device gpu --preset 7b --dtype float16 --quantize 4 --time-load   # 4-bit vs float16
 
 Both frameworks run the same random weights (made by PyTorch with --seed, then converted; nothing
 is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt, computing the last
@@ -14,6 +15,12 @@ tokens/s (one sequence, greedy, --max-tokens new tokens, after the first), media
 Decoding one sequence reads every weight once per token, so decode tokens/s x weight bytes is the
 memory bandwidth achieved. The script measures the device's copy bandwidth (PyTorch) and reports
 the fraction of that ceiling (copy bandwidth / weight bytes tokens/s) that decoding reaches.
+
+With --quantize 4 or 8 the comparison is MLX against MLX instead (PyTorch only makes the weights and
+measures the copy bandwidth): the --dtype model, then the same model quantized as convert.py --quantize
+does it (--q-group-size), each timed as above, with the bytes of the quantized weights for the bandwidth,
+the peak memory while generating (mx.get_peak_memory), and how far the quantized model's logits over the
+prompt are from the --dtype model's: mean KL divergence and how often the most likely token is the same.
 """
 
 import argparse
@@ -24,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,7 +39,7 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model
+from model import Llama, load_model, quantize
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
@@ -188,9 +196,10 @@ def profile_matvec(preset, dtype, device, repeats):
 
 
 def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
-    """{suffix: (median seconds of load_model, median seconds of load_model plus one token)} for the model
-    saved in each format, read from the page cache. The token counts because a GPU may only fetch the
-    weights when it first uses them (MLX's CUDA backend keeps arrays in managed memory)."""
+    """{suffix: (median seconds of load_model, median seconds of load_model plus one token, file bytes,
+    peak memory of load_model plus one token beyond what was in use before)} for the model saved in each
+    format, read from the page cache. The token counts because a GPU may only fetch the weights when it
+    first uses them (MLX's CUDA backend keeps arrays in managed memory)."""
     weights = dict(nn.utils.tree_flatten(model.parameters()))
     result = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
@@ -199,15 +208,80 @@ def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
             save(model.args, weights, path)
             times = []
             for _ in range(repeats + 1):  # the first read brings the file into the page cache
+                mx.clear_cache()
+                in_use = mx.get_active_memory()
+                mx.reset_peak_memory()
                 tic = time.perf_counter()
                 loaded = load_model(path)
                 loaded_at = time.perf_counter()
                 mx.eval(loaded(mx.array([[1]])))
-                times.append((loaded_at - tic, time.perf_counter() - tic))
+                times.append((loaded_at - tic, time.perf_counter() - tic, mx.get_peak_memory() - in_use))
                 del loaded
-            result[suffix] = tuple(statistics.median(t[i] for t in times[1:]) for i in (0, 1))
+            load, first, peak = (statistics.median(t[i] for t in times[1:]) for i in (0, 1, 2))
+            result[suffix] = (load, first, path.stat().st_size, peak)
             path.unlink()
     return result
+
+
+def logit_distance(reference, logits):
+    """(mean KL(p_reference || p), fraction of positions whose most likely token is the same) for
+    (..., vocab) logits, computed in float32: how far a quantized model's predictions are from the original's."""
+    reference, logits = reference.astype(mx.float32), logits.astype(mx.float32)
+    log_p = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+    log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kl = mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+    same = mx.argmax(reference, axis=-1) == mx.argmax(logits, axis=-1)
+    return mx.mean(kl).item(), mx.mean(same).item()
+
+
+def parameter_bytes(model):
+    return sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
+
+
+def compare_quantized(model, prompt, args, torch_device):
+    """Time `model` (args.dtype), then quantize it in place (args.quantize bits, groups of args.q_group_size)
+    and time it again; print both, the peak memory of each while generating and the logit distance."""
+    bits, group_size = args.quantize, args.q_group_size
+    rows = {}
+    reference = model(mx.array([prompt]))  # (1, T, vocab): every prompt position's logits
+    mx.eval(reference)
+    for name in (args.dtype, f"{bits}-bit"):
+        if name != args.dtype:
+            quantize(model, group_size, bits)  # as convert.py --quantize does
+            model.args = replace(model.args, quantization={"group_size": group_size, "bits": bits})
+            mx.eval(model.parameters())  # the floating-point weights are freed once their quantized copies exist
+        mx.clear_cache()
+        mx.reset_peak_memory()  # what generating needs: the weights, the KV cache, activations
+        prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats)
+        rows[name] = (prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory())
+    kl, same = logit_distance(reference, model(mx.array([prompt])))
+
+    bandwidth = copy_bandwidth(torch_device)
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
+    print(f"{args.preset} preset, random weights, {args.dtype} and {bits}-bit (MLX affine quantization, groups of "
+          f"{group_size}), prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of "
+          f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}")
+    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s")
+    (float_name, f), (q_name, q) = rows.items()
+    print(f"{'':>22} {float_name:>10} {q_name:>10} {q_name + '/' + float_name:>16}")
+    print(f"{'weights GB':>22} {f[2] / 1e9:>10.2f} {q[2] / 1e9:>10.2f} {q[2] / f[2]:>15.2f}x")
+    print(f"{'prompt tokens/s':>22} {args.prompt_tokens / f[0]:>10.1f} {args.prompt_tokens / q[0]:>10.1f} "
+          f"{f[0] / q[0]:>15.2f}x")
+    print(f"{'decoding tokens/s':>22} {1 / f[1]:>10.1f} {1 / q[1]:>10.1f} {f[1] / q[1]:>15.2f}x")
+    print(f"{'decoding GB/s':>22} {f[2] / f[1] / 1e9:>10.1f} {q[2] / q[1] / 1e9:>10.1f}")
+    print(f"{'% of copy ceiling':>22} {100 * f[2] / f[1] / bandwidth:>9.0f}% {100 * q[2] / q[1] / bandwidth:>9.0f}%"
+          f"   (ceiling: {bandwidth / f[2]:.0f} and {bandwidth / q[2]:.0f} tokens/s)")
+    print(f"{'peak memory GB':>22} {f[3] / 1e9:>10.2f} {q[3] / 1e9:>10.2f}   (mx.get_peak_memory while generating)")
+    print(f"{q_name} logits against {float_name} over the {args.prompt_tokens}-token prompt: mean KL divergence "
+          f"{kl:.4f} nats, same most likely token at {100 * same:.1f}% of positions")
+    if args.time_load:
+        report_load(model, args.repeats)
+
+
+def report_load(model, repeats):
+    for suffix, (load, first, nbytes, peak) in time_load(model, repeats).items():
+        print(f"load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
+              f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB")
 
 
 def torch_in_child(argv):
@@ -238,8 +312,15 @@ def main(argv=None):
                              "alone and with the first token")
     parser.add_argument("--profile", action="store_true",
                         help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch")
+    parser.add_argument("--quantize", type=int, choices=[4, 8],
+                        help="instead of PyTorch, compare with the model quantized to 4 or 8 bits (as convert.py "
+                             "--quantize does): speed, peak memory, and the KL divergence of its logits")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
+                        help="weights per scale and bias with --quantize (default: 64)")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
+    if args.quantize and args.profile:
+        parser.error("--profile and --quantize are separate measurements; give one")
     if args.max_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
         parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if args.prompt_tokens + args.max_tokens > 4096:
@@ -268,6 +349,12 @@ def main(argv=None):
 
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
+    if args.quantize:
+        del hf
+        if torch_device == "cuda":
+            torch.cuda.empty_cache()
+        compare_quantized(model, prompt, args, torch_device)
+        return
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
     if separate:  # PyTorch is timed in a child that builds the same weights from the same seed
         del hf
@@ -296,8 +383,7 @@ def main(argv=None):
         print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
               f"{100 / seconds / ceiling:.0f}% of the ceiling")
     if args.time_load:
-        for suffix, (load, first) in time_load(model, args.repeats).items():
-            print(f"load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s")
+        report_load(model, args.repeats)
 
 
 if __name__ == "__main__":
