@@ -89,7 +89,7 @@ def chat(model, tokenizer, prompt, system, max_tokens, temp, top_p, lines=sys.st
         generated, stats = generate(model, tokenizer, tokens[common:], max_tokens, temp, top_p, out, cache,
                                     context=tokens[:common])
         report(stats, f"{common} tokens from the cache | ")
-        cached = tokens + generated
+        cached = (tokens + generated)[: cache[0].offset]  # what the cache really holds
         answer = generated[:-1] if generated and generated[-1] in tokenizer.stop_ids else generated
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
         if prompt is not None:

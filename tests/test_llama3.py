@@ -340,16 +340,19 @@ def greedy_reply(model, tokenizer, tokens, max_tokens):
     return reply
 
 
-def test_interactive_chat_keeps_the_cache_and_answers_as_a_fresh_prompt_would(llama3_model, rank_file, tokenizer):
+# --max-tokens 1: the reply stops at the first token, before its step runs, so the cache lacks it.
+@pytest.mark.parametrize("max_tokens", [12, 1])
+def test_interactive_chat_keeps_the_cache_and_answers_as_a_fresh_prompt_would(max_tokens, llama3_model, rank_file,
+                                                                             tokenizer):
     chat, model = import_example("llama", "chat"), import_example("llama", "model").load_model(llama3_model)
     result = subprocess.run([sys.executable, str(ROOT / "llama/llama.py"), str(llama3_model), str(rank_file), "--chat",
-                             "--system", "Be brief.", "--max-tokens", "12"],
+                             "--system", "Be brief.", "--max-tokens", str(max_tokens)],
                             input="Call me Ishmael.\n\nHow long ago?\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     messages, expected = [{"role": "system", "content": "Be brief."}], ""
     for line in ("Call me Ishmael.", "How long ago?"):  # the empty line in between is skipped
         messages.append({"role": "user", "content": line})
-        reply = greedy_reply(model, tokenizer, chat.chat_tokens(tokenizer, messages), 12)
+        reply = greedy_reply(model, tokenizer, chat.chat_tokens(tokenizer, messages), max_tokens)
         text = tokenizer.decode(reply[:-1] if reply[-1] in tokenizer.stop_ids else reply)
         messages.append({"role": "assistant", "content": text})
         expected += text + "\n"
@@ -399,3 +402,17 @@ def test_llama_py_bad_llama3_input_gives_one_line(case, message, llama3_model, r
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_generate_says_through_the_cache_which_tokens_it_holds(llama3_model):
+    """The first token is yielded as soon as the prompt pass ends, before its own step is built, so the
+    cache then holds only the prompt; from the second token on, the yielded token's step is under way."""
+    model = import_example("llama", "model").load_model(llama3_model)
+    prompt = mx.array([5, 6, 7, 8])
+    for n_taken, expected_offset in ((1, 4), (2, 6), (3, 7)):
+        cache = model.make_cache()
+        generator = model.generate(prompt, cache=cache)
+        for _ in range(n_taken):
+            next(generator)
+        mx.eval([c.keys for c in cache])
+        assert cache[0].offset == expected_offset, (n_taken, cache[0].offset)
