@@ -4,14 +4,12 @@ mx.quantized_matmul against the CUDA kernel of quantized_matvec.py, in GB/s of q
 
     python llama/bench_quantized_matvec.py                  # 4- and 8-bit, group size 64, float16
     python llama/bench_quantized_matvec.py --sweep          # also the kernel's launch variants
-    python llama/bench_quantized_matvec.py --kernel-times   # also GPU time alone (PyTorch's profiler)
 
 Each shape is timed over enough different matrices (--working-set MB) that none stays in the GPU's
 50 MB L2 cache between calls. One measurement builds the lazy products with every matrix (4 passes),
 then evaluates them: the time of mx.eval divided by the number of calls is a call's time (MLX's C++
 encoding and launch included, Python's graph building not: a decoding loop overlaps that with the
 GPU), the median over --repeats. Python's graph building is printed beside it, in us per call.
---kernel-times adds the GPU's own kernel time per call, from PyTorch's CUDA profiler.
 
 The tokens/s estimate adds up the matrix products of one token: 32 layers of wq, wk, wv, wo, w1, w3,
 w2, and the output layer; and the same with wq|wk|wv and w1|w3 each concatenated into one matrix
@@ -34,7 +32,8 @@ SHAPES = {"wq, wk, wv, wo": (4096, 4096), "w1, w3": (11008, 4096), "w2": (4096, 
 LAYOUTS = {"separate": {"wq, wk, wv, wo": 4 * 32, "w1, w3": 2 * 32, "w2": 32, "output": 1},
            "concatenated": {"wq|wk|wv": 32, "wq, wk, wv, wo": 32, "w1|w3": 32, "w2": 32, "output": 1}}
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-VARIANTS = [(2, 4, 2), (4, 4, 1), (4, 2, 2), (2, 2, 4), (4, 1, 4), (8, 2, 1)]  # (R, WARPS, U) for --sweep
+VARIANTS = [(8, 2, 1, 0), (8, 2, 1, 1), (8, 1, 2, 0), (8, 4, 1, 0), (16, 2, 1, 0), (4, 4, 1, 0),
+            (2, 4, 2, 0), (2, 4, 2, 1), (2, 4, 1, 0), (2, 8, 1, 0), (4, 4, 2, 0), (1, 4, 4, 0)]  # --sweep
 PASSES = 4  # passes over the matrices in one mx.eval, to spread its fixed cost over more calls
 
 
@@ -51,30 +50,6 @@ def seconds_per_call(call, mats, repeats):
     runs = [once() for _ in range(repeats)]
     calls = PASSES * len(mats)
     return statistics.median(e for e, _ in runs) / calls, statistics.median(b for _, b in runs) / calls
-
-
-def kernel_seconds_per_call(call, mats):
-    """GPU kernel time per call from PyTorch's CUDA profiler (it sees MLX's kernels too), or None."""
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    mx.eval([call(m) for m in mats])
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            mx.eval([call(m) for _ in range(PASSES) for m in mats])
-            mx.synchronize()
-    except RuntimeError as error:  # no CUPTI, or another profiler holds it
-        print(f"PyTorch's profiler failed: {error}", file=sys.stderr)
-        return None
-    total = 0.0
-    for event in prof.key_averages():
-        if str(event.device_type).endswith("CUDA"):
-            total += getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
-    return total * 1e-6 / (PASSES * len(mats)) if total else None
 
 
 def random_quantized(N, K, group_size, bits, dtype, count):
@@ -109,8 +84,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES), help="activations, scales, output")
     parser.add_argument("--repeats", type=int, default=5, help="timed evaluations per measurement")
     parser.add_argument("--working-set", type=int, default=512, help="MB of matrices per shape (>> 50 MB L2)")
-    parser.add_argument("--sweep", action="store_true", help="also time each (rows, warps, strides) variant")
-    parser.add_argument("--kernel-times", action="store_true", help="also GPU kernel time, PyTorch's profiler")
+    parser.add_argument("--sweep", action="store_true", help="also time other launch variants (R, WARPS, U, P)")
     args = parser.parse_args(argv)
     if not quantized_matvec.on_cuda():
         sys.exit("error: this benchmark times a CUDA kernel; run it where MLX's default device is a CUDA GPU")
@@ -124,31 +98,28 @@ def main(argv=None):
     for bits in args.bits:
         default = quantized_matvec.launch_variant(bits)
         variants = [default] + [v for v in VARIANTS if v != default and args.sweep]
-        names = ["MLX"] + ["R{}W{}U{}".format(*v) for v in variants]
+        names = ["MLX"] + ["R{}W{}U{}P{}".format(*v) for v in variants]
         seconds = {}  # (shape, name) -> seconds per call
         print(f"\n{bits}-bit: GB/s of quantized bytes (mx.eval time, median of {args.repeats}); kernel is "
               f"{names[1]}")
-        print(f"{'shape':<28} {'MB':>6} " + " ".join(f"{n:>8}" for n in names)
-              + "  build us (MLX, kernel)  max|diff|/max|MLX|" + ("  GPU-only GB/s (MLX, kernel)" if args.kernel_times else ""))
+        print(f"{'shape':<28} {'MB':>6} " + " ".join(f"{n:>10}" for n in names)
+              + "  build us (MLX, kernel)  max|diff|/max|MLX|")
         for shape, (N, K) in SHAPES.items():
             one = N * K * bits // 8 + 2 * N * (K // gs) * dtype.size
             mats = random_quantized(N, K, gs, bits, dtype, max(2, args.working_set * 2**20 // one))
             x = mx.random.normal((1, K)).astype(dtype)
             mx.eval(x)
             calls = {"MLX": lambda m: mx.quantized_matmul(x, *m, transpose=True, group_size=gs, bits=bits)}
-            for name, (r, w, u) in zip(names[1:], variants):
-                calls[name] = lambda m, r=r, w=w, u=u: quantized_matvec.quantized_matvec(x, *m, gs, bits, r, w, u)
+            for name, variant in zip(names[1:], variants):
+                calls[name] = lambda m, v=variant: quantized_matvec.quantized_matvec(x, *m, gs, bits, v)
             builds = {}
             for name, call in calls.items():
                 seconds[shape, name], builds[name] = seconds_per_call(call, mats, args.repeats)
             expected, got = calls["MLX"](mats[0]), calls[names[1]](mats[0])
             difference = (mx.abs(got - expected).max() / mx.abs(expected).max()).item()
             row = (f"{shape + f' ({N}x{K})':<28} {one / 1e6:>6.1f} "
-                   + " ".join(f"{one / seconds[shape, n] / 1e9:>8.0f}" for n in names)
+                   + " ".join(f"{one / seconds[shape, n] / 1e9:>10.0f}" for n in names)
                    + f"  {builds['MLX'] * 1e6:>10.1f} {builds[names[1]] * 1e6:>10.1f}  {difference:>18.1e}")
-            if args.kernel_times:
-                gpu = [kernel_seconds_per_call(calls[n], mats) for n in names[:2]]
-                row += "  " + " ".join(f"{one / t / 1e9:>8.0f}" if t else "       ?" for t in gpu)
             print(row, flush=True)
             del mats
         for layout, counts in LAYOUTS.items():

@@ -38,21 +38,31 @@ import mlx.core as mx
 import mlx.nn as nn
 
 MAX_ROWS = 4  # rows of x (tokens) up to which the kernel is used; more go to mx.quantized_matmul
-# How the kernel is launched, (R, WARPS, U): R weight rows per block, WARPS warps per block, U strides of
-# 16-byte loads issued before they are used. The fastest of bench_quantized_matvec.py --sweep on an H100.
-LAUNCH_VARIANTS = {4: (4, 2, 2), 8: (2, 2, 4)}
+# How the kernel is launched, (R, WARPS, U, P): R weight rows per block, WARPS warps per block, U strides of
+# 16-byte loads issued before they are used, P = 1 to ask L2 to fetch 256 bytes per miss. The fastest of
+# bench_quantized_matvec.py --sweep on an H100.
+LAUNCH_VARIANTS = {4: (8, 2, 1, 0), 8: (2, 4, 2, 0)}
 
 
 def launch_variant(bits):
     return LAUNCH_VARIANTS[bits]
 
+
 HEADER = r"""
-// A 16-byte load of packed weights that are read once: through the non-coherent path, not kept in L1.
+// A 16-byte load of packed weights that are read once: through the non-coherent path, not kept in L1;
+// with P, L2 fetches the whole 256-byte block around a miss.
+template <int P>
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (P) {
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  } else {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  }
   return v;
 }
 
@@ -103,7 +113,7 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
 
 # The kernel body. MLX generates the signature (const T* x, const uint32_t* w, const Shape w_shape,
 # const T* scales, const T* biases, T* y; w_shape because the body names it) and defines the template
-# constants T, BITS, GS (group size), M (rows of x), R, WARPS and U before it; K and N are read from
+# constants T, BITS, GS (group size), M (rows of x), R, WARPS, U and P before it; K and N are read from
 # w_shape, so one compiled kernel serves every weight shape. Grid: N / R blocks of 32 * WARPS threads.
 SOURCE = r"""
   constexpr int EPW = 32 / BITS;   // weights per 32-bit word
@@ -134,7 +144,7 @@ SOURCE = r"""
       if (v < NV) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          wv[u][r] = load_weights(w_rows + r * NV + v);
+          wv[u][r] = load_weights<P>(w_rows + r * NV + v);
           sv[u][r] = to_float(scale_rows[r * GPR + v * EPV / GS]);
           bv[u][r] = to_float(bias_rows[r * GPR + v * EPV / GS]);
         }
@@ -240,11 +250,10 @@ def kernel_applies(x, w, scales, biases, group_size, bits):
     return 0 < x.size // K <= MAX_ROWS
 
 
-def quantized_matvec(x, w, scales, biases, group_size, bits, rows_per_block=None, warps=None,
-                     strides_in_flight=None):
-    """The kernel itself, without checks: y = x @ dequantize(w).T for x of at most MAX_ROWS rows."""
-    R, W, U = launch_variant(bits)
-    R, warps, strides_in_flight = rows_per_block or R, warps or W, strides_in_flight or U
+def quantized_matvec(x, w, scales, biases, group_size, bits, variant=None):
+    """The kernel itself, without checks: y = x @ dequantize(w).T for x of at most MAX_ROWS rows.
+    variant: (R, WARPS, U, P) as in LAUNCH_VARIANTS, which gives the default."""
+    R, warps, strides_in_flight, prefetch = variant or launch_variant(bits)
     K, N = x.shape[-1], w.shape[0]
     M = x.size // K
     R = max(1, R // M)  # registers hold M x R sums: fewer weight rows per block for more rows of x
@@ -254,7 +263,7 @@ def quantized_matvec(x, w, scales, biases, group_size, bits, rows_per_block=None
     return _get_kernel()(
         inputs=[x, w, scales, biases],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("M", M), ("R", R), ("WARPS", warps),
-                  ("U", strides_in_flight)],
+                  ("U", strides_in_flight), ("P", prefetch)],
         grid=(N // R * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[x.shape[:-1] + (N,)],
