@@ -131,7 +131,9 @@ def main():
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
     except (WeightsError, TokenizerError, ChatFormatError) as e:
         sys.exit(f"error: {e}")
-    print(f"[load {time.perf_counter() - tic:.2f} s, {tokenizer.kind} tokenizer]", file=sys.stderr)
+    q = model.args.quantization  # a quantized file (convert.py --quantize) needs no flag: its config says so
+    weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
+    print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer]", file=sys.stderr)
 
     try:
         if args.chat:
