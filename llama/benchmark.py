@@ -274,12 +274,12 @@ def compare_quantized(model, prompt, args, torch_device):
     print(f"{'peak memory GB':>22} {f[3] / 1e9:>10.2f} {q[3] / 1e9:>10.2f}   (mx.get_peak_memory while generating)")
     print(f"{q_name} logits against {float_name} over the {args.prompt_tokens}-token prompt: mean KL divergence "
           f"{kl:.4f} nats, same most likely token at {100 * same:.1f}% of positions")
-    if args.time_load:
-        report_load(model, args.repeats)
+    if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
+        report_load(model, args.repeats, suffixes=(".safetensors",))
 
 
-def report_load(model, repeats):
-    for suffix, (load, first, nbytes, peak) in time_load(model, repeats).items():
+def report_load(model, repeats, suffixes=(".npz", ".safetensors")):
+    for suffix, (load, first, nbytes, peak) in time_load(model, repeats, suffixes).items():
         print(f"load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
               f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB")
 
