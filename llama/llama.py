@@ -11,14 +11,17 @@ so `> out.txt` captures just the text. Generation stops at the tokenizer's stop 
 """
 
 import argparse
+import os
 import sys
 import time
+import traceback
 
 import mlx.core as mx
 
 from chat import ChatFormatError, chat_tokens
 from model import WeightsError, load_model
 from tokenizer import StreamingDecoder, TokenizerError, load_tokenizer
+from tp import ShardingError, init_group, load_sharded, sharding_summary, stop_if_any_failed
 
 
 def generate(model, tokenizer, prompt_tokens, max_tokens, temp, top_p, out=sys.stdout, cache=None, context=None):
@@ -121,30 +124,42 @@ def main():
         parser.error("--system needs --chat")
     if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1:
         parser.error("--max-tokens must be at least 1, --temp at least 0, and --top-p in (0, 1]")
-    mx.random.seed(args.seed)
+    mx.random.seed(args.seed)  # the same on every rank: all of them sample the same tokens
 
+    # Started as N > 1 processes by mlx.launch, the model is split over them (tp.py). Every process runs
+    # all of this; a failure on any of them stops all of them, with one line from rank 0.
     tic = time.perf_counter()
+    group, error = None, None
     try:
-        model = load_model(args.weights)
+        group = init_group()
+        model = load_sharded(args.weights, group) if group is not None else load_model(args.weights)
         tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
         if args.chat:  # refuse a tokenizer without a chat format before reading any input
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
-    except (WeightsError, TokenizerError, ChatFormatError) as e:
-        sys.exit(f"error: {e}")
+    except (WeightsError, TokenizerError, ChatFormatError, ShardingError) as e:
+        error = str(e)
+    stop_if_any_failed(group, error)
+    split = sharding_summary(model, group) if group is not None else ""
+    if group is not None and group.rank() > 0:
+        # The other ranks compute what rank 0 does and print nothing; a Python error still shows.
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     q = model.args.quantization  # a quantized file (convert.py --quantize) needs no flag: its config says so
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
-    print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer]", file=sys.stderr)
+    print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer{split}]", file=sys.stderr)
 
     try:
         if args.chat:
-            chat(model, tokenizer, args.prompt, args.system, args.max_tokens, args.temp, args.top_p)
+            chat(model, tokenizer, args.prompt, args.system, args.max_tokens, args.temp, args.top_p, out=sys.stdout)
         else:
-            _, stats = generate(model, tokenizer, tokenizer.prompt(args.prompt), args.max_tokens, args.temp, args.top_p)
+            _, stats = generate(model, tokenizer, tokenizer.prompt(args.prompt), args.max_tokens, args.temp, args.top_p,
+                                out=sys.stdout)
             report(stats)
     except (ValueError, ChatFormatError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C in a chat
         sys.exit(1)
+    mx.synchronize()  # the step started ahead is still running: with other ranks, let its all_sums finish
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 Every process ("rank") runs the same script. `mx.distributed.init()` connects them (mlx.launch tells each
 its rank and where the others are); llama.py then calls `load_sharded` instead of `load_model`. The
-model in model.py is unchanged: `shard` swaps eight of each block's layers for sharded ones, as
-gpt-fast's tp.py does for PyTorch.
+model in model.py is unchanged: `shard` slices the weights of each block's seven linear layers (which
+keep their class and names) and makes its attention and feed-forward add up their outputs over the
+ranks, as gpt-fast's tp.py does for PyTorch with forward hooks.
 
 The split is Megatron-LM's (Shoeybi et al., 2019). With N ranks, rank r holds
 
@@ -23,20 +24,18 @@ So per layer and token each rank sends and receives two vectors of `dim` numbers
 each block with the same full (B, T, dim) activations.
 
 Embedding and output layer: every rank holds both whole (replicated). The embedding is a lookup that
-reads B*T rows per step, so splitting it saves memory only (0.5 GB of a 70B model's 138 GB). The output
-layer is read whole for every token, so splitting it by vocabulary rows would save each rank
-(N-1)/N * vocab * dim * 2 bytes per token: 0.39 GB against the 34.5 GB of layer weights a rank reads
-per token for 70B on 4 GPUs, about 1.1% of the time, or 1.3% for 13B on 2. It would cost a third
-collective per token (an all_gather of the logits), whose latency is of the same order as that saving
-over NVLink (tens of microseconds against 0.2 ms) and larger over Ethernet between Macs. Replicated,
-every rank computes the same logits and so samples the same token with the same seed, with no
-exchange: simpler, and about as fast.
+reads B*T rows per step, so splitting it would save memory only (0.52 GB of a 70B model's 138 GB). The
+output layer is read whole for every token: split by vocabulary rows, each rank would read
+(N-1)/N * vocab * dim * 2 bytes less per token, 0.39 GB for 70B on 4 GPUs (about 0.17 ms at 2.3 TB/s,
+1% of a token's 34.5 GB per rank), at the cost of a third collective per token, an all_gather of the
+logits (tens of microseconds over NVLink, more over Ethernet between Macs). We leave that 1% for
+simplicity: replicated, every rank computes the same logits and samples the same token with the same
+seed, with no exchange.
 
-Quantized weights (a file with `scales`/`biases` beside a packed `weight`, as mx.quantize writes): the
-packed arrays are split as they are, rows for the row-split layers, and for wo and w2 along the last
-axis, which splits the packed columns and the quantization groups together; mlx.nn's sharded linear
-layers do the same when they split a QuantizedLinear. This needs (input width / N) to be a multiple
-of the group size, which is checked.
+Quantized models (convert.py --quantize; ModelArgs.quantization): the packed arrays are split as they
+are (they are never dequantized): `weight`, `scales` and `biases` by rows for the row-split layers and
+along their last axis for wo and w2, which cuts the packed columns and the quantization groups
+together. That needs the groups of a row to split evenly over the ranks, which `shard` checks.
 """
 
 import json
@@ -52,9 +51,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_map
 
-from model import Llama, ModelArgs, WeightsError, check_weights
+from model import Attention, FeedForward, Llama, ModelArgs, WeightsError, check_weights
 
 
 class ShardingError(Exception):
@@ -63,29 +62,51 @@ class ShardingError(Exception):
 
 # ---- Splitting the model ------------------------------------------------------------------------
 
-ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3")  # split by output rows: "all-to-sharded"
-COLUMN_SPLIT = ("wo", "w2")  # split by input columns, then all_sum: "sharded-to-all"
+ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3")  # split by output rows
+COLUMN_SPLIT = ("wo", "w2")  # split by input columns: partial sums, added up by all_sum
+
+
+class ShardedAttention(Attention):
+    """Attention over this rank's heads; its output, a partial sum of wo's product, summed over the ranks."""
+
+    def __call__(self, x, cache=None):
+        return mx.distributed.all_sum(super().__call__(x, cache), group=self.group)
+
+
+class ShardedFeedForward(FeedForward):
+    """The feed-forward over this rank's hidden units, summed over the ranks."""
+
+    def __call__(self, x):
+        return mx.distributed.all_sum(super().__call__(x), group=self.group)
 
 
 def shard(model, group):
     """Split every block of `model` over the ranks of `group`, in place, and return the model.
 
-    Works on a model whose weights are loaded (each rank keeps its slice) and on a freshly built one,
+    Works on a model whose weights are loaded (each rank keeps its slices) and on a freshly built one,
     whose weights are still unevaluated random arrays: then nothing is computed or allocated, and
-    the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py).
+    the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py). The
+    layers keep their class (nn.Linear, or quantized_matvec's QuantizedLinear) and parameter names;
+    only the attention and feed-forward modules change class, to add the all_sum.
     """
-    check_divisible(model.args, group.size())
+    n, rank = group.size(), group.rank()
+    check_divisible(model.args, n)
     for block in model.layers:
         for module in (block.attention, block.feed_forward):
             for name in ROW_SPLIT + COLUMN_SPLIT:
-                if hasattr(module, name):
-                    layer = getattr(module, name)
-                    if name in COLUMN_SPLIT and isinstance(layer, nn.QuantizedLinear):
-                        check_groups(layer, group.size())
-                    sharding = "all-to-sharded" if name in ROW_SPLIT else "sharded-to-all"
-                    setattr(module, name, shard_linear(layer, sharding, group=group))
-        block.attention.n_heads //= group.size()  # reshapes and the KV cache see this rank's heads only
-        block.attention.n_kv_heads //= group.size()
+                if name not in module:
+                    continue
+                layer = module[name]
+                if name in COLUMN_SPLIT and "scales" in layer:
+                    check_groups(layer, n)
+                axis = 0 if name in ROW_SPLIT else -1
+                # mx.contiguous: a compact copy of the slice, so that no product reads a strided view.
+                layer.update(tree_map(lambda w: mx.contiguous(rank_slice(w, axis, rank, n)), layer.parameters()))
+            module.group = group
+        block.attention.__class__ = ShardedAttention
+        block.feed_forward.__class__ = ShardedFeedForward
+        block.attention.n_heads //= n  # reshapes and the KV cache see this rank's heads only
+        block.attention.n_kv_heads //= n
     return model
 
 
@@ -100,7 +121,7 @@ def check_divisible(args, n):
 
 
 def check_groups(layer, n):
-    groups = layer.scales.shape[-1]  # quantization groups per row
+    groups = layer["scales"].shape[-1]  # quantization groups per row
     if groups % n:
         raise ShardingError(f"a quantized layer has {groups} groups of {layer.group_size} inputs per row, which "
                             f"do not split evenly over {n} processes; quantize with a smaller group size")
@@ -114,6 +135,17 @@ def split_axis(name):
     if layer and layer.group(1) in COLUMN_SPLIT:
         return -1  # for quantized weights: packed columns and quantization groups alike
     return None  # embedding, output layer, norms
+
+
+def sharding_summary(model, group):
+    """", split over N processes: layer weights per rank a + b + ... bytes, ..." for llama.py's load line.
+    Every rank must call it: it gathers the ranks' byte counts."""
+    split, replicated = weight_bytes(model)
+    # Two float32 numbers, MB and bytes: a 70B shard's byte count overflows int32, and float32 alone rounds it.
+    sizes = mx.distributed.all_gather(mx.array([[split // 10**6, split % 10**6]], mx.float32), group=group)
+    sizes = [int(mb) * 10**6 + int(b) for mb, b in sizes.tolist()]
+    return (f", split over {group.size()} processes: layer weights per rank {' + '.join(f'{s:,}' for s in sizes)} "
+            f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} bytes")
 
 
 def weight_bytes(model):

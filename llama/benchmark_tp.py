@@ -1,0 +1,243 @@
+"""Decoding speed of a tensor-parallel Llama: MLX (tp.py, under mlx.launch) and transformers' own tensor
+parallelism (tp_plan="auto", under torchrun), on random float16 weights.
+
+    python3 llama/benchmark_tp.py --preset 13b                                          # MLX, one GPU
+    mlx.launch -n 2 --backend nccl --python python3 llama/benchmark_tp.py --preset 13b  # MLX, two GPUs
+    mlx.launch -n 4 --backend nccl --python python3 llama/benchmark_tp.py --preset 70b  # MLX, four GPUs
+    torchrun --nproc-per-node 2 llama/benchmark_tp.py --preset 13b --framework transformers
+    mlx.launch -n 2 --backend ring --python python llama/benchmark_tp.py --preset tiny  # a quick check on a CPU
+
+MLX builds the model directly sharded: every rank draws only its own slices of the split weights
+(and the same replicated ones, from a seed shared by all ranks), so no file is read and no process ever
+holds the whole model: a 70B-shaped model needs 138 GB in float16, a quarter of it per GPU on four.
+
+transformers has no way to build a model with tp_plan="auto" except from_pretrained. It gets a
+checkpoint folder holding the configuration and a single weight: from_pretrained then initializes every
+other weight itself (randomly) on each rank's shard. That needs the `accelerate` package.
+
+Decoding is one sequence, greedy, --max-tokens new tokens after a --prompt-tokens prompt, as in
+benchmark.py: MLX through Llama.generate (as llama.py runs it); transformers through generate(),
+minus a generate() of one token (the prompt pass). tokens/s are the median of --repeats runs after a warm-up run.
+Each rank reads its share of the weights once per token, so tokens/s x bytes per rank is the memory
+bandwidth each GPU achieves. Only rank 0 prints. The last line is a row of the README's table.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from model import Llama, ModelArgs
+from tp import ShardingError, init_group, shard, stop_if_any_failed, weight_bytes
+
+# Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
+PRESETS = {
+    "tiny": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512, vocab_size=1000),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824, vocab_size=32000),
+    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000),
+}
+
+
+# ---- MLX ----------------------------------------------------------------------------------------
+
+
+def random_model(args, group, dtype, seed):
+    """A Llama with random weights, split over `group` (None: whole), each weight drawn at its final shape."""
+    model = Llama(args)  # unevaluated: the default initialization is never computed
+    if group is not None:
+        shard(model, group)
+    rank = group.rank() if group is not None else 0
+    for i, (prefix, module) in enumerate([("layers", layer) for layer in model.layers] +
+                                         [("tok_embeddings", model.tok_embeddings), ("norm", model.norm),
+                                          ("output", model.output)]):
+        weights = []
+        for j, (name, p) in enumerate(tree_flatten(module.parameters())):
+            if "norm" in name or prefix == "norm":
+                weights.append((name, mx.ones(p.shape, dtype)))
+                continue
+            # Split weights differ per rank; replicated ones (embedding, output) must be the same on all.
+            replicated = prefix != "layers"
+            key = mx.random.key(hash((seed, i, j, 0 if replicated else rank)) % 2**31)
+            weights.append((name, mx.random.normal(p.shape, dtype, scale=0.02, key=key)))
+        module.update(tree_unflatten(weights))
+        mx.eval(module.parameters())  # one block at a time: never more than one block of float32 temporaries
+    return model
+
+
+def time_mlx(model, prompt, max_tokens, repeats):
+    """Decoded tokens per second of each run of model.generate (after a warm-up run), prompt seconds."""
+    prompt = mx.array(prompt)
+    rates, prompt_seconds = [], []
+    for _ in range(repeats + 1):
+        tic = time.perf_counter()
+        generator = model.generate(prompt, temp=0.0)
+        next(generator)  # the first token: one pass over the prompt
+        first = time.perf_counter()
+        for _ in range(max_tokens - 1):
+            next(generator)
+        rates.append((max_tokens - 1) / (time.perf_counter() - first))
+        prompt_seconds.append(first - tic)
+        mx.synchronize()  # the step started ahead (with its all_sums) finishes before the next run
+    return rates[1:], statistics.median(prompt_seconds[1:])
+
+
+def run_mlx(options):
+    dtype = getattr(mx, options.dtype)
+    args = ModelArgs(**PRESETS[options.preset], max_seq_len=4096)
+    group, error = None, None
+    try:
+        group = init_group()
+        if group is not None:
+            shard(Llama(args), group)  # checks that the heads split; builds nothing
+    except ShardingError as e:
+        error = str(e)
+    stop_if_any_failed(group, error)
+    n = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+
+    tic = time.perf_counter()
+    model = random_model(args, group, dtype, options.seed)
+    build_seconds = time.perf_counter() - tic
+    split, replicated = weight_bytes(model)
+    prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
+    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats)
+    if rank != 0:
+        return
+    # Bytes read per decoded token on one rank: its slices, the output layer (whole), the norms;
+    # the embedding is a lookup of one row.
+    per_rank = split + replicated - model.tok_embeddings.weight.nbytes
+    where = processes(n, mx.default_device() == mx.gpu)
+    report("MLX", options, where, rates, per_rank, split * n + replicated, prompt_seconds, build_seconds)
+
+
+def processes(n, gpu):
+    return f"{n} GPU{'s' if n > 1 else ''}" if gpu else f"{n} CPU process{'es' if n > 1 else ''}"
+
+
+def report(framework, options, where, rates, per_rank, total, prompt_seconds, build_seconds):
+    median = statistics.median(rates)
+    print(f"{framework}, {options.preset}-shaped, {options.dtype}, {where}: weights {total / 1e9:.2f} GB, "
+          f"{per_rank / 1e9:.2f} GB read per token per rank; built in {build_seconds:.1f} s; "
+          f"prompt {options.prompt_tokens} tokens in {prompt_seconds * 1e3:.1f} ms", flush=True)
+    print(f"{framework}, {options.preset}, {where}: decoding {median:.1f} tokens/s (median of {len(rates)}, "
+          f"range {min(rates):.1f}-{max(rates):.1f}), {median * per_rank / 1e12:.2f} TB/s of weights per rank",
+          flush=True)
+    print(f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
+          f"{median * per_rank / 1e12:.2f} |", flush=True)
+
+
+# ---- transformers -------------------------------------------------------------------------------
+
+
+def hf_config(preset, dtype):
+    from transformers import LlamaConfig
+
+    p = PRESETS[preset]
+    return LlamaConfig(hidden_size=p["dim"], num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"],
+                       num_key_value_heads=p["n_kv_heads"], intermediate_size=p["hidden_dim"],
+                       vocab_size=p["vocab_size"], max_position_embeddings=4096, dtype=dtype)
+
+
+def hf_model(options, device):
+    """transformers' LlamaForCausalLM with random weights: whole on one device, or, under torchrun, split
+    over its processes by tp_plan="auto"."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    dtype = getattr(torch, options.dtype)
+    config = hf_config(options.preset, options.dtype)
+    if "WORLD_SIZE" not in os.environ:  # not started by torchrun: the whole model on one device
+        torch.manual_seed(options.seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return LlamaForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(default)
+    # A checkpoint with one real weight: from_pretrained initializes the missing ones on each rank's shard.
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        save_file({"model.norm.weight": torch.ones(config.hidden_size, dtype=dtype)}, f"{folder}/model.safetensors")
+        return LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+
+
+def time_torch(model, prompt, max_tokens, repeats, device):
+    """Decoded tokens per second of each run after a warm-up: generate() for max_tokens tokens minus
+    generate() for one (the prompt pass and generate's own setup); and the seconds of that one."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ids = torch.tensor([prompt], device=device)
+
+    def seconds(n):
+        sync()
+        tic = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - tic
+
+    rates, prompt_seconds = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            prompt_seconds.append(seconds(1))
+            rates.append((max_tokens - 1) / (seconds(max_tokens) - prompt_seconds[-1]))
+    return rates[1:], statistics.median(prompt_seconds[1:])
+
+
+def run_transformers(options):
+    import torch
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = "cpu"
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    tic = time.perf_counter()
+    model = hf_model(options, device)
+    build_seconds = time.perf_counter() - tic
+    device = str(next(model.parameters()).device)
+    prompt = np.random.default_rng(options.seed).integers(3, PRESETS[options.preset]["vocab_size"],
+                                                          options.prompt_tokens).tolist()
+    rates, prompt_seconds = time_torch(model, prompt, options.max_tokens, options.repeats, device)
+    if rank != 0:
+        return
+    total = 0
+    for p in model.parameters():  # under tp_plan the parameters are DTensors: whole shapes, local shards
+        total += p.numel() * p.element_size()
+    per_rank = (total - model.model.embed_tokens.weight.numel() * 2) / world_size  # approximately: the split share
+    where = processes(world_size, device.startswith("cuda"))
+    report("transformers", options, where, rates, per_rank, total, prompt_seconds, build_seconds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Decoding tokens/s of a tensor-parallel Llama with random weights: "
+                                                 "MLX under mlx.launch, transformers under torchrun.")
+    parser.add_argument("--framework", choices=["mlx", "transformers"], default="mlx",
+                        help="mlx (start with mlx.launch) or transformers (start with torchrun) (default: mlx)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="13b", help="model shape (default: 13b)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="weight dtype (default: float16)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per run (default: 64)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights and the prompt (default: 0)")
+    options = parser.parse_args()
+    if options.max_tokens < 2 or options.prompt_tokens < 1 or options.repeats < 1:
+        parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
+    if options.framework == "mlx":
+        run_mlx(options)
+    else:
+        run_transformers(options)
+
+
+if __name__ == "__main__":
+    main()
