@@ -63,7 +63,7 @@ def launch_ranks(tmp_path, args_per_rank):
             p.kill()
 
 
-def save_tiny_llama(path, seed=0, **args):
+def save_tiny_llama(path, seed=0, quantization=None, **args):
     """A random Llama (by default GQA: 4 query heads, 2 key/value heads) saved as convert.py saves one."""
     model, convert = import_example("llama", "model"), import_example("llama", "convert")
     args = model.ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=192,
@@ -73,6 +73,12 @@ def save_tiny_llama(path, seed=0, **args):
     # choice is a near tie that the ranks' different order of summation could flip.
     weights = {name: mx.random.normal(p.shape) * 0.3 if p.ndim == 2 else mx.ones(p.shape)
                for name, p in tree_flatten(model.Llama(args).parameters())}
+    if quantization is not None:  # those weights quantized, as convert.py --quantize stores them
+        llama = model.Llama(args)
+        llama.load_weights(list(weights.items()))
+        model.quantize(llama, **quantization)
+        args = model.ModelArgs(**{**vars(args), "quantization": quantization})
+        weights = dict(tree_flatten(llama.parameters()))
     convert.save(args, weights, path)
     return path
 
@@ -109,6 +115,19 @@ def test_npz_weights_give_the_same_text(tiny, one_process, tmp_path):
     ranks = launch_ranks(tmp_path, [(npz, tiny[1], PROMPT, "--max-tokens", "30")] * 2)
     assert [r[0] for r in ranks] == [0, 0], ranks
     assert ranks[0][1] == one_process and ranks[1][1] == ""
+
+
+def test_a_quantized_model_splits_its_packed_weights_and_gives_the_same_text(tiny, tmp_path):
+    weights = save_tiny_llama(tmp_path / "q.safetensors", quantization={"group_size": 32, "bits": 4})
+    alone = run_script("llama/llama.py", weights, tiny[1], PROMPT, "--max-tokens", "30")
+    assert alone.returncode == 0 and "4-bit weights" in alone.stderr, alone.stderr
+    result = mlx_launch(weights, tiny[1], PROMPT, "--max-tokens", "30")
+    assert "exited with code" not in result.stderr, result.stderr
+    assert result.stdout == alone.stdout and len(alone.stdout) > 10
+    per_rank = re.search(r"layer weights per rank ([\d,]+) \+ ([\d,]+) bytes", result.stderr)
+    layer_bytes = sum(a.nbytes for name, a in import_example("llama", "model").read_arrays(weights).items()
+                      if re.search(r"\.(wq|wk|wv|wo|w1|w2|w3)\.(weight|scales|biases)$", name))
+    assert [int(b.replace(",", "")) for b in per_rank.groups()] == [layer_bytes // 2] * 2
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
