@@ -55,10 +55,15 @@ def is_hub_name(name):
 
 
 def resolve(source):
-    if Path(source).is_dir():
+    """The folder holding the checkpoint: `source` itself if it is a folder with a config.json, else the
+    Hub's copy of the repository `source` (offline: the Hugging Face cache). A folder without a
+    config.json is not a checkpoint: `gpt2` run from the repository root names the Hub's GPT-2,
+    not this example's folder."""
+    if (Path(source) / "config.json").is_file():
         return Path(source)
     if not is_hub_name(source):
-        raise ConversionError(f"{source} is not a folder")
+        kind = "a folder without config.json" if Path(source).is_dir() else "not a folder"
+        raise ConversionError(f"{source} is {kind}; give a Hugging Face GPT-2 folder or a Hub name such as gpt2")
     from huggingface_hub import snapshot_download
 
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import import_example, run_script, tiny_gpt2
+from helpers import ROOT, import_example, run_script, tiny_gpt2
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
         "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
@@ -76,6 +76,27 @@ def test_convert_refuses_other_models(tmp_path):
     result = run_script("gpt2/convert.py", tmp_path / "nowhere", tmp_path / "out.npz")
     assert result.returncode != 0 and "is not a folder" in result.stderr
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_convert_gpt2_from_the_repository_root_reads_the_hub_cache_not_the_example_folder(tmp_path):
+    # The README's `python gpt2/convert.py gpt2 weights/gpt2.npz`, run from the repository root, where
+    # the folder gpt2/ (this example, no config.json) exists. Offline, "gpt2" must come from the
+    # Hugging Face cache: a tiny model placed there as the Hub client stores it.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--gpt2" / "snapshots" / ("0" * 40)
+    tiny_gpt2(snapshot)
+    (cache / "models--gpt2" / "refs").mkdir(parents=True)
+    (cache / "models--gpt2" / "refs" / "main").write_text("0" * 40)
+    assert (ROOT / "gpt2").is_dir() and not (ROOT / "gpt2" / "config.json").exists()
+    out = tmp_path / "weights" / "gpt2.npz"
+    result = run_script("gpt2/convert.py", "gpt2", out, cwd=ROOT, env={"HF_HUB_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and (tmp_path / "weights" / "gpt2-tokenizer").is_dir()
+    result = run_script("gpt2/convert.py", "gpt2", tmp_path / "again.npz", cwd=ROOT,
+                        env={"HF_HUB_CACHE": str(tmp_path / "empty")})  # not cached: the Hub's error, not the folder's
+    assert result.returncode != 0 and "cannot get 'gpt2' from the Hugging Face Hub" in result.stderr
+    result = run_script("gpt2/convert.py", tmp_path / "weights", tmp_path / "x.npz")  # a path, no config.json
+    assert result.returncode != 0 and "a folder without config.json" in result.stderr
 
 
 def epoch_lines(stdout):

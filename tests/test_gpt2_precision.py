@@ -1,0 +1,165 @@
+"""gpt2/: mixed-precision training (--dtype), float16 loss scaling, dropout's statistics, and the
+errors around them (resume in another dtype, non-finite loss, a dtype the backend lacks)."""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from helpers import import_example, run_script
+
+TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+        "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
+# 11 steps per epoch with these flags on TEXT
+TINY_RUN = ["--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16",
+            "--max-tokens", "5"]
+
+
+def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
+    """The kept/dropped masks of `calls` successive calls of the model's dropout after mx.random.seed(seed)."""
+    mx.random.seed(seed)
+    dropout = nn.Dropout(p)
+    dropout.train()
+    outputs = [np.array(dropout(mx.ones(shape))) for _ in range(calls)]
+    for out in outputs:  # kept elements are scaled by 1 / (1 - p), the rest are zero
+        assert np.allclose(out[out != 0], 1 / (1 - p))
+    return [out != 0 for out in outputs]
+
+
+def test_dropout_keeps_each_element_with_probability_1_minus_p_independently():
+    p = 0.2
+    first, second = dropout_masks(seed=3, p=p)
+    n = first.size
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(first.mean() - (1 - p)) < 5 * sigma  # the kept fraction, within 5 standard errors
+
+    def correlation(a, b):
+        return np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1]
+
+    bound = 5 / np.sqrt(n)  # independent: |r| is about 1/sqrt(n)
+    assert abs(correlation(first[:, 1:], first[:, :-1])) < bound  # neighbours in a row
+    assert abs(correlation(first[1:], first[:-1])) < bound  # neighbours in a column
+    assert abs(correlation(first, second)) < bound  # the next call (the next step)
+    # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against independence,
+    # chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
+    a, b = first[:, 0::2].ravel(), first[:, 1::2].ravel()
+    observed = np.array([np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)])
+    expected = len(a) * np.array([(1 - p) ** 2, (1 - p) * p, p * (1 - p), p * p])
+    assert np.sum((observed - expected) ** 2 / expected) < 21.1
+
+
+def test_dropout_masks_follow_the_seed():
+    a, b = dropout_masks(seed=7, shape=(64, 64)), dropout_masks(seed=7, shape=(64, 64))
+    c = dropout_masks(seed=8, shape=(64, 64))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def tiny_model(dropout=0.0):
+    model_module = import_example("gpt2", "model")
+    mx.random.seed(0)
+    model = model_module.GPT(model_module.GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                                                    dropout=dropout))
+    model.train()
+    return model
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    return mx.array(rng.integers(0, 40, (4, 16))), mx.array(rng.integers(0, 40, (4, 16)))
+
+
+def train(dtype, steps, loss_scale=None):
+    main = import_example("gpt2", "main")
+    model, optimizer = tiny_model(), optim.AdamW(learning_rate=1e-3)
+    step, state = main.make_train_step(model, optimizer, dtype, grad_clip=1.0, loss_scale=loss_scale)
+    x, y = batch()
+    losses = []
+    for _ in range(steps):
+        losses.append(step(x, y).item())
+    mx.eval(state)
+    return model, optimizer, losses
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtype):
+    _, _, reference_losses = train(mx.float32, 5)
+    model, optimizer, losses = train(dtype, 5)
+    assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
+    assert all(v.dtype == mx.float32 for k, v in tree_flatten(optimizer.state) if k.endswith((".m", ".v")))
+    # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of mantissa).
+    assert reference_losses[-1] < reference_losses[0] - 0.05
+    assert np.allclose(losses, reference_losses, atol=0.02), (losses, reference_losses)
+
+
+def test_float16_step_that_overflows_changes_nothing_but_halves_the_scale():
+    main = import_example("gpt2", "main")
+    before = dict(tree_flatten(tiny_model().parameters()))
+    loss_scale = {"scale": mx.array(1e38), "good_steps": mx.array(5)}  # scaled gradients overflow float16
+    model, optimizer, _ = train(mx.float16, 1, loss_scale)
+    for name, p in tree_flatten(model.parameters()):
+        assert mx.array_equal(p, before[name]), name
+    assert float(loss_scale["scale"]) == pytest.approx(0.5e38) and int(loss_scale["good_steps"]) == 0
+    assert int(optimizer.state["step"]) == 0  # AdamW's step count did not advance either
+    loss_scale = main.new_loss_scale()
+    model, _, _ = train(mx.float16, 1, loss_scale)
+    assert any(not mx.array_equal(p, before[name]) for name, p in tree_flatten(model.parameters()))
+    assert float(loss_scale["scale"]) == 2.0**15 and int(loss_scale["good_steps"]) == 1
+
+
+def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_so(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ["--data", tmp_path / "text.txt", "--out", tmp_path, *TINY_RUN]
+    first = run_script("gpt2/main.py", *common, "--dtype", "bfloat16", "--max-steps", "3")
+    assert first.returncode == 0, first.stderr
+    checkpoint = {k: v for k, v in mx.load(str(tmp_path / "checkpoint.safetensors")).items() if k.startswith("model.")}
+    assert checkpoint and all(v.dtype == mx.float32 for v in checkpoint.values())  # master weights, not bfloat16
+    second = run_script("gpt2/main.py", *common, "--dtype", "float32", "--max-steps", "5", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "at step 3 (trained in bfloat16, continuing in float32)" in second.stdout
+    assert "Trained 2 steps" in second.stdout
+
+
+def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    main = import_example("gpt2", "main")
+    (tmp_path / "text.txt").write_text(TEXT)
+    real = main.make_train_step
+
+    def breaks_at_step_15(*args, **kwargs):  # a step whose loss is nan, as a diverging run would give
+        step, state = real(*args, **kwargs)
+        calls = []
+
+        def train_step(x, y):
+            calls.append(1)
+            loss = step(x, y)
+            return loss * float("nan") if len(calls) >= 15 else loss
+
+        return train_step, state
+
+    monkeypatch.setattr(main, "make_train_step", breaks_at_step_15)
+    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path),
+                                      *TINY_RUN, "--epochs", "3"])
+    with pytest.raises(SystemExit) as stop:
+        main.main()
+    message = str(stop.value.code)
+    assert message.startswith("error: the training loss became nan at step 15;"), message
+    assert f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)" in message
+    meta = main.load_checkpoint(tmp_path / "checkpoint.safetensors")[3]
+    assert meta["step"] == 11  # the end of epoch 1; nothing from the failing epoch was saved
+    assert not (tmp_path / "completions.txt").exists()
+
+
+def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(monkeypatch):
+    main = import_example("gpt2", "main")
+
+    def no_float16(*arrays):
+        raise ValueError("float16 is not supported here")
+
+    monkeypatch.setattr(main.mx, "eval", no_float16)
+    with pytest.raises(main.DataError, match=r"^--dtype float16: MLX on .* cannot compute in float16 .*; "
+                                             r"use --dtype float32$"):
+        main.check_dtype("float16")
