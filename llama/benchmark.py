@@ -234,6 +234,20 @@ def logit_distance(reference, logits):
     return mx.mean(kl).item(), mx.mean(same).item()
 
 
+def graph_seconds(model, prompt, repeats=20):
+    """Median seconds Python takes to build one decoding step's graph, nothing evaluated. generate overlaps
+    this with the device's previous step, so when it is longer than the device's step, Python sets the pace."""
+    cache = model.make_cache()
+    mx.eval(model(mx.array([prompt]), cache, last_only=True))
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        logits = model(mx.array([[1]]), cache)
+        times.append(time.perf_counter() - tic)
+        mx.eval(logits)
+    return statistics.median(times)
+
+
 def parameter_bytes(model):
     return sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
 
@@ -253,7 +267,8 @@ def compare_quantized(model, prompt, args, torch_device):
         mx.clear_cache()
         mx.reset_peak_memory()  # what generating needs: the weights, the KV cache, activations
         prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats)
-        rows[name] = (prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory())
+        rows[name] = (prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory(),
+                      graph_seconds(model, prompt))
     kl, same = logit_distance(reference, model(mx.array([prompt])))
 
     bandwidth = copy_bandwidth(torch_device)
@@ -272,6 +287,8 @@ def compare_quantized(model, prompt, args, torch_device):
     print(f"{'% of copy ceiling':>22} {100 * f[2] / f[1] / bandwidth:>9.0f}% {100 * q[2] / q[1] / bandwidth:>9.0f}%"
           f"   (ceiling: {bandwidth / f[2]:.0f} and {bandwidth / q[2]:.0f} tokens/s)")
     print(f"{'peak memory GB':>22} {f[3] / 1e9:>10.2f} {q[3] / 1e9:>10.2f}   (mx.get_peak_memory while generating)")
+    print(f"{'Python graph ms/token':>22} {f[4] * 1e3:>10.2f} {q[4] * 1e3:>10.2f}   (building one decoding step, "
+          "overlapped with the device's previous step)")
     print(f"{q_name} logits against {float_name} over the {args.prompt_tokens}-token prompt: mean KL divergence "
           f"{kl:.4f} nats, same most likely token at {100 * same:.1f}% of positions")
     if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
