@@ -162,11 +162,21 @@ def hf_model(options, device):
                 return LlamaForCausalLM(config).eval()
         finally:
             torch.set_default_dtype(default)
-    # A checkpoint with one real weight: from_pretrained initializes the missing ones on each rank's shard.
+    # A checkpoint with one real weight. from_pretrained would initialize the missing ones itself, on the CPU
+    # (over 60 s for 13B on the H100 machine's CPU); skip that, and draw them on each rank's GPU shard instead.
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    LlamaPreTrainedModel._init_weights = lambda self, module: None
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
         save_file({"model.norm.weight": torch.ones(config.hidden_size, dtype=dtype)}, f"{folder}/model.safetensors")
-        return LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+        model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+    torch.manual_seed(options.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard on this rank
+            local.fill_(1.0) if "norm" in name else local.normal_(0, 0.02)
+    return model
 
 
 def time_torch(model, prompt, max_tokens, repeats, device):
