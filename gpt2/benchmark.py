@@ -1,16 +1,21 @@
-"""Training-step time of main.py's GPT (compiled MLX step) against the same model in PyTorch (eager).
+"""Training-step time of main.py's GPT (compiled MLX step, at each --dtype) against the same model in
+PyTorch: nanoGPT's way (bfloat16 autocast, torch.compile, fused AdamW, flash attention with dropout),
+the anchor, and plain eager float32.
 
-    python gpt2/benchmark.py                               # both configs below, CPU
-    python gpt2/benchmark.py --device gpu                  # MLX's GPU backend vs PyTorch on CUDA
+    python gpt2/benchmark.py --device gpu --config nanogpt       # the anchor, PyTorch eager, MLX in 3 dtypes
+    python gpt2/benchmark.py                                     # CPU: PyTorch eager and MLX float32
+    python gpt2/benchmark.py --dtype float32 bfloat16            # CPU: also MLX bfloat16
+    python gpt2/benchmark.py --race input.txt                    # GPU: wall time to val <= 1.47, MLX vs nanoGPT
     python gpt2/benchmark.py --config walkthrough --steps 3 --repeats 1 --tiny    # a quick check
 
 Configs: "walkthrough" is main.py's default (3 layers, 4 heads, n_embd 128, ctx 128, batch 64,
 dropout 0.1); "nanogpt" is nanoGPT's Shakespeare-char config (6 layers, 6 heads, 384, ctx 256,
-batch 64, dropout 0.2). Vocabulary 65 (Tiny Shakespeare's characters), random token batches, float32,
-AdamW. A step is forward, backward and the optimizer update, timed until the new weights exist.
-Each framework runs --steps steps per repeat; the median repeat is used.
+batch 64, dropout 0.2). Vocabulary 65 (Tiny Shakespeare's characters), random token batches, AdamW.
+A step is forward, backward and the optimizer update, timed until the new weights exist. Each
+variant runs --steps steps per repeat; the median repeat is used. Ratios are against the anchor
+(against PyTorch eager where the anchor is off: by default on the CPU, where torch.compile takes minutes).
 
-On a GPU both frameworks compute float32 matmuls in full float32 by default: this script sets
+On a GPU, float32 matmuls are full float32 in both frameworks by default: this script sets
 MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and PyTorch's TF32 follows it.
 """
 

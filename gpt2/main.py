@@ -3,6 +3,7 @@
     python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
     python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
     python gpt2/main.py --resume                          # continue from OUT/checkpoint.safetensors
+    python gpt2/main.py --dtype float32                   # compute in float32 (default: bfloat16 on a GPU)
 
 The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first 90% of the
 text trains, the last 10% validates. Each epoch cuts the training text into windows of ctx_len
