@@ -22,6 +22,7 @@ MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and PyT
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -182,11 +183,15 @@ def torch_in_child(argv):
     return json.loads(result.stdout.splitlines()[-1])
 
 
+# main.py's flags for nanoGPT's Shakespeare-char config (see README.md)
+NANOGPT_MAIN_FLAGS = ["--ctx-len", "256", "--n-emb", "384", "--n-heads", "6", "--n-layers", "6", "--dropout", "0.2",
+                      "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--weight-decay", "0.1",
+                      "--beta2", "0.99", "--grad-clip", "1.0", "--epochs", "32"]
+
+
 def run_race(data, target):
     """MLX (main.py, nanoGPT's config, 32 epochs, --dtype bfloat16) against nanoGPT's recipe in PyTorch, one
     after the other on this GPU: the wall time until the validation loss is <= target."""
-    import re
-
     command = [sys.executable, os.path.join(os.path.dirname(__file__), "main.py"), "--data", str(data),
                "--out", os.path.join(os.path.dirname(os.path.abspath(data)), "race-mlx"), *NANOGPT_MAIN_FLAGS,
                "--dtype", "bfloat16", "--max-tokens", "1"]
@@ -196,21 +201,17 @@ def run_race(data, target):
         sys.exit(f"error: main.py failed: {result.stderr.strip().splitlines()[-1:]}")
     epochs = [(int(e), float(v), float(t)) for e, v, t in
               re.findall(r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s \| ([\d.]+) s", result.stdout)]
+    steps, n_epochs = map(int, re.search(r"([\d]+) steps in (\d+) epochs", result.stdout).groups())
+    per_epoch = round(steps / n_epochs)  # 61 on Tiny Shakespeare; PyTorch evaluates as often
     for epoch, val, seconds in epochs:
-        print(f"epoch {epoch} (step {61 * epoch}) | val = {val:.4f} | {seconds:.1f} s")
+        print(f"epoch {epoch} (step {per_epoch * epoch}) | val = {val:.4f} | {seconds:.1f} s")
     print("PyTorch: nanoGPT's recipe (nanogpt_reference.py)", flush=True)
-    history = race(data, target)
+    history = race(data, target, eval_interval=per_epoch)
     first = lambda runs: next(((s, v, t) for s, v, t in runs if v <= target), None)  # noqa: E731
-    mlx, ref = first([(61 * e, v, t) for e, v, t in epochs]), first(history)
+    mlx, ref = first([(per_epoch * e, v, t) for e, v, t in epochs]), first(history)
     print(f"first val <= {target} ({torch.cuda.get_device_name()}):")
     for name, hit in (("MLX bfloat16 (main.py)", mlx), ("PyTorch nanoGPT's recipe", ref)):
         print(f"{name:>26}: " + (f"step {hit[0]}, val {hit[1]:.4f}, {hit[2]:.1f} s" if hit else "not reached"))
-
-
-# main.py's flags for nanoGPT's Shakespeare-char config (see README.md)
-NANOGPT_MAIN_FLAGS = ["--ctx-len", "256", "--n-emb", "384", "--n-heads", "6", "--n-layers", "6", "--dropout", "0.2",
-                      "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--weight-decay", "0.1",
-                      "--beta2", "0.99", "--grad-clip", "1.0", "--epochs", "32"]
 
 
 def main(argv=None):
@@ -234,7 +235,8 @@ def main(argv=None):
                              "in both frameworks, at the last --config")
     parser.add_argument("--race", type=Path, metavar="INPUT_TXT",
                         help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
-                             "recipe in PyTorch; print the wall time each takes to reach --target (GPU only)")
+                             "recipe in PyTorch; print the wall time each takes to reach --target (GPU only; main.py's "
+                             "checkpoint goes to race-mlx/ beside the text)")
     parser.add_argument("--target", type=float, default=1.47, help="validation loss for --race (default: 1.47)")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)

@@ -156,7 +156,7 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
     loss_scale = loss_scale or new_loss_scale()
 
     def low_precision(name, p):  # the attention and MLP weights; embeddings and LayerNorms stay float32
-        return p.astype(dtype) if ".attn." in name or ".mlp." in name or name.startswith("lm_head") else p
+        return p.astype(dtype) if ".attn." in name or ".mlp." in name else p
 
     def scaled_loss(params, x, y):
         # The low-precision copy of the weights that the forward and backward pass compute with.
@@ -168,28 +168,33 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
     optimizer.init(model.trainable_parameters())  # the moments exist before the first step (fp16 keeps a copy)
     state = [model.state, optimizer.state, mx.random.state] + ([loss_scale] if scaling else [])
 
+    def update_unless_overflowed(grads):
+        """float16: the optimizer's update where every gradient is finite, else no change; then the scale."""
+        finite = mx.all(mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
+        before = (model.trainable_parameters(), tree_map(lambda a: a, optimizer.state))
+        optimizer.update(model, grads)
+        keep_if_finite = partial(tree_map, lambda new, old: mx.where(finite, new, old))
+        model.update(keep_if_finite(model.trainable_parameters(), before[0]))
+        optimizer.state.update(keep_if_finite(optimizer.state, before[1]))  # in place: `state` holds this dict
+        good_steps = mx.where(finite, loss_scale["good_steps"] + 1, 0)
+        grow = good_steps >= 1000
+        loss_scale["scale"] = mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * loss_scale["scale"]
+        loss_scale["good_steps"] = mx.where(grow, 0, good_steps)
+
     @partial(mx.compile, inputs=state, outputs=state)
     def train_step(x, y):
         master = model.trainable_parameters()
         (_, loss), grads = loss_and_grad(master, x, y)  # grads: float32, like the master weights
         model.update(master)  # back to the float32 weights, which the optimizer updates
+        # (Data-parallel training would average `grads` across processes here.)
         if scaling:
             grads = tree_map(lambda g: g / loss_scale["scale"], grads)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
-        if not scaling:
+        if scaling:
+            update_unless_overflowed(grads)
+        else:
             optimizer.update(model, grads)
-            return loss
-        finite = mx.all(mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
-        before = (master, tree_map(lambda a: a, optimizer.state))
-        optimizer.update(model, grads)
-        keep_if_finite = partial(tree_map, lambda new, old: mx.where(finite, new, old))  # skip an overflowed step
-        model.update(keep_if_finite(model.trainable_parameters(), before[0]))
-        optimizer.state.update(keep_if_finite(optimizer.state, before[1]))
-        good_steps = mx.where(finite, loss_scale["good_steps"] + 1, 0)
-        grow = good_steps >= 1000
-        loss_scale["scale"] = mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * loss_scale["scale"]
-        loss_scale["good_steps"] = mx.where(grow, 0, good_steps)
         return loss
 
     return train_step, state
