@@ -163,3 +163,12 @@ def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(monkeypatch):
     with pytest.raises(main.DataError, match=r"^--dtype float16: MLX on .* cannot compute in float16 .*; "
                                              r"use --dtype float32$"):
         main.check_dtype("float16")
+
+
+def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
+    import torch
+
+    result = run_script("gpt2/nanogpt_reference.py", "--data", tmp_path / "missing.txt")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    expected = "does not exist" if torch.cuda.is_available() else "needs a CUDA GPU"
+    assert result.stderr.startswith("error: ") and expected in result.stderr
