@@ -41,7 +41,7 @@ MAX_ROWS = 4  # rows of x (tokens) up to which the kernel is used; more go to mx
 # How the kernel is launched, (R, WARPS, U, P): R weight rows per block, WARPS warps per block, U strides of
 # 16-byte loads issued before they are used, P = 1 to ask L2 to fetch 256 bytes per miss. The fastest of
 # bench_quantized_matvec.py --sweep on an H100.
-LAUNCH_VARIANTS = {4: (8, 2, 1, 0), 8: (2, 4, 2, 0)}
+LAUNCH_VARIANTS = {4: (8, 4, 1, 0), 8: (8, 4, 1, 0)}
 
 
 def launch_variant(bits):
