@@ -27,9 +27,12 @@ Decoding reads every weight once per token, so the kernel is written for memory 
 - the weight vectors (and their scale and bias) of U strides are loaded before any is used, so every
   thread has U * R 16-byte loads in flight; weights bypass L1 (read once), x stays cached there;
 - per vector, sum_k x_k * (scale * q_k + bias) = scale * sum_k x_k q_k + bias * sum_k x_k, so the inner
-  loop is one fused multiply-add per weight, and sum_k x_k is shared by the R rows;
+  loop is one fused multiply-add per weight (after a PRMT and an FADD unpack it), and sum_k x_k is
+  shared by the R rows;
 - the partial sums are reduced across the warp by shuffles and across warps through shared memory.
-Accumulation is in float32 (MLX's own 4-bit kernel accumulates float16 inputs in float16).
+Accumulation is in float32 (MLX's own 4-bit kernel keeps per-thread sums in the input dtype).
+The kernel reads 16 bytes at a time from the start of each row of x and w: MLX makes the inputs
+row-contiguous (copying those that are not), and its allocations, and row slices of them, start aligned.
 """
 
 import re
@@ -241,7 +244,7 @@ def kernel_applies(x, w, scales, biases, group_size, bits):
     if x.dtype not in (mx.float16, mx.bfloat16, mx.float32) or w.dtype != mx.uint32 or w.ndim != 2:
         return False
     K, N = x.shape[-1], w.shape[0]
-    if w.shape[1] * 32 != K * bits or K % group_size != 0:
+    if K == 0 or w.shape[1] * 32 != K * bits or K % group_size != 0:
         return False
     if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
         return False
