@@ -252,52 +252,84 @@ def parameter_bytes(model):
     return sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
 
 
+def quantized_copy(model, group_size, bits):
+    """A copy of `model` quantized as convert.py --quantize does it, evaluated; `model` is unchanged."""
+    copy = Llama(replace(model.args, quantization=None))
+    copy.update(model.parameters())  # the same arrays, not copies
+    quantize(copy, group_size, bits)
+    copy.args = replace(copy.args, quantization={"group_size": group_size, "bits": bits})
+    mx.eval(copy.parameters())
+    return copy
+
+
+def use_mlx_quantized_matmul(model):
+    """Make `model`'s quantized layers MLX's own classes: mx.quantized_matmul for every product, prompts
+    and decoding alike (no CUDA decode kernel, no dequantized prompt matmul). The baseline."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            module.__class__ = nn.QuantizedLinear
+        elif isinstance(module, nn.QuantizedEmbedding):
+            module.__class__ = nn.QuantizedEmbedding
+
+
 def compare_quantized(model, prompt, args, torch_device):
-    """Time `model` (args.dtype), then quantize it in place (args.quantize bits, groups of args.q_group_size)
-    and time it again; print both, the peak memory of each while generating and the logit distance."""
-    bits, group_size = args.quantize, args.q_group_size
-    rows = {}
+    """Time `model` (args.dtype), then copies quantized to each of args.quantize bits (groups of
+    args.q_group_size), as this example runs them and with MLX's own quantized matmul only. Prints speed,
+    bandwidth, peak memory while generating and the logit distance from `model` over the prompt."""
+    group_size = args.q_group_size
     reference = model(mx.array([prompt]))  # (1, T, vocab): every prompt position's logits
     mx.eval(reference)
-    for name in (args.dtype, f"{bits}-bit"):
-        if name != args.dtype:
-            quantize(model, group_size, bits)  # as convert.py --quantize does
-            model.args = replace(model.args, quantization={"group_size": group_size, "bits": bits})
-            mx.eval(model.parameters())  # the floating-point weights are freed once their quantized copies exist
+    rows = []  # (name, prompt seconds, seconds per token, weight bytes, peak bytes, graph seconds, quality)
+
+    def measure(name, model, in_use=0, quality=None):
         mx.clear_cache()
-        mx.reset_peak_memory()  # what generating needs: the weights, the KV cache, activations
+        mx.reset_peak_memory()
         prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats)
-        rows[name] = (prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory(),
-                      graph_seconds(model, prompt))
-    kl, same = logit_distance(reference, model(mx.array([prompt])))
+        # The quantized models' peak is counted beyond what was in use before they were made (the
+        # float model kept for comparison): their weights, KV cache and activations.
+        rows.append((name, prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory() - in_use,
+                     graph_seconds(model, prompt), quality))
+
+    measure(args.dtype, model)
+    for bits in args.quantize:
+        mx.clear_cache()
+        in_use = mx.get_active_memory()
+        quantized = quantized_copy(model, group_size, bits)
+        quality = logit_distance(reference, quantized(mx.array([prompt])))
+        measure(f"{bits}-bit", quantized, in_use, quality)
+        if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
+            report_load(quantized, args.repeats, suffixes=(".safetensors",), label=f"{bits}-bit: ")
+        use_mlx_quantized_matmul(quantized)
+        measure(f"{bits}-bit, MLX's qmm", quantized, in_use)
+        del quantized
 
     bandwidth = copy_bandwidth(torch_device)
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{args.preset} preset, random weights, {args.dtype} and {bits}-bit (MLX affine quantization, groups of "
-          f"{group_size}), prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of "
-          f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}")
-    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s")
-    (float_name, f), (q_name, q) = rows.items()
-    print(f"{'':>22} {float_name:>10} {q_name:>10} {q_name + '/' + float_name:>16}")
-    print(f"{'weights GB':>22} {f[2] / 1e9:>10.2f} {q[2] / 1e9:>10.2f} {q[2] / f[2]:>15.2f}x")
-    print(f"{'prompt tokens/s':>22} {args.prompt_tokens / f[0]:>10.1f} {args.prompt_tokens / q[0]:>10.1f} "
-          f"{f[0] / q[0]:>15.2f}x")
-    print(f"{'decoding tokens/s':>22} {1 / f[1]:>10.1f} {1 / q[1]:>10.1f} {f[1] / q[1]:>15.2f}x")
-    print(f"{'decoding GB/s':>22} {f[2] / f[1] / 1e9:>10.1f} {q[2] / q[1] / 1e9:>10.1f}")
-    print(f"{'% of copy ceiling':>22} {100 * f[2] / f[1] / bandwidth:>9.0f}% {100 * q[2] / q[1] / bandwidth:>9.0f}%"
-          f"   (ceiling: {bandwidth / f[2]:.0f} and {bandwidth / q[2]:.0f} tokens/s)")
-    print(f"{'peak memory GB':>22} {f[3] / 1e9:>10.2f} {q[3] / 1e9:>10.2f}   (mx.get_peak_memory while generating)")
-    print(f"{'Python graph ms/token':>22} {f[4] * 1e3:>10.2f} {q[4] * 1e3:>10.2f}   (building one decoding step, "
-          "overlapped with the device's previous step)")
-    print(f"{q_name} logits against {float_name} over the {args.prompt_tokens}-token prompt: mean KL divergence "
-          f"{kl:.4f} nats, same most likely token at {100 * same:.1f}% of positions")
-    if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
-        report_load(model, args.repeats, suffixes=(".safetensors",))
+    print(f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {group_size}), "
+          f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
+          f"MLX {mx.__version__} on {mx.default_device()}{gpu}")
+    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
+          f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
+          f"Quality: the logits over the prompt against {args.dtype}'s. Graph: Python's time to build one decoding "
+          "step (overlapped with the device's previous step). \"MLX's qmm\": the same model with mx.quantized_matmul "
+          "for every product, without this example's CUDA decode kernel and prompt path.")
+    print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
+          f"{'peak':>6} {'graph':>6} {'mean KL':>8} {'same':>6}")
+    print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
+          f"{'GB':>6} {'ms':>6} {'nats':>8} {'top-1':>6}")
+    first_prompt, first_token = rows[0][1], rows[0][2]
+    for name, prompt_seconds, token_seconds, nbytes, peak, graph, quality in rows:
+        kl, same = (f"{quality[0]:.4f}", f"{100 * quality[1]:.1f}%") if quality else ("", "")
+        print(f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
+              f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
+              f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
+              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {graph * 1e3:>6.2f} "
+              f"{kl:>8} {same:>6}")
 
 
-def report_load(model, repeats, suffixes=(".npz", ".safetensors")):
+def report_load(model, repeats, suffixes=(".npz", ".safetensors"), label=""):
     for suffix, (load, first, nbytes, peak) in time_load(model, repeats, suffixes).items():
-        print(f"load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
+        print(f"{label}load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
               f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB")
 
 
@@ -329,8 +361,8 @@ def main(argv=None):
                              "alone and with the first token")
     parser.add_argument("--profile", action="store_true",
                         help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch")
-    parser.add_argument("--quantize", type=int, choices=[4, 8],
-                        help="instead of PyTorch, compare with the model quantized to 4 or 8 bits (as convert.py "
+    parser.add_argument("--quantize", type=int, nargs="+", choices=[4, 8],
+                        help="instead of PyTorch, compare with the model quantized to 4 and/or 8 bits (as convert.py "
                              "--quantize does): speed, peak memory, and the KL divergence of its logits")
     parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
                         help="weights per scale and bias with --quantize (default: 64)")

@@ -22,6 +22,19 @@ def hf_folder(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("llama_quantize") / "hf")
 
 
+@pytest.fixture(autouse=True)
+def cpu_device(request):
+    """Float32 parity is specified on the CPU, where CI runs; on a CUDA machine too these tests compute there,
+    except the one that tests the GPU."""
+    if request.node.originalname == "test_decoding_on_cuda_runs_the_kernel_and_agrees_with_mlx":
+        yield
+        return
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 def arrays(model):
     return {k: np.array(v) for k, v in nn.utils.tree_flatten(model.parameters())}
 
@@ -93,13 +106,23 @@ def test_quantized_layers_off_cuda_are_mlx_quantized_matmul(hf_folder, tmp_path)
     quantized = converted_model(hf_folder, tmp_path, 64, 4)
     x = mx.random.normal((1, 1, 64), key=mx.random.key(0))
     layer, embedding = quantized.layers[1].attention.wq, quantized.tok_embeddings
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)  # where the suite runs anyway; on a CUDA machine, the CPU
-    try:
-        assert np.array_equal(np.array(layer(x)), np.array(nn.QuantizedLinear.__call__(layer, x)))
-        assert np.array_equal(np.array(embedding.as_linear(x)), np.array(nn.QuantizedEmbedding.as_linear(embedding, x)))
-    finally:
-        mx.set_default_device(device)
+    assert np.array_equal(np.array(layer(x)), np.array(nn.QuantizedLinear.__call__(layer, x)))
+    assert np.array_equal(np.array(embedding.as_linear(x)), np.array(nn.QuantizedEmbedding.as_linear(embedding, x)))
+
+
+def test_cuda_prompt_path_dequantizes_and_equals_the_dequantized_model(hf_folder, tmp_path, monkeypatch):
+    """On a CUDA GPU a prompt of at least dequantize_rows tokens multiplies by the dequantized weight; the
+    same code, forced here on the CPU, gives the dequantized float32 model's logits."""
+    model_module = import_example("llama", "model")
+    quantized = converted_model(hf_folder, tmp_path, 64, 4)
+    monkeypatch.setattr(model_module, "on_cuda", lambda: True)
+
+    def refuse(self, x):
+        raise AssertionError(f"a {x.shape} input took the quantized matmul")
+
+    monkeypatch.setattr(model_module.quantized_matvec.QuantizedLinear, "__call__", refuse)
+    ids = tokens(T=model_module.QuantizedLinear.dequantize_rows // 2)  # 2 sequences: dequantize_rows rows
+    np.testing.assert_allclose(np.array(quantized(ids)), np.array(dequantized_model(quantized)(ids)), atol=TOL, rtol=0)
 
 
 def test_convert_quantize_saves_loads_and_generates(hf_folder, tmp_path):
@@ -232,12 +255,12 @@ def test_logit_distance_is_zero_for_the_same_logits_and_counts_top1_changes():
 
 
 def test_benchmark_quantize_prints_speed_memory_and_quality():
-    result = run_script("llama/benchmark.py", "--preset", "tiny", "--quantize", "8", "--q-group-size", "32",
+    result = run_script("llama/benchmark.py", "--preset", "tiny", "--quantize", "4", "8", "--q-group-size", "32",
                         "--prompt-tokens", "16", "--max-tokens", "4", "--repeats", "1")
     assert result.returncode == 0, result.stderr
-    for line in ("decoding tokens/s", "decoding GB/s", "% of copy ceiling", "peak memory GB",
-                 "8-bit logits against float32 over the 16-token prompt: mean KL divergence"):
-        assert line in result.stdout, result.stdout
+    rows = {line.strip().split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert {"float32", "4-bit", "4-bit, MLX's qmm", "8-bit", "8-bit, MLX's qmm"} <= set(rows), result.stdout
+    assert "mean KL" in result.stdout and "%" in rows["8-bit"] and "peak" in result.stdout
 
 
 on_cuda = mx.is_available(mx.gpu) and mx.cuda.is_available()
