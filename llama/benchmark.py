@@ -298,7 +298,7 @@ def compare_quantized(model, prompt, args, torch_device):
         quality = logit_distance(reference, quantized(mx.array([prompt])))
         measure(f"{bits}-bit", quantized, in_use, quality)
         if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
-            report_load(quantized, args.repeats, suffixes=(".safetensors",), label=f"{bits}-bit: ")
+            report_load(quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: ")  # one timed load
         use_mlx_quantized_matmul(quantized)
         measure(f"{bits}-bit, MLX's qmm", quantized, in_use)
         del quantized
