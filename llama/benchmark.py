@@ -299,8 +299,8 @@ def compare_quantized(model, prompt, args, torch_device):
         measure(f"{bits}-bit", quantized, in_use, quality)
         if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
             report_load(quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: ")  # one timed load
-        use_mlx_quantized_matmul(quantized)
-        measure(f"{bits}-bit, MLX's qmm", quantized, in_use)
+        use_mlx_quantized_matmul(quantized)  # the same weights; its prompt pass computes the quality again
+        measure(f"{bits}-bit, MLX's qmm", quantized, in_use, logit_distance(reference, quantized(mx.array([prompt]))))
         del quantized
 
     bandwidth = copy_bandwidth(torch_device)
