@@ -11,9 +11,10 @@ MLX builds the model directly sharded: every rank draws only its own slices of t
 (and the same replicated ones, from a seed shared by all ranks), so no file is read and no process ever
 holds the whole model: a 70B-shaped model needs 138 GB in float16, a quarter of it per GPU on four.
 
-transformers has no way to build a model with tp_plan="auto" except from_pretrained. It gets a
-checkpoint folder holding the configuration and a single weight: from_pretrained then initializes every
-other weight itself (randomly) on each rank's shard. That needs the `accelerate` package.
+transformers builds a model with tp_plan="auto" only in from_pretrained: rank 0 builds the random model
+on its GPU and saves it to a temporary folder, and every rank loads its shards from there (needs the
+`accelerate` package). A 70B-shaped model does not fit on one GPU to be built that way (and its 138 GB
+would have to be written and read back), so transformers runs the 13B shape only.
 
 Decoding is one sequence, greedy, --max-tokens new tokens after a --prompt-tokens prompt, as in
 benchmark.py: MLX through Llama.generate (as llama.py runs it); transformers through generate(),
@@ -24,10 +25,12 @@ bandwidth each GPU achieves. Only rank 0 prints. The last line is a row of the R
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -148,12 +151,13 @@ def hf_model(options, device):
     """transformers' LlamaForCausalLM with random weights: whole on one device, or, under torchrun, split
     over its processes by tp_plan="auto"."""
     import torch
-    from safetensors.torch import save_file
+    import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
     dtype = getattr(torch, options.dtype)
     config = hf_config(options.preset, options.dtype)
-    if "WORLD_SIZE" not in os.environ:  # not started by torchrun: the whole model on one device
+
+    def build():  # random weights, made directly in `dtype` on `device` (13B: 7 s on an H100)
         torch.manual_seed(options.seed)
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -162,20 +166,31 @@ def hf_model(options, device):
                 return LlamaForCausalLM(config).eval()
         finally:
             torch.set_default_dtype(default)
-    # A checkpoint with one real weight. from_pretrained would initialize the missing ones itself, on the CPU
-    # (over 60 s for 13B on the H100 machine's CPU); skip that, and draw them on each rank's GPU shard instead.
-    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
-    LlamaPreTrainedModel._init_weights = lambda self, module: None
-    with tempfile.TemporaryDirectory() as folder:
-        config.save_pretrained(folder)
-        save_file({"model.norm.weight": torch.ones(config.hidden_size, dtype=dtype)}, f"{folder}/model.safetensors")
-        model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
-    torch.manual_seed(options.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard on this rank
-            local.fill_(1.0) if "norm" in name else local.normal_(0, 0.02)
+    if "WORLD_SIZE" not in os.environ:  # not started by torchrun: the whole model on one device
+        return build()
+    # tp_plan="auto" is an argument of from_pretrained only, so the model goes through a checkpoint: rank 0
+    # builds it and saves it, and every rank loads its shards. (from_pretrained can also initialize weights
+    # that a checkpoint lacks, but for 13B that took over 60 s, on the CPU, on the H100 machine.)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    folder = Path(tempfile.gettempdir()) / f"benchmark_tp_{options.preset}_{os.getppid()}"  # the same on every rank
+    rank = dist.get_rank()
+    tic = time.perf_counter()
+    if rank == 0:
+        whole = build()
+        whole.save_pretrained(folder)
+        del whole
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    dist.barrier()
+    saved = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder)
+        print(f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, loaded with "
+              f"tp_plan=\"auto\" in {time.perf_counter() - saved:.1f} s", flush=True)
     return model
 
 
