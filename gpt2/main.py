@@ -3,12 +3,17 @@
     python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
     python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
     python gpt2/main.py --resume                          # continue from OUT/checkpoint.safetensors
+    mlx.launch -n 4 gpt2/main.py --batch-size 256         # one model on 4 processes (distributed.py)
     python gpt2/main.py --dtype float32                   # compute in float32 (default: bfloat16 on a GPU)
 
 The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first 90% of the
 text trains, the last 10% validates. Each epoch cuts the training text into windows of ctx_len
 characters (input) and the same windows shifted by one (labels), shuffles them into mini-batches,
 and takes one AdamW step per batch. The model is gpt2/model.py's GPT.
+
+Started by mlx.launch, N processes train one model: --batch-size is the global batch, each process
+computes the gradients of its 1/N of it, and they are averaged over the processes in every step.
+Process 0 alone prints and writes files.
 """
 
 import argparse
@@ -28,6 +33,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+import distributed
 from model import GPT, GPTConfig, config_array, from_json_array, json_array, save_arrays
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -136,7 +142,7 @@ def new_loss_scale():
     return {"scale": mx.array(2.0**15), "good_steps": mx.array(0)}
 
 
-def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scale=None):
+def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scale=None, group=None, grad_accum=1):
     """One compiled AdamW step on a batch: train_step(x, y) -> loss (lazy, float32).
 
     Mixed precision: the model holds float32 master weights and AdamW float32 moments. Each step
@@ -151,9 +157,17 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
     mx.compile traces the step once and replays it. The model's weights, the optimizer's state, the
     random state (for dropout) and the loss scale are read and written by every call, so they are
     the compiled function's implicit inputs and outputs: `state`, returned beside the step.
+
+    Data parallelism (distributed.py): with a `group` of several processes, each calls train_step
+    with its own rows of the batch, and the gradients and the loss are averaged over the processes
+    inside the compiled step, before clipping and the update, so every process makes the same
+    update. grad_accum K cuts the rows into K micro-batches, one forward and backward pass each,
+    whose gradients are averaged before the one update (nanoGPT's gradient accumulation): a batch
+    K times larger in the memory of one micro-batch.
     """
     scaling = dtype == mx.float16
     loss_scale = loss_scale or new_loss_scale()
+    group = group or mx.distributed.init()
 
     def low_precision(name, p):  # the attention and MLP weights; embeddings and LayerNorms stay float32
         return p.astype(dtype) if ".attn." in name or ".mlp." in name else p
@@ -181,12 +195,18 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
         loss_scale["scale"] = mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * loss_scale["scale"]
         loss_scale["good_steps"] = mx.where(grow, 0, good_steps)
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x, y):
+    def gradients(x, y):
+        """The loss of one (micro-)batch and its float32 gradients, still multiplied by the loss scale."""
         master = model.trainable_parameters()
         (_, loss), grads = loss_and_grad(master, x, y)  # grads: float32, like the master weights
         model.update(master)  # back to the float32 weights, which the optimizer updates
-        # (Data-parallel training would average `grads` across processes here.)
+        return loss, grads
+
+    def update(loss, grads):
+        """Average over micro-batches and processes, unscale, clip, update; the batch's mean loss."""
+        if grad_accum > 1:  # sums over the micro-batches -> means
+            loss, grads = loss / grad_accum, tree_map(lambda g: g / grad_accum, grads)
+        grads, loss = distributed.average(grads, loss, group)  # from here on the same on every process
         if scaling:
             grads = tree_map(lambda g: g / loss_scale["scale"], grads)
         if grad_clip > 0:
@@ -196,6 +216,25 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
         else:
             optimizer.update(model, grads)
         return loss
+
+    if grad_accum == 1:
+        @partial(mx.compile, inputs=state, outputs=state)
+        def train_step(x, y):
+            return update(*gradients(x, y))
+
+        return train_step, state
+
+    gradients = mx.compile(gradients, inputs=state, outputs=state)
+    update = mx.compile(update, inputs=state, outputs=state)
+
+    def train_step(x, y):
+        loss, grads = 0.0, None
+        for x_micro, y_micro in zip(mx.split(x, grad_accum), mx.split(y, grad_accum)):
+            micro_loss, micro_grads = gradients(x_micro, y_micro)
+            loss = loss + micro_loss
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            mx.eval(loss, grads)  # here, so that one micro-batch's activations are in memory at a time
+        return update(loss, grads)
 
     return train_step, state
 
@@ -221,16 +260,23 @@ def learning_rate(args, total_steps):
     return optim.join_schedules([warmup, decay], [args.warmup])
 
 
-def evaluate(model, data, ctx_len, batch_size):
-    """Mean cross-entropy over every non-overlapping window of `data` (dropout off)."""
+def evaluate(model, data, ctx_len, batch_size, group=None):
+    """Mean cross-entropy over every non-overlapping window of `data` (dropout off).
+
+    With several processes, each takes its share of the windows, and the sums are added up over
+    the processes."""
+    group = group or mx.distributed.init()
     model.eval()
     starts = np.arange(0, len(data) - ctx_len - 1, ctx_len)
+    starts = np.array_split(starts, group.size())[group.rank()]
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         x, y = windows(data, starts[i : i + batch_size], ctx_len)
         total += loss_fn(model, x, y).item() * x.shape[0]
         count += x.shape[0]
     model.train()
+    if group.size() > 1:
+        total, count = mx.distributed.all_sum(mx.array([total, count]), group=group).tolist()
     return total / count
 
 
@@ -274,7 +320,9 @@ def check_finite(loss, step, checkpoint):
                             "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
 
 
-def train(args):
+def train(args, group):
+    # Every process reads the text and builds the same model; process 0 alone prints and writes.
+    main_process = group.rank() == 0
     text = load_text(args.data, args.data_url)
     vocab = CharVocab(text)
     vocab.encode(args.prompt)  # unknown characters in --prompt: fail now, not after training
@@ -318,14 +366,30 @@ def train(args):
         # only the rounding of the steps after this one changes.
         saved_dtype = meta.get("dtype", "float32")
         note = f" (trained in {saved_dtype}, continuing in {args.dtype})" if saved_dtype != args.dtype else ""
-        print(f"Resumed from {checkpoint} at step {step}{note}")
+        if main_process:
+            print(f"Resumed from {checkpoint} at step {step}{note}")
+    watchdog = distributed.Watchdog(args.timeout, group)  # with several processes: no waiting forever
+    model.update(distributed.broadcast(model.parameters(), group))  # the same weights everywhere, for sure
     mx.eval(model.parameters(), optimizer.state)
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    print(f"{len(text):,} characters, vocabulary {len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; "
-          f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}; "
-          f"{args.dtype} on {mx.default_device()}")
+    size, rank, micro_batch = group.size(), group.rank(), args.batch_size // (group.size() * args.grad_accum)
+    if main_process:
+        print(f"{len(text):,} characters, vocabulary {len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; "
+              f"{sum(steps_per_epoch)} steps in {args.epochs} epochs of batch {args.batch_size} x {config.block_size}; "
+              f"{args.dtype} on {mx.default_device()}"
+              + (f"; {size} processes x {args.grad_accum} micro-batches of {micro_batch}"
+                 if size * args.grad_accum > 1 else ""))
 
-    train_step, state = make_train_step(model, optimizer, DTYPES[args.dtype], args.grad_clip, loss_scale)
+    train_step, state = make_train_step(model, optimizer, DTYPES[args.dtype], args.grad_clip, loss_scale,
+                                        group, args.grad_accum)
+
+    def finished(loss, step):
+        """Step `step` (counted from 1) is done: check its loss, tell the watchdog, print with --log-every."""
+        check_finite(loss, step, checkpoint)
+        watchdog.progress()
+        if args.log_every and step % args.log_every == 0 and main_process:
+            print(f"Step {step} | loss = {loss.item():.6f}", flush=True)
+
     meta = {**run, "dtype": args.dtype}
     model.train()
     start, first_step = time.perf_counter(), step
@@ -339,31 +403,38 @@ def train(args):
             for starts in batches[first:]:
                 if step >= total_steps:
                     break
-                mx.random.seed(args.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
-                x, y = windows(train_data, starts, config.block_size)
+                # Dropout masks depend on (seed, step, process) only: --resume on as many processes is exact.
+                mx.random.seed((args.seed * 1_000_003 + step) * size + rank)
+                x, y = windows(train_data, distributed.rank_rows(starts, group), config.block_size)
                 loss = train_step(x, y)
                 # Queue this step and return at once: Python prepares the next batch while the device
                 # computes. The previous step's loss is ready by now; check it.
                 mx.async_eval(state, loss)
                 if losses:
-                    check_finite(losses[-1], step, checkpoint)
+                    finished(losses[-1], step)
                 losses.append(loss)
                 step += 1
             if losses:
-                check_finite(losses[-1], step, checkpoint)
+                finished(losses[-1], step)
             seconds = time.perf_counter() - tic
             tokens_per_s = len(losses) * args.batch_size * config.block_size / seconds if losses else 0.0
-            val = evaluate(model, val_data, config.block_size, args.batch_size)
+            val = evaluate(model, val_data, config.block_size, micro_batch, group)
             train_loss = mx.mean(mx.stack(losses)).item() if losses else float("nan")
-            print(f"Epoch {epoch + 1} | train = {train_loss:.4f} | val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | "
-                  f"{time.perf_counter() - start:.1f} s", flush=True)
-            save_checkpoint(checkpoint, model, optimizer, loss_scale, step, meta)
+            watchdog.progress()
+            if main_process:
+                print(f"Epoch {epoch + 1} | train = {train_loss:.4f} | val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | "
+                      f"{time.perf_counter() - start:.1f} s", flush=True)
+                with distributed.finish_writing_first():
+                    save_checkpoint(checkpoint, model, optimizer, loss_scale, step, meta)
             if step >= total_steps:
                 break
     except KeyboardInterrupt:
+        if not main_process:
+            sys.exit(1)
         save_checkpoint(checkpoint, model, optimizer, loss_scale, step, meta)
         sys.exit(f"\nInterrupted at step {step}; saved {checkpoint}; continue with --resume")
-    print(f"Trained {step - first_step} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
+    if main_process:
+        print(f"Trained {step - first_step} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
     return model, vocab
 
 
@@ -381,7 +452,11 @@ def main():
     parser.add_argument("--n-layers", type=int, default=3, help="transformer blocks (default: 3)")
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout probability (default: 0.1)")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training text (default: 20)")
-    parser.add_argument("--batch-size", type=int, default=64, help="windows per step (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="windows per step, over all processes together (default: 64)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="cut each process's share of a batch into this many micro-batches, one forward and "
+                             "backward pass each, to fit a big batch in memory (default: 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     parser.add_argument("--min-lr", type=float, help="decay the learning rate to this with a cosine after --warmup "
                                                      "steps (default: constant --lr)")
@@ -390,7 +465,13 @@ def main():
     parser.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (default: 0.999)")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 is off (default: 0)")
     parser.add_argument("--max-steps", type=int, help="stop after this many training steps in all (default: no cap)")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.safetensors")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.safetensors "
+                                                              "(on any number of processes)")
+    parser.add_argument("--log-every", type=int, default=0,
+                        help="also print the loss every this many steps; 0 is only per epoch (default: 0)")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="with several processes: stop when they make no progress for this many seconds, as "
+                             "when one of them hangs; 0 waits forever (default: 600)")
     parser.add_argument("--prompt", default="\n", help="text the generated characters continue (default: a newline)")
     parser.add_argument("--max-tokens", type=int, default=1000, help="characters to generate (default: 1000)")
     parser.add_argument("--temp", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
@@ -398,21 +479,37 @@ def main():
                         "(default: bfloat16 on a GPU, float32 on the CPU, where MLX's bfloat16 is slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
     args = parser.parse_args()
-    if min(args.ctx_len, args.n_emb, args.n_heads, args.n_layers, args.epochs, args.batch_size) < 1:
-        parser.error("--ctx-len, --n-emb, --n-heads, --n-layers, --epochs and --batch-size must be at least 1")
+    if min(args.ctx_len, args.n_emb, args.n_heads, args.n_layers, args.epochs, args.batch_size, args.grad_accum) < 1:
+        parser.error("--ctx-len, --n-emb, --n-heads, --n-layers, --epochs, --batch-size and --grad-accum must be at least 1")
     if args.n_emb % args.n_heads:
         parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}")
     if not 0 <= args.dropout < 1 or args.temp < 0 or args.warmup < 0 or (args.max_steps is not None and args.max_steps < 1):
         parser.error("--dropout must be in [0, 1), --temp and --warmup at least 0, --max-steps at least 1")
+    if args.log_every < 0 or args.timeout < 0:
+        parser.error("--log-every and --timeout must be at least 0")
 
     if args.dtype is None:
         args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
     try:
+        group = distributed.init()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    if args.batch_size % (group.size() * args.grad_accum):
+        sys.exit(f"error: --batch-size {args.batch_size} (the global batch) must be a multiple of the number of "
+                 f"processes ({group.size()}) times --grad-accum ({args.grad_accum})")
+    try:
         check_dtype(args.dtype)
-        model, vocab = train(args)
+        model, vocab = train(args, group)
         prompt = vocab.encode(args.prompt)
     except (DataError, NonFiniteLoss, ValueError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # a collective operation failed: usually because another process ended first
+        if group.size() == 1:
+            raise
+        sys.exit(f"error: process {group.rank()} of {group.size()} lost contact with the others ({e}); "
+                 "one of them probably stopped first: see its message")
+    if group.rank() != 0:
+        return  # process 0 alone generates and writes
     model.eval()
     mx.random.seed(args.seed)
     completion = vocab.decode(model.generate(prompt, args.max_tokens, temperature=args.temp))
