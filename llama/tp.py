@@ -28,7 +28,8 @@ reads B*T rows per step, so splitting it would save memory only (0.52 GB of a 70
 output layer is read whole for every token: split by vocabulary rows, each rank would read
 (N-1)/N * vocab * dim * 2 bytes less per token, 0.39 GB for 70B on 4 GPUs (about 0.17 ms at 2.3 TB/s,
 1% of a token's 34.5 GB per rank), at the cost of a third collective per token, an all_gather of the
-logits (tens of microseconds over NVLink, more over Ethernet between Macs). We leave that 1% for
+logits (tens of microseconds over NVLink, more over Ethernet between Macs; and MLX's NCCL backend has no
+all_gather). We leave that 1% for
 simplicity: replicated, every rank computes the same logits and samples the same token with the same
 seed, with no exchange.
 
@@ -142,7 +143,7 @@ def sharding_summary(model, group):
     Every rank must call it: it gathers the ranks' byte counts."""
     split, replicated = weight_bytes(model)
     # Two float32 numbers, MB and bytes: a 70B shard's byte count overflows int32, and float32 alone rounds it.
-    sizes = mx.distributed.all_gather(mx.array([[split // 10**6, split % 10**6]], mx.float32), group=group)
+    sizes = gather_rows(np.array([split // 10**6, split % 10**6], np.float32), group)
     sizes = [int(mb) * 10**6 + int(b) for mb, b in sizes.tolist()]
     return (f", split over {group.size()} processes: layer weights per rank {' + '.join(f'{s:,}' for s in sizes)} "
             f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} bytes")
@@ -297,12 +298,11 @@ def stop_if_any_failed(group, error):
     could not connect, which all meet the same error (rank 0 still prints it alone).
     """
     if group is not None:
-        # float32 carries the message bytes because every backend all-gathers it.
         message = (error or "").encode()[:1000]
-        row = np.zeros((1, 1001), np.float32)
-        row[0, 0] = len(message)
-        row[0, 1 : 1 + len(message)] = np.frombuffer(message, np.uint8)
-        rows = np.array(mx.distributed.all_gather(mx.array(row), group=group))  # (N, 1001)
+        row = np.zeros(1001, np.float32)
+        row[0] = len(message)
+        row[1 : 1 + len(message)] = np.frombuffer(message, np.uint8)
+        rows = gather_rows(row, group)  # (N, 1001): each rank's message length and bytes
         failed = [r for r in range(len(rows)) if rows[r, 0] > 0]
         error = None
         if failed:
@@ -320,3 +320,14 @@ def stop_if_any_failed(group, error):
     elif rank > 0:
         time.sleep(1)
     sys.exit(1)
+
+
+def gather_rows(row, group):
+    """(N, len(row)) NumPy array of every rank's `row` (float32), the same on every rank.
+
+    An all_sum of a matrix that is zero but for the rank's own row: MLX's NCCL backend has all_sum only
+    (no all_gather), and every backend sums float32.
+    """
+    rows = np.zeros((group.size(), len(row)), np.float32)
+    rows[group.rank()] = row
+    return np.array(mx.distributed.all_sum(mx.array(rows), group=group))
