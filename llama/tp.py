@@ -28,10 +28,9 @@ reads B*T rows per step, so splitting it would save memory only (0.52 GB of a 70
 output layer is read whole for every token: split by vocabulary rows, each rank would read
 (N-1)/N * vocab * dim * 2 bytes less per token, 0.39 GB for 70B on 4 GPUs (about 0.17 ms at 2.3 TB/s,
 1% of a token's 34.5 GB per rank), at the cost of a third collective per token, an all_gather of the
-logits (tens of microseconds over NVLink, more over Ethernet between Macs; and MLX's NCCL backend has no
-all_gather). We leave that 1% for
-simplicity: replicated, every rank computes the same logits and samples the same token with the same
-seed, with no exchange.
+logits (tens of microseconds over NVLink, more over Ethernet between Macs; MLX's NCCL backend has no
+all_gather at all). We leave that 1% for simplicity: replicated, every rank computes the same logits and
+samples the same token with the same seed, with no exchange.
 
 Quantized models (convert.py --quantize; ModelArgs.quantization): the packed arrays are split as they
 are (they are never dequantized): `weight`, `scales` and `biases` by rows for the row-split layers and
