@@ -55,6 +55,8 @@ def init():
     """The group of all processes of this run: a group of one without a launcher."""
     backend = launched_backend()
     if backend is None:
+        if "MLX_HOSTFILE" in os.environ:  # mlx.launch -n 1's empty hostfile, which MLX would try to parse
+            del os.environ["MLX_HOSTFILE"]
         return mx.distributed.init()  # size 1: all_sum returns its input, average_gradients the gradients
     if not mx.distributed.is_available(backend):
         raise DistributedError(f"the {backend} backend is not available in this MLX ({mx.__version__}); "

@@ -211,10 +211,11 @@ def test_a_process_that_hangs_stops_the_run_after_the_timeout(tmp_path):
 
 
 def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
-    # The scaling benchmark's code paths, tiny: MLX on 1 and 2 processes, PyTorch DDP (gloo, CPU) on 2.
+    # The scaling benchmark's code paths, tiny: MLX on 1 and 2 processes, PyTorch DDP (gloo, CPU) on 2,
+    # each started the way the scaling command starts it.
     common = ["--tiny", "--batch-size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--json", tmp_path / "r.jsonl"]
-    one = run_script("gpt2/benchmark_ddp.py", "mlx", *common)
-    assert one.returncode == 0, one.stderr
+    one = launch(1, ROOT / "gpt2/benchmark_ddp.py", "mlx", *common)  # mlx.launch -n 1: a group of one
+    assert '"gpus": 1' in one.stdout, one.stderr
     two = launch(2, ROOT / "gpt2/benchmark_ddp.py", "mlx", *common)
     torch_ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                 ROOT / "gpt2/benchmark_ddp.py", "torch", *map(str, common)],
