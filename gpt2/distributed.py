@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +44,7 @@ def launched_backend(env=os.environ):
         return "jaccl"
     if "MLX_HOSTFILE" in env:
         try:  # mlx.launch -n 1 writes an empty hostfile
-            return "ring" if open(env["MLX_HOSTFILE"]).read().strip() else None
+            return "ring" if Path(env["MLX_HOSTFILE"]).read_text().strip() else None
         except OSError:
             return "ring"  # let MLX say what is wrong with the hostfile
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
