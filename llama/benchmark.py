@@ -263,8 +263,8 @@ def quantized_copy(model, group_size, bits):
 
 
 def use_mlx_quantized_matmul(model):
-    """Make `model`'s quantized layers MLX's own classes: mx.quantized_matmul for every product, prompts
-    and decoding alike (no CUDA decode kernel, no dequantized prompt matmul). The baseline."""
+    """Make `model`'s quantized layers MLX's own classes: mx.quantized_matmul for every product, decoding
+    included (no CUDA decode kernel). The baseline."""
     for _, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             module.__class__ = nn.QuantizedLinear
@@ -312,7 +312,7 @@ def compare_quantized(model, prompt, args, torch_device):
           f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
           f"Quality: the logits over the prompt against {args.dtype}'s. Graph: Python's time to build one decoding "
           "step (overlapped with the device's previous step). \"MLX's qmm\": the same model with mx.quantized_matmul "
-          "for every product, without this example's CUDA decode kernel and prompt path.")
+          "for every product, without this example's CUDA decode kernel.")
     print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
           f"{'peak':>6} {'graph':>6} {'mean KL':>8} {'same':>6}")
     print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "

@@ -24,8 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-import quantized_matvec
-from quantized_matvec import on_cuda, quantized_matmul
+from quantized_matvec import QuantizedLinear, quantized_matmul
 
 
 @dataclass
@@ -291,21 +290,6 @@ def check_quantization(quantization, dim, hidden_dim):
     return {"group_size": group_size, "bits": bits}
 
 
-class QuantizedLinear(quantized_matvec.QuantizedLinear):
-    """A quantized linear layer: one token (decoding) goes through quantized_matvec.quantized_matmul (its
-    CUDA kernel on a CUDA GPU, else mx.quantized_matmul). On a CUDA GPU, a prompt of at least
-    `dequantize_rows` tokens instead dequantizes the weight and uses the float matmul: MLX 0.32.4's CUDA
-    quantized matmul for many rows is slower than that (see README.md). None: never dequantize."""
-
-    dequantize_rows = 32
-
-    def __call__(self, x):
-        if self.dequantize_rows is not None and x.size // x.shape[-1] >= self.dequantize_rows and on_cuda():
-            # A temporary float copy of this one weight, freed after its product.
-            return x @ mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits).T
-        return super().__call__(x)
-
-
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     """nn.QuantizedEmbedding whose use as the (tied) output layer goes through quantized_matvec, as the
     other quantized layers do: the CUDA decode kernel on one token, mx.quantized_matmul otherwise."""
@@ -322,8 +306,8 @@ def quantize(model, group_size, bits):
     file size, not time: 0.19 GB of a 7B model at 4 bits. The norms stay in floating point (tiny).
     Decoding then runs quantized_matvec.py's kernel on a CUDA GPU, mx.quantized_matmul elsewhere."""
     nn.quantize(model, group_size, bits)  # every module with to_quantized: nn.Linear and nn.Embedding
-    for _, module in model.named_modules():  # MLX's classes -> the ones above, parameters untouched
-        if type(module) is nn.QuantizedLinear:
+    for _, module in model.named_modules():  # MLX's classes -> quantized_matvec's and the one above,
+        if type(module) is nn.QuantizedLinear:  # parameters untouched
             module.__class__ = QuantizedLinear
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = QuantizedEmbedding

@@ -110,21 +110,6 @@ def test_quantized_layers_off_cuda_are_mlx_quantized_matmul(hf_folder, tmp_path)
     assert np.array_equal(np.array(embedding.as_linear(x)), np.array(nn.QuantizedEmbedding.as_linear(embedding, x)))
 
 
-def test_cuda_prompt_path_dequantizes_and_equals_the_dequantized_model(hf_folder, tmp_path, monkeypatch):
-    """On a CUDA GPU a prompt of at least dequantize_rows tokens multiplies by the dequantized weight; the
-    same code, forced here on the CPU, gives the dequantized float32 model's logits."""
-    model_module = import_example("llama", "model")
-    quantized = converted_model(hf_folder, tmp_path, 64, 4)
-    monkeypatch.setattr(model_module, "on_cuda", lambda: True)
-
-    def refuse(self, x):
-        raise AssertionError(f"a {x.shape} input took the quantized matmul")
-
-    monkeypatch.setattr(model_module.quantized_matvec.QuantizedLinear, "__call__", refuse)
-    ids = tokens(T=model_module.QuantizedLinear.dequantize_rows // 2)  # 2 sequences: dequantize_rows rows
-    np.testing.assert_allclose(np.array(quantized(ids)), np.array(dequantized_model(quantized)(ids)), atol=TOL, rtol=0)
-
-
 def test_convert_quantize_saves_loads_and_generates(hf_folder, tmp_path):
     from sentencepiece import SentencePieceProcessor
 
