@@ -39,7 +39,7 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model, quantize
+from model import Llama, load_model, quantize, use_decode_kernel
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
@@ -262,16 +262,6 @@ def quantized_copy(model, group_size, bits):
     return copy
 
 
-def use_mlx_quantized_matmul(model):
-    """Make `model`'s quantized layers MLX's own classes: mx.quantized_matmul for every product, decoding
-    included (no CUDA decode kernel). The baseline."""
-    for _, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            module.__class__ = nn.QuantizedLinear
-        elif isinstance(module, nn.QuantizedEmbedding):
-            module.__class__ = nn.QuantizedEmbedding
-
-
 def compare_quantized(model, prompt, args, torch_device):
     """Time `model` (args.dtype), then copies quantized to each of args.quantize bits (groups of
     args.q_group_size), as this example runs them and with MLX's own quantized matmul only. Prints speed,
@@ -299,8 +289,8 @@ def compare_quantized(model, prompt, args, torch_device):
         measure(f"{bits}-bit", quantized, in_use, quality)
         if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
             report_load(quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: ")  # one timed load
-        use_mlx_quantized_matmul(quantized)  # the same weights; its prompt pass computes the quality again
-        measure(f"{bits}-bit, MLX's qmm", quantized, in_use, logit_distance(reference, quantized(mx.array([prompt]))))
+        use_decode_kernel(quantized)  # the same weights; its prompt pass computes the quality again
+        measure(f"{bits}-bit, CUDA kernel", quantized, in_use, logit_distance(reference, quantized(mx.array([prompt]))))
         del quantized
 
     bandwidth = copy_bandwidth(torch_device)
@@ -311,8 +301,8 @@ def compare_quantized(model, prompt, args, torch_device):
     print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
           f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
           f"Quality: the logits over the prompt against {args.dtype}'s. Graph: Python's time to build one decoding "
-          "step (overlapped with the device's previous step). \"MLX's qmm\": the same model with mx.quantized_matmul "
-          "for every product, without this example's CUDA decode kernel.")
+          "step (overlapped with the device's previous step). \"CUDA kernel\": the same model decoding through "
+          "quantized_matvec.py's kernel (model.use_decode_kernel; on a CUDA GPU only, elsewhere the same as above).")
     print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
           f"{'peak':>6} {'graph':>6} {'mean KL':>8} {'same':>6}")
     print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "

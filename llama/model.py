@@ -304,10 +304,17 @@ def quantize(model, group_size, bits):
     The output layer is read whole for every generated token, so quantizing it speeds decoding like any
     other layer. The embedding is only looked up (one row per token), so quantizing it saves memory and
     file size, not time: 0.19 GB of a 7B model at 4 bits. The norms stay in floating point (tiny).
-    Decoding then runs quantized_matvec.py's kernel on a CUDA GPU, mx.quantized_matmul elsewhere."""
+    Every product is MLX's own mx.quantized_matmul; use_decode_kernel(model) switches decoding on a CUDA
+    GPU to quantized_matvec.py's kernel instead (measured slower end to end so far: see README)."""
     nn.quantize(model, group_size, bits)  # every module with to_quantized: nn.Linear and nn.Embedding
-    for _, module in model.named_modules():  # MLX's classes -> quantized_matvec's and the one above,
-        if type(module) is nn.QuantizedLinear:  # parameters untouched
+    return model
+
+
+def use_decode_kernel(model):
+    """Decode through quantized_matvec.py's CUDA kernel: MLX's quantized classes -> quantized_matvec's
+    QuantizedLinear and the QuantizedEmbedding above, parameters untouched. Off CUDA nothing changes."""
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
             module.__class__ = QuantizedLinear
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = QuantizedEmbedding

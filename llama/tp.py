@@ -86,7 +86,7 @@ def shard(model, group):
     Works on a model whose weights are loaded (each rank keeps its slices) and on a freshly built one,
     whose weights are still unevaluated random arrays: then nothing is computed or allocated, and
     the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py). The
-    layers keep their class (nn.Linear, or quantized_matvec's QuantizedLinear) and parameter names;
+    layers keep their class (nn.Linear or nn.QuantizedLinear, or the decode kernel's subclass) and parameter names;
     only the attention and feed-forward modules change class, to add the all_sum.
     """
     n, rank = group.size(), group.rank()

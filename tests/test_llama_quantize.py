@@ -76,7 +76,7 @@ def test_quantized_logits_equal_the_dequantized_float32_model(bits, group_size, 
     assert quantized.args.quantization == {"group_size": group_size, "bits": bits}
     assert isinstance(quantized.layers[0].feed_forward.w2, nn.QuantizedLinear)
     assert isinstance(quantized.output, nn.QuantizedLinear)
-    assert isinstance(quantized.tok_embeddings, model_module.QuantizedEmbedding)
+    assert isinstance(quantized.tok_embeddings, nn.QuantizedEmbedding)
     assert quantized.layers[0].attention.wq.weight.dtype == mx.uint32
     ids = tokens()
     logits = np.array(quantized(ids))
@@ -102,12 +102,19 @@ def test_tied_embedding_is_the_quantized_output_layer(tmp_path):
 
 
 def test_quantized_layers_off_cuda_are_mlx_quantized_matmul(hf_folder, tmp_path):
-    """Off CUDA the decode kernel is not used: the layers compute exactly what nn.QuantizedLinear computes."""
+    """A quantized model uses MLX's own classes; with the decode kernel switched on, off CUDA the layers
+    still compute exactly what nn.QuantizedLinear computes."""
+    model_module = import_example("llama", "model")
     quantized = converted_model(hf_folder, tmp_path, 64, 4)
+    assert type(quantized.layers[1].attention.wq) is nn.QuantizedLinear
     x = mx.random.normal((1, 1, 64), key=mx.random.key(0))
+    expected = (np.array(quantized.layers[1].attention.wq(x)), np.array(quantized.tok_embeddings.as_linear(x)))
+    model_module.use_decode_kernel(quantized)
     layer, embedding = quantized.layers[1].attention.wq, quantized.tok_embeddings
-    assert np.array_equal(np.array(layer(x)), np.array(nn.QuantizedLinear.__call__(layer, x)))
-    assert np.array_equal(np.array(embedding.as_linear(x)), np.array(nn.QuantizedEmbedding.as_linear(embedding, x)))
+    assert type(layer) is not nn.QuantizedLinear and isinstance(embedding, model_module.QuantizedEmbedding)
+    if not on_cuda:
+        assert np.array_equal(np.array(layer(x)), expected[0])
+        assert np.array_equal(np.array(embedding.as_linear(x)), expected[1])
 
 
 def test_convert_quantize_saves_loads_and_generates(hf_folder, tmp_path):
@@ -244,7 +251,7 @@ def test_benchmark_quantize_prints_speed_memory_and_quality():
                         "--prompt-tokens", "16", "--max-tokens", "4", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     rows = {line.strip().split("  ")[0]: line for line in result.stdout.splitlines()}
-    assert {"float32", "4-bit", "4-bit, MLX's qmm", "8-bit", "8-bit, MLX's qmm"} <= set(rows), result.stdout
+    assert {"float32", "4-bit", "4-bit, CUDA kernel", "8-bit", "8-bit, CUDA kernel"} <= set(rows), result.stdout
     assert "mean KL" in result.stdout and "%" in rows["8-bit"] and "peak" in result.stdout
 
 
@@ -259,7 +266,8 @@ def test_decoding_on_cuda_runs_the_kernel_and_agrees_with_mlx(bits, hf_folder, t
     convert = import_example("llama", "convert")
     args, weights = convert.convert(str(hf_folder), dtype="float16", quantize={"group_size": 64, "bits": bits})
     convert.save(args, weights, tmp_path / "q.safetensors")
-    model = import_example("llama", "model").load_model(tmp_path / "q.safetensors")
+    model_module = import_example("llama", "model")
+    model = model_module.use_decode_kernel(model_module.load_model(tmp_path / "q.safetensors"))
     layer, x = model.layers[0].feed_forward.w1, mx.random.normal((1, 1, 64)).astype(mx.float16)
     assert qmv.kernel_applies(x, layer.weight, layer.scales, layer.biases, 64, bits)
 
