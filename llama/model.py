@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from quantized_matvec import QuantizedLinear, quantized_matmul
+from quantized_matvec import quantized_matmul, use_kernel
 
 
 @dataclass
@@ -313,10 +313,9 @@ def quantize(model, group_size, bits):
 def use_decode_kernel(model):
     """Decode through quantized_matvec.py's CUDA kernel: MLX's quantized classes -> quantized_matvec's
     QuantizedLinear and the QuantizedEmbedding above, parameters untouched. Off CUDA nothing changes."""
+    use_kernel(model)  # the linear layers
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = QuantizedLinear
-        elif type(module) is nn.QuantizedEmbedding:
+        if type(module) is nn.QuantizedEmbedding:  # the (tied) output layer's product
             module.__class__ = QuantizedEmbedding
     return model
 
