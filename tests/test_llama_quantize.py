@@ -283,3 +283,13 @@ def test_decoding_on_cuda_runs_the_kernel_and_agrees_with_mlx(bits, hf_folder, t
     np.testing.assert_allclose(with_kernel, reference, atol=tolerance, rtol=0)
     monkeypatch.setattr(qmv, "kernel_applies", lambda *a: False)
     np.testing.assert_allclose(with_kernel, decode(model), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("flags, message", [(["--q-bits", "3"], "3-bit quantization is not supported"),
+                                            (["--q-group-size", "48"], "group size 48 is not supported")])
+def test_unsupported_quantization_is_refused_before_reading_the_checkpoint(flags, message, tmp_path):
+    # A Hub name that cannot be fetched offline: the settings are refused first, so nothing would be downloaded.
+    result = run_script("llama/convert.py", "meta-llama/Llama-2-7b-hf", tmp_path / "q.safetensors", "--quantize", *flags)
+    assert result.returncode != 0 and result.stderr.startswith("error: ")
+    assert message in result.stderr and "Hub" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q.safetensors").exists()
