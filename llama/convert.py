@@ -36,8 +36,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from model import (QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES, Llama, ModelArgs, WeightsError, check_weights,
-                   config_array)
+from model import Llama, ModelArgs, WeightsError, check_quantization_settings, check_weights, config_array
 
 # Hugging Face name -> Meta / MLX name.
 HF_KEY_MAP = [
@@ -399,10 +398,11 @@ def main():
     quantize = {"group_size": args.q_group_size or 64, "bits": args.q_bits or 4} if args.quantize else None
     # Unsupported settings are refused before anything is read or downloaded; whether the model's widths
     # are whole groups is checked with its shapes in convert (model.check_quantization).
-    if quantize and quantize["bits"] not in QUANTIZATION_BITS:
-        sys.exit(f"error: {quantize['bits']}-bit quantization is not supported; use 4 or 8 bits")
-    if quantize and quantize["group_size"] not in QUANTIZATION_GROUP_SIZES:
-        sys.exit(f"error: quantization group size {quantize['group_size']} is not supported; use 32, 64 or 128")
+    if quantize:
+        try:
+            check_quantization_settings(quantize)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     try:
         model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor, quantize)
         save(model_args, weights, args.output)
