@@ -123,8 +123,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
               "--grad-clip", "1.0", "--max-tokens", "20", "--dtype", "float32"]  # the GPU's default is bfloat16
     # On the CPU, MLX is deterministic and the resumed run must equal the uninterrupted one bit for bit.
     # On a GPU some kernels sum with atomics (the embedding gradients), so two identical uninterrupted runs
-    # already differ in the last bits. There the test measures that run-to-run noise with a second
-    # uninterrupted run and demands that the resumed run be no further from the first than 4x that noise.
+    # already differ in the last bits, and 17 AdamW steps grow that to a few 1e-6 (3.4e-6 seen on an H100).
+    # There the test measures that run-to-run noise with a second uninterrupted run and demands that the
+    # resumed run be no further from the first than 4x that noise (plus 1e-6, as one noise sample may be
+    # small). A resume that lost state (a learning rate, a moment, the dropout seed) is off by ~1e-3 or more.
     exact = mx.default_device() == mx.cpu
     runs = {"full": ["--out", tmp_path / "full", "--max-steps", "17"],
             "first": ["--out", tmp_path / "resumed", "--max-steps", "13"]}
@@ -152,8 +154,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
             assert np.array_equal(a[name], b[name]), name
     else:
         noise = max_difference(a, checkpoint("again"))
-        assert noise < 1e-6, f"two uninterrupted GPU runs differ by {noise}: more than rounding"
-        assert max_difference(a, b) <= 4 * noise, (max_difference(a, b), noise)
+        assert noise < 1e-4, f"two uninterrupted GPU runs differ by {noise}: more than rounding"
+        assert max_difference(a, b) <= 4 * noise + 1e-6, (max_difference(a, b), noise)
 
 
 def test_resume_refuses_other_settings(tmp_path):
