@@ -234,18 +234,25 @@ def logit_distance(reference, logits):
     return mx.mean(kl).item(), mx.mean(same).item()
 
 
-def graph_seconds(model, prompt, repeats=20):
-    """Median seconds Python takes to build one decoding step's graph, nothing evaluated. generate overlaps
-    this with the device's previous step, so when it is longer than the device's step, Python sets the pace."""
+def host_seconds(model, prompt, repeats=20):
+    """(build, launch): median seconds the host spends on one decoding step before the device runs it.
+    build: Python making the step's graph (nothing evaluated); launch: mx.async_eval of it, in which MLX
+    turns the graph into kernels and hands them to the device. generate overlaps both with the device's
+    previous step, so when their sum is longer than the device's step, the host sets the pace. (On a CPU,
+    MLX computes inside the launch: there it is no overhead measure.)"""
     cache = model.make_cache()
     mx.eval(model(mx.array([prompt]), cache, last_only=True))
-    times = []
+    builds, launches = [], []
     for _ in range(repeats):
         tic = time.perf_counter()
-        logits = model(mx.array([[1]]), cache)
-        times.append(time.perf_counter() - tic)
-        mx.eval(logits)
-    return statistics.median(times)
+        token = mx.argmax(model(mx.array([[1]]), cache)[:, -1], axis=-1)
+        built = time.perf_counter()
+        mx.async_eval(token)
+        launched = time.perf_counter()
+        mx.eval(token)  # the device idles now: the next step's host work is not overlapped
+        builds.append(built - tic)
+        launches.append(launched - built)
+    return statistics.median(builds), statistics.median(launches)
 
 
 def parameter_bytes(model):
@@ -269,7 +276,7 @@ def compare_quantized(model, prompt, args, torch_device):
     group_size = args.q_group_size
     reference = model(mx.array([prompt]))  # (1, T, vocab): every prompt position's logits
     mx.eval(reference)
-    rows = []  # (name, prompt seconds, seconds per token, weight bytes, peak bytes, graph seconds, quality)
+    rows = []  # (name, prompt seconds, seconds per token, weight bytes, peak bytes, (build, launch) seconds, quality)
 
     def measure(name, model, in_use=0, quality=None):
         mx.clear_cache()
@@ -278,7 +285,7 @@ def compare_quantized(model, prompt, args, torch_device):
         # The quantized models' peak is counted beyond what was in use before they were made (the
         # float model kept for comparison): their weights, KV cache and activations.
         rows.append((name, prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory() - in_use,
-                     graph_seconds(model, prompt), quality))
+                     host_seconds(model, prompt), quality))
 
     measure(args.dtype, model)
     for bits in args.quantize:
@@ -300,20 +307,21 @@ def compare_quantized(model, prompt, args, torch_device):
           f"MLX {mx.__version__} on {mx.default_device()}{gpu}")
     print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
           f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
-          f"Quality: the logits over the prompt against {args.dtype}'s. Graph: Python's time to build one decoding "
-          "step (overlapped with the device's previous step). \"CUDA kernel\": the same model decoding through "
+          f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding step "
+          "to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped with the "
+          "device's previous step; when their sum exceeds the step time, the host sets the pace. \"CUDA kernel\": the same model decoding through "
           "quantized_matvec.py's kernel (model.use_decode_kernel; on a CUDA GPU only, elsewhere the same as above).")
     print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
-          f"{'peak':>6} {'graph':>6} {'mean KL':>8} {'same':>6}")
+          f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}")
     print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
-          f"{'GB':>6} {'ms':>6} {'nats':>8} {'top-1':>6}")
+          f"{'GB':>6} {'ms':>6} {'ms':>6} {'nats':>8} {'top-1':>6}")
     first_prompt, first_token = rows[0][1], rows[0][2]
-    for name, prompt_seconds, token_seconds, nbytes, peak, graph, quality in rows:
+    for name, prompt_seconds, token_seconds, nbytes, peak, (build, launch), quality in rows:
         kl, same = (f"{quality[0]:.4f}", f"{100 * quality[1]:.1f}%") if quality else ("", "")
         print(f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
               f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
               f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
-              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {graph * 1e3:>6.2f} "
+              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} {launch * 1e3:>6.2f} "
               f"{kl:>8} {same:>6}")
 
 
@@ -421,6 +429,10 @@ def main(argv=None):
     for name, seconds in (("MLX", t_mlx[1]), ("PyTorch", t_torch[1])):
         print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
               f"{100 / seconds / ceiling:.0f}% of the ceiling")
+    build, launch = host_seconds(model, prompt)
+    print(f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} ms "
+          f"launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
+          f"the sum comes near the time per token{' (on a CPU, launching includes the computing)' if args.device == 'cpu' else ''}")
     if args.time_load:
         report_load(model, args.repeats)
 

@@ -110,6 +110,14 @@ def test_two_ranks_print_the_text_of_one_process_each_holding_half_the_layers(ti
     assert result.stderr.count("[load ") == 1  # statistics from rank 0 only
 
 
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.device_count(mx.gpu) >= 2),
+                    reason="NCCL runs one rank per NVIDIA GPU: needs MLX's CUDA build and at least 2 GPUs")
+def test_two_gpus_over_nccl_print_the_text_of_one_process(tiny, one_process):
+    result = mlx_launch(*tiny, PROMPT, "--max-tokens", "30", backend="nccl")
+    assert "exited with code" not in result.stderr, result.stderr
+    assert "split over 2 processes" in result.stderr and result.stdout == one_process
+
+
 def test_npz_weights_give_the_same_text(tiny, one_process, tmp_path):
     npz = save_tiny_llama(tmp_path / "w.npz")  # the same weights
     ranks = launch_ranks(tmp_path, [(npz, tiny[1], PROMPT, "--max-tokens", "30")] * 2)
