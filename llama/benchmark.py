@@ -39,7 +39,7 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model, quantize, use_decode_kernel
+from model import Llama, load_model, quantize, sample, use_decode_kernel
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
@@ -245,7 +245,7 @@ def host_seconds(model, prompt, repeats=20):
     builds, launches = [], []
     for _ in range(repeats):
         tic = time.perf_counter()
-        token = mx.argmax(model(mx.array([[1]]), cache)[:, -1], axis=-1)
+        token = sample(model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0)  # a greedy step, as generate makes
         built = time.perf_counter()
         mx.async_eval(token)
         launched = time.perf_counter()
@@ -307,10 +307,11 @@ def compare_quantized(model, prompt, args, torch_device):
           f"MLX {mx.__version__} on {mx.default_device()}{gpu}")
     print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
           f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
-          f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding step "
-          "to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped with the "
-          "device's previous step; when their sum exceeds the step time, the host sets the pace. \"CUDA kernel\": the same model decoding through "
-          "quantized_matvec.py's kernel (model.use_decode_kernel; on a CUDA GPU only, elsewhere the same as above).")
+          f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding "
+          "step to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped "
+          "with the device's previous step; when their sum exceeds the step time, the host sets the pace. "
+          "\"CUDA kernel\": the same model decoding through quantized_matvec.py's kernel (model.use_decode_kernel; "
+          "on a CUDA GPU only, elsewhere the same as above).")
     print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
           f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}")
     print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
@@ -321,8 +322,8 @@ def compare_quantized(model, prompt, args, torch_device):
         print(f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
               f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
               f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
-              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} {launch * 1e3:>6.2f} "
-              f"{kl:>8} {same:>6}")
+              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} "
+              f"{launch * 1e3:>6.2f} {kl:>8} {same:>6}")
 
 
 def report_load(model, repeats, suffixes=(".npz", ".safetensors"), label=""):
@@ -430,9 +431,10 @@ def main(argv=None):
         print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
               f"{100 / seconds / ceiling:.0f}% of the ceiling")
     build, launch = host_seconds(model, prompt)
-    print(f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} ms "
-          f"launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
-          f"the sum comes near the time per token{' (on a CPU, launching includes the computing)' if args.device == 'cpu' else ''}")
+    on_cpu = " (on a CPU, launching includes the computing)" if args.device == "cpu" else ""
+    print(f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} "
+          f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
+          f"the sum comes near the time per token{on_cpu}")
     if args.time_load:
         report_load(model, args.repeats)
 
