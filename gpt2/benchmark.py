@@ -39,6 +39,7 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
+from dropout import Dropout
 from main import DTYPES, make_train_step
 from model import GPT, GPTConfig
 from nanogpt_reference import TorchGPT, make_step, race
@@ -83,10 +84,13 @@ def time_steps(run_steps, repeats):
     return statistics.median(times)
 
 
-def time_mlx(c, steps, repeats, dtype):
+def time_mlx(c, steps, repeats, dtype, change=None):
+    """Median seconds per step of main.py's compiled step; change(model), if given, alters the model first."""
     mx.random.seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                           n_embd=c["n_embd"], dropout=c["dropout"]))
+    if change:
+        change(model)
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-3)
     train_step, state = make_train_step(model, optimizer, DTYPES[dtype])  # exactly main.py's step
@@ -140,7 +144,7 @@ def profile_pieces(c, device, repeats):
     norm = nn.LayerNorm(D)
     tnorm = tnn.LayerNorm(D).to(tdev)
     scale = (D // H) ** -0.5
-    dropout = nn.Dropout(c["dropout"])
+    dropout = Dropout(c["dropout"])  # the model's: a Philox kernel on an NVIDIA GPU
 
     def mlx_grad(f, *args):  # compiled, as in the training step
         grad = mx.compile(mx.grad(lambda *a: f(*a).sum(), argnums=list(range(len(args)))))
@@ -172,6 +176,30 @@ def profile_pieces(c, device, repeats):
         result[name] = (1e3 * time_steps(one_step(lambda: mx.eval(mlx_fn())), repeats),
                         1e3 * time_steps(one_step(lambda: (torch_fn(), sync())), repeats))
     return result
+
+
+def set_dropouts(model, **values):
+    """Set attributes (p, kernel) of every Dropout of the model."""
+    for _, module in model.named_modules():
+        if isinstance(module, Dropout):
+            for name, value in values.items():
+                setattr(module, name, value)
+
+
+def fused_attention(model):
+    """Attention through mx.fast.scaled_dot_product_attention, without dropout on its probabilities."""
+    for block in model.h:
+        block.attn.dropout = 0.0
+
+
+# Where does dropout's time go? main.py's model (the first row) against variants that drop one cost each.
+ABLATIONS = {
+    "main.py's model": None,
+    "dropout by mx.random.bernoulli (nn.Dropout), not the kernel": lambda m: set_dropouts(m, kernel=False),
+    "no dropout on attention probabilities: fused attention": fused_attention,
+    "explicit (B, H, T, T) attention, no dropout at all": lambda m: set_dropouts(m, p=0.0),
+    "no dropout at all, fused attention": lambda m: (set_dropouts(m, p=0.0), fused_attention(m)),
+}
 
 
 def torch_in_child(argv):
@@ -233,6 +261,9 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
                              "in both frameworks, at the last --config")
+    parser.add_argument("--ablation", action="store_true",
+                        help="instead: time main.py's MLX step (first --dtype, default bfloat16 on a GPU) against "
+                             "variants without parts of dropout's cost, at the last --config")
     parser.add_argument("--race", type=Path, metavar="INPUT_TXT",
                         help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
                              "recipe in PyTorch; print the wall time each takes to reach --target (GPU only; main.py's "
@@ -272,6 +303,19 @@ def main(argv=None):
         print(f"{'piece':>42} {'MLX ms':>8} {'PyTorch ms':>11} {'MLX/PyTorch':>12}")
         for piece, (ms, ms_torch) in profile_pieces(c, args.device, args.repeats).items():
             print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
+        return
+
+    if args.ablation:
+        name, c = list(configs.items())[-1]
+        dtype = (args.dtype or ["bfloat16" if gpu else "float32"])[0]
+        print(f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
+              f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
+              + (f" ({torch.cuda.get_device_name()})" if gpu else ""))
+        seconds = {variant: time_mlx(c, args.steps, args.repeats, dtype, change) for variant, change in ABLATIONS.items()}
+        first = seconds["main.py's model"]
+        print(f"{'variant':>62} {'ms/step':>9} {'vs main.py':>11}")
+        for variant, t in seconds.items():
+            print(f"{variant:>62} {1e3 * t:>9.2f} {1e3 * (t - first):>+10.2f} ms")
         return
 
     separate = not gpu and "LD_PRELOAD" in os.environ

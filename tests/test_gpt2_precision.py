@@ -4,7 +4,6 @@ errors around them (resume in another dtype, non-finite loss, a dtype the backen
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -20,9 +19,12 @@ TINY_RUN = ["--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", 
 
 
 def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
-    """The kept/dropped masks of `calls` successive calls of the model's dropout after mx.random.seed(seed)."""
+    """The kept/dropped masks of `calls` successive calls of the model's dropout after mx.random.seed(seed).
+
+    The model's Dropout is MLX's nn.Dropout on the CPU and on Apple GPUs, and its own Philox kernel on
+    an NVIDIA GPU (the default device there), so on a CUDA machine these tests check the kernel."""
     mx.random.seed(seed)
-    dropout = nn.Dropout(p)
+    dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
     outputs = [np.array(dropout(mx.ones(shape))) for _ in range(calls)]
     for out in outputs:  # kept elements are scaled by 1 / (1 - p), the rest are zero
@@ -57,6 +59,32 @@ def test_dropout_masks_follow_the_seed():
     c = dropout_masks(seed=8, shape=(64, 64))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
+
+
+def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
+    """The backward pass applies the forward pass's mask (the kernel keeps none: it redraws it), in a
+    compiled step that carries mx.random.state as the training step does: every call a new mask."""
+    p = 0.3
+    dropout = import_example("gpt2", "dropout").Dropout(p)
+    dropout.train()
+    mx.random.seed(11)
+    x = mx.random.uniform(1.0, 2.0, (64, 96))  # no zeros: out == 0 exactly where dropped
+    w = mx.random.normal((64, 96))
+
+    def loss(x):
+        out = dropout(x)
+        return (out * w).sum(), out
+
+    step = mx.compile(mx.value_and_grad(loss), inputs=mx.random.state, outputs=mx.random.state)
+    masks = []
+    for _ in range(2):
+        (_, out), grad = step(x)
+        kept = np.array(out) != 0
+        # d/dx of sum(mask * x / (1 - p) * w) is mask * w / (1 - p)
+        np.testing.assert_allclose(np.array(grad), kept * np.array(w) / (1 - p), rtol=1e-5, atol=1e-7)
+        assert abs(kept.mean() - (1 - p)) < 0.03  # 6,144 elements: the standard error is 0.006
+        masks.append(kept)
+    assert not np.array_equal(masks[0], masks[1])  # the second call drew a new mask
 
 
 def tiny_model(dropout=0.0):
@@ -172,3 +200,13 @@ def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     expected = "does not exist" if torch.cuda.is_available() else "needs a CUDA GPU"
     assert result.stderr.startswith("error: ") and expected in result.stderr
+
+
+def test_benchmark_ablation_times_each_variant_of_the_step():
+    benchmark = import_example("gpt2", "benchmark")
+    result = run_script("gpt2/benchmark.py", "--ablation", "--tiny", "--config", "walkthrough", "--steps", "1",
+                        "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith(" ms")]
+    assert [row.rsplit(None, 3)[0].strip() for row in rows] == list(benchmark.ABLATIONS), result.stdout
+    assert rows[0].split()[-2] == "+0.00"  # the first row is the reference

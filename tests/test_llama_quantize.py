@@ -272,8 +272,7 @@ def test_decoding_on_cuda_runs_the_kernel_and_agrees_with_mlx(bits, hf_folder, t
     assert qmv.kernel_applies(x, layer.weight, layer.scales, layer.biases, 64, bits)
 
     def decode(model):
-        # A 4-token prompt: on a fresh H100, MLX 0.32.4's CUDA quantized matmul compiled a kernel on first use
-        # for 9 rows (a 9-token prompt), 30-43 s per weight shape (then cached on disk); for 5 rows it needed none.
+        # A 4-token prompt, which the kernel also takes (it takes up to MAX_ROWS = 4 rows).
         cache = model.make_cache()
         model(tokens(T=4)[:1], cache)
         return np.array(model(tokens(T=1, seed=1)[:1], cache).astype(mx.float32))
@@ -283,7 +282,12 @@ def test_decoding_on_cuda_runs_the_kernel_and_agrees_with_mlx(bits, hf_folder, t
     with_kernel, reference = decode(model), decode(dequantized_model(model))
     tolerance = 0.03 * np.abs(reference).max()
     np.testing.assert_allclose(with_kernel, reference, atol=tolerance, rtol=0)
-    monkeypatch.setattr(qmv, "kernel_applies", lambda *a: False)
+    # Against MLX's own product for the decoding step, the one row the kernel replaces; the prompt pass stays
+    # on the kernel. MLX 0.32.4's CUDA mx.quantized_matmul is wrong (inf or far off) for 2 or more rows of
+    # this tiny model's 64-wide inputs, measured on an H100 for 2-16 rows, 4 and 8 bits; for 4096-wide
+    # inputs (real models) it agreed with the dequantized product for 1-16 rows.
+    kernel_applies = qmv.kernel_applies
+    monkeypatch.setattr(qmv, "kernel_applies", lambda x, *a: x.size > x.shape[-1] and kernel_applies(x, *a))
     np.testing.assert_allclose(with_kernel, decode(model), atol=tolerance, rtol=0)
 
 
