@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from model import Llama, ModelArgs
+from model import Llama, ModelArgs, sample
 from tp import ShardingError, init_group, shard, stop_if_any_failed, weight_bytes
 
 # Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
@@ -89,6 +89,23 @@ def time_mlx(model, prompt, max_tokens, repeats):
     return rates[1:], statistics.median(prompt_seconds[1:])
 
 
+def host_seconds_per_step(model, prompt, steps=20):
+    """(build, launch): median host seconds per decoding step, as benchmark.py's host_seconds measures them
+    on one GPU: Python making the step's graph, then mx.async_eval handing its kernels (and here its
+    all_sums) to the device; generate overlaps both with the device's previous step."""
+    cache = model.make_cache()
+    mx.eval(model(mx.array([prompt]), cache, last_only=True))
+    times = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        token = sample(model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0)
+        built = time.perf_counter()
+        mx.async_eval(token)
+        times.append((built - tic, time.perf_counter() - built))
+        mx.eval(token)
+    return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
+
+
 def run_mlx(options):
     dtype = getattr(mx, options.dtype)
     args = ModelArgs(**PRESETS[options.preset], max_seq_len=4096)
@@ -109,6 +126,7 @@ def run_mlx(options):
     split, replicated = weight_bytes(model)
     prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
     rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats)
+    build, launch = host_seconds_per_step(model, prompt)
     if rank != 0:
         return
     # Bytes read per decoded token on one rank: its slices, the output layer (whole), the norms;
@@ -116,6 +134,8 @@ def run_mlx(options):
     per_rank = split + replicated - model.tok_embeddings.weight.nbytes
     where = processes(n, mx.default_device() == mx.gpu)
     report("MLX", options, where, rates, per_rank, split * n + replicated, prompt_seconds, build_seconds)
+    print(f"MLX host time per decoding step (rank 0): {build * 1e3:.2f} ms building the graph + {launch * 1e3:.2f} ms "
+          f"launching it, against {1e3 / statistics.median(rates):.2f} ms per token", flush=True)
 
 
 def processes(n, gpu):

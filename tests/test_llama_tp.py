@@ -230,3 +230,5 @@ def test_benchmark_builds_a_split_random_model_and_times_it():
             if re.match(r"ROW \| MLX \| tiny \| 2 (CPU processes|GPUs) \|", line)]
     assert len(rows) == 1, result.stdout  # from rank 0 only
     assert float(rows[0].split("|")[4]) > 0  # tokens/s
+    host = re.findall(r"host time per decoding step \(rank 0\): ([\d.]+) ms building the graph \+ ([\d.]+) ms", result.stdout)
+    assert len(host) == 1 and all(float(t) > 0 for t in host[0]), result.stdout
