@@ -18,7 +18,7 @@ run() {  # run a benchmark command, print its output, and prefix the rows matche
 }
 
 run '^ *(32x128|8x128|1x16) ' $python bert/benchmark.py --device gpu --dtype float16 --shapes 32x128 8x128 1x16 --repeats 30
-run '^ *(prompt|decoding) |copy bandwidth' $python llama/benchmark.py --device gpu --preset 7b --dtype float16 --max-tokens 128 --repeats 3
-run '^ *(prompt|decoding) |copy bandwidth' $python llama/benchmark.py --device gpu --preset 8b --dtype float16 --max-tokens 128 --repeats 3
+run '^ *(prompt|decoding) |copy bandwidth|host time' $python llama/benchmark.py --device gpu --preset 7b --dtype float16 --max-tokens 128 --repeats 3
+run '^ *(prompt|decoding) |copy bandwidth|host time' $python llama/benchmark.py --device gpu --preset 8b --dtype float16 --max-tokens 128 --repeats 3
 run 'bit|float16 ' $python llama/benchmark.py --device gpu --preset 7b --dtype float16 --max-tokens 128 --repeats 3 --quantize 4 8
 run 'anchor|MLX|PyTorch' $python gpt2/benchmark.py --device gpu --config nanogpt --steps 20 --repeats 3
