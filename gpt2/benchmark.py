@@ -89,9 +89,9 @@ def time_mlx(c, steps, repeats, dtype, change=None):
     mx.random.seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                           n_embd=c["n_embd"], dropout=c["dropout"]))
+    model.train()
     if change:
         change(model)
-    model.train()
     optimizer = optim.AdamW(learning_rate=1e-3)
     train_step, state = make_train_step(model, optimizer, DTYPES[dtype])  # exactly main.py's step
     data = [tuple(mx.array(a) for a in b) for b in batches(c, steps)]
@@ -178,12 +178,20 @@ def profile_pieces(c, device, repeats):
     return result
 
 
-def set_dropouts(model, **values):
-    """Set attributes (p, kernel) of every Dropout of the model."""
-    for _, module in model.named_modules():
-        if isinstance(module, Dropout):
-            for name, value in values.items():
-                setattr(module, name, value)
+def dropouts(model):
+    return [module for _, module in model.named_modules() if isinstance(module, Dropout)]
+
+
+def bernoulli_dropout(model):
+    """Every dropout as nn.Dropout draws it (mx.random.bernoulli), not by the Philox kernel."""
+    for dropout in dropouts(model):
+        dropout.kernel = False
+
+
+def no_dropout(model):
+    """Every dropout off (the identity); the attention stays explicit unless fused_attention is applied."""
+    for dropout in dropouts(model):
+        dropout.eval()
 
 
 def fused_attention(model):
@@ -195,10 +203,10 @@ def fused_attention(model):
 # Where does dropout's time go? main.py's model (the first row) against variants that drop one cost each.
 ABLATIONS = {
     "main.py's model": None,
-    "dropout by mx.random.bernoulli (nn.Dropout), not the kernel": lambda m: set_dropouts(m, kernel=False),
+    "dropout by mx.random.bernoulli (nn.Dropout), not the kernel": bernoulli_dropout,
     "no dropout on attention probabilities: fused attention": fused_attention,
-    "explicit (B, H, T, T) attention, no dropout at all": lambda m: set_dropouts(m, p=0.0),
-    "no dropout at all, fused attention": lambda m: (set_dropouts(m, p=0.0), fused_attention(m)),
+    "explicit (B, H, T, T) attention, no dropout at all": no_dropout,
+    "no dropout at all, fused attention": lambda m: (no_dropout(m), fused_attention(m)),
 }
 
 

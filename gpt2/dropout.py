@@ -15,7 +15,7 @@ probabilities can be dropped (see README.md).
 
 The key (four uint32) comes from mx.random, so the masks follow mx.random.seed and a compiled training
 step that lists mx.random.state among its inputs and outputs draws new masks every step, as
-nn.Dropout does. On the CPU and on Apple GPUs this module computes exactly what nn.Dropout does.
+nn.Dropout does. On the CPU and on Apple GPUs this module is nn.Dropout.
 """
 
 import mlx.core as mx
@@ -79,16 +79,13 @@ def on_cuda():
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-class Dropout(nn.Module):
-    """nn.Dropout(p) in meaning; on an NVIDIA GPU, one Philox kernel forward and one backward."""
+class Dropout(nn.Dropout):
+    """nn.Dropout(p); on an NVIDIA GPU, one Philox kernel forward and one backward instead of its
+    mx.random.bernoulli mask (elsewhere, or with .kernel False, nn.Dropout itself)."""
 
     def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"the dropout probability must be in [0, 1), not {p}")
-        self.p = p
-        self.kernel = True  # False: mx.random.bernoulli as nn.Dropout, on CUDA too (benchmark.py --ablation)
-        self.keep = round((1 - p) * 2**24)  # the kept fraction, in units of 2^-24
+        super().__init__(p)  # checks p and keeps 1 - p as _p_1
+        self.kernel = True  # False: nn.Dropout's mx.random.bernoulli on CUDA too (benchmark.py --ablation)
 
         @mx.custom_function
         def dropout(x, key):
@@ -101,14 +98,13 @@ class Dropout(nn.Module):
 
         self._dropout = dropout
 
-    def _extra_repr(self):
-        return f"p={self.p}"
+    @property
+    def keep(self):
+        """The kept fraction 1 - p in units of 2^-24: the kernel's threshold."""
+        return round(self._p_1 * 2**24)
 
     def __call__(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if not (self.kernel and on_cuda()):  # exactly nn.Dropout
-            mask = mx.random.bernoulli(1 - self.p, x.shape)
-            return (mask * x) * (1 / (1 - self.p))
+        if not (self.kernel and self.training and self._p_1 < 1 and on_cuda()):
+            return super().__call__(x)
         key = mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)  # fresh from mx.random's state each call
         return self._dropout(x, key)
