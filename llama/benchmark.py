@@ -39,7 +39,8 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model, quantize, sample, use_decode_kernel
+from model import Llama, load_model, quantize, use_decode_kernel
+from timing import generate_runs, host_seconds
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
@@ -107,17 +108,8 @@ def prompt_ids(vocab_size, n, seed):
 
 def time_mlx(model, prompt, max_tokens, repeats):
     """Median (prompt seconds, seconds per decoded token) of model.generate, as llama.py runs it."""
-    prompt = mx.array(prompt)
-    runs = []
-    for _ in range(repeats + 1):  # the first run warms up
-        tic = time.perf_counter()
-        generator = model.generate(prompt, temp=0.0)
-        next(generator)  # the first token: one pass over the prompt
-        first = time.perf_counter()
-        for _ in range(max_tokens - 1):
-            next(generator)
-        runs.append((first - tic, (time.perf_counter() - first) / (max_tokens - 1)))
-    return [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)]
+    runs = generate_runs(model, prompt, max_tokens, repeats)
+    return [statistics.median(r[i] for r in runs) for i in (0, 1)]
 
 
 def time_torch(hf_model, prompt, max_tokens, repeats, device):
@@ -232,27 +224,6 @@ def logit_distance(reference, logits):
     kl = mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
     same = mx.argmax(reference, axis=-1) == mx.argmax(logits, axis=-1)
     return mx.mean(kl).item(), mx.mean(same).item()
-
-
-def host_seconds(model, prompt, repeats=20):
-    """(build, launch): median seconds the host spends on one decoding step before the device runs it.
-    build: Python making the step's graph (nothing evaluated); launch: mx.async_eval of it, in which MLX
-    turns the graph into kernels and hands them to the device. generate overlaps both with the device's
-    previous step, so when their sum is longer than the device's step, the host sets the pace. (On a CPU,
-    MLX computes inside the launch: there it is no overhead measure.)"""
-    cache = model.make_cache()
-    mx.eval(model(mx.array([prompt]), cache, last_only=True))
-    builds, launches = [], []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        token = sample(model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0)  # a greedy step, as generate makes
-        built = time.perf_counter()
-        mx.async_eval(token)
-        launched = time.perf_counter()
-        mx.eval(token)  # the device idles now: the next step's host work is not overlapped
-        builds.append(built - tic)
-        launches.append(launched - built)
-    return statistics.median(builds), statistics.median(launches)
 
 
 def parameter_bytes(model):

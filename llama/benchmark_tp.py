@@ -35,7 +35,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from model import Llama, ModelArgs, sample
+from model import Llama, ModelArgs
+from timing import generate_runs, host_seconds
 from tp import ShardingError, init_group, shard, stop_if_any_failed, weight_bytes
 
 # Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
@@ -74,36 +75,9 @@ def random_model(args, group, dtype, seed):
 
 def time_mlx(model, prompt, max_tokens, repeats):
     """Decoded tokens per second of each run of model.generate (after a warm-up run), prompt seconds."""
-    prompt = mx.array(prompt)
-    rates, prompt_seconds = [], []
-    for _ in range(repeats + 1):
-        tic = time.perf_counter()
-        generator = model.generate(prompt, temp=0.0)
-        next(generator)  # the first token: one pass over the prompt
-        first = time.perf_counter()
-        for _ in range(max_tokens - 1):
-            next(generator)
-        rates.append((max_tokens - 1) / (time.perf_counter() - first))
-        prompt_seconds.append(first - tic)
-        mx.synchronize()  # the step started ahead (with its all_sums) finishes before the next run
-    return rates[1:], statistics.median(prompt_seconds[1:])
-
-
-def host_seconds_per_step(model, prompt, steps=20):
-    """(build, launch): median host seconds per decoding step, as benchmark.py's host_seconds measures them
-    on one GPU: Python making the step's graph, then mx.async_eval handing its kernels (and here its
-    all_sums) to the device; generate overlaps both with the device's previous step."""
-    cache = model.make_cache()
-    mx.eval(model(mx.array([prompt]), cache, last_only=True))
-    times = []
-    for _ in range(steps):
-        tic = time.perf_counter()
-        token = sample(model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0)
-        built = time.perf_counter()
-        mx.async_eval(token)
-        times.append((built - tic, time.perf_counter() - built))
-        mx.eval(token)
-    return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
+    # mx.synchronize after each run: the step started ahead (with its all_sums) finishes before the next run
+    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=mx.synchronize)
+    return [1 / seconds for _, seconds in runs], statistics.median(seconds for seconds, _ in runs)
 
 
 def run_mlx(options):
@@ -126,7 +100,7 @@ def run_mlx(options):
     split, replicated = weight_bytes(model)
     prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
     rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats)
-    build, launch = host_seconds_per_step(model, prompt)
+    build, launch = host_seconds(model, prompt)
     if rank != 0:
         return
     # Bytes read per decoded token on one rank: its slices, the output layer (whole), the norms;
