@@ -188,6 +188,12 @@ def bernoulli_dropout(model):
         dropout.kernel = False
 
 
+def unfused_attention_dropout(model):
+    """The attention probabilities by mx.softmax, then dropped by dropout.py's kernel: two steps, not one."""
+    for block in model.h:
+        block.attn.attn_dropout.fused = False
+
+
 def no_dropout(model):
     """Every dropout off (the identity); the attention stays explicit unless fused_attention is applied."""
     for dropout in dropouts(model):
@@ -203,7 +209,8 @@ def fused_attention(model):
 # Where does dropout's time go? main.py's model (the first row) against variants that drop one cost each.
 ABLATIONS = {
     "main.py's model": None,
-    "dropout by mx.random.bernoulli (nn.Dropout), not the kernel": bernoulli_dropout,
+    "attention: mx.softmax, then dropout.py's kernel (not fused)": unfused_attention_dropout,
+    "dropout by mx.random.bernoulli (nn.Dropout), not the kernels": bernoulli_dropout,
     "no dropout on attention probabilities: fused attention": fused_attention,
     "explicit (B, H, T, T) attention, no dropout at all": no_dropout,
     "no dropout at all, fused attention": lambda m: (no_dropout(m), fused_attention(m)),

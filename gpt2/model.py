@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from attention_dropout import AttentionDropout  # causal softmax + dropout, in one kernel on NVIDIA GPUs
 from dropout import Dropout  # nn.Dropout, with its mask drawn inside one kernel on NVIDIA GPUs
 
 
@@ -47,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = Dropout(config.dropout)
+        self.attn_dropout = AttentionDropout(config.dropout)  # takes the scores, gives dropped probabilities
         self.resid_dropout = Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -59,10 +60,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v))
         scale = 1.0 / math.sqrt(C // self.n_head)
         if self.training and self.dropout > 0:
-            # Dropout on the attention probabilities needs them spelled out; the fused kernel has none.
+            # Dropout on the attention probabilities needs them spelled out: MLX's fused attention has none.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
-            causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
-            y = self.attn_dropout(mx.softmax(scores + causal, axis=-1, precise=True)) @ v  # softmax sums in float32
+            y = self.attn_dropout(scores) @ v  # dropout(softmax(scores + causal mask)): see attention_dropout.py
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again

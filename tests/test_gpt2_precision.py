@@ -87,6 +87,44 @@ def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
     assert not np.array_equal(masks[0], masks[1])  # the second call drew a new mask
 
 
+@pytest.mark.parametrize("T", [16, 100, 10])  # 10 is no multiple of 4: mx.softmax, then Dropout, on a GPU too
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_dropout_equals_softmax_then_dropout(T, dtype):
+    """The model's AttentionDropout (on an NVIDIA GPU one kernel forward and one backward) gives what
+    mx.softmax followed by the model's Dropout gives after the same seed: the same mask, and the same
+    values and gradients within rounding. On the CPU it is those two steps, so exactly."""
+    AttentionDropout = import_example("gpt2", "attention_dropout").AttentionDropout
+    Dropout = import_example("gpt2", "dropout").Dropout
+    p = 0.2
+    mx.random.seed(5)
+    scores = (3 * mx.random.normal((2, 3, T, T))).astype(dtype)
+    w = mx.random.normal((2, 3, T, T)).astype(dtype)
+    causal = mx.triu(mx.full((T, T), -mx.inf, dtype=dtype), k=1)
+    fused, dropout = AttentionDropout(p), Dropout(p)
+    fused.train()
+    dropout.train()
+
+    def run(f):
+        mx.random.seed(9)
+
+        def loss(s):
+            out = f(s)
+            return (out * w).astype(mx.float32).sum(), out
+
+        (_, out), grad = mx.value_and_grad(loss)(scores)
+        return np.array(out.astype(mx.float32)), np.array(grad.astype(mx.float32))
+
+    out, grad = run(fused)
+    ref_out, ref_grad = run(lambda s: dropout(mx.softmax(s + causal, axis=-1, precise=True)))
+    kept, lower = out != 0, np.tril(np.ones((T, T), dtype=bool))
+    assert np.array_equal(kept, ref_out != 0)
+    assert not kept[..., ~lower].any() and 0.5 < kept[..., lower].mean() < 0.95  # causal; about 1 - p kept
+    # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits (2^-7 = 0.0078)
+    atol = 1e-6 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=atol)
+    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=(1e-5 if dtype == mx.float32 else 3e-2) * np.abs(ref_grad).max())
+
+
 def tiny_model(dropout=0.0):
     model_module = import_example("gpt2", "model")
     mx.random.seed(0)

@@ -1,0 +1,167 @@
+"""Attention probabilities with dropout: the causal softmax and the dropout in one CUDA kernel.
+
+In training, GPT-2 drops some of the attention probabilities:
+
+    P = softmax(S + causal mask)    S: the scores Q K^T / sqrt(head_dim), (B, n_head, T, T)
+    P_d = P * Z / (1 - p)           Z: keep each element with probability 1 - p
+
+MLX's fused attention (mx.fast.scaled_dot_product_attention) has no dropout, so the model writes these
+(B, n_head, T, T) matrices out. Done with mx.softmax and dropout.py's Dropout, that is several passes
+over them, forward and backward. Here one kernel reads S and writes P_d, and one kernel makes the
+backward pass:
+
+    dP = dP_d * Z / (1 - p),    dS = P * (dP - rowsum(P * dP))    (the softmax's gradient)
+
+reading S and dP_d and writing dS. P is recomputed from S (which autograd keeps anyway) and Z is redrawn
+from the key, so nothing else is stored. Z is exactly the mask dropout.py's kernel draws for the same
+key over P's flat elements, so the two ways give the same result; tests/test_gpt2_precision.py checks
+that on a GPU. On the CPU and on Apple GPUs this is mx.softmax followed by nn.Dropout.
+"""
+
+import mlx.core as mx
+
+from dropout import PHILOX, Dropout, on_cuda
+
+HEADER = PHILOX + """
+#define NEG_INF (-__int_as_float(0x7f800000))
+__device__ inline float warp_max(float v) {
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+"""
+
+# Both kernels start here. One warp (32 threads) per row of TT scores: lane l holds the columns
+# 128 g + 4 l + c (c < 4) in registers, so its four consecutive columns are one Philox call, the one
+# dropout.py's thread (flat index) / 4 makes. Row r is query position r % TT: columns above it are masked.
+# It leaves the row's probabilities in p[][] (0 where masked) and the kept/dropped mask in z[][].
+ROW_SOFTMAX_AND_MASK = """
+  constexpr int G = (TT + 127) / 128;
+  const int lane = threadIdx.x % 32;
+  const unsigned long long row = (unsigned long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= (unsigned long long)s_shape[0] * s_shape[1] * s_shape[2]) return;  // the whole warp
+  const int i = row % TT;
+  const float inv_keep = 16777216.0f / KEEP;
+  float p[G][4];
+  bool z[G][4];
+  float m = NEG_INF;
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = 128 * g + 4 * lane + c;
+      p[g][c] = (j <= i) ? static_cast<float>(s[row * TT + j]) : NEG_INF;
+      m = fmaxf(m, p[g][c]);
+    }
+  }
+  m = warp_max(m);  // the row's largest score, subtracted before exp (as mx.softmax)
+  float total = 0.0f;
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = 128 * g + 4 * lane + c;
+      p[g][c] = (j <= i) ? __expf(p[g][c] - m) : 0.0f;
+      total += p[g][c];
+    }
+  }
+  const float inv_total = 1.0f / warp_sum(total);  // the sum in float32, as mx.softmax(precise=True)
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const unsigned long long t = (row * TT + 128 * g + 4 * lane) / 4;
+    const uint4 r = philox4x32_10(make_uint4((unsigned)t, (unsigned)(t >> 32) ^ key[2], key[3], 0u),
+                                  make_uint2(key[0], key[1]));
+    const unsigned bits[4] = {r.x, r.y, r.z, r.w};
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      p[g][c] *= inv_total;
+      z[g][c] = (bits[c] >> 8) < (unsigned)KEEP;
+    }
+  }
+"""
+
+FORWARD = ROW_SOFTMAX_AND_MASK + """
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = 128 * g + 4 * lane + c;
+      if (j < TT) out[row * TT + j] = static_cast<T>(z[g][c] ? p[g][c] * inv_keep : 0.0f);
+    }
+  }
+"""
+
+BACKWARD = ROW_SOFTMAX_AND_MASK + """
+  float dp[G][4];
+  float dot = 0.0f;  // rowsum(P * dP)
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = 128 * g + 4 * lane + c;
+      dp[g][c] = (j < TT && z[g][c]) ? static_cast<float>(grad[row * TT + j]) * inv_keep : 0.0f;
+      dot += p[g][c] * dp[g][c];
+    }
+  }
+  dot = warp_sum(dot);
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    #pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = 128 * g + 4 * lane + c;
+      if (j < TT) out[row * TT + j] = static_cast<T>(p[g][c] * (dp[g][c] - dot));
+    }
+  }
+"""
+
+MAX_T = 1024  # a row lives in one warp's registers (T / 32 floats per thread, three times in the backward)
+_kernels = {}
+
+
+def run_kernel(name, source, inputs, keep):
+    """Launch `source` with one warp per row of inputs["s"] (..., T, T); returns its (..., T, T) output."""
+    if name not in _kernels:
+        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"],
+                                             header=HEADER, source=source)
+    s = inputs["s"]
+    rows, warps_per_block = s.size // s.shape[-1], 4
+    (out,) = _kernels[name](inputs=list(inputs.values()),
+                            template=[("T", s.dtype), ("TT", s.shape[-1]), ("KEEP", keep)],
+                            grid=(rows * 32, 1, 1), threadgroup=(32 * warps_per_block, 1, 1),
+                            output_shapes=[s.shape], output_dtypes=[s.dtype])
+    return out
+
+
+class AttentionDropout(Dropout):
+    """dropout(softmax(scores + causal mask)) over the last axis of (B, n_head, T, T) scores.
+
+    On an NVIDIA GPU, in training, with T a multiple of 4 and at most MAX_T: the two kernels above.
+    Otherwise mx.softmax (summed in float32) and then Dropout (in eval mode: the softmax alone)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.fused = True  # False: mx.softmax, then dropout.py's kernel (benchmark.py --ablation)
+
+        @mx.custom_function
+        def softmax_dropout(scores, key):
+            return run_kernel("causal_softmax_dropout", FORWARD, {"s": scores, "key": key}, self.keep)
+
+        @softmax_dropout.vjp
+        def softmax_dropout_vjp(primals, cotangent, output):
+            scores, key = primals
+            return (run_kernel("causal_softmax_dropout_grad", BACKWARD,
+                               {"s": scores, "grad": cotangent, "key": key}, self.keep),
+                    mx.zeros_like(key))
+
+        self._softmax_dropout = softmax_dropout
+
+    def __call__(self, scores):
+        T = scores.shape[-1]
+        if self.fused and self.kernel and self.training and self._p_1 < 1 and on_cuda() and T % 4 == 0 and T <= MAX_T:
+            key = mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)  # as Dropout draws it
+            return self._softmax_dropout(scores, key)
+        causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
+        return super().__call__(mx.softmax(scores + causal, axis=-1, precise=True))  # softmax sums in float32
