@@ -217,6 +217,12 @@ ABLATIONS = {
 }
 
 
+def announce(label, seconds):
+    """Progress on stderr as each timing ends (a first run compiles: torch.compile, MLX's kernels); returns seconds."""
+    print(f"  {label}: {1e3 * seconds:.2f} ms/step", file=sys.stderr, flush=True)
+    return seconds
+
+
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: {way: seconds}}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -295,7 +301,9 @@ def main(argv=None):
 
     torch_device = "cuda" if gpu else "cpu"
     if args.only == "torch":
-        print(json.dumps({name: {way: time_torch(c, args.steps, args.repeats, torch_device, way) for way in ways}
+        print(json.dumps({name: {way: announce(f"{name} {TORCH_WAYS[way]}",
+                                               time_torch(c, args.steps, args.repeats, torch_device, way))
+                                 for way in ways}
                           for name, c in configs.items()}))
         return
     if gpu or args.race:
@@ -326,7 +334,8 @@ def main(argv=None):
         print(f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
               f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
               + (f" ({torch.cuda.get_device_name()})" if gpu else ""))
-        seconds = {variant: time_mlx(c, args.steps, args.repeats, dtype, change) for variant, change in ABLATIONS.items()}
+        seconds = {variant: announce(variant, time_mlx(c, args.steps, args.repeats, dtype, change))
+                   for variant, change in ABLATIONS.items()}
         first = seconds["main.py's model"]
         print(f"{'variant':>62} {'ms/step':>9} {'vs main.py':>11}")
         for variant, t in seconds.items():
@@ -335,9 +344,11 @@ def main(argv=None):
 
     separate = not gpu and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else {
-        name: {way: time_torch(c, args.steps, args.repeats, torch_device, way) for way in ways}
+        name: {way: announce(f"{name} {TORCH_WAYS[way]}", time_torch(c, args.steps, args.repeats, torch_device, way))
+               for way in ways}
         for name, c in configs.items()}
-    t_mlx = {name: {dtype: time_mlx(c, args.steps, args.repeats, dtype) for dtype in dtypes}
+    t_mlx = {name: {dtype: announce(f"{name} MLX {dtype}", time_mlx(c, args.steps, args.repeats, dtype))
+                    for dtype in dtypes}
              for name, c in configs.items()}
 
     device = f" ({torch.cuda.get_device_name()})" if gpu else ""
