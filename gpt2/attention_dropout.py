@@ -138,8 +138,8 @@ def run_kernel(name, source, inputs, keep):
 class AttentionDropout(Dropout):
     """dropout(softmax(scores + causal mask)) over the last axis of (B, n_head, T, T) scores.
 
-    On an NVIDIA GPU, in training, with T a multiple of 4 and at most MAX_T: the two kernels above.
-    Otherwise mx.softmax (summed in float32) and then Dropout (in eval mode: the softmax alone)."""
+    Where fits_the_kernel: the two kernels above. Otherwise mx.softmax (summed in float32) and then
+    Dropout (in eval mode: the softmax alone)."""
 
     def __init__(self, p: float = 0.5):
         super().__init__(p)
@@ -158,9 +158,16 @@ class AttentionDropout(Dropout):
 
         self._softmax_dropout = softmax_dropout
 
+    def fits_the_kernel(self, scores):
+        """Training on an NVIDIA GPU, scores (B, n_head, T, T) with T a multiple of 4 (one Philox call per
+        4 columns) and at most MAX_T."""
+        T = scores.shape[-1]
+        return (self.fused and self.kernel and self.training and self._p_1 < 1 and on_cuda()
+                and scores.ndim == 4 and scores.shape[-2] == T and T % 4 == 0 and T <= MAX_T)
+
     def __call__(self, scores):
         T = scores.shape[-1]
-        if self.fused and self.kernel and self.training and self._p_1 < 1 and on_cuda() and T % 4 == 0 and T <= MAX_T:
+        if self.fits_the_kernel(scores):
             key = mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)  # as Dropout draws it
             return self._softmax_dropout(scores, key)
         causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal

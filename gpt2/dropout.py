@@ -9,9 +9,9 @@ Here one kernel reads x, hashes each element's index with Philox4x32-10 (the cou
 of Random123, which PyTorch's CUDA dropout also uses) and writes x * mask / (1 - p). Nothing is kept for
 the backward pass: the gradient of dropout is dropout of the gradient with the same mask, so the
 backward pass runs the same kernel on the incoming gradient with the same key, which redraws the
-same mask. At nanoGPT's size on an H100 this saves 0.6 ms of a 14 ms training step (benchmark.py
---ablation); most of what dropout costs there is elsewhere: attention written out in full so that its
-probabilities can be dropped (see README.md).
+same mask. At nanoGPT's size on an H100 this saved 0.6 ms of a 14 ms training step (benchmark.py
+--ablation); most of what dropout cost there was elsewhere: attention written out in full so that its
+probabilities can be dropped, which attention_dropout.py makes one pass each way (see README.md).
 
 The key (four uint32) comes from mx.random, so the masks follow mx.random.seed and a compiled training
 step that lists mx.random.state among its inputs and outputs draws new masks every step, as

@@ -125,6 +125,25 @@ def test_attention_dropout_equals_softmax_then_dropout(T, dtype):
     np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=(1e-5 if dtype == mx.float32 else 3e-2) * np.abs(ref_grad).max())
 
 
+def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
+    """The kernel's rows are query positions of square (B, n_head, T, T) scores, four columns per Philox
+    call, one warp's registers per row: anything else takes mx.softmax and Dropout (checked as if on CUDA)."""
+    attention_dropout = import_example("gpt2", "attention_dropout")
+    monkeypatch.setattr(attention_dropout, "on_cuda", lambda: True)
+    fused = attention_dropout.AttentionDropout(0.1)
+    fused.train()
+    fits = lambda *shape: fused.fits_the_kernel(mx.zeros(shape))  # noqa: E731
+    assert fits(2, 3, 16, 16) and fits(1, 1, 4, 4) and fits(1, 2, 1024, 1024)
+    assert not fits(2, 3, 10, 10)  # no multiple of 4
+    assert not fits(1, 1, 2048, 2048)  # longer than MAX_T
+    assert not fits(3, 16, 16) and not fits(2, 3, 8, 16)  # not (B, n_head, T, T)
+    fused.eval()
+    assert not fits(2, 3, 16, 16)  # no dropout outside training
+    fused.train()
+    fused.fused = False
+    assert not fits(2, 3, 16, 16)  # benchmark.py --ablation's two-step way
+
+
 def tiny_model(dropout=0.0):
     model_module = import_example("gpt2", "model")
     mx.random.seed(0)
