@@ -21,4 +21,4 @@ run '^ *(32x128|8x128|1x16) ' $python bert/benchmark.py --device gpu --dtype flo
 run '^ *(prompt|decoding) |copy bandwidth|host time' $python llama/benchmark.py --device gpu --preset 7b --dtype float16 --max-tokens 128 --repeats 3
 run '^ *(prompt|decoding) |copy bandwidth|host time' $python llama/benchmark.py --device gpu --preset 8b --dtype float16 --max-tokens 128 --repeats 3
 run 'bit|float16 ' $python llama/benchmark.py --device gpu --preset 7b --dtype float16 --max-tokens 128 --repeats 3 --quantize 4 8
-run 'anchor|MLX|PyTorch' $python gpt2/benchmark.py --device gpu --config nanogpt --steps 20 --repeats 3
+run '^ {4,}nanogpt ' $python gpt2/benchmark.py --device gpu --config nanogpt --steps 20 --repeats 3
