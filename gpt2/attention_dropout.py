@@ -20,7 +20,7 @@ that on a GPU. On the CPU and on Apple GPUs this is mx.softmax followed by nn.Dr
 
 import mlx.core as mx
 
-from dropout import PHILOX, Dropout, on_cuda
+from dropout import PHILOX, Dropout, draw_key
 
 HEADER = PHILOX + """
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -159,16 +159,15 @@ class AttentionDropout(Dropout):
         self._softmax_dropout = softmax_dropout
 
     def fits_the_kernel(self, scores):
-        """Training on an NVIDIA GPU, scores (B, n_head, T, T) with T a multiple of 4 (one Philox call per
-        4 columns) and at most MAX_T."""
+        """Where Dropout would run its kernel, for scores (B, n_head, T, T) with T a multiple of 4 (one
+        Philox call per 4 columns) and at most MAX_T."""
         T = scores.shape[-1]
-        return (self.fused and self.kernel and self.training and self._p_1 < 1 and on_cuda()
+        return (self.fused and self.uses_kernel()
                 and scores.ndim == 4 and scores.shape[-2] == T and T % 4 == 0 and T <= MAX_T)
 
     def __call__(self, scores):
         T = scores.shape[-1]
         if self.fits_the_kernel(scores):
-            key = mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)  # as Dropout draws it
-            return self._softmax_dropout(scores, key)
+            return self._softmax_dropout(scores, draw_key())  # the key Dropout would draw: the same mask
         causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
         return super().__call__(mx.softmax(scores + causal, axis=-1, precise=True))  # softmax sums in float32

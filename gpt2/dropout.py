@@ -79,6 +79,11 @@ def on_cuda():
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
+def draw_key():
+    """A kernel's key: four uint32 from mx.random's state, so masks follow mx.random.seed."""
+    return mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout(p); on an NVIDIA GPU, one Philox kernel forward and one backward instead of its
     mx.random.bernoulli mask (elsewhere, or with .kernel False, nn.Dropout itself)."""
@@ -103,8 +108,11 @@ class Dropout(nn.Dropout):
         """The kept fraction 1 - p in units of 2^-24: the kernel's threshold."""
         return round(self._p_1 * 2**24)
 
+    def uses_kernel(self):
+        """Training with p > 0 on an NVIDIA GPU, .kernel on: the Philox kernel runs, not nn.Dropout."""
+        return self.kernel and self.training and self._p_1 < 1 and on_cuda()
+
     def __call__(self, x):
-        if not (self.kernel and self.training and self._p_1 < 1 and on_cuda()):
+        if not self.uses_kernel():
             return super().__call__(x)
-        key = mx.random.randint(0, 2**31 - 1, (4,)).astype(mx.uint32)  # fresh from mx.random's state each call
-        return self._dropout(x, key)
+        return self._dropout(x, draw_key())  # a fresh key from mx.random's state each call

@@ -129,7 +129,7 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
     """The kernel's rows are query positions of square (B, n_head, T, T) scores, four columns per Philox
     call, one warp's registers per row: anything else takes mx.softmax and Dropout (checked as if on CUDA)."""
     attention_dropout = import_example("gpt2", "attention_dropout")
-    monkeypatch.setattr(attention_dropout, "on_cuda", lambda: True)
+    monkeypatch.setattr(import_example("gpt2", "dropout"), "on_cuda", lambda: True)
     fused = attention_dropout.AttentionDropout(0.1)
     fused.train()
     fits = lambda *shape: fused.fits_the_kernel(mx.zeros(shape))  # noqa: E731
