@@ -223,6 +223,13 @@ def announce(label, seconds):
     return seconds
 
 
+def torch_times(configs, steps, repeats, device, ways):
+    """{config: {way: median seconds per step}} of PyTorch, each announced as it ends."""
+    return {name: {way: announce(f"{name} {TORCH_WAYS[way]}", time_torch(c, steps, repeats, device, way))
+                   for way in ways}
+            for name, c in configs.items()}
+
+
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: {way: seconds}}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -301,10 +308,7 @@ def main(argv=None):
 
     torch_device = "cuda" if gpu else "cpu"
     if args.only == "torch":
-        print(json.dumps({name: {way: announce(f"{name} {TORCH_WAYS[way]}",
-                                               time_torch(c, args.steps, args.repeats, torch_device, way))
-                                 for way in ways}
-                          for name, c in configs.items()}))
+        print(json.dumps(torch_times(configs, args.steps, args.repeats, torch_device, ways)))
         return
     if gpu or args.race:
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
@@ -343,10 +347,7 @@ def main(argv=None):
         return
 
     separate = not gpu and "LD_PRELOAD" in os.environ
-    t_torch = torch_in_child(argv) if separate else {
-        name: {way: announce(f"{name} {TORCH_WAYS[way]}", time_torch(c, args.steps, args.repeats, torch_device, way))
-               for way in ways}
-        for name, c in configs.items()}
+    t_torch = torch_in_child(argv) if separate else torch_times(configs, args.steps, args.repeats, torch_device, ways)
     t_mlx = {name: {dtype: announce(f"{name} MLX {dtype}", time_mlx(c, args.steps, args.repeats, dtype))
                     for dtype in dtypes}
              for name, c in configs.items()}
