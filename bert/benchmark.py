@@ -7,7 +7,7 @@
 Random weights, no download. Each row: median seconds per forward pass of each framework, the
 throughput, and the ratio (above 1: MLX is faster). On Linux CPU, preload OpenBLAS first (see the
 README); PyTorch is then timed in a child process without LD_PRELOAD, since the preload would also
-replace PyTorch's own MKL.
+replace PyTorch's own MKL. Progress and the time left go to stderr as it runs; the table to stdout.
 """
 
 import argparse
@@ -44,15 +44,50 @@ def warn_if_reference_blas():
               "see README.md to preload OpenBLAS", file=sys.stderr)
 
 
-def median_seconds(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
+def say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def duration(seconds):
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """Says on stderr how the timings go and how long the rest will take: after the first forward pass,
+    every 10 s within a long timing, and at the end of each. The time left is estimated from the passes
+    so far in seconds per token (B*T), so that a small shape after a large one is not overrated."""
+
+    def __init__(self, tokens_to_run):
+        self.tokens_left, self.tokens_done, self.seconds = tokens_to_run, 0, 0.0
+        self.start = self.last_said = time.perf_counter()
+
+    def say(self, message):
+        now = time.perf_counter()
+        left = self.seconds / self.tokens_done * self.tokens_left
+        say(f"{message}; {duration(now - self.start)} so far, about {duration(left)} to go")
+        self.last_said = now
+
+    def forward_done(self, label, seconds, tokens):
+        self.tokens_left, self.tokens_done = self.tokens_left - tokens, self.tokens_done + tokens
+        self.seconds += seconds
+        if self.tokens_done == tokens or time.perf_counter() - self.last_said > 10:
+            self.say(f"{label}: a forward pass took {duration(seconds)}")
+
+    def timing_done(self, label, median):
+        self.say(f"{label}: median {duration(median)} a pass")
+
+
+def median_seconds(fn, repeats, warmup=2, on_pass=lambda seconds: None):
+    """Median seconds of `repeats` calls of fn after `warmup` untimed ones; on_pass(seconds) after each call."""
     times = []
-    for _ in range(repeats):
+    for _ in range(warmup + repeats):
         tic = time.perf_counter()
         fn()
         times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+        on_pass(times[-1])
+    return statistics.median(times[warmup:])
 
 
 def batch(vocab_size, B, T, seed=0):
@@ -65,36 +100,44 @@ def batch(vocab_size, B, T, seed=0):
     return ids, mask
 
 
-def time_mlx(config, shapes, dtype, repeats, compiled):
+def time_shapes(name, forward, inputs, shapes, repeats, progress):
+    """{"BxT": median seconds} of forward(*inputs(B, T)) for each shape, each timing reported to `progress`."""
+    result = {}
+    for B, T in shapes:
+        args, label = inputs(B, T), f"{name} {B}x{T}"
+        on_pass = lambda seconds: progress.forward_done(label, seconds, B * T)
+        result[f"{B}x{T}"] = median_seconds(lambda: forward(*args), repeats, on_pass=on_pass)
+        progress.timing_done(label, result[f"{B}x{T}"])
+    return result
+
+
+def time_mlx(config, shapes, dtype, repeats, progress):
+    """({shape: seconds} eager, {shape: seconds} mx.compile'd) for the MLX Bert."""
     model = Bert(BertConfig(**config))
     model.set_dtype(DTYPES[dtype])
     model.eval()
     mx.eval(model.parameters())
-    forward = mx.compile(model) if compiled else model
-    result = {}
-    for B, T in shapes:
-        ids, mask = (mx.array(a) for a in batch(config["vocab_size"], B, T))
-        result[f"{B}x{T}"] = median_seconds(lambda: mx.eval(forward(ids, attention_mask=mask)), repeats)
-    return result
+    inputs = lambda B, T: [mx.array(a) for a in batch(config["vocab_size"], B, T)]
+    compiled_model = mx.compile(model)
+    # mx.eval: MLX is lazy, so a pass is timed only once its output is computed.
+    return [time_shapes(name, lambda ids, mask: mx.eval(f(ids, attention_mask=mask)), inputs, shapes, repeats, progress)
+            for name, f in (("MLX", model), ("MLX compiled", compiled_model))]
 
 
-def time_torch(config, shapes, dtype, repeats, device):
+def time_torch(config, shapes, dtype, repeats, device, progress):
     from transformers import BertConfig as HFConfig, BertModel
 
     hf_config = HFConfig(**config, attn_implementation="sdpa")
     model = BertModel(hf_config).to(device=device, dtype=getattr(torch, dtype)).eval()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    result = {}
-    for B, T in shapes:
-        ids, mask = (torch.from_numpy(a).long().to(device) for a in batch(config["vocab_size"], B, T))
 
-        def forward():
-            with torch.inference_mode():
-                model(input_ids=ids, attention_mask=mask)
-            sync()
+    def forward(ids, mask):
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+        sync()
 
-        result[f"{B}x{T}"] = median_seconds(forward, repeats)
-    return result
+    inputs = lambda B, T: [torch.from_numpy(a).long().to(device) for a in batch(config["vocab_size"], B, T)]
+    return time_shapes("PyTorch", forward, inputs, shapes, repeats, progress)
 
 
 def profile_layer(config, B, T, dtype, repeats):
@@ -132,12 +175,14 @@ def profile_layer(config, B, T, dtype, repeats):
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {shape: seconds}."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {shape: seconds}.
+    Its progress lines reach stderr directly."""
+    say("PyTorch, in a child process without LD_PRELOAD:")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
-                            env=env, capture_output=True, text=True)
+                            env=env, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        sys.exit(f"error: the PyTorch child process failed: {result.stderr.strip().splitlines()[-1:]}")
+        sys.exit(f"error: the PyTorch child process failed (exit status {result.returncode}); its message is above")
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -150,8 +195,7 @@ def parse_shape(text):
     return B, T
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="BERT forward throughput, MLX vs transformers (PyTorch).")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(8, 128), (1, 16)],
                         help="batch shapes as BATCHxTOKENS (default: 8x128 1x16)")
@@ -164,13 +208,29 @@ def main(argv=None):
                         help="instead, time the pieces of one MLX encoder layer at the first shape")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
-    config = TINY if args.tiny else BASE
-    if max(T for _, T in args.shapes) > config["max_position_embeddings"]:
-        parser.error(f"sequences longer than {config['max_position_embeddings']} tokens do not fit the model")
+    args.config = TINY if args.tiny else BASE
+    if max(T for _, T in args.shapes) > args.config["max_position_embeddings"]:
+        parser.error(f"sequences longer than {args.config['max_position_embeddings']} tokens do not fit the model")
+    return args
 
+
+def print_profile(args):
+    B, T = args.shapes[0]
+    print(f"one {'tiny' if args.tiny else 'bert-base'} layer at {B}x{T}, {args.dtype}, "
+          f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}; "
+          f"the element-wise pieces also in PyTorch {torch.__version__}:", flush=True)
+    print(f"  {'MLX':>8}  {'PyTorch':>8}")
+    for name, (ms, ms_torch) in profile_layer(args.config, B, T, args.dtype, args.repeats).items():
+        print(f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  {name}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     torch_device = "cuda" if args.device == "gpu" else "cpu"
+    tokens = (2 + args.repeats) * sum(B * T for B, T in args.shapes)  # of one framework's passes over every shape
     if args.only == "torch":
-        print(json.dumps(time_torch(config, args.shapes, args.dtype, args.repeats, torch_device)))
+        print(json.dumps(time_torch(args.config, args.shapes, args.dtype, args.repeats, torch_device, Progress(tokens))))
         return
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
@@ -179,24 +239,23 @@ def main(argv=None):
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
-
     if args.profile:
-        B, T = args.shapes[0]
-        print(f"one {'tiny' if args.tiny else 'bert-base'} layer at {B}x{T}, {args.dtype}, "
-              f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}; "
-              f"the element-wise pieces also in PyTorch {torch.__version__}:")
-        print(f"  {'MLX':>8}  {'PyTorch':>8}")
-        for name, (ms, ms_torch) in profile_layer(config, B, T, args.dtype, args.repeats).items():
-            print(f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  {name}")
-        return
+        return print_profile(args)
 
+    name = "tiny" if args.tiny else "bert-base"
+    shapes = " ".join(f"{B}x{T}" for B, T in args.shapes)
+    say(f"timing {name} forward passes at {shapes} on {args.device}, {args.dtype}: "
+        f"MLX, MLX compiled and PyTorch, {2 + args.repeats} passes each (2 warm-up)")
+    progress = Progress(3 * tokens)
+    t_mlx, t_mlx_compiled = time_mlx(args.config, args.shapes, args.dtype, args.repeats, progress)
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
-    t_torch = torch_in_child(argv) if separate else time_torch(config, args.shapes, args.dtype, args.repeats, torch_device)
-    t_mlx = time_mlx(config, args.shapes, args.dtype, args.repeats, compiled=False)
-    t_mlx_compiled = time_mlx(config, args.shapes, args.dtype, args.repeats, compiled=True)
+    if separate:
+        t_torch = torch_in_child(argv)
+    else:
+        t_torch = time_torch(args.config, args.shapes, args.dtype, args.repeats, torch_device, progress)
 
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{'bert-base' if not args.tiny else 'tiny'} shape, random weights, {args.dtype}, "
+    print(f"{name} shape, random weights, {args.dtype}, "
           f"median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}; "
           f"PyTorch {torch.__version__} on {torch_device}"
           f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers SDPA attention")

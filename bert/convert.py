@@ -54,17 +54,21 @@ def hf_to_mlx_name(name):
     raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a BERT model?")
 
 
-def is_hub_name(name):
-    """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+def looks_like_a_path(name):
+    """True unless `name` can only be a Hugging Face repository id ("name" or "org/name"): a path
+    exists, starts with . / or ~, has more than one separator, or starts with a folder that exists here."""
+    if Path(name).exists() or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None or name.startswith("."):
+        return True
+    return "/" in name and Path(name).parent.is_dir()
 
 
 def resolve(bert_model):
     """A local folder for `bert_model`: itself if it is a folder, else a Hub download (cached)."""
     if Path(bert_model).is_dir():
         return Path(bert_model)
-    if not is_hub_name(bert_model):
-        raise ConversionError(f"{bert_model} is not a folder")
+    if looks_like_a_path(bert_model):
+        raise ConversionError(f"{bert_model} is not a folder; --bert-model takes a folder with config.json and "
+                              "model.safetensors (or pytorch_model.bin), or a Hub name such as bert-base-uncased")
     from huggingface_hub import snapshot_download
 
     try:

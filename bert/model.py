@@ -34,8 +34,7 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf_config):
         """Take the fields above from a `transformers` BertConfig (or any object with them)."""
-        act = getattr(hf_config, "hidden_act", "gelu")
-        if act != "gelu":
+        if (act := getattr(hf_config, "hidden_act", "gelu")) != "gelu":
             raise ValueError(f"hidden_act {act!r} is not supported; this BERT uses the exact (erf) GELU, 'gelu'")
         return cls(**{name: getattr(hf_config, name) for name in cls.__dataclass_fields__})
 
@@ -53,8 +52,7 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids, token_type_ids):
         positions = mx.arange(input_ids.shape[1])  # (T,), broadcast over the batch
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        x = x + self.token_type_embeddings(token_type_ids)
-        return self.norm(x)  # (B, T, D)
+        return self.norm(x + self.token_type_embeddings(token_type_ids))  # (B, T, D)
 
 
 class Attention(nn.Module):
@@ -62,23 +60,17 @@ class Attention(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        D = config.hidden_size
-        self.n_heads = config.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
+        D, self.n_heads = config.hidden_size, config.num_attention_heads
+        self.query, self.key, self.value, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
     def __call__(self, x, mask):
         B, T, D = x.shape
-        head_dim = D // self.n_heads
-
-        def heads(t):  # (B, T, D) -> (B, n_heads, T, head_dim)
-            return t.reshape(B, T, self.n_heads, head_dim).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # (B, T, D) -> (B, n_heads, T, head_dim)
+        q, k, v = (proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+                   for proj in (self.query, self.key, self.value))
         # mask: (B, 1, 1, T) additive, 0 for tokens and a large negative number for padding.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, D)
-        return self.out_proj(out)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
 class FeedForward(nn.Module):
@@ -127,8 +119,7 @@ class MaskedLMHead(nn.Module):
         self.bias = mx.zeros((config.vocab_size,))
 
     def __call__(self, x, word_embeddings):
-        x = self.norm(nn.gelu(self.dense(x)))
-        return word_embeddings.as_linear(x) + self.bias  # (B, T, vocab)
+        return word_embeddings.as_linear(self.norm(nn.gelu(self.dense(x)))) + self.bias  # (B, T, vocab)
 
 
 class Bert(nn.Module):
@@ -147,24 +138,18 @@ class Bert(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
                              f"{self.config.max_position_embeddings} positions")
-        if token_type_ids is None:
-            token_type_ids = mx.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, mx.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         mask = None
         if attention_mask is not None:
             # (B, T) of 1 (token) / 0 (padding) -> additive (B, 1, 1, T) in the activations' dtype.
             # The finite minimum (not -inf) keeps a fully padded row from turning into NaNs.
-            neg = mx.finfo(x.dtype).min
-            mask = ((1 - attention_mask.astype(x.dtype)) * neg)[:, None, None, :]
+            mask = ((1 - attention_mask.astype(x.dtype)) * mx.finfo(x.dtype).min)[:, None, None, :]
         y = self.encoder(x, mask)
         pooled = mx.tanh(self.pooler(y[:, 0])) if "pooler" in self else None  # from the [CLS] token
         return y, pooled
 
     def mlm_logits(self, hidden_states):
-        """Masked-LM logits (B, T, vocab) from the encoder's output; needs the MLM head."""
-        if "mlm" not in self:
-            raise ValueError("these weights have no masked-LM head; convert a checkpoint that has one "
-                             "(for example bert-base-uncased)")
+        """Masked-LM logits (B, T, vocab) from the encoder's output; needs the MLM head (`"mlm" in model`)."""
         return self.mlm(hidden_states, self.embeddings.word_embeddings)
 
 
@@ -180,37 +165,20 @@ def read_weights(weights_path):
 
     NumPy reads the file, not mx.load: MLX 0.32 reads .npz members through Python file objects on
     its own I/O threads, and one of those still waiting for the interpreter lock when a script ends
-    aborts the process ("terminate called without an active exception"). NumPy has no bfloat16;
-    MLX stores it as 2-byte void ("|V2"), which is viewed back as bfloat16 here.
+    aborts the process ("terminate called without an active exception").
     """
     if not os.path.isfile(weights_path):
         raise WeightsError(f"{weights_path} does not exist; write it with convert.py first")
     if not zipfile.is_zipfile(weights_path):
         raise WeightsError(f"cannot read weights from {weights_path}: it is not a .npz (zip) archive")
     try:
-        weights = {}
         with np.load(weights_path, allow_pickle=False) as npz:
-            for name in npz.files:
-                a = npz[name]
-                weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
-        return weights
+            arrays = {name: npz[name] for name in npz.files}
+        # NumPy has no bfloat16; MLX stores it as 2-byte void ("|V2"), viewed back as bfloat16 here.
+        return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+                for name, a in arrays.items()}
     except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
         raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
-
-
-def load_weights(model, weights, source):
-    """Load `weights` into `model`, checking every key and shape; `source` names them in errors."""
-    expected = {k: v.shape for k, v in nn.utils.tree_flatten(model.parameters())}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise WeightsError(f"{source} does not fit the model: missing {missing or 'nothing'}, "
-                           f"unexpected {unexpected or 'nothing'}")
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(s)})"
-             for k, s in expected.items() if tuple(weights[k].shape) != tuple(s)]
-    if wrong:
-        raise WeightsError(f"{source}: wrong shapes: {', '.join(wrong)}")
-    model.load_weights(list(weights.items()))
 
 
 def load_model(bert_model, weights_path, dtype=mx.float32):
@@ -222,9 +190,11 @@ def load_model(bert_model, weights_path, dtype=mx.float32):
     # The optional parts are built when the weights have them.
     model = Bert(config, with_pooler="pooler.weight" in weights,
                  with_mlm_head=any(name.startswith("mlm.") for name in weights))
-    load_weights(model, weights, weights_path)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
+    try:
+        model.load_weights(list(weights.items()))  # strict: every parameter present, no extra, same shapes
+    except ValueError as e:  # MLX names the keys or the shape that do not fit
+        raise WeightsError(f"{weights_path} does not fit the model: {' '.join(str(e).split())}") from None
+    model.set_dtype(dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(bert_model)
     if len(tokenizer) > config.vocab_size:
@@ -233,37 +203,23 @@ def load_model(bert_model, weights_path, dtype=mx.float32):
     return model, tokenizer
 
 
-SAMPLE_BATCH = [
-    "This is an example of BERT working on MLX.",
-    "A second string",
-    "This is another string.",
-]
-
+SAMPLE_BATCH = ["This is an example of BERT working on MLX.", "A second string", "This is another string."]
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def main():
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the MLX BERT on a sample batch and print its output.")
-    parser.add_argument("--bert-model", required=True,
-                        help="Hugging Face model name or local folder: its config and tokenizer are used")
+    parser.add_argument("--bert-model", required=True, help="Hugging Face name or local folder (config, tokenizer)")
     parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py")
-    parser.add_argument("--text", nargs="+", default=SAMPLE_BATCH,
-                        help="sentences to encode (default: a three-sentence sample batch)")
+    parser.add_argument("--text", nargs="+", default=SAMPLE_BATCH, help="sentences to encode (default: a sample batch)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
     args = parser.parse_args()
-
     try:
         model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
         tokens = tokenizer(args.text, return_tensors="np", padding=True)
         output, pooled = model(**{k: mx.array(v) for k, v in tokens.items()})
     except (WeightsError, ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
-    print("MLX BERT:")
-    print(output)
+    print("MLX BERT:", output, sep="\n")
     if pooled is not None:
-        print("\n pooled output:")
-        print(pooled)
-
-
-if __name__ == "__main__":
-    main()
+        print("\n pooled output:", pooled, sep="\n")

@@ -89,19 +89,22 @@ def test_old_gamma_beta_names_and_bert_prefix_are_mapped():
         convert.hf_to_mlx_name("lm_head.weight")
 
 
-def test_weights_that_do_not_fit_are_named(pretraining, tmp_path):
+@pytest.mark.parametrize("damage, named", [
+    ("extra", r"not in model: encoder.layers.9.extra"),
+    ("missing", r"Missing 1 parameters: encoder.layers.1.ffn_norm.bias"),
+    ("shape", r"shape \(32, 32\) but received shape \(32, 16\) for parameter encoder.layers.0.attention.query.weight"),
+])
+def test_weights_that_do_not_fit_are_named(pretraining, tmp_path, damage, named):
     folder, npz = pretraining
     weights = dict(np.load(npz))
-    weights["encoder.layers.0.attention.query.weight"] = weights["encoder.layers.0.attention.query.weight"][:, :16]
-    del weights["pooler.bias"]
-    weights["encoder.layers.9.extra"] = np.zeros(3, np.float32)
+    if damage == "extra":
+        weights["encoder.layers.9.extra"] = np.zeros(3, np.float32)
+    elif damage == "missing":
+        del weights["encoder.layers.1.ffn_norm.bias"]
+    else:
+        weights["encoder.layers.0.attention.query.weight"] = weights["encoder.layers.0.attention.query.weight"][:, :16]
     np.savez(tmp_path / "bad.npz", **weights)
-    with pytest.raises(model_py.WeightsError, match=r"missing \['pooler.bias'\].*encoder.layers.9.extra"):
-        model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
-    weights["pooler.bias"] = np.zeros(32, np.float32)
-    del weights["encoder.layers.9.extra"]
-    np.savez(tmp_path / "bad.npz", **weights)
-    with pytest.raises(model_py.WeightsError, match=r"encoder.layers.0.attention.query.weight \(32, 16\) \(expected \(32, 32\)\)"):
+    with pytest.raises(model_py.WeightsError, match=r"bad.npz does not fit the model: .*" + named):
         model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
 
 
@@ -131,6 +134,15 @@ def test_convert_refuses_a_missing_folder_and_writes_nothing(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "is not a folder" in result.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("given", ["weights/bert-bas", "./bert", "a_file"])
+def test_convert_says_a_mistyped_local_folder_is_not_a_folder(tmp_path, given):
+    (tmp_path / "weights").mkdir()  # "weights/bert-bas" looks like org/name, but weights/ is a folder here
+    (tmp_path / "a_file").write_text("")
+    result = run_script("bert/convert.py", "--bert-model", given, "--mlx-model", tmp_path / "o.npz", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {given} is not a folder")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Hub" not in result.stderr.split(";")[0]
 
 
 def test_convert_takes_org_slash_name_as_a_hub_name(tmp_path):
@@ -191,3 +203,16 @@ def test_an_unreachable_model_name_gives_one_line(pretraining):
     result = run_script("bert/model.py", "--bert-model", "no-such-org/no-such-bert", "--mlx-model", npz)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_benchmark_says_at_once_what_it_times_and_then_its_progress_and_time_left(tmp_path):
+    result = run_script("bert/benchmark.py", "--tiny", "--repeats", "1", "--shapes", "2x16", "1x8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert lines[0].startswith("timing tiny forward passes at 2x16 1x8")
+    assert "to go" in lines[1]  # the estimate, after the first forward pass
+    ends = [line for line in lines if "median" in line]
+    assert [line.split(":")[0] for line in ends] == ["MLX 2x16", "MLX 1x8", "MLX compiled 2x16", "MLX compiled 1x8",
+                                                     "PyTorch 2x16", "PyTorch 1x8"]
+    assert all("so far, about" in line for line in ends)
+    assert "shape" in result.stdout and "MLX/PyTorch" in result.stdout  # the table stays on stdout
