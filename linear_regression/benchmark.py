@@ -5,7 +5,8 @@
 
 On Linux CPU, preload OpenBLAS first (see the README): the mlx[cpu] wheel's bundled BLAS is slow.
 The preload would also replace PyTorch's own MKL (and slow it down), so when LD_PRELOAD is set
-PyTorch is timed in a child process started without it.
+PyTorch is timed in a child process started without it. What is timed, and each timing as it
+ends with the time left, goes to stderr; the table to stdout.
 """
 
 import argparse
@@ -20,20 +21,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from main import positive_int, seed, warn_if_reference_blas
 from model import logistic_loss, sgd, squared_loss
-
-
-def warn_if_reference_blas():
-    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
-    if not sys.platform.startswith("linux"):
-        return
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "/" in line}
-    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
-    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
-    if reference and not openblas:
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
-              "see README.md to preload OpenBLAS", file=sys.stderr)
 
 
 def torch_sgd(loss_fn, X, y, num_iters, lr):
@@ -65,6 +54,14 @@ def median_seconds(fn, repeats):
     return statistics.median(times)
 
 
+def say_timed(label, seconds, start, runs_done, runs_total):
+    """A progress line on stderr: this timing's median and the time left, from the mean time per run so far."""
+    elapsed = time.perf_counter() - start
+    left = elapsed / runs_done * (runs_total - runs_done)
+    print(f"{label}: median {seconds:.3f} s a run; {elapsed:.0f} s so far, about {left:.0f} s to go",
+          file=sys.stderr, flush=True)
+
+
 def make_data(args):
     """The same float32 data for both frameworks: X, linear targets, binary logistic targets."""
     rng = np.random.default_rng(args.seed)
@@ -75,6 +72,7 @@ def make_data(args):
     return X, {"linear": (y_linear, 0.01), "logistic": (y_logistic, 0.1)}
 
 
+FRAMEWORK_NAMES = {"torch": "PyTorch", "mlx": "MLX"}
 # Per framework: its SGD loop, its two losses, and how it takes a numpy array.
 FRAMEWORKS = {
     "torch": (torch_sgd, {"linear": torch_squared_loss, "logistic": torch_logistic_loss}, torch.from_numpy),
@@ -82,43 +80,57 @@ FRAMEWORKS = {
 }
 
 
-def rates(framework, args):
-    """{task: SGD iterations per second} for one framework."""
+def rates(framework, args, start, timings_before=0, timings_total=2):
+    """{task: SGD iterations per second} for one framework, each timing said on stderr as it ends."""
     run_sgd, losses, to_array = FRAMEWORKS[framework]
     X, tasks = make_data(args)
     X = to_array(X)
-    return {name: args.num_iters / median_seconds(
-                lambda: run_sgd(losses[name], X, to_array(y), args.num_iters, lr), args.repeats)
-            for name, (y, lr) in tasks.items()}
+    result = {}
+    for name, (y, lr) in tasks.items():
+        seconds = median_seconds(lambda: run_sgd(losses[name], X, to_array(y), args.num_iters, lr), args.repeats)
+        result[name] = args.num_iters / seconds
+        timings_before += 1
+        say_timed(f"{FRAMEWORK_NAMES[framework]} {name}", seconds, start,
+                  timings_before * (1 + args.repeats), timings_total * (1 + args.repeats))
+    return result
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its iterations/s."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its iterations/s.
+    Its progress lines reach stderr directly."""
+    print("PyTorch, in a child process without LD_PRELOAD:", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
-                            env=env, capture_output=True, text=True, check=True)
+                            env=env, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the PyTorch child process failed (exit status {result.returncode}); its message is above")
     return json.loads(result.stdout.splitlines()[-1])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description="SGD iterations per second, MLX vs PyTorch, on the CPU.")
-    parser.add_argument("--num-features", type=int, default=100, help="weight dimension (default: 100)")
-    parser.add_argument("--num-examples", type=int, default=1000, help="rows of X (default: 1000)")
-    parser.add_argument("--num-iters", type=int, default=2000, help="SGD iterations per timed run (default: 2000)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--num-features", type=positive_int, default=100, help="weight dimension (default: 100)")
+    parser.add_argument("--num-examples", type=positive_int, default=1000, help="rows of X (default: 1000)")
+    parser.add_argument("--num-iters", type=positive_int, default=2000,
+                        help="SGD iterations per timed run (default: 2000)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed runs; the median is reported (default: 5)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**64 - 1 (default: 0)")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
 
+    start = time.perf_counter()
     if args.only == "torch":
-        print(json.dumps(rates("torch", args)))
+        print(json.dumps(rates("torch", args, start, timings_total=2)))
         return
     mx.set_default_device(mx.cpu)
     warn_if_reference_blas()
+    print(f"timing {args.num_iters} SGD iterations on {args.num_examples} x {args.num_features}, linear and "
+          f"logistic, MLX then PyTorch, {1 + args.repeats} runs each (1 warm-up)", file=sys.stderr, flush=True)
+    mlx_rate = rates("mlx", args, start, timings_total=4)
     separate = "LD_PRELOAD" in os.environ
-    torch_rate = torch_in_child(argv) if separate else rates("torch", args)
-    mlx_rate = rates("mlx", args)
+    torch_rate = torch_in_child(argv) if separate else rates("torch", args, start, timings_before=2, timings_total=4)
 
     print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} "
           f"({torch.get_num_threads()} threads{', in a child process without LD_PRELOAD' if separate else ''})")

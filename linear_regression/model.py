@@ -4,6 +4,8 @@ The whole "model" is one weight vector `w` of shape (num_features,). Everything 
 function of `w`; `mx.grad` turns that function into a function that returns d loss / d w.
 """
 
+import math
+
 import mlx.core as mx
 
 
@@ -53,8 +55,13 @@ def accuracy(w, X, y):
 # ---------------------------------------------------------------- training
 
 
-def sgd(loss_fn, X, y, num_iters, lr):
-    """Full-batch gradient descent on `loss_fn(w, X, y)` from a small random start."""
+def sgd(loss_fn, X, y, num_iters, lr, report=None, check_every=100):
+    """Full-batch gradient descent on `loss_fn(w, X, y)` from a small random start.
+
+    Every `check_every` iterations and at the last one the loss is computed: a non-finite loss raises
+    FloatingPointError (the step size is too large: the iterates blow up), and report(iteration,
+    loss) is called when given.
+    """
     grad_fn = mx.grad(loss_fn)  # d loss / d w (argument 0), same shape as w
 
     # Compiling fuses the gradient and the update into one graph, built once and reused every step.
@@ -63,10 +70,16 @@ def sgd(loss_fn, X, y, num_iters, lr):
         return w - lr * grad_fn(w, X, y)
 
     w = 1e-2 * mx.random.normal((X.shape[1],))
-    for _ in range(num_iters):
+    for i in range(1, num_iters + 1):
         w = step(w)
         # MLX is lazy: without this eval the loop would only build a graph num_iters steps deep.
         mx.eval(w)
+        if i % check_every == 0 or i == num_iters:
+            loss = loss_fn(w, X, y).item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} by iteration {i}")
+            if report is not None:
+                report(i, loss)
     return w
 
 

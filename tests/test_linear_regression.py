@@ -1,8 +1,13 @@
+import re
+import signal
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import import_example, run_script
+from helpers import ROOT, import_example, run_script
 
 model = import_example("linear_regression", "model")
 
@@ -50,9 +55,49 @@ def test_main_prints_loss_error_and_accuracy():
     assert loss < 1e-3 and error < 0.05 and accuracy > 0.9
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--num-iters", "0"], ["--lr", "-1"], ["--num-features", "x"]])
-def test_main_rejects_bad_flags_in_one_line(args):
+@pytest.mark.parametrize("args", [
+    ["--num-iters", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "inf"], ["--logistic-lr", "0"],
+    ["--num-features", "x"], ["--seed", "-1"], ["--seed", str(2**64)],
+    ["--num-examples", "1000000", "--num-features", "1000000"],  # 4 TB of X: refused, not a crash allocating it
+])
+def test_main_refuses_bad_flags_in_one_line_before_running(args):
     result = run_script("linear_regression/main.py", *args)
-    assert result.returncode == 2
+    assert result.returncode == 2 and result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert "error:" in result.stderr.strip().splitlines()[-1]
+    assert "error: " in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_diverging_fit_stops_with_one_line_and_a_non_zero_exit():
+    result = run_script("linear_regression/main.py", "--lr", "100", "--num-iters", "300",
+                        "--num-features", "10", "--num-examples", "100")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Linear regression diverged: the loss is nan") and "--lr 100" in last
+    assert "Loss nan" not in result.stdout and "Logistic" not in result.stdout  # it stopped there
+
+
+def test_sgd_raises_at_the_first_check_after_the_loss_turns_non_finite():
+    mx.random.seed(0)
+    X, y, _ = model.make_linear_data(5, 50)
+    with pytest.raises(FloatingPointError, match="by iteration 10$"):
+        model.sgd(model.squared_loss, X, y, num_iters=1000, lr=1e3, check_every=10)
+
+
+def test_progress_reports_the_iteration_loss_and_time_left(capsys):
+    main = import_example("linear_regression", "main")
+    progress = main.Progress(num_iters=100)
+    progress(10, 0.5)  # less than 2 s since the start: quiet
+    assert capsys.readouterr().err == ""
+    progress.last -= 3
+    progress(50, 0.25)
+    assert re.fullmatch(r"  iteration 50/100, loss 0.25000, about \d+ s to go\n", capsys.readouterr().err)
+
+
+def test_ctrl_c_ends_the_run_with_one_line_and_exit_130():
+    process = subprocess.Popen([sys.executable, str(ROOT / "linear_regression/main.py"), "--num-iters", "100000000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline().startswith(("Linear regression:", "warning:"))  # it is training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
