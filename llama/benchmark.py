@@ -39,8 +39,9 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model, quantize, use_decode_kernel
-from timing import generate_runs, host_seconds
+from model import Llama, load_model, warn_if_reference_blas
+from quantize import quantize
+from timing import generate_runs, host_seconds, say
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
@@ -58,19 +59,6 @@ PRESETS = {
 }
 DTYPES = ["float32", "float16", "bfloat16"]
 DTYPES_MX = {name: getattr(mx, name) for name in DTYPES}
-
-
-def warn_if_reference_blas():
-    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
-    if not sys.platform.startswith("linux"):
-        return
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "/" in line}
-    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
-    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
-    if reference and not openblas:
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
-              "see README.md to preload OpenBLAS", file=sys.stderr)
 
 
 def torch_model(preset, dtype, device, seed):
@@ -106,9 +94,9 @@ def prompt_ids(vocab_size, n, seed):
     return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def time_mlx(model, prompt, max_tokens, repeats):
+def time_mlx(model, prompt, max_tokens, repeats, label="MLX"):
     """Median (prompt seconds, seconds per decoded token) of model.generate, as llama.py runs it."""
-    runs = generate_runs(model, prompt, max_tokens, repeats)
+    runs = generate_runs(model, prompt, max_tokens, repeats, label=label)
     return [statistics.median(r[i] for r in runs) for i in (0, 1)]
 
 
@@ -118,7 +106,8 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ids = torch.tensor([prompt], device=device)
     prefill, decode = [], []
-    for _ in range(repeats + 1):
+    for i in range(repeats + 1):
+        start = time.perf_counter()
         with torch.inference_mode():
             sync()
             tic = time.perf_counter()
@@ -130,6 +119,9 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
                               pad_token_id=0)
             sync()
             decode.append((time.perf_counter() - tic - prefill[-1]) / (max_tokens - 1))
+        if i == 0:
+            seconds = time.perf_counter() - start
+            say(f"PyTorch: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s")
     return statistics.median(prefill[1:]), statistics.median(decode[1:])
 
 
@@ -242,8 +234,8 @@ def quantized_copy(model, group_size, bits):
 
 def compare_quantized(model, prompt, args, torch_device):
     """Time `model` (args.dtype), then copies quantized to each of args.quantize bits (groups of
-    args.q_group_size), as this example runs them and with MLX's own quantized matmul only. Prints speed,
-    bandwidth, peak memory while generating and the logit distance from `model` over the prompt."""
+    args.q_group_size), as this example runs them. Prints speed, bandwidth, peak memory while generating
+    and the logit distance from `model` over the prompt."""
     group_size = args.q_group_size
     reference = model(mx.array([prompt]))  # (1, T, vocab): every prompt position's logits
     mx.eval(reference)
@@ -252,7 +244,7 @@ def compare_quantized(model, prompt, args, torch_device):
     def measure(name, model, in_use=0, quality=None):
         mx.clear_cache()
         mx.reset_peak_memory()
-        prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats)
+        prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats, f"MLX {name}")
         # The quantized models' peak is counted beyond what was in use before they were made (the
         # float model kept for comparison): their weights, KV cache and activations.
         rows.append((name, prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory() - in_use,
@@ -267,22 +259,21 @@ def compare_quantized(model, prompt, args, torch_device):
         measure(f"{bits}-bit", quantized, in_use, quality)
         if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
             report_load(quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: ")  # one timed load
-        use_decode_kernel(quantized)  # the same weights; its prompt pass computes the quality again
-        measure(f"{bits}-bit, CUDA kernel", quantized, in_use, logit_distance(reference, quantized(mx.array([prompt]))))
         del quantized
+    print_quantized(rows, args, copy_bandwidth(torch_device))
 
-    bandwidth = copy_bandwidth(torch_device)
+
+def print_quantized(rows, args, bandwidth):
+    """compare_quantized's table: one row per model, the first (args.dtype) the reference of the ratios."""
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {group_size}), "
+    print(f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {args.q_group_size}), "
           f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
           f"MLX {mx.__version__} on {mx.default_device()}{gpu}")
     print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
           f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
           f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding "
           "step to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped "
-          "with the device's previous step; when their sum exceeds the step time, the host sets the pace. "
-          "\"CUDA kernel\": the same model decoding through quantized_matvec.py's kernel (model.use_decode_kernel; "
-          "on a CUDA GPU only, elsewhere the same as above).")
+          "with the device's previous step; when their sum exceeds the step time, the host sets the pace.")
     print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
           f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}")
     print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
@@ -304,17 +295,17 @@ def report_load(model, repeats, suffixes=(".npz", ".safetensors"), label=""):
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings. Its progress lines
+    and errors go to this process's stderr."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, stdout=subprocess.PIPE,
+                            text=True)
     if result.returncode != 0:
-        sys.exit(f"error: the PyTorch child process failed: {result.stderr.strip().splitlines()[-1:]}")
+        sys.exit("error: the PyTorch child process failed (its error is above)")
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch).")
     parser.add_argument("--preset", choices=list(PRESETS), default="small",
                         help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
@@ -344,7 +335,12 @@ def main(argv=None):
         parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if args.prompt_tokens + args.max_tokens > 4096:
         parser.error("--prompt-tokens plus --max-tokens must fit the 4096-token context")
+    return args
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     prompt = prompt_ids(PRESETS[args.preset]["vocab_size"], args.prompt_tokens, args.seed)
     if args.only == "torch":
@@ -359,24 +355,35 @@ def main(argv=None):
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
     if args.profile:
+        say(f"timing one-token products with each {args.preset}-preset weight shape, MLX then PyTorch")
         print(f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s of weights read, median of "
               f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device}")
         print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
         for name, plain, ref in profile_matvec(args.preset, args.dtype, args.device, args.repeats):
             print(f"{name:>32} {plain:>12.0f} {ref:>9.0f}")
         return
-
+    versus = f"{' and '.join(f'{b}-bit' for b in args.quantize)} copies" if args.quantize else "transformers"
+    say(f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX), then timing MLX and {versus}: "
+        f"{args.repeats} timed run{'s' * (args.repeats > 1)} each after a warm-up run, {args.prompt_tokens} prompt tokens "
+        f"and {args.max_tokens} new ones")
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
+    say(f"built the model, {sum(p.size for _, p in nn.utils.tree_flatten(model.parameters())) / 1e6:.2f}M parameters")
     if args.quantize:
         del hf
         if torch_device == "cuda":
             torch.cuda.empty_cache()
         compare_quantized(model, prompt, args, torch_device)
-        return
+    else:
+        compare_frameworks(model, hf, prompt, args, argv, torch_device)
+
+
+def compare_frameworks(model, hf, prompt, args, argv, torch_device):
+    """Time PyTorch (here, or in a child process without LD_PRELOAD), then MLX, and print the comparison."""
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
     if separate:  # PyTorch is timed in a child that builds the same weights from the same seed
         del hf
+        say("timing PyTorch in a child process without LD_PRELOAD")
         t_torch = torch_in_child(argv)
     else:
         t_torch = time_torch(hf, prompt, args.max_tokens, args.repeats, torch_device)
@@ -407,6 +414,7 @@ def main(argv=None):
           f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
           f"the sum comes near the time per token{on_cpu}")
     if args.time_load:
+        say("timing load_model from .npz and .safetensors files")
         report_load(model, args.repeats)
 
 

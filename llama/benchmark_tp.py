@@ -35,8 +35,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from model import Llama, ModelArgs
-from timing import generate_runs, host_seconds
+from model import Llama, ModelArgs, warn_if_reference_blas
+from timing import generate_runs, host_seconds, say
 from tp import ShardingError, init_group, shard, stop_if_any_failed, weight_bytes
 
 # Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
@@ -73,10 +73,10 @@ def random_model(args, group, dtype, seed):
     return model
 
 
-def time_mlx(model, prompt, max_tokens, repeats):
+def time_mlx(model, prompt, max_tokens, repeats, label=None):
     """Decoded tokens per second of each run of model.generate (after a warm-up run), prompt seconds."""
     # mx.synchronize after each run: the step started ahead (with its all_sums) finishes before the next run
-    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=mx.synchronize)
+    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=mx.synchronize, label=label)
     return [1 / seconds for _, seconds in runs], statistics.median(seconds for seconds, _ in runs)
 
 
@@ -93,13 +93,19 @@ def run_mlx(options):
     stop_if_any_failed(group, error)
     n = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
+    if rank == 0:
+        warn_if_reference_blas()
+        say(f"building a random {options.preset}-shaped {options.dtype} Llama split over {n} process{'es' * (n > 1)}, "
+            f"then timing {options.repeats} runs of {options.max_tokens} tokens after a warm-up run")
 
     tic = time.perf_counter()
     model = random_model(args, group, dtype, options.seed)
     build_seconds = time.perf_counter() - tic
+    if rank == 0:
+        say(f"built in {build_seconds:.1f} s")
     split, replicated = weight_bytes(model)
     prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
-    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats)
+    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats, "MLX" if rank == 0 else None)
     build, launch = host_seconds(model, prompt)
     if rank != 0:
         return
@@ -204,9 +210,13 @@ def time_torch(model, prompt, max_tokens, repeats, device):
 
     rates, prompt_seconds = [], []
     with torch.inference_mode():
-        for _ in range(repeats + 1):
+        for i in range(repeats + 1):
+            tic = time.perf_counter()
             prompt_seconds.append(seconds(1))
             rates.append((max_tokens - 1) / (seconds(max_tokens) - prompt_seconds[-1]))
+            if i == 0 and int(os.environ.get("RANK", 0)) == 0:
+                run = time.perf_counter() - tic
+                say(f"transformers: warm-up run {run:.1f} s; {repeats} timed runs, about {repeats * run:.0f} s")
     return rates[1:], statistics.median(prompt_seconds[1:])
 
 
@@ -219,6 +229,9 @@ def run_transformers(options):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
+    if rank == 0:
+        say(f"building a random {options.preset}-shaped {options.dtype} Llama for transformers over {world_size} "
+            f"process{'es' * (world_size > 1)}, then timing {options.repeats} runs after a warm-up run")
     tic = time.perf_counter()
     model = hf_model(options, device)
     build_seconds = time.perf_counter() - tic

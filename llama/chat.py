@@ -1,22 +1,29 @@
-"""Chat formats: a conversation (a list of {"role", "content"} messages) as the token ids a model was
-tuned on, ending where the assistant's reply begins.
+"""`llama.py --chat`: a conversation (a list of {"role", "content"} messages) as the token ids a model was
+tuned on, ending where the assistant's reply begins, and the loop that keeps one key/value cache for it.
 
 - Llama 2 (SentencePiece): Meta's `[INST] ... [/INST]`, the system message inside the first one
   between <<SYS>> and <</SYS>>, each finished exchange wrapped in BOS ... EOS.
 - Llama 3: Meta's header tokens, <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>.
-- Hugging Face folders: the chat_template of tokenizer_config.json (Jinja), rendered as transformers
-  renders it, then tokenized reading the special tokens in it.
+- Hugging Face folders: the chat template (chat_template.jinja, or tokenizer_config.json's
+  chat_template), rendered as transformers renders it, then tokenized reading the special tokens in it;
+  a Llama 3 tokenizer.json without one gets Meta's format.
 
     from chat import chat_tokens
     ids = chat_tokens(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 """
 
+import functools
 import json
+import sys
 from datetime import datetime
 
+from tokenizer import TokenizerError
 
-class ChatFormatError(Exception):
-    pass
+LLAMA3_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+class ChatFormatError(TokenizerError):
+    """A tokenizer without a known chat format, or a template that refuses the conversation."""
 
 
 def llama2_chat(tokenizer, messages):
@@ -44,6 +51,16 @@ def llama3_chat(tokenizer, messages):
     return ids + header("assistant")
 
 
+@functools.cache
+def hf_template(tokenizer):
+    """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart), or None."""
+    jinja = tokenizer.folder / "chat_template.jinja"
+    template = jinja.read_text() if jinja.is_file() else tokenizer.config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
 def render_template(template, messages, special_tokens_map):
     """A Hugging Face chat template rendered as transformers' apply_chat_template renders it (a sandboxed
     Jinja environment that trims blocks, with its tojson, raise_exception and strftime_now)."""
@@ -64,17 +81,47 @@ def render_template(template, messages, special_tokens_map):
 
 
 def chat_tokens(tokenizer, messages):
-    """The conversation's token ids in the tokenizer's chat format, ready for the assistant's reply."""
-    roles = [m["role"] for m in messages if m["role"] != "system"]
-    if (not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2])
-            or roles[-1] != "user"):
-        raise ChatFormatError("a conversation alternates user and assistant messages and ends with the user's")
-    if tokenizer.chat_format == "llama2":
+    """The conversation's token ids in the tokenizer's chat format, ready for the assistant's reply. The
+    roles go (system,) user, assistant, user, ..., user."""
+    if tokenizer.kind == "SentencePiece":
         return llama2_chat(tokenizer, messages)
-    if tokenizer.chat_format == "llama3":
+    template = hf_template(tokenizer) if tokenizer.kind == "Hugging Face" else None
+    if template:
+        return tokenizer.encode(render_template(template, messages, tokenizer.special_tokens_map), special_tokens=True)
+    if all(tokenizer.token_id(t) is not None for t in LLAMA3_HEADER_TOKENS):
         return llama3_chat(tokenizer, messages)
-    if tokenizer.chat_format == "template":
-        return tokenizer.encode(render_template(tokenizer.chat_template, messages, tokenizer.special_tokens_map),
-                                special_tokens=True)
     raise ChatFormatError(f"this {tokenizer.kind} tokenizer has no known chat format (no chat_template in "
                           "tokenizer_config.json or chat_template.jinja beside it); use it without --chat")
+
+
+def chat(model, tokenizer, reply, prompt=None, system=None, lines=sys.stdin):
+    """A conversation in the tokenizer's chat format: one reply to `prompt`, or, without one, a reply to
+    each line read from `lines` until its end (Ctrl-D at a terminal). reply(tokens, cache, context) is
+    llama.py's generate: it streams the reply to `tokens`, which continue `context`, the tokens in `cache`.
+
+    The key/value cache stays between turns. Each turn formats the whole conversation again, keeps the
+    cached positions that agree with it (normally everything so far), and runs the model on the rest:
+    a turn costs its new tokens, and the model always sees exactly the format's tokens."""
+    messages = [{"role": "system", "content": system}] if system else []
+    cache, cached = model.make_cache(), []  # cached: the tokens whose keys and values the cache holds
+    for text in [prompt] if prompt is not None else user_lines(lines):
+        messages.append({"role": "user", "content": text})
+        tokens = chat_tokens(tokenizer, messages)
+        common = 0
+        while common < min(len(cached), len(tokens) - 1) and cached[common] == tokens[common]:
+            common += 1
+        for layer_cache in cache:
+            layer_cache.trim(common)
+        answer, generated = reply(tokens[common:], cache, tokens[:common])
+        cached = (tokens + generated)[: cache[0].offset]  # what the cache really holds
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+
+
+def user_lines(lines):
+    """The lines of `lines` that are not blank, each asked for by "> " on stderr."""
+    print("> ", end="", file=sys.stderr, flush=True)
+    for line in lines:
+        if line.strip():
+            yield line.rstrip("\n")
+        print("> ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)

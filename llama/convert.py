@@ -16,7 +16,7 @@ their RoPE layout (rotate halves) is recorded in the configuration, not undone i
 Llama 3.1's scaled RoPE (`use_scaled_rope`, or `rope_scaling` of type `llama3`) and tied embeddings are
 recorded there too. Hugging Face Mistral models without a sliding window are Llamas with another config.
 
---quantize stores the linear layers and the embedding as MLX affine-quantized weights (model.quantize;
+--quantize stores the linear layers and the embedding as MLX affine-quantized weights (quantize.py;
 --q-bits 4 or 8, --q-group-size 32, 64 or 128) and records {"group_size", "bits"} in the configuration as
 "quantization", so llama.py needs no flag. --dtype then sets the dtype of the scales, biases and norms.
 Models that mlx-lm quantized (config.json with "quantization", `.scales`/`.biases` beside each packed
@@ -30,13 +30,16 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import replace
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from model import Llama, ModelArgs, WeightsError, check_quantization_settings, check_weights, config_array
+from hub import TOKENIZER_FILES, download, is_hub_name
+from model import Llama, ModelArgs, WeightsError, check_weights
+from quantize import check_quantization, check_quantization_settings, quantize, quantize_weights
 
 # Hugging Face name -> Meta / MLX name.
 HF_KEY_MAP = [
@@ -55,14 +58,35 @@ HF_KEY_MAP = [
 ]
 # Buffers some checkpoints carry that the model recomputes.
 DROPPED = [r"rotary_emb\.inv_freq$", r"^rope\.freqs$"]
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "chat_template.jinja", "special_tokens_map.json"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 QUANTIZATION_KEYS = ("group_size", "bits", "mode")  # the rest of mlx-lm's "quantization" is per layer
 
 
+PROGRESS_BYTES = 2**30  # conversions of more than this say how far they are while they work
+
+
 class ConversionError(Exception):
     pass
+
+
+class Progress:
+    """For work on `total` bytes of weights: at the start a line saying what it is, then one every few
+    seconds with how far it is and about how long the rest will take (on stderr; nothing for small work)."""
+
+    def __init__(self, what, total):
+        self.total, self.done, self.tic, self.shown = total, 0, time.perf_counter(), time.perf_counter()
+        self.on = total >= PROGRESS_BYTES
+        if self.on:
+            print(f"{what}: {file_size(total)}", file=sys.stderr, flush=True)
+
+    def add(self, nbytes):
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.on and (now - self.shown >= 5 or self.done >= self.total):
+            left = (now - self.tic) * (self.total - self.done) / max(self.done, 1)
+            print(f"  {100 * self.done / self.total:.0f}% in {now - self.tic:.0f} s, about {left:.0f} s left",
+                  file=sys.stderr, flush=True)
+            self.shown = now
 
 
 def torch_to_mx(tensor):
@@ -106,8 +130,14 @@ def meta_args(params, vocab_size, max_seq_len=None, rope_scaling_factor=None, ti
         rope_scaling = {**META_ROPE_SCALING, "factor": float(rope_scaling_factor)}
     if max_seq_len is None:
         max_seq_len = 131072 if rope_scaling else 8192 if vocab_size >= 128000 else 4096
-    known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+    # Meta's feed-forward width: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to a multiple_of.
+    hidden_dim = int(2 * (4 * params["dim"]) / 3)
+    if params.get("ffn_dim_multiplier") is not None:
+        hidden_dim = int(params["ffn_dim_multiplier"] * hidden_dim)
+    multiple_of = params.get("multiple_of", 256)
+    known = ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta")
     return ModelArgs(**{k: params[k] for k in known if params.get(k) is not None},
+                     hidden_dim=multiple_of * math.ceil(hidden_dim / multiple_of),
                      vocab_size=vocab_size, rope_traditional=True, rope_scaling=rope_scaling,
                      max_seq_len=params.get("max_seq_len", max_seq_len), tie_word_embeddings=tied)
 
@@ -143,6 +173,8 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
     tied = output is None or (len(files) == 1 and output.shape == embedding.shape and bool((output == embedding).all()))
     args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
     expected = {k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())}  # lazy: no memory
+    progress = Progress(f"reading {len(files)} file{'s' * (len(files) > 1)} of {folder}",
+                        sum(t.nbytes for sd in state_dicts for t in sd.values()))
     weights = {}
     for name in state_dicts[0]:
         if any(re.search(p, name) for p in DROPPED) or (tied and name == "output.weight"):
@@ -150,6 +182,7 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
         if name not in expected:
             raise ConversionError(f"unexpected weight {name!r} in {files[0].name}; is it a Llama checkpoint?")
         weights[name] = merge_shards([torch_to_mx(sd[name]) for sd in state_dicts], expected[name])
+        progress.add(sum(sd[name].nbytes for sd in state_dicts))  # torch_to_mx has copied them out of the files
     return args, weights
 
 
@@ -214,7 +247,7 @@ def hf_args(config):
     if (config.get("head_dim") or dim // n_heads) != dim // n_heads:
         raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
     try:
-        return ModelArgs(
+        args = ModelArgs(
             dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
             hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
@@ -225,6 +258,9 @@ def hf_args(config):
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             quantization=mlx_lm_quantization(config),
         )
+        if args.quantization is not None:
+            args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
+        return args
     except ValueError as e:  # shapes that do not divide, an unsupported quantization
         raise ConversionError(f"config.json: {e}") from None
 
@@ -238,27 +274,15 @@ def hf_to_mlx_name(name):
     raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a Llama model?")
 
 
-def is_hub_name(name):
-    """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
-
-
 def resolve_hf(source):
     if Path(source).is_dir():
         return Path(source)
     if not is_hub_name(source) or source.endswith((".pth", ".json")):
         raise ConversionError(f"{source} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        # The weights, and the tokenizer files llama.py reads from the same Hub name.
-        # Mistral's repositories also hold the weights in Mistral's own format (consolidated.safetensors).
-        return Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
-                                                              *TOKENIZER_FILES], ignore_patterns=["consolidated*"]))
-    except Exception as e:  # offline, gated, unknown name, ...
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ConversionError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                              "pass a local folder instead") from None
+    # The weights, and the tokenizer files llama.py reads from the same Hub name.
+    # Mistral's repositories also hold the weights in Mistral's own format (consolidated.safetensors).
+    return download(source, ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES],
+                    ConversionError, ignore=["consolidated*"])
 
 
 def read_hf(folder):
@@ -297,30 +321,10 @@ def read_hf(folder):
 # ---- Both ---------------------------------------------------------------------------------------
 
 
-def quantize_weights(args, weights):
-    """`weights` with each floating-point weight of a layer that args.quantization quantizes replaced by
-    mx.quantize's packed weight, scales and biases. Layers already quantized (mlx-lm) are kept as they are."""
-    group_size, bits = args.quantization["group_size"], args.quantization["bits"]
-    expected = dict(nn.utils.tree_flatten(Llama(args).parameters()))  # lazy: shapes only
-    weights = dict(weights)
-    for name in expected:
-        if not name.endswith(".scales"):
-            continue
-        layer = name.removesuffix("scales")
-        w = weights.get(layer + "weight")
-        if w is None or layer + "scales" in weights or not mx.issubdtype(w.dtype, mx.floating):
-            continue  # missing (check_weights names it) or already quantized
-        out_features, in_features = expected[layer + "weight"].shape[0], expected[name].shape[1] * group_size
-        if w.shape != (out_features, in_features):
-            raise ConversionError(f"{layer}weight has shape {tuple(w.shape)}, expected {(out_features, in_features)}")
-        weights[layer + "weight"], weights[layer + "scales"], weights[layer + "biases"] = mx.quantize(w, group_size, bits)
-    return weights
-
-
-def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quantize=None):
+def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quantization=None):
     """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model.
 
-    quantize: {"group_size", "bits"} to quantize the linear layers and the embedding (model.quantize), or
+    quantization: {"group_size", "bits"} to quantize the linear layers and the embedding (quantize.py), or
     None to keep the checkpoint's weights, quantized (mlx-lm) or not. dtype: of every floating-point array."""
     path = Path(source)
     if path.suffix == ".pth" and not path.is_file():
@@ -329,23 +333,41 @@ def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quan
         args, weights = read_meta(path, max_seq_len, rope_scaling_factor)
     else:
         args, weights = read_hf(resolve_hf(source))
-    if quantize is not None:
-        if args.quantization is not None and args.quantization != quantize:
+    if quantization is not None:
+        if args.quantization is not None and args.quantization != quantization:
             raise ConversionError(f"the checkpoint is already quantized ({args.quantization['bits']} bits, groups of "
                                   f"{args.quantization['group_size']}); convert it without --quantize")
         try:
-            args = replace(args, quantization=quantize)
+            args = replace(args, quantization=check_quantization(quantization, args.dim, args.hidden_dim))
         except ValueError as e:
             raise ConversionError(str(e)) from None
     if dtype is not None:  # before quantizing, so that scales and biases get this dtype too
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    if args.quantization is not None:
-        weights = quantize_weights(args, weights)
     try:
-        check_weights(Llama(args), weights)
-    except WeightsError as e:
+        if args.quantization is not None:
+            weights = quantize_weights(args, weights)
+        check_weights(model_for(args), weights)
+    except (ValueError, WeightsError) as e:
         raise ConversionError(str(e)) from None
     return args, weights
+
+
+def model_for(args):
+    """The Llama `args` describes, unevaluated (shapes only), its layers quantized if args says so."""
+    return Llama(args) if args.quantization is None else quantize(Llama(args), **args.quantization)
+
+
+def config_array(args: ModelArgs):
+    """ModelArgs as a uint8 array of JSON bytes, stored beside the weights as `config`."""
+    return mx.array(list(json.dumps(asdict(args)).encode()), dtype=mx.uint8)
+
+
+def evaluate(weights):
+    """Compute the arrays one at a time (read from the checkpoint, cast, quantized), saying how far it is."""
+    progress = Progress(f"converting {len(weights)} arrays", sum(v.nbytes for v in weights.values()))
+    for value in weights.values():
+        mx.eval(value)
+        progress.add(value.nbytes)
 
 
 def save(args, weights, path):
@@ -395,19 +417,28 @@ def main():
         sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
         sys.exit("error: --q-bits and --q-group-size need --quantize")
-    quantize = {"group_size": args.q_group_size or 64, "bits": args.q_bits or 4} if args.quantize else None
+    quantization = {"group_size": args.q_group_size or 64, "bits": args.q_bits or 4} if args.quantize else None
     # Unsupported settings are refused before anything is read or downloaded; whether the model's widths
-    # are whole groups is checked with its shapes in convert (model.check_quantization).
-    if quantize:
+    # are whole groups is checked with its shapes in convert (quantize.check_quantization).
+    if quantization:
         try:
-            check_quantization_settings(quantize)
+            check_quantization_settings(quantization)
         except ValueError as e:
             sys.exit(f"error: {e}")
     try:
-        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor, quantize)
+        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor,
+                                      quantization)
+        evaluate(weights)
+        if sum(v.nbytes for v in weights.values()) >= PROGRESS_BYTES:
+            print(f"writing {args.output}", file=sys.stderr, flush=True)
         save(model_args, weights, args.output)
     except ConversionError as e:
         sys.exit(f"error: {e}")
+    print(summary(model_args, weights, args.output))
+
+
+def summary(model_args, weights, output):
+    """What was written, for the last line."""
     q = model_args.quantization
     # A packed uint32 word holds 32 / bits weights; scales and biases are not counted as parameters.
     n_params = sum(math.prod(v.shape) * (32 // q["bits"] if v.dtype == mx.uint32 else 1)
@@ -417,9 +448,9 @@ def main():
     scaling = f", scaled x{model_args.rope_scaling['factor']:g}" if model_args.rope_scaling else ""
     tied = ", tied embeddings" if model_args.tie_word_embeddings else ""
     quantized = f", {q['bits']}-bit in groups of {q['group_size']}" if q else ""
-    print(f"Wrote {size} parameters ({len(weights)} arrays, {weights['norm.weight'].dtype}{quantized}), "
-          f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
-          f"to {args.output} ({file_size(os.path.getsize(args.output))})")
+    return (f"Wrote {size} parameters ({len(weights)} arrays, {weights['norm.weight'].dtype}{quantized}), "
+            f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
+            f"to {output} ({file_size(os.path.getsize(output))})")
 
 
 if __name__ == "__main__":

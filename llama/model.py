@@ -4,8 +4,9 @@ Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_f
 Meta checkpoint loads as it is and `convert.py` renames a Hugging Face one. The model configuration
 travels inside the converted weights file, so `load_model(path)` needs nothing else. Llama 3.1 and later
 differ only in configuration: RoPE frequencies rescaled once (`rope_scaling`) and, for Llama 3.2 1B and
-3B, an output layer that is the embedding (`tie_word_embeddings`). A quantized model (convert.py
---quantize) is configured by `quantization`: its linear layers and embedding hold 4- or 8-bit weights.
+3B, an output layer that is the embedding (`tie_word_embeddings`). A quantized file (convert.py
+--quantize) says so in its configuration (`quantization`); loading it imports quantize.py, which swaps its
+linear layers and embedding for MLX's 4- or 8-bit ones. A float model never reads that file.
 
     from model import load_model
     model = load_model("weights.npz")
@@ -15,16 +16,15 @@ differ only in configuration: RoPE frequencies rescaled once (`rope_scaling`) an
 
 import json
 import math
+import sys
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from quantized_matvec import quantized_matmul, use_kernel
 
 
 @dataclass
@@ -34,9 +34,7 @@ class ModelArgs:
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # fewer key/value heads than query heads: grouped-query attention
     vocab_size: int = 32000
-    hidden_dim: Optional[int] = None  # feed-forward width; None: derived from multiple_of as Meta does
-    multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
+    hidden_dim: int = 11008  # feed-forward width (Meta's params.json derives it: see convert.meta_args)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # Meta's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...: traditional=True.
@@ -49,20 +47,13 @@ class ModelArgs:
     max_seq_len: int = 4096  # the context the model was trained with; longer prompts are refused
     tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
     # {"group_size": 64, "bits": 4} (mlx-lm's name and keys): every linear layer and the embedding hold
-    # affine-quantized weights (see quantize below); None: all weights are floating point.
+    # affine-quantized weights (quantize.py); None: all weights are floating point.
     quantization: Optional[dict] = None
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
-            hidden_dim = int(2 * (4 * self.dim) / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
-            self.hidden_dim = self.multiple_of * math.ceil(hidden_dim / self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide")
-        if self.quantization is not None:
-            self.quantization = check_quantization(self.quantization, self.dim, self.hidden_dim)
 
     @property
     def head_dim(self):
@@ -123,15 +114,17 @@ def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor,
 
 
 class RoPE(nn.Module):
-    """nn.RoPE, with the frequencies given (Llama 3.1) instead of computed from the base."""
+    """Rotary embeddings: mx.fast.rope with plain RoPE's periods (from the base), or Llama 3.1's rescaled ones."""
 
-    def __init__(self, dims, traditional, freqs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.dims, self.traditional = dims, traditional
-        self._freqs = freqs  # a leading underscore keeps it out of the parameters
+        self.dims, self.traditional, self.base = args.head_dim, args.rope_traditional, args.rope_theta
+        self._freqs = None  # a leading underscore keeps it out of the parameters
+        if args.rope_scaling is not None:
+            self.base, self._freqs = None, llama3_rope_freqs(args.head_dim, args.rope_theta, **args.rope_scaling)
 
     def __call__(self, x, offset=0):
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=1.0, offset=offset,
                             freqs=self._freqs)
 
 
@@ -143,18 +136,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        if args.rope_scaling is None:
-            self.rope = nn.RoPE(args.head_dim, traditional=args.rope_traditional, base=args.rope_theta)
-        else:
-            freqs = llama3_rope_freqs(args.head_dim, args.rope_theta, **args.rope_scaling)
-            self.rope = RoPE(args.head_dim, args.rope_traditional, freqs)
+        self.rope = RoPE(args)
 
     def __call__(self, x, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, head_dim)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # q: (B, n_heads, T, head_dim); k and v: (B, n_kv_heads, T, head_dim)
+        q, k, v = (w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3) for w in (self.wq, self.wk, self.wv))
         offset = cache.offset if cache is not None else 0  # position of the first of these T tokens
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
@@ -203,8 +190,6 @@ class Llama(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         if not args.tie_word_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.quantization is not None:  # the layers above, quantized (weights come from a file)
-            quantize(self, **args.quantization)
 
     def __call__(self, tokens, cache: Optional[list] = None, last_only=False):
         """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (one KVCache per layer), the
@@ -264,68 +249,6 @@ def sample(logits, temp, top_p):
     return mx.random.categorical(logits)
 
 
-# ---- Quantization -------------------------------------------------------------------------------
-
-# MLX's affine quantization (mx.quantize): each row of a weight is cut into groups of `group_size`
-# consecutive inputs, and within a group w ~ scale * q + bias with q an unsigned `bits`-bit integer.
-# A quantized layer stores `weight` (out, in * bits / 32) uint32 (the q packed 32 / bits to a word),
-# `scales` and `biases` (out, in / group_size) in the float dtype; mlx-lm's files use the same names.
-QUANTIZATION_BITS = (4, 8)
-QUANTIZATION_GROUP_SIZES = (32, 64, 128)
-
-
-def check_quantization_settings(quantization):
-    """{"group_size", "bits"} checked against what this example supports; raises ValueError with the fix."""
-    group_size, bits = quantization.get("group_size"), quantization.get("bits")
-    if bits not in QUANTIZATION_BITS:
-        raise ValueError(f"{bits}-bit quantization is not supported; use 4 or 8 bits")
-    if group_size not in QUANTIZATION_GROUP_SIZES:
-        raise ValueError(f"quantization group size {group_size} is not supported; use 32, 64 or 128")
-    return group_size, bits
-
-
-def check_quantization(quantization, dim, hidden_dim):
-    """{"group_size", "bits"} checked as above and against the model's widths (every quantized layer's
-    input width must be a whole number of groups); raises ValueError with the fix."""
-    group_size, bits = check_quantization_settings(quantization)
-    for name, width in (("dim", dim), ("hidden_dim", hidden_dim)):
-        if width % group_size:
-            fits = [g for g in QUANTIZATION_GROUP_SIZES if dim % g == 0 and hidden_dim % g == 0]
-            raise ValueError(f"the model's {name} {width} is not a multiple of the quantization group size "
-                             f"{group_size}; use a group size of {' or '.join(map(str, fits)) or 'none of 32, 64, 128'}")
-    return {"group_size": group_size, "bits": bits}
-
-
-class QuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose use as the (tied) output layer goes through quantized_matvec, as the
-    other quantized layers do: the CUDA decode kernel on one token, mx.quantized_matmul otherwise."""
-
-    def as_linear(self, x):
-        return quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
-
-
-def quantize(model, group_size, bits):
-    """Quantize every linear layer (attention, feed-forward, output) and the embedding of `model` in place.
-
-    The output layer is read whole for every generated token, so quantizing it speeds decoding like any
-    other layer. The embedding is only looked up (one row per token), so quantizing it saves memory and
-    file size, not time: 0.19 GB of a 7B model at 4 bits. The norms stay in floating point (tiny).
-    Every product is MLX's own mx.quantized_matmul; use_decode_kernel(model) switches decoding on a CUDA
-    GPU to quantized_matvec.py's kernel instead (measured slower end to end so far: see README)."""
-    nn.quantize(model, group_size, bits)  # every module with to_quantized: nn.Linear and nn.Embedding
-    return model
-
-
-def use_decode_kernel(model):
-    """Decode through quantized_matvec.py's CUDA kernel: MLX's quantized classes -> quantized_matvec's
-    QuantizedLinear and the QuantizedEmbedding above, parameters untouched. Off CUDA nothing changes."""
-    use_kernel(model)  # the linear layers
-    for _, module in model.named_modules():
-        if type(module) is nn.QuantizedEmbedding:  # the (tied) output layer's product
-            module.__class__ = QuantizedEmbedding
-    return model
-
-
 # ---- Loading ------------------------------------------------------------------------------------
 
 
@@ -334,20 +257,31 @@ class WeightsError(Exception):
 
 
 def check_weights(model, weights):
-    """Raise WeightsError naming every missing or unexpected key and every shape that does not fit."""
+    """Raise WeightsError naming the missing, unexpected and misshapen arrays of `weights` for `model`."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
-             for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                if items]
+    problems = [f"missing {k}" for k in sorted(expected) if k not in weights]
+    problems += [f"unexpected {k}" if k not in expected else f"{k} is {tuple(weights[k].shape)}, expected "
+                 f"{tuple(expected[k].shape)}" for k in sorted(weights)
+                 if k not in expected or tuple(weights[k].shape) != tuple(expected[k].shape)]
     if problems:
-        quantization = getattr(getattr(model, "args", None), "quantization", None)
-        hint = (f" (the configuration says {quantization['bits']}-bit weights in groups of {quantization['group_size']})"
-                if quantization and (wrong or missing) else "")
-        raise WeightsError("the weights do not fit the model: " + "; ".join(problems) + hint)
+        q = model.args.quantization
+        hint = f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})" if q else ""
+        raise WeightsError(f"the weights do not fit the model{hint}: {', '.join(problems[:6])}"
+                           + (f" and {len(problems) - 6} more" if len(problems) > 6 else ""))
+
+
+def weights_file(path):
+    """`path` as a Path if it can be a weights file written by convert.py; WeightsError saying what it is if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file; convert it into one first: "
+                           f"python llama/convert.py {path} {path.name}.safetensors")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise WeightsError(f"the weights must be the .npz or .safetensors file written by convert.py, got {path} "
+                           "(llama.py takes the weights first, then the tokenizer)")
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist; write it with convert.py first")
+    return path
 
 
 def read_arrays(path):
@@ -365,39 +299,47 @@ def read_arrays(path):
         return mx.load(str(path), stream=mx.cpu)
     if not zipfile.is_zipfile(path):
         raise ValueError("it is not a .npz (zip) archive")
-    weights = {}
     with np.load(path, allow_pickle=False) as npz:
-        for name in npz.files:
-            a = npz[name]
-            weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
-    return weights
+        return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+                for name, a in ((name, npz[name]) for name in npz.files)}
+
+
+def stored_model(config, path):
+    """The Llama, unevaluated, that convert.py described in `path` by `config` (the JSON bytes of a uint8
+    array). Only a quantized file reads quantize.py, which swaps the layers for quantized ones."""
+    if config is None:
+        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
+    try:
+        stored = json.loads(bytes(memoryview(config)).decode())
+        args = ModelArgs(**{k: v for k, v in stored.items() if k in {f.name for f in fields(ModelArgs)}})
+        if args.quantization is None:
+            return Llama(args)
+        from quantize import check_quantization, quantize
+
+        args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
+        return quantize(Llama(args), **args.quantization)
+    except (ValueError, TypeError) as e:  # e.g. a quantization this example does not support
+        raise WeightsError(f"{path}: {e}") from None
 
 
 def load_model(path):
     """The Llama stored in `path` (.npz or .safetensors from convert.py), weights evaluated."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path} does not exist; write it with convert.py first")
+    path = weights_file(path)
     try:
         weights = read_arrays(path)
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
-    # convert.py stores the configuration as JSON bytes in an extra uint8 array.
-    if "config" not in weights:
-        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
-    config = json.loads(bytes(memoryview(weights.pop("config"))).decode())
-    known = {f.name for f in fields(ModelArgs)}
-    try:
-        args = ModelArgs(**{k: v for k, v in config.items() if k in known})
-    except ValueError as e:  # e.g. a quantization this example does not support
-        raise WeightsError(f"{path}: {e}") from None
-    model = Llama(args)
+    model = stored_model(weights.pop("config", None), path)
     check_weights(model, weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
 
 
-def config_array(args: ModelArgs):
-    """ModelArgs as a uint8 array of JSON bytes, stored beside the weights as `config`."""
-    return mx.array(list(json.dumps(asdict(args)).encode()), dtype=mx.uint8)
+def warn_if_reference_blas():
+    """On Linux, mlx[cpu] computes with the reference BLAS it bundles (about 30x slower matrix products)
+    unless OpenBLAS is preloaded: say so before long work on the CPU."""
+    maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+    if mx.default_device() == mx.cpu and "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
+        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products); "
+              "the top-level README.md shows how to preload OpenBLAS", file=sys.stderr)

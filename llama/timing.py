@@ -2,19 +2,28 @@
 GPU under mlx.launch). Only MLX here: benchmark.py also imports PyTorch, which the ranks need not load."""
 
 import statistics
+import sys
 import time
 
 import mlx.core as mx
 
 from model import sample
 
+START = time.perf_counter()
 
-def generate_runs(model, prompt, max_tokens, repeats, after_run=None):
+
+def say(message):
+    """A progress line on stderr (stdout keeps the results), with the seconds since the script started."""
+    print(f"[{time.perf_counter() - START:.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def generate_runs(model, prompt, max_tokens, repeats, after_run=None, label=None):
     """[(prompt seconds, seconds per decoded token)] of `repeats` runs of model.generate, greedy, as
-    llama.py runs it, after a warm-up run; after_run() is called after each run, outside its time."""
+    llama.py runs it, after a warm-up run; after_run() is called after each run, outside its time. With a
+    label, say how long the warm-up took and the timed runs will take."""
     prompt = mx.array(prompt)
     runs = []
-    for _ in range(repeats + 1):  # the first run warms up
+    for i in range(repeats + 1):  # the first run warms up
         tic = time.perf_counter()
         generator = model.generate(prompt, temp=0.0)
         next(generator)  # the first token: one pass over the prompt
@@ -24,6 +33,9 @@ def generate_runs(model, prompt, max_tokens, repeats, after_run=None):
         runs.append((first - tic, (time.perf_counter() - first) / (max_tokens - 1)))
         if after_run:
             after_run()
+        if label and i == 0:
+            seconds = time.perf_counter() - tic
+            say(f"{label}: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s")
     return runs[1:]
 
 

@@ -9,8 +9,8 @@
 - Llama 3.x ship a `tokenizer.model` in tiktoken's format: one "base64(token bytes) rank" per line, 128,000
   byte sequences. Meta's tokenizer splits text with a regular expression (words, up to 3 digits, runs of
   punctuation or whitespace), then merges each piece's bytes by byte-pair encoding: repeatedly join the
-  adjacent pair whose concatenation has the lowest rank. 256 special tokens follow from id 128,000. Here
-  that file becomes a `tokenizers` (Rust) byte-level BPE, as transformers' TikTokenConverter builds it.
+  adjacent pair whose concatenation has the lowest rank. 256 special tokens follow from id 128,000.
+  `Llama3Tokenizer` below does exactly that (tiktoken's algorithm, in Python).
 - Hugging Face folders ship `tokenizer.json` (run by the same library), with `tokenizer_config.json`
   (BOS/EOS names, the chat template) and `generation_config.json` (the ids that end a reply).
 
@@ -20,6 +20,7 @@ tokens, never the end-of-turn token, as in Meta's reference. Only chat formats i
 
 import base64
 import json
+import math
 import re
 from pathlib import Path
 
@@ -39,9 +40,9 @@ class TokenizerError(Exception):
 
 
 class SentencePieceTokenizer:
-    """Llama 1 and 2: BOS 1, EOS 2, and Meta's [INST] chat format."""
+    """Llama 1 and 2: BOS 1, EOS 2."""
 
-    kind, chat_format = "SentencePiece", "llama2"
+    kind = "SentencePiece"
 
     def __init__(self, path):
         from sentencepiece import SentencePieceProcessor
@@ -51,10 +52,7 @@ class SentencePieceTokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"cannot load {path} as a SentencePiece model ({str(e).splitlines()[0]})") from None
         self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-        self.stop_ids = {self.eos_id}
-
-    def encode(self, text):
-        return self.sp.encode(text)
+        self.stop_ids, self.encode = {self.eos_id}, self.sp.encode
 
     def prompt(self, text):
         return [self.bos_id] + self.sp.encode(text)
@@ -63,18 +61,84 @@ class SentencePieceTokenizer:
         return self.sp.decode(list(ids))
 
 
-class BPETokenizer:
-    """A byte-level BPE run by the `tokenizers` library: Llama 3's rank file or a Hugging Face tokenizer.json.
+class Llama3Tokenizer:
+    """Meta's Llama 3 tokenizer.model, encoded as tiktoken encodes it: split the text with Meta's pattern;
+    a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair whose
+    concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
 
-    chat_format is "template" (a Hugging Face chat_template, rendered by chat.py), "llama3" (Meta's header
-    tokens) or None (no known format)."""
+    kind = "Llama 3"
 
-    def __init__(self, tokenizer, kind, stop_ids, chat_format=None, chat_template=None, special_tokens_map=None):
-        self.tokenizer, self.kind, self.stop_ids = tokenizer, kind, set(stop_ids)
-        self.chat_format, self.chat_template = chat_format, chat_template
-        self.special_tokens_map = special_tokens_map or {}  # {"bos_token": "<|begin_of_text|>", ...} for templates
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self.token_id(self.special_tokens_map.get("bos_token"))
+    def __init__(self, path):
+        from tokenizers import Regex, pre_tokenizers
+
+        self.ranks = read_ranks(path)  # {token bytes: id}
+        self.pieces = {rank: token for token, rank in self.ranks.items()}
+        self.special = {token: len(self.ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.vocab_size, self.bos_id = len(self.ranks) + len(self.special), self.special["<|begin_of_text|>"]
+        self.stop_ids = {self.special[token] for token in LLAMA3_STOP_TOKENS}
+        self.split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
+
+    def token_id(self, token):
+        return self.special.get(token)
+
+    def encode(self, text):
+        ids = []
+        for piece, _ in self.split.pre_tokenize_str(text):
+            piece = piece.encode()
+            parts = [piece] if piece in self.ranks else [piece[i : i + 1] for i in range(len(piece))]
+            while len(parts) > 1:
+                rank, i = min((self.ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+                if rank == math.inf:
+                    break
+                parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            ids += [self.ranks[part] for part in parts]
+        return ids
+
+    def prompt(self, text):
+        return [self.bos_id] + self.encode(text)
+
+    def decode(self, ids):  # special tokens decode to nothing; an incomplete character to \ufffd
+        return b"".join(self.pieces.get(i, b"") for i in ids).decode(errors="replace")
+
+
+def read_ranks(path):
+    """{token bytes: rank} from a tiktoken-format file, checked: ranks 0..n-1, every single byte present."""
+    ranks = {}
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise TokenizerError(f"{path} line {number} is not 'base64 rank'; is it a Llama 3 tokenizer.model?") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise TokenizerError(f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
+                             "among the tokens; is it a Llama 3 tokenizer.model?")
+    return ranks
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, run by the `tokenizers` library, with tokenizer_config.json (the special
+    tokens' names) and generation_config.json (the ids that end a reply) beside it. chat.py reads the chat
+    template from the same folder."""
+
+    kind = "Hugging Face"
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"cannot load {path} as a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.folder, self.config = path.parent, read_json(path.parent / "tokenizer_config.json")
+        # {"bos_token": "<|begin_of_text|>", ...}: names may be strings or {"content": ...} objects.
+        self.special_tokens_map = {k: v["content"] if isinstance(v, dict) else v for k, v in self.config.items()
+                                   if k.endswith("_token") and isinstance(v, (str, dict))}
+        # A reply ends at every EOS id the generation config names (Llama 3.1: 128001, 128008, 128009).
+        eos = read_json(self.folder / "generation_config.json").get("eos_token_id")
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.token_id(self.special_tokens_map.get("eos_token"))}
+        self.stop_ids.discard(None)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token):
         return self.tokenizer.token_to_id(token) if token else None
@@ -85,78 +149,12 @@ class BPETokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def prompt(self, text):
-        """BOS and the text: the tokenizer's own post-processor decides (tokenizer.json), or Meta's rule."""
-        if self.kind == "Llama 3":
-            return [self.bos_id] + self.encode(text)
+        """BOS and the text, as the tokenizer's own post-processor adds it."""
         self.tokenizer.encode_special_tokens = True
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-# ---- Meta's Llama 3 rank file -------------------------------------------------------------------
-
-
-def read_ranks(path):
-    """{token bytes: rank} from a tiktoken-format file, checked: ranks 0..n-1, every single byte present."""
-    ranks = {}
-    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:
-            raise TokenizerError(f"{path} line {number} is not 'base64 rank'; is it a Llama 3 tokenizer.model?") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{path}: the ranks are not 0 to {len(ranks) - 1}, each once")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"{path} lacks {len(missing)} of the 256 single bytes, so some text could not be encoded")
-    return ranks
-
-
-def bytes_to_unicode():
-    """GPT-2's table from the 256 byte values to printable characters, as byte-level BPE vocabularies use:
-    printable Latin-1 bytes stand for themselves, the others for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
-def llama3_tokenizer(ranks, special_tokens=LLAMA3_SPECIAL_TOKENS):
-    """The rank file as a tokenizers.Tokenizer that encodes exactly as tiktoken does with Meta's pattern.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; a BPE with a merge (a, b)
-    for every way to split each token into two tokens, ordered by the token's rank, merges the same
-    pairs in the same order. ignore_merges: a piece that is itself a token is that token, as in tiktoken."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    table = bytes_to_unicode()
-    symbol = {token: token.decode("latin-1").translate(table) for token in ranks}  # bytes -> the table's characters
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
-    bpe = models.BPE({symbol[t]: rank for t, rank in ranks.items()}, [(symbol[a], symbol[b]) for a, b in merges],
-                     ignore_merges=True)
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # bytes to the table's characters
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
-    return tokenizer
-
-
-def load_llama3(path):
-    tokenizer = llama3_tokenizer(read_ranks(path))
-    return BPETokenizer(tokenizer, "Llama 3", [tokenizer.token_to_id(t) for t in LLAMA3_STOP_TOKENS], "llama3",
-                        special_tokens_map={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
-
-
-# ---- Hugging Face tokenizer.json ----------------------------------------------------------------
 
 
 def read_json(path):
@@ -166,59 +164,21 @@ def read_json(path):
         raise TokenizerError(f"cannot read {path}: {e}") from None
 
 
-def load_hf(path):
-    """tokenizer.json, with tokenizer_config.json, chat_template.jinja and generation_config.json beside it."""
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise TokenizerError(f"cannot load {path} as a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
-    folder = path.parent
-    config = read_json(folder / "tokenizer_config.json")
-    # Token names may be strings or {"content": ...} objects.
-    names = {k: v["content"] if isinstance(v, dict) else v for k, v in config.items()
-             if k.endswith("_token") and isinstance(v, (str, dict))}
-    template = config.get("chat_template")
-    if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves the template apart
-        template = (folder / "chat_template.jinja").read_text()
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    # A reply ends at every EOS id the generation config names (Llama 3.1: 128001, 128008, 128009).
-    eos = read_json(folder / "generation_config.json").get("eos_token_id")
-    stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.token_to_id(names.get("eos_token") or "") is not None:
-        stop_ids.add(tokenizer.token_to_id(names["eos_token"]))
-    if template:
-        chat_format = "template"
-    elif all(tokenizer.token_to_id(t) is not None for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
-        chat_format = "llama3"  # a Llama 3 tokenizer.json without a template: Meta's format
-    else:
-        chat_format = None
-    return BPETokenizer(tokenizer, "Hugging Face", stop_ids, chat_format, template, names)
-
-
 # ---- Finding the kind ---------------------------------------------------------------------------
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "tokenizer.model"]
 KINDS = ("a SentencePiece tokenizer.model (Llama 1 and 2), Meta's Llama 3 tokenizer.model (a base64 token and "
          "a rank on each line), a Hugging Face tokenizer.json, or a folder holding one")
 
 
 def resolve(source):
-    """A local file or folder; a Hugging Face Hub name is fetched (its tokenizer files only)."""
+    """A local file or folder; a Hugging Face Hub name is fetched (its tokenizer files only: hub.py)."""
     path = Path(source)
     if path.exists():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        from huggingface_hub import snapshot_download
+    from hub import TOKENIZER_FILES, download, is_hub_name
 
-        try:
-            return Path(snapshot_download(str(source), allow_patterns=TOKENIZER_FILES))
-        except Exception as e:  # offline, gated, unknown name, ...
-            raise TokenizerError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}); "
-                                 "pass a local tokenizer file or folder") from None
+    if "/" in str(source) and is_hub_name(source):
+        return download(str(source), TOKENIZER_FILES, TokenizerError)
     raise TokenizerError(f"{source} does not exist; give {KINDS}")
 
 
@@ -234,9 +194,9 @@ def load_tokenizer(source, vocab_size=None):
     with open(path, "rb") as f:
         head = f.read(256)
     if head.lstrip().startswith(b"{"):
-        tokenizer = load_hf(path)
+        tokenizer = HFTokenizer(path)
     elif re.match(rb"[A-Za-z0-9+/]+=* 0\r?\n", head):  # tiktoken: "IQ== 0" is byte 0x21 ("!") at rank 0
-        tokenizer = load_llama3(path)
+        tokenizer = Llama3Tokenizer(path)
     elif head[:1] == b"\n":  # SentencePiece: a protobuf whose first field (the pieces) has tag 0x0a
         tokenizer = SentencePieceTokenizer(path)
     else:

@@ -3,8 +3,10 @@
     mlx.launch -n 4 --backend nccl --python python3 llama/llama.py weights.safetensors tokenizer.model "Hello"
     mlx.launch --hostfile hosts.json --backend ring llama/llama.py weights.safetensors tokenizer.model "Hello"
 
-Every process ("rank") runs the same script. `mx.distributed.init()` connects them (mlx.launch tells each
-its rank and where the others are); llama.py then calls `load_sharded` instead of `load_model`. The
+Every process ("rank") runs the same script. llama.py imports this file only when mlx.launch started it
+(mlx.launch sets MLX_RANK in each process) and loads through `load_split`: `mx.distributed.init()` connects
+the ranks (mlx.launch tells each its rank and where the others are), `load_sharded` reads this rank's
+part of the weights, and a failure on any rank stops them all with one line from rank 0. The
 model in model.py is unchanged: `shard` slices the weights of each block's seven linear layers (which
 keep their class and names) and makes its attention and feed-forward add up their outputs over the
 ranks, as gpt-fast's tp.py does for PyTorch with forward hooks.
@@ -44,8 +46,8 @@ import re
 import struct
 import sys
 import time
+import traceback
 import zipfile
-from dataclasses import fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,7 +55,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from model import Attention, FeedForward, Llama, ModelArgs, WeightsError, check_weights
+from model import Attention, FeedForward, WeightsError, check_weights, load_model, stored_model, weights_file
 
 
 class ShardingError(Exception):
@@ -86,7 +88,7 @@ def shard(model, group):
     Works on a model whose weights are loaded (each rank keeps its slices) and on a freshly built one,
     whose weights are still unevaluated random arrays: then nothing is computed or allocated, and
     the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py). The
-    layers keep their class (nn.Linear or nn.QuantizedLinear, or the decode kernel's subclass) and parameter names;
+    layers keep their class (nn.Linear or nn.QuantizedLinear) and parameter names;
     only the attention and feed-forward modules change class, to add the all_sum.
     """
     n, rank = group.size(), group.rank()
@@ -240,22 +242,18 @@ def load_sharded(path, group):
     fits the model (as load_model does), then copies out only this rank's slices.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{path} does not exist on this machine; with several machines every one needs "
                            "the weights at the same path")
+    path = weights_file(path)
     try:
         arrays = memmap_npz(path) if path.suffix == ".npz" else memmap_safetensors(path)
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
-    if "config" not in arrays:
-        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
-    config = json.loads(bytes(arrays.pop("config")[0]).decode())
-    known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in config.items() if k in known})
-
+    model = stored_model(arrays.pop("config", (None,))[0], path)  # unevaluated: no memory yet
     n, rank = group.size(), group.rank()
-    check_weights(Llama(args), {name: a for name, (a, _) in arrays.items()})  # whole shapes; reads nothing
-    model = shard(Llama(args), group)  # unevaluated: no memory yet
+    check_weights(model, {name: a for name, (a, _) in arrays.items()})  # whole shapes; reads nothing
+    shard(model, group)
     weights = {name: to_mlx(rank_slice(a, split_axis(name), rank, n), bf16) for name, (a, bf16) in arrays.items()}
     check_weights(model, weights)
     model.load_weights(list(weights.items()))
@@ -264,6 +262,27 @@ def load_sharded(path, group):
 
 
 # ---- Starting and agreeing on errors ------------------------------------------------------------
+
+
+def load_split(weights, finish, errors):
+    """(model, finish(model), summary) on every rank: this rank's part of the Llama in `weights` and
+    whatever else the script loads (finish: the tokenizer, say). An exception of `errors` on any rank stops
+    every rank, with one line from rank 0. Afterwards only rank 0 prints; summary is for its load line."""
+    group, error, model, extra = None, None, None, None
+    try:
+        group = init_group()
+        model = load_sharded(weights, group) if group is not None else load_model(weights)
+        extra = finish(model)
+    except (ShardingError, WeightsError, *errors) as e:
+        error = str(e)
+    stop_if_any_failed(group, error)
+    if group is None:  # mlx.launch -n 1
+        return model, extra, ""
+    summary = sharding_summary(model, group)
+    if group.rank() > 0:  # the other ranks compute what rank 0 does and print nothing; a Python error still shows
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
+    return model, extra, summary
 
 
 def launched_rank():
@@ -285,7 +304,6 @@ def init_group():
                             f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU per process; "
                             "--backend ring needs each host's IP address in the --hostfile") from None
     return group if group.size() > 1 else None
-
 
 
 def stop_if_any_failed(group, error):

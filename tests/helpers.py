@@ -39,6 +39,29 @@ def run_script(script, *args, cwd=None, timeout=600, env=None):
     )
 
 
+def run_with_unread_stdin(script, *args, timeout=120):
+    """Run `python ROOT/script args...` offline with a line waiting on a stdin that never ends (this process
+    holds the pipe's write end), so a script that read stdin would wait or take the line. Returns
+    (returncode, stdout, stderr, what is still unread on stdin)."""
+    import tempfile
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a line on stdin\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdin=read_end,
+                                   stdout=out, stderr=err, env=env, text=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        finally:
+            process.kill()
+        os.set_blocking(read_end, False)
+        unread = os.read(read_end, 1000).decode()
+        os.close(read_end), os.close(write_end)
+        out.seek(0), err.seek(0)
+        return returncode, out.read(), err.read(), unread
+
+
 def write_idx(path, array, gz=False):
     """Write a uint8 array as an IDX file: magic 2051 for (N, rows, cols) images, 2049 for (N,) labels."""
     array = np.asarray(array, dtype=np.uint8)

@@ -2,6 +2,7 @@
 and llama.py end to end with a SentencePiece model trained here."""
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -212,15 +213,12 @@ def test_streaming_decoder_prints_spaces_and_multibyte_characters(hf_folder):
 
 
 def test_llama_py_does_not_read_stdin(converted, hf_folder):
-    import subprocess
-    import sys
+    from helpers import run_with_unread_stdin
 
-    from helpers import ROOT
-
-    result = subprocess.run([sys.executable, str(ROOT / "llama/llama.py"), str(converted),
-                             str(hf_folder / "tokenizer.model"), "call me", "--max-tokens", "3"],
-                            stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120)  # stdin never closed
-    assert result.returncode == 0, result.stderr
+    returncode, _, stderr, unread = run_with_unread_stdin("llama/llama.py", converted, hf_folder / "tokenizer.model",
+                                                          "call me", "--max-tokens", "3")
+    assert returncode == 0, stderr
+    assert unread == "a line on stdin\n"
 
 
 @pytest.mark.parametrize("case, message", [
@@ -230,6 +228,8 @@ def test_llama_py_does_not_read_stdin(converted, hf_folder):
     ("not a tokenizer", "cannot load"),
     ("missing weights", "does not exist; write it with convert.py"),
     ("corrupt weights", "cannot read"),
+    ("a model folder as the weights", "is a folder, not a weights file; convert it into one first: python llama/convert.py"),
+    ("weights and tokenizer swapped", "llama.py takes the weights first, then the tokenizer"),
 ])
 def test_llama_py_bad_input_gives_one_line(case, message, converted, hf_folder, tmp_path):
     from helpers import tiny_sentencepiece
@@ -248,9 +248,13 @@ def test_llama_py_bad_input_gives_one_line(case, message, converted, hf_folder, 
     elif case == "corrupt weights":
         weights = tmp_path / "corrupt.npz"
         weights.write_bytes(converted.read_bytes()[:5000])
+    elif case == "a model folder as the weights":
+        weights = hf_folder
+    elif case == "weights and tokenizer swapped":
+        weights, tokenizer = tokenizer, weights
     result = run_script("llama/llama.py", weights, tokenizer, prompt)
     assert result.returncode != 0
-    assert message in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr  # after argparse's usage, if any
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
@@ -267,8 +271,8 @@ def test_convert_names_missing_and_misshaped_weights(hf_folder, tmp_path):
     save_file(weights, broken / "model.safetensors")
     result = run_script("llama/convert.py", broken, tmp_path / "out.npz")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "missing: layers.1.feed_forward.w3.weight" in result.stderr
-    assert "norm.weight (65,) (expected (64,))" in result.stderr
+    assert "missing layers.1.feed_forward.w3.weight" in result.stderr
+    assert "norm.weight is (65,), expected (64,)" in result.stderr
     assert not (tmp_path / "out.npz").exists()
 
 
@@ -292,3 +296,55 @@ def test_benchmark_times_the_same_model_in_both_frameworks():
     hf = benchmark.torch_model("tiny", "float32", "cpu", seed=0)
     ids = tokens(B=1, T=12)
     np.testing.assert_allclose(np.array(benchmark.mlx_model(hf)(mx.array(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
+
+
+def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_folder):
+    """tp.py (mlx.launch runs) and quantize.py (quantized files) are features beside the model, as chat.py
+    (--chat) and hub.py (Hub names) are: a plain run of llama.py with a float model imports none of them."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print(sorted({'tp', 'quantize', 'chat', 'hub', 'model'} & set(sys.modules)), file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "llama/llama.py"), str(converted),
+                             str(hf_folder / "tokenizer.model"), "call me", "--max-tokens", "2"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "['model']"  # model.py is, so the check would see the others
+
+
+def test_convert_of_a_large_checkpoint_says_how_far_it_is(hf_folder, tmp_path, monkeypatch, capsys):
+    import sys
+
+    convert = import_example("llama", "convert")
+    monkeypatch.setattr(convert, "PROGRESS_BYTES", 1)  # this tiny checkpoint counts as large
+    monkeypatch.setattr(sys, "argv", ["convert.py", str(hf_folder), str(tmp_path / "w.safetensors")])
+    convert.main()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("converting 21 arrays: ") and lines[0].endswith(" MB"), lines
+    assert any(line.startswith("  100% in ") and line.endswith(" s left") for line in lines), lines
+    assert lines[-1] == f"writing {tmp_path / 'w.safetensors'}"
+
+
+def test_benchmark_says_what_it_does_then_how_long_each_part_takes():
+    result = run_script("llama/benchmark.py", "--preset", "tiny", "--prompt-tokens", "8", "--max-tokens", "4",
+                        "--repeats", "2")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert "building a random tiny-preset float32 Llama" in progress[0], result.stderr
+    for framework in ("PyTorch", "MLX"):
+        assert any(f"{framework}: warm-up run" in line and "2 timed runs, about" in line for line in progress), progress
+
+
+def test_llama_py_warns_when_mlx_computes_with_the_reference_blas(converted, hf_folder):
+    # This process has loaded MLX as llama.py will: the same libraries are mapped (or not) there.
+    maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+    reference = mx.default_device() == mx.cpu and "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps
+    result = run_script("llama/llama.py", converted, hf_folder / "tokenizer.model", "call me", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert ("warning: MLX is using the reference BLAS" in result.stderr) == reference, result.stderr

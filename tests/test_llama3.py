@@ -70,6 +70,37 @@ def train_ranks(text, n_merges=60):
     return ranks
 
 
+def bytes_to_unicode():
+    """GPT-2's table from the 256 byte values to printable characters, as byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def bpe_tokenizer(ranks, special_tokens=None):
+    """The rank file as a Hugging Face `tokenizers` byte-level BPE (as transformers' TikTokenConverter builds
+    it), to save as a tokenizer.json: a merge (a, b) for every way to split each token into two tokens,
+    ordered by the token's rank, merges the same pairs in the same order as tiktoken."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    special_tokens = special_tokens or import_example("llama", "tokenizer").LLAMA3_SPECIAL_TOKENS
+    table = bytes_to_unicode()
+    symbol = {token: token.decode("latin-1").translate(table) for token in ranks}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    bpe = models.BPE({symbol[t]: rank for t, rank in ranks.items()}, [(symbol[a], symbol[b]) for a, b in merges],
+                     ignore_merges=True)
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(META_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return tokenizer
+
+
 def write_ranks(ranks, path):
     import base64
 
@@ -116,14 +147,14 @@ def test_llama3_streamed_decode_equals_decoding_everything(tokenizer):
     assert "" in pieces  # the 4 bytes of 🦙 are 4 tokens: held back until the character is complete
 
 
-def test_tokenizer_kind_is_read_from_the_content(rank_file, tmp_path):
+def test_tokenizer_kind_is_read_from_the_content(rank_file, ranks, tmp_path):
     tokenizer_module = import_example("llama", "tokenizer")
     renamed = tmp_path / "vocab.bin"
     renamed.write_bytes(rank_file.read_bytes())
     assert tokenizer_module.load_tokenizer(renamed).kind == "Llama 3"
     folder = tiny_llama(tmp_path / "hf")  # a folder with a SentencePiece tokenizer.model
     assert tokenizer_module.load_tokenizer(folder).kind == "SentencePiece"
-    tokenizer_module.llama3_tokenizer(tokenizer_module.read_ranks(rank_file)).save(str(folder / "tokenizer.json"))
+    bpe_tokenizer(ranks).save(str(folder / "tokenizer.json"))
     assert tokenizer_module.load_tokenizer(folder).kind == "Hugging Face"  # tokenizer.json comes first
 
 
@@ -164,18 +195,18 @@ def test_llama2_chat_format_gives_metas_ids(tmp_path):
     assert import_example("llama", "chat").chat_tokens(tokenizer, CONVERSATION) == expected
 
 
-def test_hf_chat_template_gives_transformers_ids(tokenizer, rank_file, tmp_path):
+def test_hf_chat_template_gives_transformers_ids(tokenizer, ranks, tmp_path):
     from transformers import AutoTokenizer
 
     folder = tmp_path / "hf-tokenizer"
     folder.mkdir()
     tokenizer_module = import_example("llama", "tokenizer")
-    tokenizer_module.llama3_tokenizer(tokenizer_module.read_ranks(rank_file)).save(str(folder / "tokenizer.json"))
+    bpe_tokenizer(ranks).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
         "chat_template": LLAMA3_TEMPLATE}))
     hf = tokenizer_module.load_tokenizer(folder)
-    assert hf.kind == "Hugging Face" and hf.chat_format == "template"
+    assert hf.kind == "Hugging Face" and import_example("llama", "chat").hf_template(hf) == LLAMA3_TEMPLATE
     ids = import_example("llama", "chat").chat_tokens(hf, CONVERSATION)
     reference = AutoTokenizer.from_pretrained(folder).apply_chat_template(CONVERSATION, add_generation_prompt=True,
                                                                          tokenize=True)
@@ -183,14 +214,15 @@ def test_hf_chat_template_gives_transformers_ids(tokenizer, rank_file, tmp_path)
     assert ids == import_example("llama", "chat").chat_tokens(tokenizer, CONVERSATION)  # the template is Meta's format
 
 
-def test_hf_model_stops_at_every_eos_id_of_its_generation_config(rank_file, tmp_path):
+def test_hf_model_stops_at_every_eos_id_of_its_generation_config(tokenizer, ranks, tmp_path):
     tokenizer_module = import_example("llama", "tokenizer")
-    tokenizer_module.llama3_tokenizer(tokenizer_module.read_ranks(rank_file)).save(str(tmp_path / "tokenizer.json"))
+    bpe_tokenizer(ranks).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 5, 7]}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
     hf = tokenizer_module.load_tokenizer(tmp_path / "tokenizer.json")
     assert hf.stop_ids == {3, 5, 7, hf.token_id("<|eot_id|>")}
-    assert hf.chat_format == "llama3"  # no template, but Llama 3's header tokens: Meta's format
+    chat = import_example("llama", "chat")  # no template, but Llama 3's header tokens: Meta's format
+    assert chat.chat_tokens(hf, CONVERSATION) == chat.chat_tokens(tokenizer, CONVERSATION)
 
 
 # ---- Llama 3.1 models: scaled RoPE, GQA, tied and untied output --------------------------------------
@@ -363,11 +395,12 @@ def test_interactive_chat_keeps_the_cache_and_answers_as_a_fresh_prompt_would(ma
 
 
 def test_chat_with_a_prompt_answers_once_without_reading_stdin(llama3_model, rank_file):
-    result = subprocess.run([sys.executable, str(ROOT / "llama/llama.py"), str(llama3_model), str(rank_file), "--chat",
-                             "Call me Ishmael.", "--max-tokens", "4"], stdin=subprocess.PIPE, capture_output=True,
-                            text=True, timeout=120)  # stdin never closed
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count("from the cache") == 1
+    from helpers import run_with_unread_stdin
+
+    returncode, _, stderr, unread = run_with_unread_stdin("llama/llama.py", llama3_model, rank_file, "--chat",
+                                                          "Call me Ishmael.", "--max-tokens", "4")
+    assert returncode == 0, stderr
+    assert stderr.count("from the cache") == 1 and unread == "a line on stdin\n"
 
 
 @pytest.mark.parametrize("case, message", [
@@ -386,10 +419,7 @@ def test_llama_py_bad_llama3_input_gives_one_line(case, message, llama3_model, r
         args[1] = tmp_path / "tokenizer.model"
         args[1].write_text("this is not a tokenizer\n")
     elif case == "no chat format":
-        tokenizer_module = import_example("llama", "tokenizer")
-        plain = tokenizer_module.llama3_tokenizer(tokenizer_module.read_ranks(rank_file),
-                                                  special_tokens=[f"<|special_{i}|>" for i in range(256)])
-        plain.save(str(tmp_path / "tokenizer.json"))
+        bpe_tokenizer(ranks, special_tokens=[f"<|special_{i}|>" for i in range(256)]).save(str(tmp_path / "tokenizer.json"))
         args[1] = tmp_path / "tokenizer.json"
         args.append("--chat")
     elif case == "system without chat":

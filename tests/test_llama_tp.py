@@ -25,6 +25,12 @@ TIMEOUT = 60  # seconds; a hang fails the test instead of blocking CI
 LAYER_WEIGHTS = re.compile(r"\.(wq|wk|wv|wo|w1|w2|w3)\.weight$")
 
 
+@pytest.fixture(autouse=True)
+def llama_on_path(monkeypatch):
+    """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/llama.py` finds it."""
+    monkeypatch.syspath_prepend(str(ROOT / "llama"))
+
+
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -76,7 +82,7 @@ def save_tiny_llama(path, seed=0, quantization=None, **args):
     if quantization is not None:  # those weights quantized, as convert.py --quantize stores them
         llama = model.Llama(args)
         llama.load_weights(list(weights.items()))
-        model.quantize(llama, **quantization)
+        import_example("llama", "quantize").quantize(llama, **quantization)
         args = model.ModelArgs(**{**vars(args), "quantization": quantization})
         weights = dict(tree_flatten(llama.parameters()))
     convert.save(args, weights, path)
