@@ -15,12 +15,14 @@ backward pass:
 reading S and dP_d and writing dS. P is recomputed from S (which autograd keeps anyway) and Z is redrawn
 from the key, so nothing else is stored. Z is exactly the mask dropout.py's kernel draws for the same
 key over P's flat elements, so the two ways give the same result; tests/test_gpt2_precision.py checks
-that on a GPU. On the CPU and on Apple GPUs this is mx.softmax followed by nn.Dropout.
+that on a GPU. On the CPU and on Apple GPUs this is model.py's AttentionDropout: causal_softmax, then
+nn.Dropout. kernels.py puts this class in the model's place on an NVIDIA GPU.
 """
 
 import mlx.core as mx
 
 from dropout import PHILOX, Dropout, draw_key
+from model import causal_softmax
 
 HEADER = PHILOX + """
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -138,8 +140,8 @@ def run_kernel(name, source, inputs, keep):
 class AttentionDropout(Dropout):
     """dropout(softmax(scores + causal mask)) over the last axis of (B, n_head, T, T) scores.
 
-    Where fits_the_kernel: the two kernels above. Otherwise mx.softmax (summed in float32) and then
-    Dropout (in eval mode: the softmax alone)."""
+    Where fits_the_kernel: the two kernels above. Otherwise model.causal_softmax and then Dropout (in
+    eval mode: the softmax alone)."""
 
     def __init__(self, p: float = 0.5):
         super().__init__(p)
@@ -166,8 +168,6 @@ class AttentionDropout(Dropout):
                 and scores.ndim == 4 and scores.shape[-2] == T and T % 4 == 0 and T <= MAX_T)
 
     def __call__(self, scores):
-        T = scores.shape[-1]
         if self.fits_the_kernel(scores):
             return self._softmax_dropout(scores, draw_key())  # the key Dropout would draw: the same mask
-        causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
-        return super().__call__(mx.softmax(scores + causal, axis=-1, precise=True))  # softmax sums in float32
+        return super().__call__(causal_softmax(scores))

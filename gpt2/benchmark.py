@@ -40,8 +40,10 @@ import torch.nn as tnn
 import torch.nn.functional as F
 
 from dropout import Dropout
-from main import DTYPES, make_train_step
-from model import GPT, GPTConfig
+from float16 import LossScale
+from blas import warn_if_reference_blas
+from main import DTYPES, make_train_step, new_model
+from model import GPTConfig
 from nanogpt_reference import TorchGPT, make_step, race
 
 TF32 = os.environ["MLX_ENABLE_TF32"] != "0"
@@ -55,45 +57,43 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4)
 VOCAB = 65
 
 
-def warn_if_reference_blas():
-    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
-    if not sys.platform.startswith("linux"):
-        return
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "/" in line}
-    reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
-    openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
-    if reference and not openblas:
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
-              "see README.md to preload OpenBLAS", file=sys.stderr)
-
-
 def batches(c, steps, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, (2, c["batch_size"], c["block_size"])).astype(np.int32) for _ in range(steps)]
 
 
-def time_steps(run_steps, repeats):
-    """Median seconds per step over `repeats` runs of run_steps() (after one warm-up run)."""
-    run_steps()
+def time_steps(run_steps, repeats, label="", unit="step"):
+    """Median seconds per step over `repeats` runs of run_steps() (after one warm-up run, which
+    compiles). Says on stderr what it times, how long the warm-up took, and when it is done."""
+    if label:
+        print(f"  {label}: warm-up (compiles)...", file=sys.stderr, flush=True)
+    tic = time.perf_counter()
+    n = run_steps()
+    warmup = time.perf_counter() - tic
+    if label:
+        print(f"  {label}: warm-up {warmup:.1f} s; {repeats} timed runs of {n} {unit}s, about "
+              f"{repeats * warmup:.0f} s or less", file=sys.stderr, flush=True)
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
         n = run_steps()
         times.append((time.perf_counter() - tic) / n)
+    if label:
+        print(f"  {label}: {1e3 * statistics.median(times):.2f} ms/{unit}", file=sys.stderr, flush=True)
     return statistics.median(times)
 
 
-def time_mlx(c, steps, repeats, dtype, change=None):
+def time_mlx(c, steps, repeats, dtype, change=None, label=""):
     """Median seconds per step of main.py's compiled step; change(model), if given, alters the model first."""
     mx.random.seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                          n_embd=c["n_embd"], dropout=c["dropout"]))
+    model = new_model(GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                                n_embd=c["n_embd"], dropout=c["dropout"]))  # main.py's model, its kernels on CUDA
     model.train()
     if change:
         change(model)
     optimizer = optim.AdamW(learning_rate=1e-3)
-    train_step, state = make_train_step(model, optimizer, DTYPES[dtype])  # exactly main.py's step
+    loss_scale = LossScale(optimizer) if dtype == "float16" else None
+    train_step, state = make_train_step(model, optimizer, DTYPES[dtype], loss_scale=loss_scale)  # exactly main.py's step
     data = [tuple(mx.array(a) for a in b) for b in batches(c, steps)]
     mx.eval(state, data)
 
@@ -104,14 +104,14 @@ def time_mlx(c, steps, repeats, dtype, change=None):
         mx.eval(state, loss)
         return len(data)
 
-    return time_steps(run_steps, repeats)
+    return time_steps(run_steps, repeats, label)
 
 
 TORCH_WAYS = {"nanogpt": "PyTorch nanoGPT's way (bf16 autocast, torch.compile, fused AdamW)",
               "eager": "PyTorch eager float32"}
 
 
-def time_torch(c, steps, repeats, device, way):
+def time_torch(c, steps, repeats, device, way, label=""):
     """way "nanogpt": bfloat16 autocast + torch.compile + fused AdamW + flash attention with dropout
     (the anchor); "eager": float32, no compile, the default AdamW."""
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def time_torch(c, steps, repeats, device, way):
         sync()
         return len(data)
 
-    return time_steps(run_steps, repeats)
+    return time_steps(run_steps, repeats, label)
 
 
 def profile_pieces(c, device, repeats):
@@ -173,13 +173,14 @@ def profile_pieces(c, device, repeats):
 
     result = {}
     for name, (mlx_fn, torch_fn) in pieces.items():
-        result[name] = (1e3 * time_steps(one_step(lambda: mx.eval(mlx_fn())), repeats),
-                        1e3 * time_steps(one_step(lambda: (torch_fn(), sync())), repeats))
+        result[name] = (1e3 * time_steps(one_step(lambda: mx.eval(mlx_fn())), repeats, f"{name}, MLX", "call"),
+                        1e3 * time_steps(one_step(lambda: (torch_fn(), sync())), repeats, f"{name}, PyTorch", "call"))
     return result
 
 
 def dropouts(model):
-    return [module for _, module in model.named_modules() if isinstance(module, Dropout)]
+    """Every dropout of the model: nn.Dropout, or (on CUDA) kernels.py's classes, which derive from it."""
+    return [module for _, module in model.named_modules() if isinstance(module, nn.Dropout)]
 
 
 def bernoulli_dropout(model):
@@ -217,25 +218,19 @@ ABLATIONS = {
 }
 
 
-def announce(label, seconds):
-    """Progress on stderr as each timing ends (a first run compiles: torch.compile, MLX's kernels); returns seconds."""
-    print(f"  {label}: {1e3 * seconds:.2f} ms/step", file=sys.stderr, flush=True)
-    return seconds
-
-
 def torch_times(configs, steps, repeats, device, ways):
-    """{config: {way: median seconds per step}} of PyTorch, each announced as it ends."""
-    return {name: {way: announce(f"{name} {TORCH_WAYS[way]}", time_torch(c, steps, repeats, device, way))
-                   for way in ways}
+    """{config: {way: median seconds per step}} of PyTorch, each announced as it goes."""
+    return {name: {way: time_torch(c, steps, repeats, device, way, f"{name} {TORCH_WAYS[way]}") for way in ways}
             for name, c in configs.items()}
 
 
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: {way: seconds}}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, capture_output=True, text=True)
+    # Its progress lines (stderr) come straight through; its result is the last line of its stdout.
+    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        sys.exit(f"error: the PyTorch child process failed: {result.stderr.strip().splitlines()[-1:]}")
+        sys.exit(f"error: the PyTorch child process failed (exit status {result.returncode}); see its message above")
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -270,8 +265,52 @@ def run_race(data, target):
         print(f"{name:>26}: " + (f"step {hit[0]}, val {hit[1]:.4f}, {hit[2]:.1f} s" if hit else "not reached"))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def print_profile(name, c, args, torch_device):
+    tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
+    print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
+          f"MLX {mx.__version__} on {mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} "
+          f"on {torch_device} (eager, in this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})", flush=True)
+    rows = profile_pieces(c, args.device, args.repeats)
+    print(f"{'piece':>42} {'MLX ms':>8} {'PyTorch ms':>11} {'MLX/PyTorch':>12}")
+    for piece, (ms, ms_torch) in rows.items():
+        print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
+
+
+def print_ablation(name, c, args, dtype, gpu):
+    print(f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
+          f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
+          + (f" ({torch.cuda.get_device_name()})" if gpu else ""), flush=True)
+    seconds = {variant: time_mlx(c, args.steps, args.repeats, dtype, change, variant)
+               for variant, change in ABLATIONS.items()}
+    first = seconds["main.py's model"]
+    print(f"{'variant':>62} {'ms/step':>9} {'vs main.py':>11}")
+    for variant, t in seconds.items():
+        print(f"{variant:>62} {1e3 * t:>9.2f} {1e3 * (t - first):>+10.2f} ms")
+
+
+def print_comparison(configs, args, argv, dtypes, ways, gpu):
+    """The main table: PyTorch's ways and MLX's dtypes, per config, against the first PyTorch way."""
+    torch_device, tf32 = "cuda" if gpu else "cpu", "TF32 matmuls" if TF32 else "full float32 matmuls"
+    separate = not gpu and "LD_PRELOAD" in os.environ
+    t_torch = torch_in_child(argv) if separate else torch_times(configs, args.steps, args.repeats, torch_device, ways)
+    t_mlx = {name: {dtype: time_mlx(c, args.steps, args.repeats, dtype, label=f"{name} MLX {dtype}") for dtype in dtypes}
+             for name, c in configs.items()}
+    device = f" ({torch.cuda.get_device_name()})" if gpu else ""
+    print(f"random batches, {args.steps} steps x median of {args.repeats}; float32 in {tf32}; MLX {mx.__version__} "
+          f"on {mx.default_device()}{device} (compiled step, float32 master weights); PyTorch {torch.__version__} "
+          f"on {torch_device}{' in a child process without LD_PRELOAD' if separate else ''}")
+    reference = ways[0]
+    print(f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} {'vs ' + reference:>11}")
+    for name, c in configs.items():
+        tokens = c["batch_size"] * c["block_size"]
+        rows = [(TORCH_WAYS[way], t_torch[name][way]) for way in ways]
+        rows += [(f"MLX {dtype}", t_mlx[name][dtype]) for dtype in dtypes]
+        for variant, seconds in rows:
+            print(f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} {tokens / seconds:>10,.0f} "
+                  f"{seconds / t_torch[name][reference]:>10.2f}x")
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="GPT training-step time: compiled MLX at each --dtype against "
                                                  "PyTorch the nanoGPT way (the anchor) and PyTorch eager.")
     parser.add_argument("--config", choices=list(CONFIGS), nargs="+", default=list(CONFIGS),
@@ -301,14 +340,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     configs = {name: {**CONFIGS[name], **(TINY if args.tiny else {})} for name in args.config}
     gpu = args.device == "gpu"
     dtypes = args.dtype or (list(DTYPES) if gpu else ["float32"])
     ways = (["nanogpt"] if (gpu if args.anchor is None else args.anchor) else []) + ["eager"]
-
-    torch_device = "cuda" if gpu else "cpu"
     if args.only == "torch":
-        print(json.dumps(torch_times(configs, args.steps, args.repeats, torch_device, ways)))
+        print(json.dumps(torch_times(configs, args.steps, args.repeats, "cuda" if gpu else "cpu", ways)))
         return
     if gpu or args.race:
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
@@ -321,50 +364,14 @@ def main(argv=None):
         if not args.race.is_file():
             sys.exit(f"error: {args.race} does not exist; give Tiny Shakespeare's input.txt")
         return run_race(args.race, args.target)
-    tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
+    mode = "the pieces of a step" if args.profile else "dropout's ablation" if args.ablation else "training steps"
+    print(f"Timing {mode} on {args.device} ({', '.join(configs)}{', --tiny' if args.tiny else ''}); each timing "
+          "starts with a warm-up run that compiles; progress on stderr", file=sys.stderr, flush=True)
     if args.profile:
-        name, c = list(configs.items())[-1]
-        print(f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
-              f"MLX {mx.__version__} on {mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} "
-              f"on {torch_device} (eager, in this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})")
-        print(f"{'piece':>42} {'MLX ms':>8} {'PyTorch ms':>11} {'MLX/PyTorch':>12}")
-        for piece, (ms, ms_torch) in profile_pieces(c, args.device, args.repeats).items():
-            print(f"{piece:>42} {ms:>8.3f} {ms_torch:>11.3f} {ms / ms_torch:>11.2f}x")
-        return
-
+        return print_profile(*list(configs.items())[-1], args, "cuda" if gpu else "cpu")
     if args.ablation:
-        name, c = list(configs.items())[-1]
-        dtype = (args.dtype or ["bfloat16" if gpu else "float32"])[0]
-        print(f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
-              f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
-              + (f" ({torch.cuda.get_device_name()})" if gpu else ""))
-        seconds = {variant: announce(variant, time_mlx(c, args.steps, args.repeats, dtype, change))
-                   for variant, change in ABLATIONS.items()}
-        first = seconds["main.py's model"]
-        print(f"{'variant':>62} {'ms/step':>9} {'vs main.py':>11}")
-        for variant, t in seconds.items():
-            print(f"{variant:>62} {1e3 * t:>9.2f} {1e3 * (t - first):>+10.2f} ms")
-        return
-
-    separate = not gpu and "LD_PRELOAD" in os.environ
-    t_torch = torch_in_child(argv) if separate else torch_times(configs, args.steps, args.repeats, torch_device, ways)
-    t_mlx = {name: {dtype: announce(f"{name} MLX {dtype}", time_mlx(c, args.steps, args.repeats, dtype))
-                    for dtype in dtypes}
-             for name, c in configs.items()}
-
-    device = f" ({torch.cuda.get_device_name()})" if gpu else ""
-    print(f"random batches, {args.steps} steps x median of {args.repeats}; float32 in {tf32}; MLX {mx.__version__} "
-          f"on {mx.default_device()}{device} (compiled step, float32 master weights); PyTorch {torch.__version__} "
-          f"on {torch_device}{' in a child process without LD_PRELOAD' if separate else ''}")
-    reference = ways[0]
-    print(f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} {'vs ' + reference:>11}")
-    for name, c in configs.items():
-        tokens = c["batch_size"] * c["block_size"]
-        rows = [(TORCH_WAYS[way], t_torch[name][way]) for way in ways]
-        rows += [(f"MLX {dtype}", t_mlx[name][dtype]) for dtype in dtypes]
-        for variant, seconds in rows:
-            print(f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} {tokens / seconds:>10,.0f} "
-                  f"{seconds / t_torch[name][reference]:>10.2f}x")
+        return print_ablation(*list(configs.items())[-1], args, (args.dtype or ["bfloat16" if gpu else "float32"])[0], gpu)
+    print_comparison(configs, args, argv, dtypes, ways, gpu)
 
 
 if __name__ == "__main__":

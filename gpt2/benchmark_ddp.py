@@ -13,8 +13,9 @@ averages the gradients over the GPUs, and AdamW. Each side has its usual best se
 - MLX: the step compiled with mx.compile; all weights cast to bfloat16 inside it (float32 master
   weights, float32 loss); gradients averaged by nn.average_gradients (32 MiB buckets) inside the
   compiled step, after the backward pass, over NCCL (distributed.average, as main.py).
-- PyTorch: torch.compile, bfloat16 autocast, fused AdamW, TF32 for what stays float32, and
-  DistributedDataParallel, which all-reduces 25 MiB gradient buckets during the backward pass.
+- PyTorch: nanogpt_reference.py's TorchGPT (the same GPT) with torch.compile, bfloat16 autocast,
+  fused AdamW, TF32 for what stays float32, and DistributedDataParallel, which all-reduces 25 MiB
+  gradient buckets during the backward pass.
 
 Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after --warmup
 steps) and, with --json FILE, appends it there as one line; `table` reads those lines and prints
@@ -32,6 +33,7 @@ from functools import partial
 import numpy as np
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
+GPT2_LABEL = "GPT-2 small (124M parameters)"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=96, block_size=32)  # for tests on a CPU
 
 
@@ -41,17 +43,22 @@ def random_batches(c, batch_size, count=4, seed=0):
     return [rng.integers(0, c["vocab_size"], (batch_size, c["block_size"] + 1)).astype(np.int32) for _ in range(count)]
 
 
-def time_steps(run_step, steps, repeats, warmup):
+def time_steps(run_step, steps, repeats, warmup, say):
     """Seconds per step: the median and range of `repeats` timings of `steps` steps, after `warmup` steps.
-    run_step(i, sync) runs step i and waits for it to finish when sync is true."""
+    run_step(i, sync) runs step i and waits for it to finish when sync is true. say() shows progress."""
+    tic = time.perf_counter()
     for i in range(warmup):
         run_step(i, sync=True)
+        say(f"warm-up step {i + 1}/{warmup} done after {time.perf_counter() - tic:.1f} s")
+    per_step = (time.perf_counter() - tic) / max(warmup, 1)
+    say(f"timing {repeats} x {steps} steps, about {per_step * repeats * steps:.0f} s")
     times = []
-    for _ in range(repeats):
+    for r in range(repeats):
         tic = time.perf_counter()
         for i in range(steps):
             run_step(i, sync=i == steps - 1)
         times.append((time.perf_counter() - tic) / steps)
+        say(f"timing {r + 1}/{repeats}: {1e3 * times[-1]:.1f} ms/step")
     return statistics.median(times), min(times), max(times)
 
 
@@ -64,9 +71,17 @@ def run_mlx(args, c):
     import mlx.optimizers as optim
 
     import distributed
+    from blas import warn_if_reference_blas
     from model import GPT, GPTConfig
 
     group = distributed.init()
+    say = partial(print, f"[mlx, {group.size()} process(es)]", file=sys.stderr, flush=True) if group.rank() == 0 else (
+        lambda *args: None)
+    say(f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {mx.default_device()}, batch {args.batch_size} x "
+        f"{c['block_size']} per process: {args.warmup} warm-up steps (they compile), then {args.repeats} x {args.steps}"
+        + ("; on a CPU each GPT-2 small step takes minutes" if mx.default_device() == mx.cpu and not args.tiny else ""))
+    if group.rank() == 0:
+        warn_if_reference_blas()
     dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[args.dtype]
     mx.random.seed(0)
     model = GPT(GPTConfig(**c))
@@ -96,7 +111,7 @@ def run_mlx(args, c):
         loss = step(*data[i % len(data)])
         mx.eval(state, loss)  # as main.py: each step's weights exist before the next batch is fed
 
-    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup)
+    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup, say)
     peak = mx.get_peak_memory() / 2**30
     return group.rank(), group.size(), seconds, f"MLX {mx.__version__}, {args.dtype}, peak {peak:.1f} GiB", str(mx.default_device())
 
@@ -107,49 +122,22 @@ def run_mlx(args, c):
 def run_torch(args, c):
     import torch
     import torch.distributed as dist
-    import torch.nn as tnn
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    class Block(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            D = c["n_embd"]
-            self.ln_1, self.ln_2 = tnn.LayerNorm(D), tnn.LayerNorm(D)
-            self.c_attn, self.attn_proj = tnn.Linear(D, 3 * D), tnn.Linear(D, D)
-            self.c_fc, self.mlp_proj = tnn.Linear(D, 4 * D), tnn.Linear(4 * D, D)
-
-        def forward(self, x):
-            B, T, C = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-            q, k, v = (t.view(B, T, c["n_head"], C // c["n_head"]).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention
-            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class GPT(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = tnn.Embedding(c["vocab_size"], c["n_embd"]), tnn.Embedding(c["block_size"], c["n_embd"])
-            self.h = tnn.ModuleList(Block() for _ in range(c["n_layer"]))
-            self.ln_f = tnn.LayerNorm(c["n_embd"])
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            for block in self.h:
-                x = block(x)
-            logits = self.ln_f(x) @ self.wte.weight.T  # tied head, as GPT-2
-            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+    from nanogpt_reference import TorchGPT  # the same GPT in PyTorch; dropout 0 here, flash attention
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
+    say = partial(print, f"[torch, {size} process(es)]", file=sys.stderr, flush=True) if rank == 0 else (lambda *args: None)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    say(f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {device}, batch {args.batch_size} x {c['block_size']} per "
+        f"process: {args.warmup} warm-up steps, then {args.repeats} x {args.steps}")
     if cuda:
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = GPT().to(device)
+    model = TorchGPT({**c, "dropout": 0.0}).to(device)
     if cuda:
         model = torch.compile(model)
     model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
@@ -167,7 +155,7 @@ def run_torch(args, c):
         if sync and cuda:
             torch.cuda.synchronize()
 
-    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup)
+    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup, say)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     name = torch.cuda.get_device_name() if cuda else "cpu"
     result = rank, size, seconds, f"PyTorch {torch.__version__}, {args.dtype}, peak {peak:.1f} GiB", name

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from model import GPT, GPTConfig, WeightsError, check_weights, config_array, save_arrays, tokenizer_dir
+from model import GPT, GPTConfig, WeightsError, check_weights, tokenizer_dir
+from save import config_array, save_arrays
 
 # Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the transpose of a
 # Linear layer's (out, in). These are they.

@@ -1,20 +1,18 @@
 """Data parallelism for main.py with mx.distributed: N processes train one model.
 
-    mlx.launch -n 4 --backend nccl gpt2/main.py ...               # 4 GPUs of one machine
-    mlx.launch --hostfile hosts.json --backend ring gpt2/main.py  # several Macs (see README.md)
+    mlx.launch -n 4 --backend nccl --python python3 gpt2/main.py ...               # 4 GPUs of one machine
+    mlx.launch --hostfile hosts.json --backend ring --python python3 gpt2/main.py  # several Macs (README.md)
 
 Every process (a rank) holds the whole model and the whole optimizer state. Each step, rank r takes
 its slice of the global batch, computes gradients on it, and one all-reduce (a sum over ranks)
 averages them, so every rank applies the same update to the same weights. Started with plain
-`python`, the group has one process and nothing here communicates.
+`python`, main.py does not read this file.
 """
 
 import os
-import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,7 +29,7 @@ INSTALL = {
 }
 
 
-class DistributedError(Exception):
+class DistributedError(ValueError):
     """The processes could not be connected. The message says what to do."""
 
 
@@ -68,16 +66,6 @@ def init():
         raise DistributedError(f"cannot start the {backend} backend ({e}); {INSTALL[backend]}") from None
 
 
-def rank_rows(starts, group):
-    """This rank's rows of a global batch `starts` (B,): the rank-th of size() equal, contiguous slices.
-
-    Every row has the same number of tokens, so the mean over ranks of the slices' mean losses is
-    the mean loss of the global batch, and the mean of their gradients its gradient.
-    """
-    per_rank = len(starts) // group.size()
-    return starts[group.rank() * per_rank : (group.rank() + 1) * per_rank]
-
-
 def average(grads, loss, group):
     """The gradients and the loss averaged over the ranks: one all-reduce of the gradients (in
     buckets of up to 32 MiB: nn.average_gradients concatenates small arrays) and one of the loss.
@@ -95,26 +83,10 @@ def broadcast(tree, group):
     return nn.utils.tree_map(lambda a: mx.distributed.all_sum(a if first else mx.zeros_like(a), group=group), tree)
 
 
-@contextmanager
-def finish_writing_first():
-    """Let a file write complete before SIGTERM ends the process.
-
-    When one rank fails, mlx.launch stops the others with SIGTERM; a rank-0 process killed inside
-    a checkpoint write would leave a temporary file behind. The signal is held until the write is
-    done, then acted on as it would have been.
-    """
-    received = []
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
-    except ValueError:  # not the main thread: nothing to hold
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if received:
-            os.kill(os.getpid(), signal.SIGTERM)
+def setup(model, timeout, group):
+    """Rank 0's weights on every rank, and a Watchdog of `timeout` seconds; returns its progress()."""
+    model.update(broadcast(model.parameters(), group))  # the same weights everywhere, for sure
+    return Watchdog(timeout, group).progress
 
 
 class Watchdog:

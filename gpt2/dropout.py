@@ -15,7 +15,8 @@ probabilities can be dropped, which attention_dropout.py makes one pass each way
 
 The key (four uint32) comes from mx.random, so the masks follow mx.random.seed and a compiled training
 step that lists mx.random.state among its inputs and outputs draws new masks every step, as
-nn.Dropout does. On the CPU and on Apple GPUs this module is nn.Dropout.
+nn.Dropout does. On the CPU and on Apple GPUs this module is nn.Dropout. kernels.py puts it in the
+place of the model's nn.Dropout modules on an NVIDIA GPU.
 """
 
 import mlx.core as mx

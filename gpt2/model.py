@@ -4,7 +4,8 @@ GELU MLP, a final LayerNorm and the language-model head.
     python gpt2/model.py weights/gpt2.npz --prompt "Hello, my name is" --max-tokens 50
 
 generates with weights written by convert.py (OpenAI's GPT-2) and the BPE tokenizer saved beside
-them. main.py trains the same model from scratch on characters.
+them. main.py trains the same model from scratch on characters; its dropout is mlx.nn's, which
+kernels.py swaps for CUDA kernels from outside the model when main.py trains on an NVIDIA GPU.
 
 Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`, `ln_f`),
 so converting is a rename plus a transpose.
@@ -13,19 +14,14 @@ so converting is a rename plus a transpose.
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from attention_dropout import AttentionDropout  # causal softmax + dropout, in one kernel on NVIDIA GPUs
-from dropout import Dropout  # nn.Dropout, with its mask drawn inside one kernel on NVIDIA GPUs
 
 
 @dataclass
@@ -41,6 +37,20 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
 
+def causal_softmax(scores):
+    """softmax(scores + causal mask) over the last axis of (..., T, T) scores, summed in float32."""
+    T = scores.shape[-1]
+    causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
+    return mx.softmax(scores + causal, axis=-1, precise=True)
+
+
+class AttentionDropout(nn.Dropout):
+    """Dropout of the attention probabilities: takes the scores, gives dropout(causal_softmax(scores))."""
+
+    def __call__(self, scores):
+        return super().__call__(causal_softmax(scores))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -49,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = AttentionDropout(config.dropout)  # takes the scores, gives dropped probabilities
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
     def __call__(self, x):
@@ -62,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         if self.training and self.dropout > 0:
             # Dropout on the attention probabilities needs them spelled out: MLX's fused attention has none.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
-            y = self.attn_dropout(scores) @ v  # dropout(softmax(scores + causal mask)): see attention_dropout.py
+            y = self.attn_dropout(scores) @ v
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
@@ -74,7 +84,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def __call__(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers).
@@ -103,7 +113,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
-        self.drop = Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
         if not config.tie_head:
@@ -166,40 +176,16 @@ class GPT(nn.Module):
             yield token
 
 
-# ---- Saving and loading: weights plus the config, in one file -----------------------------------
+# ---- Loading: the weights and the config, in one file (written by convert.py or main.py) --------
 
 
 class WeightsError(Exception):
     """A weights file that is missing, unreadable, or does not fit its model."""
 
 
-def json_array(value):
-    """A JSON-able value as a uint8 array of its JSON bytes, so it can be stored beside the weights."""
-    return mx.array(list(json.dumps(value).encode()), dtype=mx.uint8)
-
-
 def from_json_array(array):
+    """The value stored as the uint8 bytes of its JSON (save.json_array), as the config beside the weights."""
     return json.loads(bytes(memoryview(array)).decode())
-
-
-def config_array(config: GPTConfig):
-    """GPTConfig as a json_array, stored beside the weights under the name `config`."""
-    return json_array(asdict(config))
-
-
-def save_arrays(path, arrays):
-    """Write {name: array} to `path` (.npz or .safetensors) atomically: a temporary file in the same
-    folder, renamed over `path` only once it is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        mx.savez(tmp, **arrays) if path.suffix == ".npz" else mx.save_safetensors(tmp, arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_config(array):
@@ -210,11 +196,11 @@ def read_config(array):
 def check_weights(model, weights):
     """Raise WeightsError naming every missing or unexpected key and every shape that does not fit."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
-             for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}" for label, items in (
+        ("missing", sorted(expected.keys() - weights.keys())), ("unexpected", sorted(weights.keys() - expected.keys())),
+        ("wrong shape", wrong)) if items]
     if problems:
         raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
 
@@ -231,12 +217,9 @@ def read_arrays(path):
         return mx.load(str(path))
     if not zipfile.is_zipfile(path):
         raise ValueError("it is not a .npz (zip) archive")
-    weights = {}
     with np.load(path, allow_pickle=False) as npz:
-        for name in npz.files:
-            a = npz[name]
-            weights[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
-    return weights
+        return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
+                for name, a in ((name, npz[name]) for name in npz.files)}
 
 
 def load_model(path):
@@ -259,8 +242,7 @@ def load_model(path):
 
 def tokenizer_dir(weights_path):
     """Where convert.py puts the BPE tokenizer: weights/gpt2.npz -> weights/gpt2-tokenizer/."""
-    path = Path(weights_path)
-    return path.with_name(path.stem + "-tokenizer")
+    return Path(weights_path).with_name(Path(weights_path).stem + "-tokenizer")
 
 
 def main():
@@ -291,10 +273,9 @@ def main():
     if len(tokenizer) > model.config.vocab_size:
         sys.exit(f"error: the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        sys.exit("error: the prompt is empty; give some text to continue")
-    if len(prompt) >= model.config.block_size:
-        sys.exit(f"error: the prompt is {len(prompt)} tokens; the model's context is {model.config.block_size}")
+    if not prompt or len(prompt) >= model.config.block_size:
+        sys.exit(f"error: the prompt is {len(prompt)} tokens; give some text, shorter than the model's context "
+                 f"({model.config.block_size})")
 
     print(args.prompt, end="", flush=True)
     generated, printed = [], 0

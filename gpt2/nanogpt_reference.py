@@ -64,7 +64,7 @@ class TorchGPT(tnn.Module):
         for block in self.h:
             x = block(x)
         logits = self.ln_f(x) @ self.wte.weight.T  # tied head
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))  # reshape: targets may be a slice
 
 
 def make_step(model, optimizer, device, nanogpt=True, grad_clip=0.0):

@@ -3,6 +3,8 @@ exact --resume, and the data and vocabulary errors."""
 
 from concurrent.futures import ThreadPoolExecutor
 import hashlib
+import io
+import json
 import re
 
 import mlx.core as mx
@@ -116,6 +118,50 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(completion) == 51 and set(completion) <= set(TEXT)  # the prompt "\n" and 50 characters
 
 
+def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before_an_epoch_ends(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run_script("gpt2/main.py", "--data", tmp_path / "text.txt", "--out", tmp_path, "--ctx-len", "32",
+                        "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16", "--epochs", "1",
+                        "--log-every", "4", "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; 11 steps in 1 epochs of batch 16 x 32; "
+                    r"float32 on ", lines[0]), lines[0]
+    steps = [line for line in lines if line.startswith("Step ")]
+    assert re.fullmatch(r"Step 1/11 \| loss = [\d.]+ \| the first step took [\d.]+ s \(it compiles\)", steps[0])
+    for line, step in zip(steps[1:], (4, 8)):
+        assert re.fullmatch(rf"Step {step}/11 \| loss = [\d.]+ \| \d+ ms/step \| \d+:\d\d:\d\d left", line), line
+    assert len(steps) == 3 and lines.index(steps[-1]) < lines.index(next(x for x in lines if x.startswith("Epoch 1 |")))
+
+
+def test_progress_without_log_every_prints_the_first_step_then_every_10_seconds(monkeypatch, capsys):
+    main = import_example("gpt2", "main")
+    clock = iter([0.0, 5.0, 6.0, 9.0, 16.0, 17.0, 26.5])  # the start, then the end of steps 1, 2, ...
+    monkeypatch.setattr(main.time, "perf_counter", lambda: next(clock))
+    progress = main.Progress(first=0, total=100, every=0)
+    for step in range(1, 7):
+        progress(step, 1.0)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in printed] == ["Step 1/100", "Step 4/100", "Step 6/100"]
+    assert "the first step took 5.0 s" in printed[0]
+    assert printed[1].endswith("| 3667 ms/step | 0:05:52 left")  # (16 - 5) s / 3 steps; 96 steps left
+    assert printed[2].endswith("| 4300 ms/step | 0:06:44 left")  # (26.5 - 5) s / 5 steps; 94 left
+
+
+def test_reference_blas_warning_only_without_openblas(monkeypatch, capsys):
+    blas = import_example("gpt2", "blas")
+    maps = {"reference": ["/venv/lib/mlx_cpu.libs/libblas-1a2b.so.3"],
+            "openblas": ["/venv/lib/mlx_cpu.libs/libblas-1a2b.so.3", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"],
+            "none": ["/usr/lib/libc.so.6"]}
+    monkeypatch.setattr(blas.sys, "platform", "linux")
+    for name, libs in maps.items():
+        lines = "".join(f"7f00-7f01 r-xp 00000000 08:01 42    {lib}\n" for lib in libs) + "7ffd-7ffe rw-p 0 0 0 [stack]\n"
+        monkeypatch.setattr(blas, "open", lambda path: io.StringIO(lines), raising=False)
+        blas.warn_if_reference_blas()
+        warned = capsys.readouterr().err
+        assert ("reference BLAS" in warned and "preload OpenBLAS" in warned) == (name == "reference"), name
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
     common = ["--data", tmp_path / "text.txt", "--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2",
@@ -145,10 +191,12 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
         return {k: np.array(v) for k, v in mx.load(str(tmp_path / name / "checkpoint.safetensors")).items()}
 
     def max_difference(x, y):
-        return max(float(np.max(np.abs(x[k] - y[k]))) for k in x)
+        return max(float(np.max(np.abs(x[k] - y[k]))) for k in x if k != "meta")
 
     a, b = checkpoint("full"), checkpoint("resumed")
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    meta_a, meta_b = (json.loads(m.pop("meta").tobytes()) for m in (a, b))  # the run's flags, --out among them
+    assert meta_a["step"] == meta_b["step"] == 17 and meta_a["lr"] == meta_b["lr"]
     if exact:
         for name in a:
             assert np.array_equal(a[name], b[name]), name
@@ -200,16 +248,20 @@ def test_no_data_offline_says_where_to_put_it(tmp_path):
 
 
 def test_download_checks_the_checksum_and_caches(tmp_path, monkeypatch):
-    main = import_example("gpt2", "main")
+    shakespeare = import_example("gpt2", "shakespeare")
     source = tmp_path / "input.txt"
     source.write_text(TEXT)
     target = tmp_path / "cache" / "input.txt"
-    with pytest.raises(main.DataError, match="SHA-256 mismatch"):
-        main.download_shakespeare(target, source.as_uri())
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        shakespeare.download(target, source.as_uri())
     assert not target.parent.exists() or not list(target.parent.iterdir())  # no partial file left behind
-    monkeypatch.setattr(main, "SHAKESPEARE_SHA256", hashlib.sha256(TEXT.encode()).hexdigest())
-    main.download_shakespeare(target, source.as_uri())
-    assert target.read_text() == TEXT
+    monkeypatch.setattr(shakespeare, "SHA256", hashlib.sha256(TEXT.encode()).hexdigest())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cached = shakespeare.cached(source.as_uri())
+    assert cached == tmp_path / "xdg" / "mlx-examples" / "tinyshakespeare" / "input.txt"
+    assert cached.read_text() == TEXT
+    source.unlink()
+    assert shakespeare.cached(source.as_uri()).read_text() == TEXT  # from the cache: the source is gone
 
 
 def test_init_follows_gpt2():

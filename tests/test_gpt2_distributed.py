@@ -53,7 +53,7 @@ def launch(n, script, *args, backend="ring", timeout=120):
 
 
 def step_losses(stdout):
-    return {int(s): float(v) for s, v in re.findall(r"Step (\d+) \| loss = ([\d.]+)", stdout)}
+    return {int(s): float(v) for s, v in re.findall(r"Step (\d+)/\d+ \| loss = ([\d.]+)", stdout)}
 
 
 def checkpoint(folder):
@@ -111,7 +111,7 @@ def test_two_processes_and_grad_accum_equal_one_process(runs):
         assert len(val(results["one"].stdout)) == 2
         assert np.allclose(val(results[name].stdout), val(results["one"].stdout), rtol=0, atol=1.01e-4)
     # Process 0 alone prints: one line per step, not two.
-    assert results["two"].stdout.count("Step 1 |") == 1
+    assert results["two"].stdout.count("Step 1/") == 1
     for name in ("two", "accum"):
         assert_same_training_state(checkpoint(tmp / "one"), checkpoint(tmp / name))
         assert sorted(p.name for p in (tmp / name).iterdir()) == ["checkpoint.safetensors", "completions.txt"]
@@ -218,6 +218,8 @@ def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
     common = ["--tiny", "--batch-size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--json", tmp_path / "r.jsonl"]
     one = launch(1, ROOT / "gpt2/benchmark_ddp.py", "mlx", *common)  # mlx.launch -n 1: a group of one
     assert '"gpus": 1' in one.stdout, one.stderr
+    assert "a tiny GPT on Device(cpu, 0), batch 4 x 32 per process: 1 warm-up steps" in one.stderr  # said at once
+    assert "timing 2/2:" in one.stderr
     two = launch(2, ROOT / "gpt2/benchmark_ddp.py", "mlx", *common)
     torch_ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                 ROOT / "gpt2/benchmark_ddp.py", "torch", *map(str, common)],

@@ -1,6 +1,7 @@
 """gpt2/: mixed-precision training (--dtype), float16 loss scaling, dropout's statistics, and the
 errors around them (resume in another dtype, non-finite loss, a dtype the backend lacks)."""
 
+import re
 import sys
 
 import mlx.core as mx
@@ -87,12 +88,16 @@ def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
     assert not np.array_equal(masks[0], masks[1])  # the second call drew a new mask
 
 
+ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are the same code")
 @pytest.mark.parametrize("T", [16, 100, 10])  # 10 is no multiple of 4: mx.softmax, then Dropout, on a GPU too
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
-def test_attention_dropout_equals_softmax_then_dropout(T, dtype):
-    """The model's AttentionDropout (on an NVIDIA GPU one kernel forward and one backward) gives what
-    mx.softmax followed by the model's Dropout gives after the same seed: the same mask, and the same
-    values and gradients within rounding. On the CPU it is those two steps, so exactly."""
+def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
+    """attention_dropout.py's AttentionDropout (one kernel forward and one backward) gives what
+    mx.softmax followed by dropout.py's Dropout kernel gives after the same seed: the same mask, and
+    the same values and gradients within rounding."""
     AttentionDropout = import_example("gpt2", "attention_dropout").AttentionDropout
     Dropout = import_example("gpt2", "dropout").Dropout
     p = 0.2
@@ -144,6 +149,35 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
     assert not fits(2, 3, 16, 16)  # benchmark.py --ablation's two-step way
 
 
+def test_dropout_kernels_take_the_place_of_every_dropout_and_compute_the_same_off_cuda():
+    """kernels.py swaps each of the model's dropouts for its kernel class, with the same p and mode;
+    off an NVIDIA GPU the kernel classes fall back to what the model's own modules compute."""
+    import mlx.nn as nn
+
+    kernels = import_example("gpt2", "kernels")
+    Dropout, AttentionDropout = kernels.Dropout, kernels.AttentionDropout
+    model = tiny_model(dropout=0.2)
+    x = mx.array(np.random.default_rng(0).integers(0, 40, (2, 16)))
+    mx.random.seed(3)
+    expected = model(x)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    assert len(names) == 1 + 3 * 2  # the embedding's, and per block: attention probabilities, residual, MLP
+    kernels.use_dropout_kernels(model)
+    swapped = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    assert sorted(swapped) == sorted(names)
+    for name, m in swapped.items():
+        assert type(m) is (AttentionDropout if name.endswith("attn_dropout") else Dropout), name
+        assert m._p_1 == 0.8 and m.training, name
+    if not ON_CUDA:
+        mx.random.seed(3)
+        assert mx.array_equal(model(x), expected)  # the same masks from the same seed, the same values
+    kernels.use_dropout_kernels(model)  # a second call changes nothing
+    assert {name: type(m) for name, m in model.named_modules() if name in swapped} == {
+        name: type(m) for name, m in swapped.items()}
+    evaluating = kernels.use_dropout_kernels(tiny_model(dropout=0.2).eval())
+    assert all(not m.training for _, m in evaluating.named_modules() if isinstance(m, nn.Dropout))
+
+
 def tiny_model(dropout=0.0):
     model_module = import_example("gpt2", "model")
     mx.random.seed(0)
@@ -158,22 +192,24 @@ def batch():
     return mx.array(rng.integers(0, 40, (4, 16))), mx.array(rng.integers(0, 40, (4, 16)))
 
 
-def train(dtype, steps, loss_scale=None):
-    main = import_example("gpt2", "main")
+def train(dtype, steps, scale=None, good_steps=0):
+    """`steps` steps of main.py's training step on one batch; float16 with a LossScale(scale, good_steps)."""
+    main, float16 = import_example("gpt2", "main"), import_example("gpt2", "float16")
     model, optimizer = tiny_model(), optim.AdamW(learning_rate=1e-3)
+    loss_scale = float16.LossScale(optimizer, **({"scale": scale} if scale else {}), good_steps=good_steps) if dtype == mx.float16 else None
     step, state = main.make_train_step(model, optimizer, dtype, grad_clip=1.0, loss_scale=loss_scale)
     x, y = batch()
     losses = []
     for _ in range(steps):
         losses.append(step(x, y).item())
     mx.eval(state)
-    return model, optimizer, losses
+    return model, optimizer, losses, loss_scale
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtype):
-    _, _, reference_losses = train(mx.float32, 5)
-    model, optimizer, losses = train(dtype, 5)
+    _, _, reference_losses, _ = train(mx.float32, 5)
+    model, optimizer, losses, _ = train(dtype, 5)
     assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
     assert all(v.dtype == mx.float32 for k, v in tree_flatten(optimizer.state) if k.endswith((".m", ".v")))
     # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of mantissa).
@@ -182,18 +218,15 @@ def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtyp
 
 
 def test_float16_step_that_overflows_changes_nothing_but_halves_the_scale():
-    main = import_example("gpt2", "main")
     before = dict(tree_flatten(tiny_model().parameters()))
-    loss_scale = {"scale": mx.array(1e38), "good_steps": mx.array(5)}  # scaled gradients overflow float16
-    model, optimizer, _ = train(mx.float16, 1, loss_scale)
+    model, optimizer, _, loss_scale = train(mx.float16, 1, scale=1e38, good_steps=5)  # scaled gradients overflow
     for name, p in tree_flatten(model.parameters()):
         assert mx.array_equal(p, before[name]), name
-    assert float(loss_scale["scale"]) == pytest.approx(0.5e38) and int(loss_scale["good_steps"]) == 0
+    assert float(loss_scale.state["scale"]) == pytest.approx(0.5e38) and int(loss_scale.state["good_steps"]) == 0
     assert int(optimizer.state["step"]) == 0  # AdamW's step count did not advance either
-    loss_scale = main.new_loss_scale()
-    model, _, _ = train(mx.float16, 1, loss_scale)
+    model, _, _, loss_scale = train(mx.float16, 1)
     assert any(not mx.array_equal(p, before[name]) for name, p in tree_flatten(model.parameters()))
-    assert float(loss_scale["scale"]) == 2.0**15 and int(loss_scale["good_steps"]) == 1
+    assert float(loss_scale.state["scale"]) == 2.0**15 and int(loss_scale.state["good_steps"]) == 1
 
 
 def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_so(tmp_path):
@@ -233,21 +266,23 @@ def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_chec
     message = str(stop.value.code)
     assert message.startswith("error: the training loss became nan at step 15;"), message
     assert f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)" in message
-    meta = main.load_checkpoint(tmp_path / "checkpoint.safetensors")[3]
+    meta = import_example("gpt2", "resume").load_checkpoint(tmp_path / "checkpoint.safetensors")[3]
     assert meta["step"] == 11  # the end of epoch 1; nothing from the failing epoch was saved
     assert not (tmp_path / "completions.txt").exists()
 
 
-def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(monkeypatch):
+def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(tmp_path, monkeypatch):
     main = import_example("gpt2", "main")
 
     def no_float16(*arrays):
         raise ValueError("float16 is not supported here")
 
     monkeypatch.setattr(main.mx, "eval", no_float16)
-    with pytest.raises(main.DataError, match=r"^--dtype float16: MLX on .* cannot compute in float16 .*; "
-                                             r"use --dtype float32$"):
-        main.check_dtype("float16")
+    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--dtype", "float16"])
+    with pytest.raises(SystemExit) as stop:
+        main.main()
+    assert re.fullmatch(r"error: --dtype float16: MLX on .* cannot compute in float16 .*; use --dtype float32",
+                        str(stop.value.code)), stop.value.code
 
 
 def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
@@ -259,11 +294,13 @@ def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
     assert result.stderr.startswith("error: ") and expected in result.stderr
 
 
-def test_benchmark_ablation_times_each_variant_of_the_step():
+def test_benchmark_ablation_times_each_variant_of_the_step_and_says_so_as_it_goes():
     benchmark = import_example("gpt2", "benchmark")
     result = run_script("gpt2/benchmark.py", "--ablation", "--tiny", "--config", "walkthrough", "--steps", "1",
                         "--repeats", "1")
     assert result.returncode == 0, result.stderr
+    assert "Timing dropout's ablation on cpu" in result.stderr  # at once, then each variant as it goes
+    assert "main.py's model: warm-up (compiles)..." in result.stderr and "main.py's model: warm-up " in result.stderr
     rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith(" ms")]
     assert [row.rsplit(None, 3)[0].strip() for row in rows] == list(benchmark.ABLATIONS), result.stdout
     assert rows[0].split()[-2] == "+0.00"  # the first row is the reference

@@ -1,0 +1,62 @@
+"""Writing files atomically: the weights (convert.py), checkpoints and generated text (main.py).
+
+Each file is written to a temporary file beside it, `.NAME.PID.tmp.SUFFIX`, and renamed over it only
+once complete, so a reader finds the old file or the new one, never half of one. The temporary file
+is created as any new file (with the user's umask), removed if the write fails, and one left by a
+process killed with SIGKILL is removed by the next write of the same file. Ctrl-C (SIGINT) and
+SIGTERM (which mlx.launch sends to the other processes when one fails) wait for the write to end.
+"""
+
+import glob
+import json
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def json_array(value):
+    """A JSON-able value as the uint8 array of its JSON bytes, to be stored beside the weights."""
+    return mx.array(list(json.dumps(value).encode()), dtype=mx.uint8)
+
+
+def config_array(config):
+    """A GPTConfig as a json_array: the `config` beside the weights, which model.read_config reads."""
+    return json_array(asdict(config))
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM until the block is done, then act on them as they would have been."""
+    held, numbers = [], (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(n, lambda number, frame: held.append(number)) for n in numbers]  # main thread only
+    try:
+        yield
+    finally:
+        for number, handler in zip(numbers, previous):
+            signal.signal(number, handler)
+        for number in held:
+            signal.raise_signal(number)
+
+
+def write_atomically(path, write):
+    """Call write(temporary path), then rename the temporary file to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # mx.savez wants the .npz ending
+    with signals_held():
+        try:
+            write(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def save_arrays(path, arrays):
+    """Write {name: array} to `path` (.npz or .safetensors) atomically."""
+    write_atomically(path, lambda tmp: mx.savez(tmp, **arrays) if tmp.endswith(".npz") else mx.save_safetensors(tmp, arrays))
