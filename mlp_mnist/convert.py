@@ -10,17 +10,15 @@ only the names differ: MLX `layers.{i}.weight` is PyTorch `net.{2*i}.weight` (th
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import torch
-from mlx.utils import tree_flatten
 
 from model import MLP
+from outputs import OutputError, atomic_write
 
 
 class TorchMLP(torch.nn.Module):
@@ -53,32 +51,64 @@ def torch_to_mlx_name(name):
     return f"layers.{int(i) // 2}.{kind}"
 
 
-def check_keys(found, expected, source):
-    """Name what is missing or unexpected, and any shape that does not match the config."""
+CONFIG_KEYS = ("num_layers", "input_dim", "hidden_dim", "output_dim")
+
+
+def check_config(config, source):
+    """The stored configuration as a whole: exactly CONFIG_KEYS, each a positive integer."""
+    if not isinstance(config, dict) or sorted(config) != sorted(CONFIG_KEYS):
+        raise ConversionError(f"{source}: the stored configuration is {config!r}; expected the keys {', '.join(CONFIG_KEYS)}")
+    wrong = [f"{k}={v!r}" for k, v in config.items() if type(v) is not int or v <= 0]
+    if wrong:
+        raise ConversionError(f"{source}: the stored configuration has {', '.join(wrong)}; each must be a positive integer")
+
+
+def expected_shapes(config):
+    """{MLX name: shape} of MLP(**config), computed without building it (a damaged config may be huge)."""
+    sizes = [config["input_dim"]] + [config["hidden_dim"]] * config["num_layers"] + [config["output_dim"]]
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (n_out, n_in), (n_out,)
+    return shapes
+
+
+def check_weights(found, expected, source):
+    """Name what is missing or unexpected, any shape that does not match the config, and any array
+    that is not floating point. `found` is {name: (shape, is floating point)}."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ConversionError(f"{source} does not match the configured MLP: "
                               f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
     for name, shape in expected.items():
-        if tuple(found[name]) != tuple(shape):
-            raise ConversionError(f"{source}: {name} has shape {tuple(found[name])}, expected {tuple(shape)}")
+        if tuple(found[name][0]) != tuple(shape):
+            raise ConversionError(f"{source}: {name} has shape {tuple(found[name][0])}, expected {tuple(shape)}")
+    not_float = sorted(name for name, (_, is_float) in found.items() if not is_float)
+    if not_float:
+        raise ConversionError(f"{source}: {', '.join(not_float)} not floating point; the weights of an MLP are floats")
 
 
 def read_mlx(path):
     """(config, {mlx name: numpy array}) from a safetensors file written by main.py."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ConversionError(f"cannot read MLX weights from {path}: {' '.join(str(e).split())}") from None
+    if "config" not in metadata:
+        raise ConversionError(f"{path} has no model configuration in its metadata; was it written by main.py?")
+    try:
         config = json.loads(metadata["config"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConversionError(f"cannot read MLX weights with a config from {path}: {e}") from None
-    expected = {k: v.shape for k, v in dict(tree_flatten(MLP(**config).parameters())).items()}
-    check_keys({k: v.shape for k, v in arrays.items()}, expected, path)
-    return config, {k: np.array(v) for k, v in arrays.items()}
+    except ValueError as e:
+        raise ConversionError(f"{path}: the stored configuration is not valid JSON ({e})") from None
+    check_config(config, path)
+    check_weights({k: (v.shape, mx.issubdtype(v.dtype, mx.floating)) for k, v in arrays.items()},
+                  expected_shapes(config), path)
+    # float32 for NumPy, which has no bfloat16
+    return config, {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
 
 
 def read_torch(path):
-    """(config, {torch name: numpy array}) from a file written by `write_torch`."""
+    """(config, {torch name: numpy array}) from a file written by `mlx_to_torch`."""
     try:
         # weights_only=True: never unpickle arbitrary objects from a file we did not write.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,23 +116,12 @@ def read_torch(path):
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
         raise ConversionError(f"{path} is not a PyTorch MLP checkpoint written by convert.py "
                               f"({type(e).__name__})") from None
-    expected = {k: v.shape for k, v in TorchMLP(**config).state_dict().items()}
-    check_keys({k: v.shape for k, v in state_dict.items()}, expected, path)
-    return config, {k: v.numpy() for k, v in state_dict.items()}
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename into place, so `path` is never left half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    check_config(config, path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConversionError(f"{path}: its state_dict is not a dictionary of tensors")
+    expected = {mlx_to_torch_name(k): shape for k, shape in expected_shapes(config).items()}
+    check_weights({k: (v.shape, v.is_floating_point()) for k, v in state_dict.items()}, expected, path)
+    return config, {k: v.float().numpy() for k, v in state_dict.items()}
 
 
 def mlx_to_torch(src, dst):
@@ -144,7 +163,7 @@ def main(argv=None):
     suffixes = (args.source.suffix, args.output.suffix)
     try:
         if not args.source.is_file():
-            raise ConversionError(f"{args.source} does not exist")
+            raise ConversionError(f"{args.source} {'is not a file' if args.source.exists() else 'does not exist'}")
         if suffixes == (".safetensors", ".pt"):
             mlx_to_torch(args.source, args.output)
         elif suffixes == (".pt", ".safetensors"):
@@ -152,10 +171,14 @@ def main(argv=None):
         else:
             raise ConversionError(f"cannot convert {suffixes[0] or 'no extension'} to {suffixes[1] or 'no extension'}; "
                                   "use .safetensors -> .pt (MLX to PyTorch) or .pt -> .safetensors")
-    except ConversionError as e:
+    except (ConversionError, OutputError) as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the output is written atomically: it is whole or untouched
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

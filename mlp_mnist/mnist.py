@@ -12,13 +12,16 @@ All header integers are big-endian.
 
 import gzip
 import hashlib
+import math
 import os
 import struct
-import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from outputs import atomic_write
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -74,7 +77,7 @@ def read_bytes(path):
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; zlib.error: damaged data
         raise DataError(f"cannot read {path}: {e}") from None
 
 
@@ -89,9 +92,11 @@ def parse_idx(path, magic):
     if found_magic != magic:
         kind = "images" if magic == IMAGES_MAGIC else "labels"
         raise DataError(f"{path} is not an IDX {kind} file: magic number {found_magic}, expected {magic}")
-    expected = header_size + int(np.prod(shape))
+    expected = header_size + math.prod(shape)
     if len(data) != expected:
         raise DataError(f"{path} has {len(data)} bytes, but its header {tuple(shape)} needs {expected}")
+    if ndim == 3 and 0 in shape[1:]:
+        raise DataError(f"{path} holds images of {shape[1]}x{shape[2]} pixels; each needs at least one")
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
@@ -126,28 +131,13 @@ def load_dir(directory):
 # ---------------------------------------------------------------- downloading
 
 
-def md5sum(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url, destination, md5, timeout=30):
-    """Fetch `url` to `destination`, atomically: the file appears only once it is whole and its MD5 is right."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while block := response.read(1 << 20):
-                out.write(block)
-        if (found := md5sum(tmp)) != md5:
-            raise DataError(f"{url} has MD5 {found}, expected {md5}")
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Fetch `url` (at most 10 MB) to `destination`: the file appears only whole and with the right MD5."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read()
+    if (found := hashlib.md5(data).hexdigest()) != md5:
+        raise DataError(f"{url} has MD5 {found}, expected {md5}")
+    atomic_write(destination, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def fetch(cache_dir, mirrors=MIRRORS, checksums=MD5):

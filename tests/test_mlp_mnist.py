@@ -1,15 +1,23 @@
+import gzip
 import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
-from helpers import import_example, run_script, tiny_mnist, write_idx
+from helpers import ROOT, import_example, run_script, tiny_mnist, write_idx
 
 mnist = import_example("mlp_mnist", "mnist")
 model = import_example("mlp_mnist", "model")
 convert = import_example("mlp_mnist", "convert")
+outputs = import_example("mlp_mnist", "outputs")
+main = import_example("mlp_mnist", "main")
 
 
 # ---------------------------------------------------------------- reading local IDX files
@@ -64,10 +72,32 @@ def test_load_dir_rejects_labels_outside_0_to_9(tmp_path):
         mnist.load_dir(tmp_path)
 
 
-def test_load_dir_rejects_a_broken_gzip(tmp_path):
+@pytest.mark.parametrize("damage", [
+    lambda good: b"not gzip at all",
+    lambda good: good[:-20],  # truncated
+    lambda good: good[:30] + bytes(b ^ 0xFF for b in good[30:60]) + good[60:],  # damaged deflate stream
+])
+def test_load_dir_rejects_a_damaged_gzip_in_one_error(tmp_path, damage):
     tiny_mnist(tmp_path, n_train=20, n_test=5, gz=True)
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(mnist.DataError, match="cannot read"):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(mnist.DataError, match="cannot read .*train-images-idx3-ubyte.gz"):
+        mnist.load_dir(tmp_path)
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 0), (28, 0)])
+def test_load_dir_refuses_images_without_pixels(tmp_path, rows, cols):
+    tiny_mnist(tmp_path, n_train=20, n_test=5, gz=False)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((20, rows, cols)))
+    with pytest.raises(mnist.DataError, match=f"images of {rows}x{cols} pixels"):
+        mnist.load_dir(tmp_path)
+
+
+def test_a_header_with_huge_counts_is_named_not_overflowed(tmp_path):
+    tiny_mnist(tmp_path, n_train=20, n_test=5, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + b"\xff\xff\xff\xff" * 3 + path.read_bytes()[16:])
+    with pytest.raises(mnist.DataError, match=str(16 + (2**32 - 1) ** 3)):  # exact, not wrapped around
         mnist.load_dir(tmp_path)
 
 
@@ -105,12 +135,11 @@ def test_fetch_rejects_a_wrong_checksum_and_leaves_no_file(tmp_path):
         mnist.fetch(cache, mirrors=[url], checksums=checksums)
     assert "--data-dir" in str(error.value)
     assert not (cache / "train-images-idx3-ubyte.gz").exists()
-    assert not list(cache.glob("*.part"))
+    assert not list(cache.glob(".*"))  # no temporary file either
 
 
-def test_the_real_checksums_are_those_of_the_original_files():
+def test_there_is_a_checksum_for_each_of_the_four_files():
     assert set(mnist.MD5) == {name + ".gz" for name in mnist.FILES.values()}
-    assert mnist.MD5["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
 
 
 # ---------------------------------------------------------------- the model and its PyTorch twin
@@ -195,6 +224,218 @@ def test_main_explains_an_unreachable_download(tmp_path):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-written in the cache
 
 
-def test_main_rejects_unknown_flags():
-    result = run_script("mlp_mnist/main.py", "--bogus")
-    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "--lr: must be a positive finite number, got nan"),
+    (["--lr", "inf"], "--lr: must be a positive finite number"),
+    (["--lr", "-1"], "--lr: must be a positive finite number"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--batch-size", "x"], "--batch-size: must be a positive integer"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 2**32 - 1"),
+    (["--seed", str(2**32)], "--seed: must be an integer from 0 to 2**32 - 1"),
+    (["--save", "w.npz"], "--save: must end in .safetensors"),
+])
+def test_main_refuses_bad_flags_at_entry_in_one_line(tmp_path, args, message):
+    result = run_script("mlp_mnist/main.py", "--data-dir", tmp_path, *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
+    data = tiny_mnist(tmp_path / "data", n_train=20, n_test=5)
+    result = run_script("mlp_mnist/main.py", "--data-dir", data, "--hidden-dim", "10000000", cwd=tmp_path)
+    assert result.returncode == 1 and "use a smaller --hidden-dim" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path):
+    data = tiny_mnist(tmp_path / "data", n_train=64, n_test=16)
+    result = run_script("mlp_mnist/main.py", "--data-dir", data, "--hidden-dim", "16", "--lr", "1e30",
+                        "--save", tmp_path / "w.safetensors")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the loss is nan" in result.stderr and "nothing was saved" in result.stderr
+    assert not (tmp_path / "w.safetensors").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("save, message", [
+    ("folder.safetensors", "is a folder"),
+    ("a_file/w.safetensors", "a_file is a file, not a folder"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, save, message):
+    data = tiny_mnist(tmp_path / "data", n_train=64, n_test=16)
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "a_file").write_text("")
+    result = run_script("mlp_mnist/main.py", "--data-dir", data, "--hidden-dim", "16", "--save", save, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1] and "Epoch" not in result.stdout
+
+
+def test_the_saved_weights_get_the_users_umask(tmp_path):
+    data = tiny_mnist(tmp_path / "data", n_train=64, n_test=16)
+    subprocess.run(f"umask 027 && {sys.executable} {ROOT / 'mlp_mnist/main.py'} --data-dir {data} --epochs 1 "
+                   f"--hidden-dim 16 --save {tmp_path / 'w.safetensors'}", shell=True, check=True, capture_output=True)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+class StopAfter:
+    """Stands in for main.Stop: reports Ctrl-C once `signal` has been read `n` times (once a step)."""
+
+    def __init__(self, n):
+        self.n, self.reads = n, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def signal(self):
+        self.reads += 1
+        return signal.SIGINT if self.reads >= self.n else None
+
+
+def test_an_interrupt_saves_exactly_the_step_it_stopped_at(tmp_path, monkeypatch):
+    # 64 images in batches of 16: 4 steps an epoch. Stopped after step 4 of a 3-epoch run, the saved
+    # weights must be those of a run of exactly 1 epoch, bit for bit.
+    data = tiny_mnist(tmp_path / "data", n_train=64, n_test=16)
+    args = ["--data-dir", str(data), "--hidden-dim", "16", "--batch-size", "16", "--cpu"]
+    main.main(args + ["--epochs", "1", "--save", str(tmp_path / "one_epoch.safetensors")])
+    monkeypatch.setattr(main, "Stop", lambda: StopAfter(4))
+    with pytest.raises(SystemExit) as stopped:
+        main.main(args + ["--epochs", "3", "--save", str(tmp_path / "stopped.safetensors")])
+    assert stopped.value.code == 130
+    (expected, _), (saved, metadata) = (mx.load(str(tmp_path / f), return_metadata=True)
+                                        for f in ("one_epoch.safetensors", "stopped.safetensors"))
+    assert metadata["steps"] == "4"
+    for name in expected:
+        np.testing.assert_array_equal(np.array(saved[name]), np.array(expected[name]))
+
+
+def test_ctrl_c_while_training_saves_that_step_and_exits_130_with_one_line(tmp_path):
+    data = tiny_mnist(tmp_path / "data", n_train=3000, n_test=16)
+    process = subprocess.Popen([sys.executable, str(ROOT / "mlp_mnist/main.py"), "--data-dir", str(data),
+                                "--epochs", "1000", "--batch-size", "8", "--save", str(tmp_path / "w.safetensors")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait for the estimate, 2 s into training: MLX's CPU backend compiles its first kernels with the
+    # system compiler through system(), which ignores SIGINT meanwhile, so an earlier Ctrl-C can be lost.
+    while not process.stderr.readline().startswith("about "):
+        pass
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at epoch 1, step ") and "saved the weights after that step" in last
+    weights, metadata = mx.load(str(tmp_path / "w.safetensors"), return_metadata=True)
+    assert f"({metadata['steps']} steps)" in last
+    assert all(mx.all(mx.isfinite(w)).item() for w in weights.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "w.safetensors"]  # no temporary file left
+
+
+# ---------------------------------------------------------------- writing outputs
+
+
+def test_atomic_write_leaves_no_temporary_file_and_the_old_file_when_the_writer_fails(tmp_path):
+    (tmp_path / "w.safetensors").write_text("old")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("[write] Unable to write 334556 bytes to file.")  # what MLX says on a full disk
+
+    with pytest.raises(outputs.OutputError, match=r"cannot write .*w.safetensors: \[write\] Unable.*MB free"):
+        outputs.atomic_write(tmp_path / "w.safetensors", fail)
+    assert (tmp_path / "w.safetensors").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_write_removes_its_temporary_file_on_sigterm(tmp_path):
+    with pytest.raises(SystemExit) as terminated:
+        outputs.atomic_write(tmp_path / "w.pt", lambda tmp: (open(tmp, "w").write("half"),
+                                                              os.kill(os.getpid(), signal.SIGTERM)))
+    assert terminated.value.code == 143 and not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # and puts the handler back
+
+
+def test_atomic_write_cleans_the_temporary_files_of_killed_writers(tmp_path):
+    dead = tmp_path / ".w.pt.999999999.abcd.tmp.pt"  # no such process: pids stop below 2**22
+    alive = tmp_path / f".w.pt.{os.getppid()}.abcd.tmp.pt"  # a writer that still runs
+    dead.write_text("left by kill -9")
+    alive.write_text("being written")
+    outputs.atomic_write(tmp_path / "w.pt", lambda tmp: open(tmp, "w").write("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "w.pt"])
+
+
+def test_a_full_disk_is_refused_before_the_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(outputs.OutputError, match="needs 2.0 MB, its disk has 0.0 MB free"):
+        outputs.check_writable(tmp_path / "w.safetensors", size=2_000_000)
+
+
+# ---------------------------------------------------------------- convert.py and bad input
+
+
+def save_mlx(path, weights, config):
+    mx.save_safetensors(str(path), weights, metadata={} if config is None else {"config": config})
+
+
+GOOD_CONFIG = dict(num_layers=1, input_dim=4, hidden_dim=3, output_dim=2)
+GOOD_WEIGHTS = {"layers.0.weight": mx.zeros((3, 4)), "layers.0.bias": mx.zeros((3,)),
+                "layers.1.weight": mx.zeros((2, 3)), "layers.1.bias": mx.zeros((2,))}
+
+
+@pytest.mark.parametrize("weights, config, message", [
+    (GOOD_WEIGHTS, None, "no model configuration"),
+    (GOOD_WEIGHTS, "{not json", "not valid JSON"),
+    (GOOD_WEIGHTS, json.dumps({"num_layers": 1}), "expected the keys"),
+    (GOOD_WEIGHTS, json.dumps({**GOOD_CONFIG, "hidden_dim": "3"}), "hidden_dim='3'"),
+    (GOOD_WEIGHTS, json.dumps({**GOOD_CONFIG, "num_layers": -1}), "num_layers=-1"),
+    (GOOD_WEIGHTS, json.dumps({**GOOD_CONFIG, "hidden_dim": 10**12}), "has shape (3, 4), expected (1000000000000, 4)"),
+    ({**GOOD_WEIGHTS, "layers.0.weight": mx.zeros((3, 4), mx.int32)}, json.dumps(GOOD_CONFIG), "not floating point"),
+    ({**GOOD_WEIGHTS, "layers.1.bias": mx.zeros((2,), mx.bool_)}, json.dumps(GOOD_CONFIG), "not floating point"),
+])
+def test_convert_refuses_damaged_mlx_files_in_one_line(tmp_path, weights, config, message):
+    save_mlx(tmp_path / "in.safetensors", weights, config)
+    result = run_script("mlp_mnist/convert.py", tmp_path / "in.safetensors", tmp_path / "out.pt")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("content", ["pickle", "int tensors", "not tensors", "bad config"])
+def test_convert_refuses_damaged_or_foreign_pytorch_files_in_one_line(tmp_path, content):
+    marker = tmp_path / "pwned"
+    state_dict = convert.TorchMLP(**GOOD_CONFIG).state_dict()
+    checkpoint = {"config": GOOD_CONFIG, "state_dict": state_dict}
+    if content == "pickle":
+        Exploit.marker = marker
+        checkpoint["config"] = Exploit()
+    elif content == "int tensors":
+        state_dict["net.0.weight"] = state_dict["net.0.weight"].int()
+    elif content == "not tensors":
+        checkpoint["state_dict"] = {k: v.tolist() for k, v in state_dict.items()}
+    else:
+        checkpoint["config"] = {**GOOD_CONFIG, "output_dim": 0}
+    torch.save(checkpoint, tmp_path / "in.pt")
+    result = run_script("mlp_mnist/convert.py", tmp_path / "in.pt", tmp_path / "out.safetensors")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "in.pt" in result.stderr
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("source, output, message", [
+    ("missing.safetensors", "out.pt", "does not exist"),
+    ("folder.safetensors", "out.pt", "is not a file"),
+    ("in.safetensors", "folder.pt", "is a folder"),
+    ("in.safetensors", "a_file/out.pt", "a_file is a file, not a folder"),
+    ("in.safetensors", "out.npz", "cannot convert .safetensors to .npz"),
+])
+def test_convert_says_which_path_is_wrong_in_one_line(tmp_path, source, output, message):
+    save_mlx(tmp_path / "in.safetensors", GOOD_WEIGHTS, json.dumps(GOOD_CONFIG))
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "a_file").write_text("")
+    result = run_script("mlp_mnist/convert.py", source, output, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
