@@ -142,4 +142,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a benchmark writes nothing
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
