@@ -26,6 +26,7 @@ prompt are from the --dtype model's: mean KL divergence and how often the most l
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import mlx.nn as nn
 import torch
 
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, load_model, warn_if_reference_blas
+from model import Llama, in_range, load_model, warn_if_reference_blas
 from quantize import quantize
 from timing import generate_runs, host_seconds, say
 
@@ -313,10 +314,13 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per run (default: 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are used (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and prompt (default: 0)")
+    parser.add_argument("--prompt-tokens", type=in_range(int, 1, 4094), default=128, help="prompt length (default: 128)")
+    parser.add_argument("--max-tokens", type=in_range(int, 2, 4095), default=64,
+                        help="tokens to generate per run, at least 2 (default: 64)")
+    parser.add_argument("--repeats", type=in_range(int, 1, 1000), default=3,
+                        help="timed runs after one warm-up; medians are used (default: 3)")
+    parser.add_argument("--seed", type=in_range(int, 0, 2**63 - 1), default=0,
+                        help="seed for the random weights and prompt (default: 0)")
     parser.add_argument("--time-load", action="store_true",
                         help="also save the MLX weights to a temporary file and time load_model from the page cache, "
                              "alone and with the first token")
@@ -331,8 +335,6 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quantize and args.profile:
         parser.error("--profile and --quantize are separate measurements; give one")
-    if args.max_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
-        parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if args.prompt_tokens + args.max_tokens > 4096:
         parser.error("--prompt-tokens plus --max-tokens must fit the 4096-token context")
     return args
@@ -419,4 +421,10 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
 
 
 if __name__ == "__main__":
-    main()
+    # SIGTERM as an exception too, so that --time-load's temporary folder is removed
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(f"stopped by SIGTERM"))
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -26,6 +26,8 @@ bandwidth each GPU achieves. Only rank 0 prints. The last line is a row of the R
 import argparse
 import os
 import shutil
+import signal
+import sys
 import statistics
 import tempfile
 import time
@@ -35,9 +37,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from model import Llama, ModelArgs, warn_if_reference_blas
+from model import Llama, ModelArgs, in_range, warn_if_reference_blas
 from timing import generate_runs, host_seconds, say
-from tp import ShardingError, init_group, shard, stop_if_any_failed, weight_bytes
+from tp import ShardingError, init_group, keep_together, shard, stop_if_any_failed, weight_bytes
 
 # Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
 PRESETS = {
@@ -73,19 +75,25 @@ def random_model(args, group, dtype, seed):
     return model
 
 
-def time_mlx(model, prompt, max_tokens, repeats, label=None):
+def time_mlx(model, prompt, max_tokens, repeats, label=None, watchdog=None):
     """Decoded tokens per second of each run of model.generate (after a warm-up run), prompt seconds."""
-    # mx.synchronize after each run: the step started ahead (with its all_sums) finishes before the next run
-    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=mx.synchronize, label=label)
+
+    def after_run():  # the step started ahead (with its all_sums) finishes before the next run
+        mx.synchronize()
+        if watchdog:
+            watchdog.progress()
+
+    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=after_run, label=label)
     return [1 / seconds for _, seconds in runs], statistics.median(seconds for seconds, _ in runs)
 
 
 def run_mlx(options):
     dtype = getattr(mx, options.dtype)
     args = ModelArgs(**PRESETS[options.preset], max_seq_len=4096)
-    group, error = None, None
+    group, error, watchdog = None, None, None
     try:
         group = init_group()
+        watchdog = keep_together(group, options.timeout)
         if group is not None:
             shard(Llama(args), group)  # checks that the heads split; builds nothing
     except ShardingError as e:
@@ -105,7 +113,9 @@ def run_mlx(options):
         say(f"built in {build_seconds:.1f} s")
     split, replicated = weight_bytes(model)
     prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
-    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats, "MLX" if rank == 0 else None)
+    watchdog.progress()
+    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats, "MLX" if rank == 0 else None,
+                                     watchdog)
     build, launch = host_seconds(model, prompt)
     if rank != 0:
         return
@@ -176,18 +186,21 @@ def hf_model(options, device):
     folder = Path(tempfile.gettempdir()) / f"benchmark_tp_{options.preset}_{os.getppid()}"  # the same on every rank
     rank = dist.get_rank()
     tic = time.perf_counter()
+    try:
+        if rank == 0:
+            whole = build()
+            whole.save_pretrained(folder)
+            del whole
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        dist.barrier()
+        saved = time.perf_counter()
+        model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+        dist.barrier()
+    finally:  # an error, Ctrl-C or SIGTERM too
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
     if rank == 0:
-        whole = build()
-        whole.save_pretrained(folder)
-        del whole
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    dist.barrier()
-    saved = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(folder)
         print(f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, loaded with "
               f"tp_plan=\"auto\" in {time.perf_counter() - saved:.1f} s", flush=True)
     return model
@@ -257,13 +270,17 @@ def main():
     parser.add_argument("--preset", choices=list(PRESETS), default="13b", help="model shape (default: 13b)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="weight dtype (default: float16)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per run (default: 64)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights and the prompt (default: 0)")
+    parser.add_argument("--max-tokens", type=in_range(int, 2, 2048), default=64,
+                        help="tokens to generate per run, at least 2 (default: 64)")
+    parser.add_argument("--prompt-tokens", type=in_range(int, 1, 2048), default=128, help="prompt length (default: 128)")
+    parser.add_argument("--repeats", type=in_range(int, 1, 1000), default=3,
+                        help="timed runs after one warm-up run (default: 3)")
+    parser.add_argument("--seed", type=in_range(int, 0, 2**31 - 1), default=0,
+                        help="random seed for the weights and the prompt (default: 0)")
+    parser.add_argument("--timeout", type=in_range(float, 0), default=600,
+                        help="MLX with several processes: stop them all when the run makes no progress for this many "
+                             "seconds; 0: never (default: 600)")
     options = parser.parse_args()
-    if options.max_tokens < 2 or options.prompt_tokens < 1 or options.repeats < 1:
-        parser.error("--max-tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if options.framework == "mlx":
         run_mlx(options)
     else:
@@ -271,4 +288,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit("stopped by SIGTERM"))  # so that finally blocks run
+    try:
+        main()
+    except KeyboardInterrupt:  # one process (under mlx.launch, tp.keep_together ends each rank)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

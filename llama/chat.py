@@ -55,7 +55,10 @@ def llama3_chat(tokenizer, messages):
 def hf_template(tokenizer):
     """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart), or None."""
     jinja = tokenizer.folder / "chat_template.jinja"
-    template = jinja.read_text() if jinja.is_file() else tokenizer.config.get("chat_template")
+    try:
+        template = jinja.read_text() if jinja.is_file() else tokenizer.config.get("chat_template")
+    except (OSError, ValueError) as e:  # not UTF-8 text, say
+        raise ChatFormatError(f"cannot read {jinja}: {e}") from None
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template
@@ -65,6 +68,7 @@ def render_template(template, messages, special_tokens_map):
     """A Hugging Face chat template rendered as transformers' apply_chat_template renders it (a sandboxed
     Jinja environment that trims blocks, with its tojson, raise_exception and strftime_now)."""
     import jinja2
+    import jinja2.ext  # a submodule: `import jinja2` alone does not load it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -94,9 +98,9 @@ def chat_tokens(tokenizer, messages):
                           "tokenizer_config.json or chat_template.jinja beside it); use it without --chat")
 
 
-def chat(model, tokenizer, reply, prompt=None, system=None, lines=sys.stdin):
+def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
     """A conversation in the tokenizer's chat format: one reply to `prompt`, or, without one, a reply to
-    each line read from `lines` until its end (Ctrl-D at a terminal). reply(tokens, cache, context) is
+    each line read from `lines` (stdin) until its end (Ctrl-D at a terminal). reply(tokens, cache, context) is
     llama.py's generate: it streams the reply to `tokens`, which continue `context`, the tokens in `cache`.
 
     The key/value cache stays between turns. Each turn formats the whole conversation again, keeps the
@@ -104,7 +108,7 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=sys.stdin):
     a turn costs its new tokens, and the model always sees exactly the format's tokens."""
     messages = [{"role": "system", "content": system}] if system else []
     cache, cached = model.make_cache(), []  # cached: the tokens whose keys and values the cache holds
-    for text in [prompt] if prompt is not None else user_lines(lines):
+    for text in [prompt] if prompt is not None else user_lines(lines or sys.stdin):
         messages.append({"role": "user", "content": text})
         tokens = chat_tokens(tokenizer, messages)
         common = 0
@@ -118,10 +122,15 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=sys.stdin):
 
 
 def user_lines(lines):
-    """The lines of `lines` that are not blank, each asked for by "> " on stderr."""
+    """The lines of `lines` that are not blank, each asked for by "> " on stderr; UTF-8 text only."""
     print("> ", end="", file=sys.stderr, flush=True)
-    for line in lines:
-        if line.strip():
-            yield line.rstrip("\n")
-        print("> ", end="", file=sys.stderr, flush=True)
+    try:
+        for line in lines:
+            line.encode()  # bytes that are not UTF-8 arrive as lone surrogates, or raise UnicodeDecodeError
+            if line.strip():
+                yield line.rstrip("\n")
+            print("> ", end="", file=sys.stderr, flush=True)
+    except UnicodeError:
+        print(file=sys.stderr)  # after the "> "
+        raise ChatFormatError("a line on stdin is not UTF-8 text; the chat ends") from None
     print(file=sys.stderr)

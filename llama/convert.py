@@ -28,8 +28,9 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,8 +39,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from hub import TOKENIZER_FILES, download, is_hub_name
-from model import Llama, ModelArgs, WeightsError, check_weights
-from quantize import check_quantization, check_quantization_settings, quantize, quantize_weights
+from model import Llama, ModelArgs, WeightsError, check_weights, in_range
+from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
 
 # Hugging Face name -> Meta / MLX name.
 HF_KEY_MAP = [
@@ -163,6 +164,9 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
         params = json.loads((folder / "params.json").read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read params.json beside the checkpoint: {e}") from None
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params] if isinstance(params, dict) else ["all"]
+    if missing:
+        raise ConversionError(f"{folder / 'params.json'} lacks {', '.join(missing)}; is it a Meta Llama's params.json?")
     state_dicts = [load_pth(f) for f in files]
     embedding = state_dicts[0]["tok_embeddings.weight"]
     # The vocabulary is the embedding's full first dimension (Llama 2 splits the embedding on dim 1).
@@ -171,7 +175,10 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
     # No output.weight, or one equal to the embedding: store the matrix once (tied embeddings).
     output = state_dicts[0].get("output.weight")
     tied = output is None or (len(files) == 1 and output.shape == embedding.shape and bool((output == embedding).all()))
-    args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
+    try:
+        args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
+    except (TypeError, ValueError) as e:  # a string where a number belongs, say
+        raise ConversionError(f"{folder / 'params.json'}: {e}") from None
     expected = {k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())}  # lazy: no memory
     progress = Progress(f"reading {len(files)} file{'s' * (len(files) > 1)} of {folder}",
                         sum(t.nbytes for sd in state_dicts for t in sd.values()))
@@ -243,10 +250,8 @@ def hf_args(config):
         raise ConversionError("Llama variants with attention or MLP biases are not supported")
     if config.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if (config.get("head_dim") or dim // n_heads) != dim // n_heads:
-        raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
     try:
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         args = ModelArgs(
             dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
@@ -260,9 +265,13 @@ def hf_args(config):
         )
         if args.quantization is not None:
             args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
-        return args
-    except ValueError as e:  # shapes that do not divide, an unsupported quantization
+    except KeyError as e:
+        raise ConversionError(f"config.json has no {e.args[0]!r}; is it a Llama's?") from None
+    except (TypeError, ValueError) as e:  # a damaged field, shapes that do not divide, an unsupported quantization
         raise ConversionError(f"config.json: {e}") from None
+    if config.get("head_dim") not in (None, args.head_dim):
+        raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
+    return args
 
 
 def hf_to_mlx_name(name):
@@ -290,7 +299,12 @@ def read_hf(folder):
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read config.json in {folder}: {e}") from None
-    args = hf_args(config)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{folder / 'config.json'} is not a JSON object; is it a Hugging Face model's?")
+    try:
+        args = hf_args(config)
+    except (AttributeError, TypeError, ValueError) as e:  # a field of the wrong kind that hf_args did not expect
+        raise ConversionError(f"{folder / 'config.json'} is damaged ({type(e).__name__}: {e})") from None
     # The files the index names, or every .safetensors but Mistral's own consolidated.safetensors.
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -371,28 +385,65 @@ def evaluate(weights):
 
 
 def save(args, weights, path):
-    """Write weights plus the configuration to `path` atomically (a temporary file, then a rename)."""
+    """Write weights plus the configuration to `path` atomically: into a temporary file beside it, then a
+    rename. The temporary file is removed on an error, Ctrl-C or SIGTERM (main makes that an exception);
+    one that a killed run (SIGKILL) left is removed by the next write of the same path. The file gets the
+    permissions of any new file (the umask), not a temporary file's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
+    for stale in path.parent.glob(f".{path.name}.*.tmp{path.suffix}"):  # .w.npz.<pid>.tmp.npz
+        if not process_exists(int(stale.name.split(".")[-3])):
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"  # MLX adds the suffix if it is missing
     try:
         arrays = {**weights, "config": config_array(args)}
         if path.suffix == ".npz":
-            mx.savez(tmp, **arrays)
+            mx.savez(str(tmp), **arrays)
         else:
-            mx.save_safetensors(tmp, arrays)
+            mx.save_safetensors(str(tmp), arrays)
         os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as e:  # a full disk, say (MLX raises RuntimeError)
+        raise ConversionError(f"cannot write {path}: {e}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
+
+
+def check_output(path, nbytes=0):
+    """One line (ConversionError) for an output that cannot be written, before the work: a folder, a parent
+    that is a file or cannot be made, no right to write there, or (with nbytes) too little free space."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path} is a folder; give the file to write, e.g. {path / 'weights.safetensors'}")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise ConversionError(f"the output must end in .npz or .safetensors, got {path}")
+    file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise ConversionError(f"cannot write {path}: {file} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot make the folder {path.parent} for {path}: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write into {path.parent}: permission denied")
+    free = shutil.disk_usage(path.parent).free
+    if nbytes > free:
+        raise ConversionError(f"{path} needs about {file_size(nbytes)}; {path.parent} has {file_size(free)} free")
 
 
 def file_size(nbytes):
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights.")
     parser.add_argument("checkpoint", help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
                                            "params.json beside it, or a Hugging Face Llama folder or Hub name")
@@ -402,39 +453,49 @@ def main():
                              "norms (default: as in the checkpoint)")
     parser.add_argument("--quantize", action="store_true",
                         help="quantize the linear layers and the embedding (MLX affine quantization)")
-    parser.add_argument("--q-bits", type=int, help="bits per quantized weight with --quantize: 4 or 8 (default: 4)")
-    parser.add_argument("--q-group-size", type=int,
-                        help="weights per scale and bias with --quantize: 32, 64 or 128 (default: 64)")
-    parser.add_argument("--max-seq-len", type=int,
+    parser.add_argument("--q-bits", type=int, choices=BITS, help="bits per quantized weight with --quantize (default: 4)")
+    parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZES,
+                        help="weights per scale and bias with --quantize (default: 64)")
+    parser.add_argument("--max-seq-len", type=in_range(int, 1, 2**31 - 1),
                         help="context length for Meta checkpoints, whose params.json omits it (default: the family's: "
                              "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging Face configs "
                              "carry their own)")
-    parser.add_argument("--rope-scaling-factor", type=float,
+    parser.add_argument("--rope-scaling-factor", type=in_range(float, 0, above=True),
                         help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: 32 for Llama 3.2 "
                              "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)")
     args = parser.parse_args()
-    if Path(args.output).suffix not in (".npz", ".safetensors"):
-        sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
-        sys.exit("error: --q-bits and --q-group-size need --quantize")
-    quantization = {"group_size": args.q_group_size or 64, "bits": args.q_bits or 4} if args.quantize else None
-    # Unsupported settings are refused before anything is read or downloaded; whether the model's widths
-    # are whole groups is checked with its shapes in convert (quantize.check_quantization).
-    if quantization:
-        try:
-            check_quantization_settings(quantization)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        parser.error("--q-bits and --q-group-size need --quantize")
+    return args
+
+
+def main():
+    args = parse_args()
+    quantization = None
+    if args.quantize:  # the model's widths are checked against the group size with its shapes, in convert
+        quantization = {"group_size": 64 if args.q_group_size is None else args.q_group_size,
+                        "bits": 4 if args.q_bits is None else args.q_bits}
+    signal.signal(signal.SIGTERM, stopped)  # an exception, so that save removes its temporary file
     try:
+        check_output(args.output)  # before anything is read or downloaded
         model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor,
                                       quantization)
+        check_output(args.output, sum(v.nbytes for v in weights.values()))
         evaluate(weights)
         if sum(v.nbytes for v in weights.values()) >= PROGRESS_BYTES:
             print(f"writing {args.output}", file=sys.stderr, flush=True)
         save(model_args, weights, args.output)
     except ConversionError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     print(summary(model_args, weights, args.output))
+
+
+def stopped(number, frame):
+    print("stopped by SIGTERM", file=sys.stderr)
+    sys.exit(128 + number)
 
 
 def summary(model_args, weights, output):

@@ -1,16 +1,15 @@
 """Files from the Hugging Face Hub, for a checkpoint (convert.py) or a tokenizer (llama.py) given by name.
 
-    from hub import TOKENIZER_FILES, download
-    folder = download("meta-llama/Llama-3.1-8B-Instruct", TOKENIZER_FILES, ValueError)
+    from hub import download
+    folder = download("meta-llama/Llama-3.1-8B-Instruct", ["tokenizer.json"], ValueError)
 """
 
 import re
 from pathlib import Path
 
-# What llama.py reads from a Hugging Face model folder besides the weights (tokenizer.py says what for).
+# The files of a Hugging Face model folder that tokenizer.py reads (convert.py fetches them with the weights).
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "special_tokens_map.json"]
-
 
 def is_hub_name(name):
     """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""

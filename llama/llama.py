@@ -18,7 +18,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from model import WeightsError, load_model, warn_if_reference_blas
+from model import WeightsError, in_range, load_model, warn_if_reference_blas
 from tokenizer import StreamingDecoder, TokenizerError, load_tokenizer
 
 
@@ -42,7 +42,7 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
             break
         print(decoder.add(token), end="", flush=True)
     seconds = time.perf_counter() - first
-    print(decoder.flush(), flush=True)
+    print(decoder.add(None), flush=True)
     reply = generated[:-1] if generated and generated[-1] in tokenizer.stop_ids else generated
     print(f"[{len(context)} tokens from the cache | " if cache else "[", end="", file=sys.stderr)
     print(f"prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | generation "
@@ -67,7 +67,7 @@ def load(args):
     if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
         from tp import load_split
 
-        return load_split(args.weights, tokenizer_for, (WeightsError, TokenizerError))
+        return load_split(args.weights, tokenizer_for, (WeightsError, TokenizerError), args.timeout)
     try:
         model = load_model(args.weights)
         return model, tokenizer_for(model), ""
@@ -75,21 +75,29 @@ def load(args):
         sys.exit(f"error: {e}")
 
 
+def text(argument):
+    """An argparse type: text that is UTF-8 (other bytes reach Python as lone surrogates, which cannot be encoded)."""
+    argument.encode()
+    return argument
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description="Generate text or chat with a converted Llama (see convert.py).")
     parser.add_argument("weights", help="the .npz or .safetensors file written by convert.py")
     parser.add_argument("tokenizer", help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
                         "Hugging Face tokenizer.json, or a model folder (the kind is read from the file)")
-    parser.add_argument("prompt", nargs="?", help="the text to continue (with --chat: the first message; "
+    parser.add_argument("prompt", nargs="?", type=text, help="the text to continue (with --chat: the first message; "
                         "without one, --chat reads a message per line from stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (chat.py); "
                         "without a prompt, chat interactively (one message per line; Ctrl-D ends)")
-    parser.add_argument("--system", help="a system message for --chat")
-    parser.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate per reply (default: 100)")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample only from the most likely tokens whose "
-                        "probabilities add up to this (default: 1, all)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument("--system", type=text, help="a system message for --chat")
+    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100, help="most tokens per reply (default: 100)")
+    parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="sampling temperature; 0: greedy (default)")
+    parser.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0, help="sample only from the "
+                        "most likely tokens whose probabilities add up to this (default: 1, all)")
+    parser.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0, help="seed for sampling (default: 0)")
+    parser.add_argument("--timeout", type=in_range(float, 0), default=600, help="with several processes (mlx.launch): "
+                        "stop them all when the run makes no progress for this many seconds; 0: never (default: 600)")
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompt is None and not args.chat:
         parser.error("give a prompt to continue, or --chat for a conversation")
@@ -97,8 +105,6 @@ def parse_args():
         parser.error("the prompt is empty; give some text to continue")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
-    if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1:
-        parser.error("--max-tokens must be at least 1, --temp at least 0, and --top-p in (0, 1]")
     return args
 
 
@@ -120,10 +126,12 @@ def main():
             generate(model, tokenizer, args, tokenizer.prompt(args.prompt))
     except (ValueError, TokenizerError) as e:  # a prompt too long for the context; a template's refusal
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C in a chat
-        sys.exit(1)
     mx.synchronize()  # the step started ahead is still running: with other ranks, let its all_sums finish
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating (under mlx.launch, tp.py ends the run)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -14,6 +14,7 @@ linear layers and embedding for MLX's 4- or 8-bit ones. A float model never read
         ...
 """
 
+import argparse
 import json
 import math
 import sys
@@ -25,6 +26,18 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+
+# What each field must hold, (test, description): a configuration read from a file may be damaged.
+WHOLE = (lambda v: type(v) is int and 0 < v < 2**31, "a whole number from 1 to 2**31 - 1")  # MLX's int32 shapes
+LAYERS = (lambda v: type(v) is int and 0 < v <= 1024, "a whole number from 1 to 1024")
+POSITIVE = (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number")
+FLAG = (lambda v: type(v) is bool, "true or false")
+TABLE = (lambda v: v is None or type(v) is dict, "an object or null")
+KINDS = dict(dim=WHOLE, n_layers=LAYERS, n_heads=WHOLE, n_kv_heads=WHOLE, vocab_size=WHOLE, hidden_dim=WHOLE,
+             norm_eps=POSITIVE, rope_theta=POSITIVE, rope_traditional=FLAG, rope_scaling=TABLE, max_seq_len=WHOLE,
+             tie_word_embeddings=FLAG, quantization=TABLE)
+ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -51,9 +64,19 @@ class ModelArgs:
     quantization: Optional[dict] = None
 
     def __post_init__(self):
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide")
+        """Check the configuration as a whole; a ValueError names the first field that is wrong."""
+        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        for name, (test, description) in KINDS.items():
+            if not test(getattr(self, name)):
+                raise ValueError(f"{name} must be {description}, not {getattr(self, name)!r}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide "
+                             "into an even head_dim and whole groups of query heads")
+        scaling = self.rope_scaling  # Llama 3.1's: four positive numbers, the low frequency factor below the high
+        if scaling is not None and (sorted(scaling) != sorted(ROPE_SCALING) or not all(POSITIVE[0](scaling[k]) for k in
+                                    ROPE_SCALING) or not scaling["low_freq_factor"] < scaling["high_freq_factor"]):
+            raise ValueError(f"rope_scaling must hold positive {', '.join(ROPE_SCALING)}, the low factor below the "
+                             f"high one, not {scaling!r}")
 
     @property
     def head_dim(self):
@@ -252,6 +275,9 @@ def sample(logits, temp, top_p):
 # ---- Loading ------------------------------------------------------------------------------------
 
 
+FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
 class WeightsError(Exception):
     """A weights file that is missing, unreadable, or does not fit the model it describes."""
 
@@ -263,6 +289,11 @@ def check_weights(model, weights):
     problems += [f"unexpected {k}" if k not in expected else f"{k} is {tuple(weights[k].shape)}, expected "
                  f"{tuple(expected[k].shape)}" for k in sorted(weights)
                  if k not in expected or tuple(weights[k].shape) != tuple(expected[k].shape)]
+    # Packed quantized weights are uint32; everything else a float dtype (checked on MLX arrays: tp.py also
+    # checks the shapes of NumPy views, where bfloat16 is uint16).
+    problems += [f"{k} is {weights[k].dtype}, expected {expected[k].dtype if expected[k].dtype == mx.uint32 else 'a float'}"
+                 for k in sorted(set(weights) & set(expected)) if isinstance(weights[k], mx.array)
+                 and (weights[k].dtype != mx.uint32 if expected[k].dtype == mx.uint32 else weights[k].dtype not in FLOATS)]
     if problems:
         q = model.args.quantization
         hint = f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})" if q else ""
@@ -311,6 +342,8 @@ def stored_model(config, path):
         raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
     try:
         stored = json.loads(bytes(memoryview(config)).decode())
+        if not isinstance(stored, dict):
+            raise ValueError("it is not a JSON object")
         args = ModelArgs(**{k: v for k, v in stored.items() if k in {f.name for f in fields(ModelArgs)}})
         if args.quantization is None:
             return Llama(args)
@@ -318,8 +351,8 @@ def stored_model(config, path):
 
         args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
         return quantize(Llama(args), **args.quantization)
-    except (ValueError, TypeError) as e:  # e.g. a quantization this example does not support
-        raise WeightsError(f"{path}: {e}") from None
+    except (ValueError, TypeError) as e:  # a damaged field; a quantization this example does not support
+        raise WeightsError(f"{path} holds a configuration this example cannot use: {e}") from None
 
 
 def load_model(path):
@@ -336,10 +369,28 @@ def load_model(path):
     return model
 
 
+# ---- For the scripts ----------------------------------------------------------------------------
+
+
+def in_range(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite `kind` (int or float) from `low` (or just above it) to `high`."""
+
+    def parse(text):
+        value = kind(text)
+        if not (value > low if above else value >= low) or not value <= high or abs(value) == math.inf:  # NaN fails
+            raise argparse.ArgumentTypeError(f"must be {'a whole' if kind is int else 'a finite'} number "
+                                             f"{'above' if above else 'at least'} {low}"
+                                             f"{f' and at most {high}' if high < math.inf else ''}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 def warn_if_reference_blas():
     """On Linux, mlx[cpu] computes with the reference BLAS it bundles (about 30x slower matrix products)
     unless OpenBLAS is preloaded: say so before long work on the CPU."""
-    maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+    maps = Path("/proc/self/maps").read_text() if sys.platform.startswith("linux") else ""
     if mx.default_device() == mx.cpu and "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
         print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products); "
               "the top-level README.md shows how to preload OpenBLAS", file=sys.stderr)

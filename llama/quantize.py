@@ -23,20 +23,14 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
-def check_quantization_settings(quantization):
-    """{"group_size", "bits"} checked against what this example supports; raises ValueError with the fix."""
-    group_size, bits = quantization.get("group_size"), quantization.get("bits")
-    if bits not in BITS:
-        raise ValueError(f"{bits}-bit quantization is not supported; use 4 or 8 bits")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"quantization group size {group_size} is not supported; use 32, 64 or 128")
-    return group_size, bits
-
-
 def check_quantization(quantization, dim, hidden_dim):
-    """{"group_size", "bits"} checked as above and against the model's widths (every quantized layer's
-    input width must be a whole number of groups); raises ValueError with the fix."""
-    group_size, bits = check_quantization_settings(quantization)
+    """{"group_size", "bits"} checked against what this example supports and the model's widths (every
+    quantized layer's input width must be a whole number of groups); raises ValueError with the fix."""
+    group_size, bits = quantization.get("group_size"), quantization.get("bits")
+    if bits not in BITS or type(bits) is not int:
+        raise ValueError(f"{bits!r}-bit quantization is not supported; use 4 or 8 bits")
+    if group_size not in GROUP_SIZES or type(group_size) is not int:
+        raise ValueError(f"quantization group size {group_size!r} is not supported; use 32, 64 or 128")
     for name, width in (("dim", dim), ("hidden_dim", hidden_dim)):
         if width % group_size:
             fits = [g for g in GROUP_SIZES if dim % g == 0 and hidden_dim % g == 0]

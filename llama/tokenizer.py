@@ -170,22 +170,16 @@ KINDS = ("a SentencePiece tokenizer.model (Llama 1 and 2), Meta's Llama 3 tokeni
          "a rank on each line), a Hugging Face tokenizer.json, or a folder holding one")
 
 
-def resolve(source):
-    """A local file or folder; a Hugging Face Hub name is fetched (its tokenizer files only: hub.py)."""
-    path = Path(source)
-    if path.exists():
-        return path
-    from hub import TOKENIZER_FILES, download, is_hub_name
-
-    if "/" in str(source) and is_hub_name(source):
-        return download(str(source), TOKENIZER_FILES, TokenizerError)
-    raise TokenizerError(f"{source} does not exist; give {KINDS}")
-
-
 def load_tokenizer(source, vocab_size=None):
     """The tokenizer in `source` (file, folder or Hub name), its kind found from the content, checked
     against the model's vocabulary size when one is given."""
-    path = resolve(source)
+    path = Path(source)
+    if not path.exists():  # a Hugging Face Hub name (fetched by hub.py), or a mistake
+        from hub import TOKENIZER_FILES, download, is_hub_name
+
+        if not ("/" in str(source) and is_hub_name(source)):
+            raise TokenizerError(f"{source} does not exist; give {KINDS}")
+        path = download(str(source), TOKENIZER_FILES, TokenizerError)
     if path.is_dir():
         found = [path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()]
         if not found:
@@ -224,17 +218,13 @@ class StreamingDecoder:
         self.start = max(0, len(self.tokens) - 4)  # the window's first token: context for the new ones
         self.printed = len(self.tokens)  # tokens whose text has been printed
 
-    def add(self, token):
-        self.tokens.append(token)
-        return self.take(hold_incomplete=True)
-
-    def flush(self):
-        """Whatever is still held back (bytes that never formed a character print as \ufffd)."""
-        return self.take(hold_incomplete=False)
-
-    def take(self, hold_incomplete):
+    def add(self, token=None):
+        """The text that `token` adds; None: the text still held back, at the end (bytes that never formed a
+        character print as \ufffd)."""
+        if token is not None:
+            self.tokens.append(token)
         window = self.tokenizer.decode(self.tokens[self.start :])
-        if hold_incomplete and window.endswith("\ufffd"):  # wait for the character's next byte token
+        if token is not None and window.endswith("\ufffd"):  # wait for the character's next byte token
             return ""
         new = window[len(self.tokenizer.decode(self.tokens[self.start : self.printed])) :]
         self.start, self.printed = max(self.start, self.printed - 4), len(self.tokens)

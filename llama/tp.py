@@ -40,11 +40,16 @@ along their last axis for wo and w2, which cuts the packed columns and the quant
 together. That needs the groups of a row to split evenly over the ranks, which `shard` checks.
 """
 
+import contextlib
 import json
+import math
 import os
 import re
+import signal
 import struct
+import subprocess
 import sys
+import threading
 import time
 import traceback
 import zipfile
@@ -261,16 +266,18 @@ def load_sharded(path, group):
     return model
 
 
-# ---- Starting and agreeing on errors ------------------------------------------------------------
+# ---- Starting, and ending together ---------------------------------------------------------------
 
 
-def load_split(weights, finish, errors):
+def load_split(weights, finish, errors, timeout=0):
     """(model, finish(model), summary) on every rank: this rank's part of the Llama in `weights` and
     whatever else the script loads (finish: the tokenizer, say). An exception of `errors` on any rank stops
-    every rank, with one line from rank 0. Afterwards only rank 0 prints; summary is for its load line."""
+    every rank, with one line from rank 0. Afterwards only rank 0 prints; summary is for its load line.
+    From the start the ranks end together (keep_together): every token written is progress."""
     group, error, model, extra = None, None, None, None
     try:
         group = init_group()
+        watchdog = keep_together(group, timeout)
         model = load_sharded(weights, group) if group is not None else load_model(weights)
         extra = finish(model)
     except (ShardingError, WeightsError, *errors) as e:
@@ -279,10 +286,130 @@ def load_split(weights, finish, errors):
     if group is None:  # mlx.launch -n 1
         return model, extra, ""
     summary = sharding_summary(model, group)
-    if group.rank() > 0:  # the other ranks compute what rank 0 does and print nothing; a Python error still shows
+    if group.rank() > 0:  # the other ranks compute what rank 0 does and print nothing
         sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
+    sys.stdout, sys.stdin = Written(sys.stdout, watchdog), Waited(sys.stdin, watchdog)
+    watchdog.progress()
     return model, extra, summary
+
+
+def keep_together(group, timeout):
+    """Make this rank end when the run does, and return a Watchdog of `timeout` seconds (0: none).
+
+    mlx.launch stops every process when one exits with an error. What it cannot see: Ctrl-C reaches every
+    process while each may be waiting inside a collective operation, where Python cannot raise
+    KeyboardInterrupt (so the signal writes to a pipe that a thread waits on, and the thread ends the
+    process); a lost peer is an MLX RuntimeError (one line, not a traceback); and a process that hangs or
+    is stopped leaves the others waiting forever (the Watchdog). MLX's ring backend also logs each failed
+    send of a lost connection to stderr: those lines are dropped, the one line here says it."""
+    if group is None:
+        return Watchdog(0, 0)
+    drop_ring_logs()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    signal.signal(signal.SIGINT, lambda *_: None)  # not KeyboardInterrupt: the thread below acts on it
+
+    def on_interrupt():
+        os.read(read_end, 1)
+        if group.rank() == 0:
+            print("interrupted", file=STDERR, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=on_interrupt, daemon=True).start()
+
+    def on_error(kind, error, trace):
+        if not issubclass(kind, RuntimeError):  # a bug: its traceback, on every rank
+            traceback.print_exception(kind, error, trace, file=STDERR)
+        elif group.rank() == 0:
+            print(f"error: another process of this run has stopped ({error}); stopping", file=STDERR, flush=True)
+
+    sys.excepthook = on_error
+    return Watchdog(timeout, group.rank())
+
+
+STDERR = sys.stderr  # this process's stderr, whatever sys.stderr becomes (os.devnull on ranks > 0)
+
+
+def drop_ring_logs():
+    """Route what MLX's C++ code writes to stderr (file descriptor 2) through a thread that drops the ring
+    backend's "[ring] ..." lines; Python's own output (STDERR) goes straight to the real stderr."""
+    global STDERR
+    read_end, write_end = os.pipe()
+    real = os.dup(2)
+    os.dup2(write_end, 2)
+    STDERR = sys.stderr = open(real, "w", buffering=1, closefd=False)
+
+    def forward():
+        for line in open(read_end, "rb"):
+            if not line.startswith(b"[ring]"):
+                os.write(real, line)
+
+    threading.Thread(target=forward, daemon=True).start()
+
+
+class Watchdog:
+    """With `seconds` > 0: if the run makes no progress for that long, say so and end every rank of this
+    machine (SIGKILL, which also ends a stopped process; mlx.launch's SIGTERM would wait for it forever).
+    Rank r waits r seconds more, so the first healthy rank acts and the others do not repeat its line."""
+
+    def __init__(self, seconds, rank):
+        self.seconds, self.rank, self.last = seconds, rank, time.monotonic()
+        if seconds > 0:
+            threading.Thread(target=self.watch, daemon=True).start()
+
+    def progress(self):
+        self.last = time.monotonic()
+
+    def pause(self):  # waiting for the user is not a hang
+        self.last = math.inf
+
+    def watch(self):
+        while time.monotonic() - self.last < self.seconds + self.rank:
+            time.sleep(0.5)
+        print(f"error: process {self.rank} made no progress for {self.seconds:g} s; another process of this run "
+              "may have stopped or hung: stopping them all (raise --timeout if a step is that slow)",
+              file=STDERR, flush=True)
+        parent = subprocess.run(["ps", "-o", "command=", "-p", str(os.getppid())], capture_output=True, text=True)
+        if "mlx.launch" in parent.stdout:  # its other processes here are this run's ranks
+            children = subprocess.run(["pgrep", "-P", str(os.getppid())], capture_output=True, text=True).stdout
+            for pid in {int(pid) for pid in children.split()} - {os.getpid()}:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        os._exit(1)
+
+
+class Written:
+    """sys.stdout whose every write is progress for the Watchdog (llama.py writes each token)."""
+
+    def __init__(self, stream, watchdog):
+        self.stream, self.watchdog = stream, watchdog
+
+    def write(self, text):
+        self.watchdog.progress()
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Waited:
+    """sys.stdin whose reading is no hang for the Watchdog (a chat waiting for the user's next line)."""
+
+    def __init__(self, stream, watchdog):
+        self.stream, self.watchdog = stream, watchdog
+
+    def readline(self):
+        self.watchdog.pause()
+        line = self.stream.readline()
+        self.watchdog.progress()
+        return line
+
+    def __iter__(self):
+        return iter(self.readline, "")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def launched_rank():

