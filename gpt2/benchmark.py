@@ -43,7 +43,7 @@ from dropout import Dropout
 from float16 import LossScale
 from blas import warn_if_reference_blas
 from main import DTYPES, make_train_step, new_model
-from model import GPTConfig
+from model import GPTConfig, bounded
 from nanogpt_reference import TorchGPT, make_step, race
 
 TF32 = os.environ["MLX_ENABLE_TF32"] != "0"
@@ -322,8 +322,8 @@ def parse_args(argv):
     parser.add_argument("--anchor", action=argparse.BooleanOptionalAction,
                         help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused AdamW); "
                              "ratios are against it (default: on a GPU only; on the CPU torch.compile takes minutes)")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per timed run (default: 10)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the median is used (default: 3)")
+    parser.add_argument("--steps", type=bounded(int, 1), default=10, help="training steps per timed run (default: 10)")
+    parser.add_argument("--repeats", type=bounded(int, 1), default=3, help="timed runs after a warm-up; the median is used (default: 3)")
     parser.add_argument("--tiny", action="store_true", help="shrink every config to 2 tiny layers (for tests)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
@@ -335,12 +335,9 @@ def parse_args(argv):
                         help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
                              "recipe in PyTorch; print the wall time each takes to reach --target (GPU only; main.py's "
                              "checkpoint goes to race-mlx/ beside the text)")
-    parser.add_argument("--target", type=float, default=1.47, help="validation loss for --race (default: 1.47)")
+    parser.add_argument("--target", type=bounded(float, 0), default=1.47, help="validation loss for --race (default: 1.47)")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        parser.error("--steps and --repeats must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):

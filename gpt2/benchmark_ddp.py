@@ -208,7 +208,10 @@ def main():
     if args.framework == "table":
         if not args.path or not os.path.isfile(args.path):
             parser.error("table needs the file that the runs' --json wrote")
-        return print_table(args.path)
+        try:
+            return print_table(args.path)
+        except (ValueError, KeyError, TypeError) as e:  # a line that is not one of --json's
+            sys.exit(f"error: {args.path} holds a line that is not a result of --json ({type(e).__name__}: {e})")
     if min(args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0 or (args.ctx_len or 1) < 1:
         parser.error("--batch-size, --ctx-len, --steps and --repeats must be at least 1, --warmup at least 0")
     c = {**GPT2_SMALL, **(TINY if args.tiny else {}), **({"block_size": args.ctx_len} if args.ctx_len else {})}

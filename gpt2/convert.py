@@ -15,8 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from model import GPT, GPTConfig, WeightsError, check_weights, tokenizer_dir
-from save import config_array, save_arrays
+from model import GPT, GPTConfig, WeightsError, check_weights, read_config, tokenizer_dir
+from save import check_writable, config_array, save_arrays
 
 # Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the transpose of a
 # Linear layer's (out, in). These are they.
@@ -82,8 +82,8 @@ def convert(source, dtype=None):
     try:
         config = gpt_config(json.loads((folder / "config.json").read_text()))
         hf_weights = mx.load(str(folder / "model.safetensors"))
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ConversionError(f"cannot read the GPT-2 checkpoint in {folder}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # KeyError: a field missing
+        raise ConversionError(f"cannot read the GPT-2 checkpoint in {folder}: {type(e).__name__}: {e}") from None
     weights = {}
     for name, value in hf_weights.items():
         new = mlx_name(name)
@@ -91,6 +91,7 @@ def convert(source, dtype=None):
             continue
         weights[new] = value.T if CONV1D.search(name) else value  # Conv1D (in, out) -> Linear (out, in)
     try:
+        read_config(config_array(config), weights, fix=f"fix {folder / 'config.json'}")  # as model.py will read it
         check_weights(GPT(config), weights)
     except WeightsError as e:
         raise ConversionError(str(e)) from None
@@ -124,11 +125,16 @@ def main():
     if Path(args.output).suffix not in (".npz", ".safetensors"):
         sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
     try:
+        check_writable(args.output)  # now, not after the conversion
         config, weights, folder = convert(args.source, args.dtype)
+        print(f"Writing {sum(v.size for v in weights.values()) / 1e6:.1f}M parameters from {folder} to {args.output}",
+              file=sys.stderr, flush=True)
         save_tokenizer(folder, args.output)
         save(config, weights, args.output)
-    except ConversionError as e:
+    except (ConversionError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: MLX could not write the file
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\nInterrupted")
     n_params = sum(v.size for v in weights.values())
     print(f"Wrote {n_params / 1e6:.1f}M parameters ({config.n_layer} layers, n_embd {config.n_embd}) to "
           f"{args.output}, and the tokenizer to {tokenizer_dir(args.output)}/")

@@ -1,7 +1,13 @@
 """Data parallelism for main.py with mx.distributed: N processes train one model.
 
-    mlx.launch -n 4 --backend nccl --python python3 gpt2/main.py ...               # 4 GPUs of one machine
-    mlx.launch --hostfile hosts.json --backend ring --python python3 gpt2/main.py  # several Macs (README.md)
+    python gpt2/distributed.py -n 2 --backend ring gpt2/main.py ...                # 2 CPU processes
+    python gpt2/distributed.py -n 4 --backend nccl gpt2/main.py ...                # 4 GPUs of one machine
+    python gpt2/distributed.py --hostfile hosts.json --backend ring gpt2/main.py   # several Macs (README.md)
+
+Run as a script, this file is mlx.launch (any of its flags), with --python set to this Python and
+Ctrl-C left to the training processes, which stop together at a step boundary; process 0 saves that
+step and says so, and the exit status is the processes' (mlx.launch itself exits 0 and prints a
+traceback on Ctrl-C). `mlx.launch --python python3 gpt2/main.py ...` works too.
 
 Every process (a rank) holds the whole model and the whole optimizer state. Each step, rank r takes
 its slice of the global batch, computes gradients on it, and one all-reduce (a sum over ranks)
@@ -10,6 +16,8 @@ averages them, so every rank applies the same update to the same weights. Starte
 """
 
 import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -84,9 +92,30 @@ def broadcast(tree, group):
 
 
 def setup(model, timeout, group):
-    """Rank 0's weights on every rank, and a Watchdog of `timeout` seconds; returns its progress()."""
+    """Rank 0's weights on every rank, a Watchdog of `timeout` seconds and an Agreement; returns the
+    watchdog's progress() and the agreement."""
     model.update(broadcast(model.parameters(), group))  # the same weights everywhere, for sure
-    return Watchdog(timeout, group).progress
+    return Watchdog(timeout, group).progress, Agreement(group)
+
+
+class Agreement:
+    """agreement(flag) -> whether any process has raised its flag (Ctrl-C), the same answer on every
+    process at the same step. Each call starts an all-reduce of this process's flag and returns the
+    one the previous call started, which has long finished: no step waits for it."""
+
+    def __init__(self, group):
+        self.group, self.pending = group, mx.array(0)
+
+    def __call__(self, flag):
+        if self.pending.item() > 0:
+            return True  # and no new all-reduce: every process stops here
+        self.pending = mx.distributed.all_sum(mx.array(int(flag)), group=self.group)
+        mx.async_eval(self.pending)
+        return False
+
+    def barrier(self):
+        """Wait until every process gets here (process 0 has written the checkpoint)."""
+        mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
 
 
 class Watchdog:
@@ -111,4 +140,35 @@ class Watchdog:
         print(f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
               "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
               file=sys.stderr, flush=True)
+        try:  # a process stopped with SIGSTOP gets mlx.launch's SIGTERM only once continued
+            os.killpg(os.getpgrp(), signal.SIGCONT)
+        except OSError:
+            pass
         os._exit(1)  # from this thread: the main thread may be blocked in a collective operation
+
+
+def launch(argv):
+    """mlx.launch with `argv`, --python this Python unless given, Ctrl-C left to the processes (a second
+    one stops the launch at once), and the exit status of the first process that failed."""
+    from mlx._distributed_utils import launch as mlx_launch
+
+    signal.signal(signal.SIGINT, lambda *_: signal.signal(signal.SIGINT, lambda *_: os._exit(130)))
+    failures, warn = [], mlx_launch.log_warning
+
+    def log_warning(*message, **kwargs):  # "Node with rank R exited with code C", or "... was killed"
+        text = " ".join(map(str, message))
+        if "Node with rank" in text:
+            code = int(re.search(r"exited with code (-?\d+)", text)[1]) if "exited with code" in text else 1
+            failures.append(code if code >= 0 else 128 - code)  # -15 (SIGTERM) -> 143, as a shell says
+            if code == 130:
+                return  # an interrupted process: process 0 has said so
+        warn(*message, **kwargs)
+
+    mlx_launch.log_warning = log_warning
+    sys.argv = [sys.argv[0], *([] if "--python" in argv else ["--python", sys.executable]), *argv]
+    mlx_launch.main()
+    sys.exit(failures[0] if failures else 0)
+
+
+if __name__ == "__main__":
+    launch(sys.argv[1:])

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from model import GPT, GPTConfig
-from save import config_array, json_array, save_arrays, write_atomically
+from model import GPT, GPTConfig, bounded
+from save import check_writable, config_array, json_array, save_arrays, write_atomically
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -53,9 +54,12 @@ def load_text(path, url=None):
 
         path = shakespeare.cached(url or shakespeare.URL)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
+    if not text.strip("\0"):
+        raise DataError(f"{path} has no text: it is empty{' but for NUL bytes' if text else ''}; give a text file")
+    return text
 
 
 class CharVocab:
@@ -185,15 +189,6 @@ def evaluate(model, data, ctx_len, batch_size, group):
     return loss_sum / count
 
 
-def save_checkpoint(path, model, optimizer, loss_scale, step, meta):
-    """Weights, optimizer state, float16's loss scale, the step and the run's settings in one
-    .safetensors file (resume.py reads it). The weights are the float32 master weights."""
-    arrays = {f"model.{k}": v for k, v in tree_flatten(model.parameters())}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    arrays.update({f"loss_scale.{k}": v for k, v in (loss_scale.state.items() if loss_scale else [])})
-    save_arrays(path, {**arrays, "config": config_array(model.config), "meta": json_array({**meta, "step": step})})
-
-
 class Progress:
     """Prints `Step k/N | loss = L | T ms/step | H:MM:SS left` every --log-every steps, or (without it)
     after the first step, which compiles the step function, and then about every 10 seconds."""
@@ -249,7 +244,7 @@ def build(args, vocab, run, steps, group, say):
     mx.random.seed(args.seed)
     model = new_model(GPTConfig(len(vocab.chars), args.ctx_len, args.n_layers, args.n_heads, args.n_emb, args.dropout))
     optimizer = optim.AdamW(learning_rate(args, steps), betas=[0.9, args.beta2], weight_decay=args.weight_decay)
-    loss_scale, step, on_step = None, 0, lambda: None
+    loss_scale, step, on_step, agree = None, 0, lambda: None, bool  # one process: its own Ctrl-C decides
     if args.dtype == "float16":
         from float16 import LossScale
 
@@ -259,15 +254,46 @@ def build(args, vocab, run, steps, group, say):
 
         step = resume(Path(args.out) / "checkpoint.safetensors", run, model, optimizer, loss_scale, say)
     if group.size() > 1:
-        import distributed  # data parallelism: the same weights everywhere, and a watchdog for --timeout
+        import distributed  # data parallelism: the same weights everywhere, a watchdog, one stop for all
 
-        on_step = distributed.setup(model, args.timeout, group)
+        on_step, agree = distributed.setup(model, args.timeout, group)
     micro = args.batch_size // (group.size() * args.grad_accum)
     say(f"{run['characters']:,} characters, vocabulary {len(vocab.chars)}; {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
         f"parameters; {steps} steps in {args.epochs} epochs of batch {args.batch_size} x {args.ctx_len}; {args.dtype} on "
         f"{mx.default_device()}" + (f"; {group.size()} processes x {args.grad_accum} micro-batches of {micro}"
                                     if micro < args.batch_size else ""), flush=True)
-    return model, optimizer, loss_scale, step, on_step
+    return model, optimizer, loss_scale, step, on_step, agree
+
+
+class Checkpoints:
+    """OUT/checkpoint.safetensors, which resume.py reads: the float32 master weights, AdamW's state,
+    float16's loss scale, the step and the run's settings. Written by process 0 only, and only while
+    every weight is finite; whether it (and completions.txt) can be written is checked at once, not
+    after training. Remembers the last good step for the message that stops a diverging run."""
+
+    def __init__(self, out, model, optimizer, loss_scale, run, step, writes):
+        self.path, self.saved, self.writes = out / "checkpoint.safetensors", step or None, writes
+        self.model, self.optimizer, self.loss_scale, self.run = model, optimizer, loss_scale, run
+        if writes:  # room for the weights and two AdamW moments, twice: the old file and the new one
+            check_writable(self.path, 2 * 3 * 4 * sum(p.size for _, p in tree_flatten(model.parameters())))
+            check_writable(out / "completions.txt")
+
+    def stop_if(self, bad, what, step):
+        if bad:
+            kept = f"the last good checkpoint, {self.path}, is kept (step {self.saved})" if self.saved else "no checkpoint was written"
+            raise DataError(f"{what} became inf or nan at step {step}; stopped, and {kept}. "
+                            "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
+
+    def save(self, step):
+        weights = tree_flatten(self.model.parameters())
+        self.stop_if(not mx.all(mx.stack([mx.isfinite(w).all() for _, w in weights])).item(), "a weight", step)
+        if self.writes:
+            arrays = {f"model.{k}": v for k, v in weights}
+            arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
+            arrays.update({f"loss_scale.{k}": v for k, v in (self.loss_scale.state.items() if self.loss_scale else [])})
+            save_arrays(self.path, {**arrays, "config": config_array(self.model.config),
+                                    "meta": json_array({**self.run, "step": step})})
+        self.saved = step
 
 
 def train(args, group):
@@ -279,26 +305,26 @@ def train(args, group):
     ends = list(itertools.accumulate(len(epoch_batches(train_data, T, B, args.seed, e)) for e in range(args.epochs)))
     # The schedule spans all epochs; --max-steps only stops early, so a capped run and its --resume
     # follow the same learning rates as one uninterrupted run.
-    model, optimizer, loss_scale, step, on_step = build(args, vocab, run, ends[-1], group, say)
-    checkpoint, saved = Path(args.out) / "checkpoint.safetensors", step or None
+    model, optimizer, loss_scale, step, on_step, agree = build(args, vocab, run, ends[-1], group, say)
+    checkpoints = Checkpoints(Path(args.out), model, optimizer, loss_scale, run, step, main_process)
     train_step, state = make_train_step(model, optimizer, DTYPES[args.dtype], args.grad_clip, loss_scale, group, args.grad_accum)
     total, first, start = min(ends[-1], args.max_steps or math.inf), step, time.perf_counter()
     progress = Progress(first, total, args.log_every)
 
     def finished(loss, step):
         """Step `step` (counted from 1) is done: check its loss, tell the watchdog, show progress."""
-        if not math.isfinite(value := loss.item()):
-            kept = f"the last good checkpoint, {checkpoint}, is kept (step {saved})" if saved else "no checkpoint was written"
-            raise DataError(f"the training loss became {value} at step {step}; stopped, and {kept}. "
-                            "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
+        checkpoints.stop_if(not math.isfinite(value := loss.item()), "the training loss", step)
         on_step()
         if main_process:
             progress(step, value)
 
     batches = itertools.chain.from_iterable(epoch_batches(train_data, T, B, args.seed, e) for e in range(args.epochs))
-    losses, tic = [], time.perf_counter()
+    losses, tic, interrupted, stopped = [], time.perf_counter(), [], False
+    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))  # Ctrl-C: see below
     try:
         for starts in itertools.islice(batches, step, total):
+            if stopped := agree(bool(interrupted)):  # Ctrl-C: every process stops here, at the same step
+                break
             # Dropout masks depend on (seed, step, process) only: --resume on as many processes is exact.
             mx.random.seed((args.seed * 1_000_003 + step) * size + rank)
             loss = train_step(*windows(train_data, starts.reshape(size, -1)[rank], T))  # this process's rows
@@ -316,60 +342,58 @@ def train(args, group):
                 on_step()
                 say(f"Epoch {np.searchsorted(ends, step) + 1} | train = {mx.mean(mx.stack(losses)).item():.4f} | "
                     f"val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | {time.perf_counter() - start:.1f} s", flush=True)
-                if main_process:
-                    save_checkpoint(checkpoint, model, optimizer, loss_scale, step, run)
-                saved, losses, tic = step, [], time.perf_counter()
-    except KeyboardInterrupt:
-        if not main_process:
-            sys.exit(1)
-        save_checkpoint(checkpoint, model, optimizer, loss_scale, step, run)
-        sys.exit(f"\nInterrupted at step {step}; saved {checkpoint}; continue with --resume")
-    say(f"Trained {step - first} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoint}")
+                checkpoints.save(step)
+                losses, tic = [], time.perf_counter()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped:
+        if losses:
+            finished(losses[-1], step)
+        checkpoints.save(step)
+        say(f"Interrupted at step {step}; saved {checkpoints.path}; continue with --resume", file=sys.stderr, flush=True)
+        if size > 1:
+            agree.barrier()  # the others end only once process 0 has written the checkpoint
+        sys.exit(130 if main_process else 0)  # mlx.launch stops the others when one ends with an error
+    say(f"Trained {step - first} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoints.path}")
     return model, vocab
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description="Train a character-level GPT (default: Tiny Shakespeare) and write "
                                                  "generated text to OUT/completions.txt.")
-    add = parser.add_argument
+    add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
     add("--data", type=Path, help="a UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
     add("--data-url", help="where to download Tiny Shakespeare from when it is not cached (default: GitHub's char-rnn)")
     add("--out", default=".", help="folder for completions.txt and checkpoint.safetensors (default: .)")
-    add("--ctx-len", type=int, default=128, help="context length in characters (default: 128)")
-    add("--n-emb", type=int, default=128, help="embedding width (default: 128)")
-    add("--n-heads", type=int, default=4, help="attention heads (default: 4)")
-    add("--n-layers", type=int, default=3, help="transformer blocks (default: 3)")
-    add("--dropout", type=float, default=0.1, help="dropout probability (default: 0.1)")
-    add("--epochs", type=int, default=20, help="passes over the training text (default: 20)")
-    add("--batch-size", type=int, default=64, help="windows per step, over all processes together (default: 64)")
-    add("--grad-accum", type=int, default=1, help="micro-batches per process and step, to fit a batch in memory (default: 1)")
-    add("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    add("--min-lr", type=float, help="decay the learning rate to this with a cosine after --warmup (default: constant)")
-    add("--warmup", type=int, default=0, help="linear warm-up steps with --min-lr (default: 0)")
-    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    add("--beta2", type=float, default=0.999, help="AdamW beta2 (default: 0.999)")
-    add("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 is off (default: 0)")
-    add("--max-steps", type=int, help="stop after this many training steps in all (default: no cap)")
+    add("--ctx-len", type=count, default=128, help="context length in characters (default: 128)")
+    add("--n-emb", type=count, default=128, help="embedding width (default: 128)")
+    add("--n-heads", type=count, default=4, help="attention heads (default: 4)")
+    add("--n-layers", type=count, default=3, help="transformer blocks (default: 3)")
+    add("--dropout", type=bounded(float, 0, 1), default=0.1, help="dropout probability (default: 0.1)")
+    add("--epochs", type=count, default=20, help="passes over the training text (default: 20)")
+    add("--batch-size", type=count, default=64, help="windows per step, over all processes together (default: 64)")
+    add("--grad-accum", type=count, default=1, help="micro-batches per process and step, to fit a batch in memory (default: 1)")
+    add("--lr", type=number, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    add("--min-lr", type=number, help="decay the learning rate to this with a cosine after --warmup (default: constant)")
+    add("--warmup", type=bounded(int, 0), default=0, help="linear warm-up steps with --min-lr (default: 0)")
+    add("--weight-decay", type=number, default=0.01, help="AdamW weight decay (default: 0.01)")
+    add("--beta2", type=bounded(float, 0, 1), default=0.999, help="AdamW beta2 (default: 0.999)")
+    add("--grad-clip", type=number, default=0.0, help="clip the gradient norm to this; 0 is off (default: 0)")
+    add("--max-steps", type=count, help="stop after this many training steps in all (default: no cap)")
     add("--resume", action="store_true", help="continue the run in OUT/checkpoint.safetensors (on any number of processes)")
-    add("--log-every", type=int, default=0, help="print the step, loss, pace and time left every this many steps "
-                                                 "(default: 0, about every 10 s)")
-    add("--timeout", type=float, default=600, help="with several processes: stop when none made progress for this "
-                                                   "many seconds, as when one hangs; 0 waits forever (default: 600)")
+    add("--log-every", type=bounded(int, 0), default=0, help="print the step, loss, pace and time left every this many "
+                                                             "steps (default: 0, about every 10 s)")
+    add("--timeout", type=number, default=600, help="with several processes: stop when none made progress for this "
+                                                    "many seconds, as when one hangs; 0 waits forever (default: 600)")
     add("--prompt", default="\n", help="text the generated characters continue (default: a newline)")
-    add("--max-tokens", type=int, default=1000, help="characters to generate (default: 1000)")
-    add("--temp", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
+    add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to generate (default: 1000)")
+    add("--temp", type=number, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
     add("--dtype", choices=list(DTYPES), help="compute in this dtype; weights and AdamW stay float32 (default: "
                                               "bfloat16 on a GPU, float32 on the CPU, where MLX's bfloat16 is slower)")
-    add("--seed", type=int, default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
+    add("--seed", type=bounded(int, 0, 2**32), default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
     args = parser.parse_args()
-    if min(args.ctx_len, args.n_emb, args.n_heads, args.n_layers, args.epochs, args.batch_size, args.grad_accum) < 1:
-        parser.error("--ctx-len, --n-emb, --n-heads, --n-layers, --epochs, --batch-size and --grad-accum must be at least 1")
     if args.n_emb % args.n_heads:
         parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}")
-    if not 0 <= args.dropout < 1 or args.temp < 0 or args.warmup < 0 or (args.max_steps is not None and args.max_steps < 1):
-        parser.error("--dropout must be in [0, 1), --temp and --warmup at least 0, --max-steps at least 1")
-    if args.log_every < 0 or args.timeout < 0:
-        parser.error("--log-every and --timeout must be at least 0")
     args.dtype = args.dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     return args
 
@@ -395,19 +419,20 @@ def main():
             raise DataError(f"--dtype {args.dtype}: MLX on {mx.default_device()} cannot compute in {args.dtype} ({e}); "
                             "use --dtype float32") from None
         model, vocab = train(args, group)
-    except (ValueError, RuntimeError) as e:  # bad input; with several processes, also a lost connection
+        if group.rank() != 0:
+            return  # process 0 alone generates and writes
+        model.eval()
+        mx.random.seed(args.seed)
+        completion = vocab.decode(model.generate(vocab.encode(args.prompt), args.max_tokens, temperature=args.temp))
+        out = Path(args.out) / "completions.txt"
+        write_atomically(out, lambda tmp: Path(tmp).write_text(args.prompt + completion, encoding="utf-8"))
+    except KeyboardInterrupt:  # before or after training: the training loop stops at a step boundary itself
+        print("\nInterrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a full disk; a lost connection to another process
         lost = isinstance(e, RuntimeError) and group.size() > 1
-        if isinstance(e, RuntimeError) and not lost:
-            raise
         sys.exit(f"error: {e}" + (f" (process {group.rank()} of {group.size()}: another one probably stopped first; "
-                                  "see its message)" if lost else ""))
-    if group.rank() != 0:
-        return  # process 0 alone generates and writes
-    model.eval()
-    mx.random.seed(args.seed)
-    completion = vocab.decode(model.generate(vocab.encode(args.prompt), args.max_tokens, temperature=args.temp))
-    out = Path(args.out) / "completions.txt"
-    write_atomically(out, lambda tmp: Path(tmp).write_text(args.prompt + completion, encoding="utf-8"))
+                                  "see its message)" if lost else "") if group.rank() == 0 or lost else 1)
     print(f"Wrote {len(completion)} generated characters to {out}:\n{completion[:300]}")
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,7 +54,6 @@ class AttentionDropout(nn.Dropout):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -124,11 +123,9 @@ class GPT(nn.Module):
         """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights, normal(0,
         0.02 / sqrt(2 * n_layer)) for the projections that write into the residual stream (each
         block adds two), zero biases, LayerNorm weight 1."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-
         def init(name, p):
-            if name.endswith("c_proj.weight"):
-                return residual_std * mx.random.normal(p.shape)
+            if name.endswith("c_proj.weight"):  # into the residual stream
+                return 0.02 / math.sqrt(2 * self.config.n_layer) * mx.random.normal(p.shape)
             if name.endswith("bias"):
                 return mx.zeros(p.shape)
             if name.startswith("ln_") or ".ln_" in name:
@@ -162,8 +159,8 @@ class GPT(nn.Module):
         """
         idx = list(idx)
         for _ in range(max_new_tokens):
-            context = mx.array(idx[-self.config.block_size :])[None]
-            logits = self(context)[0, -1].astype(mx.float32)  # (vocab_size,)
+            context = mx.array(idx[-self.config.block_size :])  # the last block_size tokens
+            logits = self(context[None])[0, -1].astype(mx.float32)  # (vocab_size,)
             if temperature == 0:
                 token = int(mx.argmax(logits).item())
             else:
@@ -188,9 +185,25 @@ def from_json_array(array):
     return json.loads(bytes(memoryview(array)).decode())
 
 
-def read_config(array):
-    values = from_json_array(array)
-    return GPTConfig(**{f.name: values[f.name] for f in fields(GPTConfig) if f.name in values})
+def read_config(array, weights, fix="write the file again with convert.py or main.py"):
+    """The GPTConfig stored beside `weights`, checked as a whole before anything is built from it:
+    each field of its type and in range, and the sizes those of the embeddings and layers stored."""
+    try:
+        values = from_json_array(array)
+        config = GPTConfig(**{f.name: values[f.name] for f in fields(GPTConfig) if f.name in values})
+    except (ValueError, TypeError) as e:  # not JSON, or not an object
+        raise WeightsError(f"its stored config is damaged ({e}); {fix}") from None
+    kind = {f.name: type(f.default) for f in fields(GPTConfig)}
+    wrong = [f"{k} {v!r}" for k, v in asdict(config).items() if not (
+        type(v) is kind[k] or kind[k] is float and type(v) is int) or kind[k] is int and v < 1
+        or k == "dropout" and not 0 <= v < 1 or k == "layer_norm_eps" and not 0 < v < math.inf]
+    shapes = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.block_size, config.n_embd)}
+    layers = len({k.split(".")[1] for k in weights if k.startswith("h.")})
+    if wrong or config.n_embd % config.n_head or layers != config.n_layer or any(
+            k not in weights or tuple(weights[k].shape) != shape for k, shape in shapes.items()):
+        raise WeightsError(f"its stored config does not describe its weights ({', '.join(wrong) or asdict(config)}; "
+                           f"{layers} layers stored); {fix}")
+    return config
 
 
 def check_weights(model, weights):
@@ -198,9 +211,11 @@ def check_weights(model, weights):
     expected = dict(nn.utils.tree_flatten(model.parameters()))
     wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    wrong += [f"{k} {str(v.dtype).removeprefix('mlx.core.')} (expected a floating-point dtype)" for k, v in weights.items()
+              if not mx.issubdtype(v.dtype, mx.floating)]
     problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}" for label, items in (
         ("missing", sorted(expected.keys() - weights.keys())), ("unexpected", sorted(weights.keys() - expected.keys())),
-        ("wrong shape", wrong)) if items]
+        ("wrong", wrong)) if items]
     if problems:
         raise WeightsError("the weights do not fit the model: " + "; ".join(problems))
 
@@ -233,11 +248,24 @@ def load_model(path):
         raise WeightsError(f"cannot read {path}: {e}") from None
     if "config" not in weights:
         raise WeightsError(f"{path} has no model config; write it with convert.py or main.py")
-    model = GPT(read_config(weights.pop("config")))
+    model = GPT(read_config(weights.pop("config"), weights, fix=f"write {path} again with convert.py"))
     check_weights(model, weights)
-    model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
-    return model.eval()
+    return model.load_weights(list(weights.items())).eval()
+
+
+def bounded(kind, low, high=math.inf):
+    """An argparse type: a `kind` (int or float) from `low` to below `high`, so never NaN or infinite."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # refused below: NaN is in no range
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} at least "
+                                             f"{low}" + (f" and below {high}" if high < math.inf else "") + f", got {text!r}")
+        return value
+
+    return parse
 
 
 def tokenizer_dir(weights_path):
@@ -249,27 +277,20 @@ def main():
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 weights converted by convert.py.")
     parser.add_argument("weights", help="the .npz or .safetensors file from convert.py (tokenizer in NAME-tokenizer/ beside it)")
     parser.add_argument("--prompt", default="Hello, my name is", help="text to continue (default: %(default)r)")
-    parser.add_argument("--max-tokens", type=int, default=50, help="tokens to generate (default: 50)")
-    parser.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument("--max-tokens", type=bounded(int, 1), default=50, help="tokens to generate (default: 50)")
+    parser.add_argument("--temp", type=bounded(float, 0), default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=bounded(int, 1), default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**63), default=0, help="random seed for sampling (default: 0)")
     args = parser.parse_args()
-    if args.max_tokens < 1 or args.temp < 0 or args.top_k < 1:
-        parser.error("--max-tokens and --top-k must be at least 1, --temp at least 0")
     mx.random.seed(args.seed)
-    try:
-        model = load_model(args.weights)
-    except WeightsError as e:
-        sys.exit(f"error: {e}")
+    model = load_model(args.weights)
     folder = tokenizer_dir(args.weights)
-    if not folder.is_dir():
-        sys.exit(f"error: no tokenizer in {folder}; convert.py saves it there beside the weights")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # missing or damaged files
-        sys.exit(f"error: cannot load the tokenizer in {folder} ({type(e).__name__}); run convert.py again")
+    except Exception as e:  # a missing folder, missing or damaged files
+        sys.exit(f"error: no usable tokenizer in {folder} ({type(e).__name__}); convert.py saves it there beside the weights")
     if len(tokenizer) > model.config.vocab_size:
         sys.exit(f"error: the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     prompt = tokenizer.encode(args.prompt)
@@ -289,4 +310,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating
+        sys.exit("\nInterrupted")

@@ -160,6 +160,8 @@ def main():
     parser.add_argument("--max-iters", type=int, default=5000, help="nanoGPT's step count (default: 5000)")
     parser.add_argument("--eval-interval", type=int, default=61, help="steps between evaluations (default: 61)")
     args = parser.parse_args()
+    if not (args.target > 0 and args.max_iters > 0 and args.eval_interval > 0):  # NaN fails this too
+        sys.exit("error: --target, --max-iters and --eval-interval must be above 0")
     if not torch.cuda.is_available():
         sys.exit("error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) needs a CUDA GPU")
     if not args.data.is_file():

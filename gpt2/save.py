@@ -10,7 +10,9 @@ SIGTERM (which mlx.launch sends to the other processes when one fails) wait for 
 import glob
 import json
 import os
+import shutil
 import signal
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +57,24 @@ def write_atomically(path, write):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def check_writable(path, size=0):
+    """Raise ValueError (one line) unless `path` can be written before the work that makes it starts:
+    its folder exists or can be made and takes new files, `path` is no folder, `size` bytes are free."""
+    path = Path(path)
+    if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise ValueError(f"cannot write {path}: {file} is a file, not a folder")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+        free = shutil.disk_usage(path.parent).free
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+    if free < size:
+        raise ValueError(f"cannot write {path}: {free / 2**20:.0f} MiB free there, {size / 2**20:.0f} MiB needed")
 
 
 def save_arrays(path, arrays):

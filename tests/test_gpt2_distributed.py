@@ -6,6 +6,7 @@ The runs here use mlx.launch's ring backend (TCP on this machine) on the CPU: wh
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def failing_main(path, fault):
     """A main.py whose process 1 runs `fault` in its 60th call of windows(): a step of epoch 2 (47 steps
     and 6 evaluation batches make epoch 1, after which process 0 writes a checkpoint)."""
     path.write_text(textwrap.dedent(f"""\
-        import os, sys, time
+        import os, signal, sys, time
         sys.path.insert(0, {str(ROOT / "gpt2")!r})
         import main
         if os.environ["MLX_RANK"] == "1":
@@ -210,6 +211,53 @@ def test_a_process_that_hangs_stops_the_run_after_the_timeout(tmp_path):
     assert re.search(r"error: process [01] of 2 made no progress for 5 s", result.stderr), result.stderr
     assert re.search(r"Node with rank [01] exited with code 1", result.stderr)
     assert_stopped_after_epoch_1(result.stdout + result.stderr, tmp_path / "out")
+
+
+def test_a_process_stopped_with_sigstop_ends_the_whole_run_after_the_timeout(tmp_path):
+    # The stopped process cannot act on mlx.launch's SIGTERM until it is continued: the other one's
+    # watchdog continues it (SIGCONT to its process group) as it stops, so that the launch can end.
+    (tmp_path / "text.txt").write_text(TEXT)
+    script = failing_main(tmp_path / "stopped_main.py", "os.kill(os.getpid(), signal.SIGSTOP)")
+    tic = time.perf_counter()
+    result = launch(2, script, "--data", tmp_path / "text.txt", "--out", tmp_path / "out", *SETTINGS,
+                    "--timeout", "5", timeout=90)
+    assert time.perf_counter() - tic < 60
+    assert "error: process 0 of 2 made no progress for 5 s" in result.stderr, result.stderr
+    assert_stopped_after_epoch_1(result.stdout + result.stderr, tmp_path / "out")
+
+
+def launch_script(n, *args):
+    """`python gpt2/distributed.py -n N --backend ring ... args`: the launcher this example gives."""
+    return [sys.executable, str(ROOT / "gpt2/distributed.py"), "-n", str(n), "--backend", "ring",
+            "--starting-port", str(free_ports(n)), *map(str, args)]
+
+
+def test_ctrl_c_to_two_processes_says_one_line_saves_that_step_and_resumes_exactly(runs, tmp_path):
+    tmp, results = runs
+    out = tmp_path / "interrupted"
+    common = ["--data", tmp / "text.txt", *SETTINGS, "--max-steps", STEPS, "--out", out]
+    process = subprocess.Popen(launch_script(2, ROOT / "gpt2/main.py", *common), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("Step 3/"):
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process gets it
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr and "[WARN]" not in stderr, stderr
+    (line,) = [line for line in stderr.strip().splitlines() if not line.startswith("warning: ")]
+    step = int(re.fullmatch(rf"Interrupted at step (\d+); saved {re.escape(str(out))}/checkpoint.safetensors; "
+                            "continue with --resume", line)[1])
+    assert b'"step": %d' % step in checkpoint(out)["meta"].tobytes()
+    resumed = run_script("gpt2/main.py", *common, "--resume")  # on one process: any number can continue
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr
+    assert_same_training_state(checkpoint(tmp / "one"), checkpoint(out))
+
+
+def test_the_launcher_exits_with_the_status_of_the_process_that_failed(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import os, sys\nsys.exit(3 if os.environ['MLX_RANK'] == '1' else 0)\n")
+    result = subprocess.run(launch_script(2, script), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "Node with rank 1 exited with code 3" in result.stderr, result.stderr
 
 
 def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):

@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from helpers import import_example, run_script
+from helpers import ROOT, import_example, run_script
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
         "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
 # 11 steps per epoch with these flags on TEXT
 TINY_RUN = ["--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16",
             "--max-tokens", "5"]
+
+
+@pytest.fixture(autouse=True)
+def gpt2_on_the_path(monkeypatch):
+    """main.py imports its features (float16.py, resume.py, blas.py) when used, as `python gpt2/main.py`
+    finds them beside it: the in-process runs here need gpt2/ on sys.path while they run."""
+    monkeypatch.syspath_prepend(str(ROOT / "gpt2"))
 
 
 def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
@@ -264,11 +271,48 @@ def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_chec
     with pytest.raises(SystemExit) as stop:
         main.main()
     message = str(stop.value.code)
-    assert message.startswith("error: the training loss became nan at step 15;"), message
+    assert message.startswith("error: the training loss became inf or nan at step 15;"), message
     assert f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)" in message
     meta = import_example("gpt2", "resume").load_checkpoint(tmp_path / "checkpoint.safetensors")[3]
     assert meta["step"] == 11  # the end of epoch 1; nothing from the failing epoch was saved
     assert not (tmp_path / "completions.txt").exists()
+
+
+@pytest.mark.parametrize("bad_step, kept", [(11, None), (22, 11)])  # an epoch's last step: 11 steps per epoch
+def test_a_weight_that_becomes_nan_is_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, monkeypatch,
+                                                                                        bad_step, kept):
+    main = import_example("gpt2", "main")
+    (tmp_path / "text.txt").write_text(TEXT)
+    real = main.make_train_step
+
+    def update_breaks_a_weight(model, *args, **kwargs):  # as --lr 1e30 would; the step's loss is still finite
+        step, state = real(model, *args, **kwargs)
+        calls = []
+
+        def train_step(x, y):
+            calls.append(1)
+            loss = step(x, y)
+            if len(calls) == bad_step:
+                model.ln_f.weight = model.ln_f.weight * float("nan")
+            return loss
+
+        return train_step, state
+
+    monkeypatch.setattr(main, "make_train_step", update_breaks_a_weight)
+    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path),
+                                      *TINY_RUN, "--epochs", "3"])
+    with pytest.raises(SystemExit) as stop:
+        main.main()
+    message = str(stop.value.code)
+    assert message.startswith(f"error: a weight became inf or nan at step {bad_step}; stopped, and "), message
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    if kept is None:
+        assert "no checkpoint was written" in message and not checkpoint.exists()
+    else:
+        assert f"the last good checkpoint, {checkpoint}, is kept (step {kept})" in message
+        weights, _, _, meta = import_example("gpt2", "resume").load_checkpoint(checkpoint)
+        assert meta["step"] == kept and all(mx.isfinite(w).all().item() for _, w in weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["text.txt"] + (["checkpoint.safetensors"] if kept else []))
 
 
 def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(tmp_path, monkeypatch):
