@@ -23,8 +23,8 @@ def main():
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.bert_model)
         model = AutoModel.from_pretrained(args.bert_model).eval()
-    except OSError as e:
-        raise OSError(f"cannot load {args.bert_model!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # missing, unreachable, damaged
+        raise ValueError(f"cannot load {args.bert_model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     tokens = tokenizer(args.text, return_tensors="pt", padding=True)
     with torch.no_grad():
         output = model(**tokens)

@@ -192,8 +192,9 @@ def load_model(bert_model, weights_path, dtype=mx.float32):
     weights = read_weights(weights_path)
     try:
         config = BertConfig.from_hf(AutoConfig.from_pretrained(bert_model))
-    except Exception as e:  # not JSON, a field of the wrong type (transformers checks), out of range (BertConfig)
-        raise WeightsError(f"the config.json of {bert_model} cannot build a BERT: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(bert_model)
+    except Exception as e:  # not JSON, a field of the wrong type (transformers checks), out of range (BertConfig), ...
+        raise WeightsError(f"the config.json or tokenizer of {bert_model} cannot be used: {e}") from None
     # The optional parts are built when the weights have them.
     model = Bert(config, with_pooler="pooler.weight" in weights, with_mlm_head=any(k.startswith("mlm.") for k in weights))
     try:
@@ -201,7 +202,6 @@ def load_model(bert_model, weights_path, dtype=mx.float32):
     except ValueError as e:  # MLX names the keys or the shape that do not fit
         raise WeightsError(f"{weights_path} does not fit the model: {' '.join(str(e).split())}") from None
     model.set_dtype(dtype)  # no dropout in this model: nothing differs between training and eval mode
-    tokenizer = AutoTokenizer.from_pretrained(bert_model)
     if len(tokenizer) > config.vocab_size:
         raise WeightsError(f"the tokenizer of {bert_model} has {len(tokenizer)} tokens but the model only "
                            f"{config.vocab_size}; use the tokenizer that belongs to these weights")

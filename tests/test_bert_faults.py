@@ -42,7 +42,7 @@ def test_a_damaged_config_json_is_refused_as_a_whole_in_one_line(bert, tmp_path,
     damaged = shutil.copytree(folder, tmp_path / "damaged")
     config = json.loads((folder / "config.json").read_text())
     (damaged / "config.json").write_text(value if field is None else json.dumps({**config, field: value}))
-    with pytest.raises(model_py.WeightsError, match="the config.json of .*damaged cannot build a BERT: ") as error:
+    with pytest.raises(model_py.WeightsError, match="the config.json or tokenizer of .*damaged cannot be used: ") as error:
         model_py.load_model(str(damaged), npz)
     assert says in " ".join(str(error.value).split())
 
@@ -175,6 +175,16 @@ def test_ctrl_c_during_start_up_or_encoding_gives_one_line_and_exit_130(bert, tm
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
         assert "Traceback" not in stderr and os.listdir(tmp_path) == ["many.txt"]
+
+
+def test_a_damaged_tokenizer_gives_one_line(bert, tmp_path):
+    folder, npz = bert
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
+    (damaged / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    with pytest.raises(model_py.WeightsError, match="the config.json or tokenizer of .*damaged cannot be used: "):
+        model_py.load_model(str(damaged), npz)
+    result = run_script("bert/hf_model.py", "--bert-model", damaged)
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot load") and result.stderr.count("\n") == 1
 
 
 def test_command_line_text_that_is_not_utf8_gives_one_line(bert):
