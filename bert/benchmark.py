@@ -1,8 +1,11 @@
-"""Forward throughput (sequences/s) of the MLX BERT against transformers' BertModel (SDPA attention).
+"""Forward throughput (sequences/s) of the MLX BERT against transformers' BertModel (SDPA attention), and
+sentence embeddings (sentences/s) of embed.py's encode() against sentence-transformers' encode().
 
     python bert/benchmark.py                                   # bert-base shape, CPU, float32
     python bert/benchmark.py --device gpu --dtype float16 --shapes 32x128
     python bert/benchmark.py --tiny --repeats 1                # a tiny model, for a quick check
+    python bert/benchmark.py --embed --device gpu --dtype float16 --repeats 5   # MiniLM's and bert-base's shapes
+    python bert/benchmark.py --embed --tiny --sentences 64 --repeats 1          # a tiny model, for a quick check
 
 Random weights, no download. Each row: median seconds per forward pass of each framework, the
 throughput, and the ratio (above 1: MLX is faster). On Linux CPU, preload OpenBLAS first (see the
@@ -17,18 +20,22 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-import torch
 
+from cli import positive_int, run
 from model import DTYPES, Bert, BertConfig
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
             intermediate_size=3072, max_position_embeddings=512)
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
+# all-MiniLM-L6-v2's shape, for --embed (bert-base is the other); the tiny one has room for 100 words.
+MINILM = dict(BASE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+TINY_EMBED = dict(TINY, vocab_size=1100, max_position_embeddings=128)
 
 
 def warn_if_reference_blas():
@@ -69,11 +76,11 @@ class Progress:
         say(f"{message}; {duration(now - self.start)} so far, about {duration(left)} to go")
         self.last_said = now
 
-    def forward_done(self, label, seconds, tokens):
+    def forward_done(self, label, seconds, tokens, what="a forward pass"):
         self.tokens_left, self.tokens_done = self.tokens_left - tokens, self.tokens_done + tokens
         self.seconds += seconds
         if self.tokens_done == tokens or time.perf_counter() - self.last_said > 10:
-            self.say(f"{label}: a forward pass took {duration(seconds)}")
+            self.say(f"{label}: {what} took {duration(seconds)}")
 
     def timing_done(self, label, median):
         self.say(f"{label}: median {duration(median)} a pass")
@@ -125,6 +132,7 @@ def time_mlx(config, shapes, dtype, repeats, progress):
 
 
 def time_torch(config, shapes, dtype, repeats, device, progress):
+    import torch
     from transformers import BertConfig as HFConfig, BertModel
 
     hf_config = HFConfig(**config, attn_implementation="sdpa")
@@ -142,6 +150,8 @@ def time_torch(config, shapes, dtype, repeats, device, progress):
 
 def profile_layer(config, B, T, dtype, repeats):
     """{piece: (MLX ms, PyTorch ms or None)} for one MLX encoder layer at (B, T): where does the time go?"""
+    import torch
+
     D, F, H = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
     dt = DTYPES[dtype]
     x, h = mx.random.normal((B * T, D)).astype(dt), mx.random.normal((B * T, F)).astype(dt)
@@ -186,6 +196,156 @@ def torch_in_child(argv):
     return json.loads(result.stdout.splitlines()[-1])
 
 
+# ---------------------------------------------------------------- --embed: sentence embeddings
+
+
+def embed_sentences(n, seed=0):
+    """(n sentences of 5 to 100 words, the vocabulary): words drawn from 1,000 made-up ones, seeded."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocabulary = sorted({"".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(1000)})
+    return [" ".join(rng.choice(vocabulary, rng.integers(5, 101))) for _ in range(n)], vocabulary
+
+
+def save_random_bert(config, vocabulary, folder):
+    """A random BertModel of `config` (seeded) and a WordPiece tokenizer (HF's fast one) of `vocabulary`, in `folder`."""
+    import torch
+    from transformers import BertConfig as HFConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocabulary]) + "\n")
+    torch.manual_seed(0)
+    BertModel(HFConfig(**config)).save_pretrained(folder)
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def sentence_transformer(folder, dtype, device):
+    """sentence-transformers' model of `folder` with mean pooling and normalization, as all-MiniLM-L6-v2's."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    transformer = Transformer(str(folder))
+    dim = transformer.auto_model.config.hidden_size
+    modules = [transformer, Pooling(dim, pooling_mode="mean"), Normalize()]
+    return SentenceTransformer(modules=modules, device=device).to(getattr(torch, dtype)).eval()
+
+
+def mlx_encoder(folder, dtype):
+    """(model, tokenizer) of `folder` for embed.encode, converted as convert.py converts it."""
+    import convert
+    from model import load_model
+
+    np.savez(folder / "mlx.npz", **convert.convert(str(folder))[0])
+    return load_model(str(folder), str(folder / "mlx.npz"), DTYPES[dtype])
+
+
+def time_passes(label, encode_all, repeats, progress, work):
+    """Seconds of each of `repeats` passes of encode_all() over all sentences, after one warm-up pass that
+    compiles every batch shape; each pass reported to `progress` as `work` (a pass's share of the total)."""
+    times = []
+    for i in range(1 + repeats):
+        tic = time.perf_counter()
+        encode_all()  # returns NumPy arrays, so the work is done when it returns (MLX and CUDA alike)
+        times.append(time.perf_counter() - tic)
+        progress.forward_done(f"{label} {'warm-up' if i == 0 else f'pass {i}'}", times[-1], work, what="a pass")
+    return times[1:]
+
+
+def time_embed_st(args, folders, sentences, progress):
+    """{shape: [seconds of each pass]} of sentence-transformers' encode()."""
+    device = "cuda" if args.device == "gpu" else "cpu"
+    result = {}
+    for name, folder in folders.items():
+        st = sentence_transformer(folder, args.dtype, device)
+        encode_all = lambda: st.encode(sentences, batch_size=args.batch_size)
+        result[name] = time_passes(f"sentence-transformers {name}", encode_all, args.repeats, progress, embed_work(args, name))
+    return result
+
+
+def time_embed_mlx(args, folders, sentences, progress):
+    """({shape: [seconds]} of embed.encode (and of it with mx.compile, or None), {shape: max |MLX - s-t|})."""
+    import embed
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    times, compiled, difference = {}, {}, {}
+    pooling = embed.Pooling("mean", normalize=True)
+    for name, folder in folders.items():
+        model, tokenizer = mlx_encoder(folder, args.dtype)
+        encode_all = lambda forward=None: embed.encode(model, tokenizer, sentences, pooling, args.batch_size, forward=forward)
+        times[name] = time_passes(f"MLX {name}", encode_all, args.repeats, progress, embed_work(args, name))
+        if args.compile:
+            forward = mx.compile(embed.embedder(model, pooling))
+            compiled[name] = time_passes(f"MLX compiled {name}", lambda: encode_all(forward), args.repeats, progress,
+                                         embed_work(args, name))
+        # The two agree: one batch checked against sentence-transformers (in this process, whatever the timing).
+        batch = sentences[: args.batch_size]
+        reference = sentence_transformer(folder, args.dtype, device).encode(batch, batch_size=args.batch_size)
+        difference[name] = float(np.abs(encode_all()[: len(batch)] - reference).max())
+    return times, compiled if args.compile else None, difference
+
+
+def embed_work(args, name):
+    config = args.embed_shapes[name]  # a pass's cost, roughly: sentences x layers x hidden_size^2
+    return args.sentences * config["num_hidden_layers"] * config["hidden_size"] ** 2
+
+
+def run_embed(args, argv):
+    import tempfile
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # transformers' and the Hub's bars for saving and loading the models, between our lines
+    disable_progress_bars()
+    sentences, vocabulary = embed_sentences(args.sentences)
+    if args.only is None:
+        say(f"timing sentence embeddings of {args.sentences:,} sentences (5 to 100 words) at the "
+            f"{', '.join(args.embed_shapes)} shape on {args.device}, {args.dtype}, batch {args.batch_size}: "
+            f"MLX{', MLX compiled' if args.compile else ''} and sentence-transformers, 1 warm-up and "
+            f"{args.repeats} timed passes each over all sentences")
+    frameworks = 1 if args.only else 2 + args.compile  # the child process times sentence-transformers alone
+    progress = Progress(frameworks * (1 + args.repeats) * sum(embed_work(args, name) for name in args.embed_shapes))
+    with tempfile.TemporaryDirectory() as tmp:
+        say("saving the random models (seeded) ...")
+        folders = {name: save_random_bert(config, vocabulary, Path(tmp) / name) for name, config in args.embed_shapes.items()}
+        if args.only == "torch":
+            return print(json.dumps(time_embed_st(args, folders, sentences, progress)))
+        t_mlx, t_compiled, difference = time_embed_mlx(args, folders, sentences, progress)
+        separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
+        t_st = torch_in_child(argv) if separate else time_embed_st(args, folders, sentences, progress)
+    print_embed_table(args, t_mlx, t_compiled, t_st, difference, separate)
+
+
+def print_embed_table(args, t_mlx, t_compiled, t_st, difference, separate):
+    import sentence_transformers
+    import torch
+
+    rate = lambda times: [args.sentences / t for t in times]  # sentences/s of each pass
+    number = lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+    shown = lambda times: f"{number(statistics.median(rate(times)))} ({number(min(rate(times)))}-{number(max(rate(times)))})"
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
+    print(f"sentence embeddings: {args.sentences:,} sentences of 5 to 100 words, batch {args.batch_size}, {args.dtype}, "
+          f"random weights, mean pooling + normalization, median (range) of {args.repeats} passes, tokenization "
+          f"included; MLX {mx.__version__} on {mx.default_device()}{gpu}; sentence-transformers "
+          f"{sentence_transformers.__version__}, PyTorch {torch.__version__} on {'cuda' if args.device == 'gpu' else 'cpu'}"
+          f"{' (in a child process without LD_PRELOAD)' if separate else ''}")
+    compiled_header = f" {'MLX compiled sent/s':>24} {'compiled/s-t':>12}" if t_compiled else ""
+    print(f"{'shape':>9} {'s-t sent/s':>24} {'MLX sent/s':>24} {'MLX/s-t':>8}{compiled_header} {'max |MLX - s-t|':>16}")
+    for name in t_mlx:
+        ratio = lambda times: f"{statistics.median(t_st[name]) / statistics.median(times):.2f}x"
+        compiled = f" {shown(t_compiled[name]):>24} {ratio(t_compiled[name]):>12}" if t_compiled else ""
+        print(f"{name:>9} {shown(t_st[name]):>24} {shown(t_mlx[name]):>24} {ratio(t_mlx[name]):>8}{compiled} "
+              f"{difference[name]:>16.1e}")
+
+
+# ---------------------------------------------------------------- command line
+
+
 def parse_shape(text):
     try:
         B, T = (int(x) for x in text.lower().split("x"))
@@ -196,25 +356,37 @@ def parse_shape(text):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="BERT forward throughput, MLX vs transformers (PyTorch).")
-    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(8, 128), (1, 16)],
-                        help="batch shapes as BATCHxTOKENS (default: 8x128 1x16)")
+    parser = argparse.ArgumentParser(description="BERT forward throughput, MLX vs transformers (PyTorch); with "
+                                                 "--embed, sentence embeddings, MLX vs sentence-transformers.")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+",
+                        help="batch shapes as BATCHxTOKENS (default: 8x128 1x16; with --tiny 8x64 1x16)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations (default: float32)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forward passes; the median is used (default: 10)")
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="timed forward passes (with --embed: passes over all sentences); the median is used (default: 10)")
     parser.add_argument("--tiny", action="store_true", help="a tiny 2-layer model instead of bert-base (for tests)")
     parser.add_argument("--profile", action="store_true",
                         help="instead, time the pieces of one MLX encoder layer at the first shape")
+    parser.add_argument("--embed", action="store_true",
+                        help="instead, time sentence embeddings (embed.py's encode against sentence-transformers' "
+                             "encode, tokenization included) at the shapes of all-MiniLM-L6-v2 and bert-base")
+    parser.add_argument("--sentences", type=positive_int, default=1000, help="with --embed: sentences (default: 1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="with --embed: batch size (default: 32)")
+    parser.add_argument("--compile", action="store_true", help="with --embed: also time MLX with mx.compile")
     parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
     args = parser.parse_args(argv)
     args.config = TINY if args.tiny else BASE
+    args.shapes = args.shapes or [(8, 64 if args.tiny else 128), (1, 16)]
+    args.embed_shapes = {"tiny": TINY_EMBED} if args.tiny else {"minilm": MINILM, "bert-base": BASE}
     if max(T for _, T in args.shapes) > args.config["max_position_embeddings"]:
         parser.error(f"sequences longer than {args.config['max_position_embeddings']} tokens do not fit the model")
     return args
 
 
 def print_profile(args):
+    import torch
+
     B, T = args.shapes[0]
     print(f"one {'tiny' if args.tiny else 'bert-base'} layer at {B}x{T}, {args.dtype}, "
           f"MLX {mx.__version__} on {mx.default_device()}, median ms of {args.repeats}; "
@@ -224,24 +396,14 @@ def print_profile(args):
         print(f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  {name}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+def run_forward(args, argv):
+    import torch
+
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     tokens = (2 + args.repeats) * sum(B * T for B, T in args.shapes)  # of one framework's passes over every shape
     if args.only == "torch":
         print(json.dumps(time_torch(args.config, args.shapes, args.dtype, args.repeats, torch_device, Progress(tokens))))
         return
-    if args.device == "gpu":
-        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
-        mx.set_default_device(mx.gpu)
-    else:
-        mx.set_default_device(mx.cpu)
-        warn_if_reference_blas()
-    if args.profile:
-        return print_profile(args)
-
     name = "tiny" if args.tiny else "bert-base"
     shapes = " ".join(f"{B}x{T}" for B, T in args.shapes)
     say(f"timing {name} forward passes at {shapes} on {args.device}, {args.dtype}: "
@@ -267,5 +429,22 @@ def main(argv=None):
               f"{B / t_torch[shape]:>14.1f} {t_torch[shape] / best:>11.2f}x")
 
 
+def main(argv=None):
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.device == "gpu":
+        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
+            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+        mx.set_default_device(mx.gpu)
+    elif args.only is None:
+        mx.set_default_device(mx.cpu)
+        warn_if_reference_blas()
+    if args.profile:
+        return print_profile(args)
+    return run_embed(args, argv) if args.embed else run_forward(args, argv)
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,22 +1,26 @@
-"""Convert a Hugging Face BERT checkpoint to one .npz of MLX weights.
+"""Convert a Hugging Face BERT checkpoint, or a sentence-transformers model built on one, to one .npz of MLX weights.
 
     python bert/convert.py --bert-model bert-base-uncased --mlx-model weights/bert-base-uncased.npz
+    python bert/convert.py --bert-model sentence-transformers/all-MiniLM-L6-v2 --mlx-model weights/minilm.npz
     python bert/convert.py --bert-model path/to/local/folder --mlx-model weights/mine.npz
 
 `--bert-model` is a Hub name (downloaded once to the Hugging Face cache) or a local folder with
 config.json and model.safetensors (or pytorch_model.bin). The masked-LM head is kept when the
 checkpoint has one (BertForMaskedLM, BertForPreTraining); the next-sentence head is dropped.
+
+A sentence-transformers folder (modules.json: Transformer, Pooling, optionally Normalize) also gets its
+pooling stored in the .npz, as the JSON bytes of {"mode": "mean" | "cls" | "max", "normalize": bool,
+"max_seq_length": int or null, "do_lower_case": bool} under the name `pooling`, which embed.py reads.
 """
 
 import argparse
 import json
-import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from cli import check_writable, run, write_atomically
 
 # Hugging Face name (after stripping a leading "bert.") -> MLX name, as (regex, replacement) pairs.
 KEY_MAP = [
@@ -39,7 +43,7 @@ DROPPED = [r"^cls\.predictions\.decoder\.", r"^cls\.seq_relationship\.", r"posit
 
 
 class ConversionError(Exception):
-    pass
+    """A checkpoint that cannot be converted; the message says what is wrong with it."""
 
 
 def hf_to_mlx_name(name):
@@ -74,7 +78,8 @@ def resolve(bert_model):
     try:
         return Path(snapshot_download(bert_model, allow_patterns=[
             "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "vocab.txt", "tokenizer*.json", "special_tokens_map.json"]))
+            "vocab.txt", "tokenizer*.json", "special_tokens_map.json",  # and sentence-transformers' files:
+            "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*/config.json"]))
     except Exception as e:  # offline, unknown name, ...
         raise ConversionError(f"cannot get {bert_model!r} from the Hugging Face Hub ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder instead") from None
@@ -104,48 +109,98 @@ def read_checkpoint(folder):
     raise ConversionError(f"no model.safetensors or pytorch_model.bin in {folder}")
 
 
+def read_json(path, kind=dict):
+    """The JSON value in `path`, which must be a `kind` (an object by default)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # missing, not UTF-8, not JSON
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, kind):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} expected; is it damaged?")
+    return value
+
+
+# The older config.json of sentence-transformers' Pooling: one boolean per mode (mean when none is set).
+LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+                       "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                       "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def pooling_mode(folder, path):
+    """The pooling mode of the Pooling module in folder/path (its config.json), checked against the model's size."""
+    file = folder / path / "config.json"
+    config = read_json(file)
+    if "pooling_mode" in config:  # sentence-transformers 6: a mode, or a list of modes to concatenate
+        modes = config["pooling_mode"] if isinstance(config["pooling_mode"], list) else [config["pooling_mode"]]
+    else:
+        modes = [mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+    if dim != (hidden := read_json(folder / "config.json").get("hidden_size")):
+        raise ConversionError(f"{file} pools vectors of {dim} dimensions, but the model's hidden_size is {hidden}")
+    return " + ".join(map(str, modes))  # more than one is refused by Pooling
+
+
+def read_pooling(folder):
+    """The Pooling of a sentence-transformers folder (modules.json), None for a plain BERT folder."""
+    if not (folder / "modules.json").is_file():
+        return None
+    from embed import Pooling  # which checks the pooling as a whole
+
+    modules = read_json(folder / "modules.json", list)
+    if not all(isinstance(m, dict) for m in modules):
+        raise ConversionError(f"{folder / 'modules.json'} is not a list of modules")
+    kinds = [str(m.get("type")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or modules[0].get("path"):
+        raise ConversionError(f"{folder / 'modules.json'} has the modules {', '.join(kinds)} (the first in "
+                              f"{modules[0].get('path')!r}); embed.py implements Transformer (in the folder itself), "
+                              "Pooling, and optionally Normalize")
+    settings = read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
+    if (folder / "config_sentence_transformers.json").is_file():
+        if (prompt := read_json(folder / "config_sentence_transformers.json").get("default_prompt_name")) is not None:
+            raise ConversionError(f"the model prepends the prompt {prompt!r} by default, which embed.py does not do")
+    try:
+        return Pooling(pooling_mode(folder, modules[1].get("path", "")), normalize=kinds[-1] == "Normalize",
+                       max_seq_length=settings.get("max_seq_length"), do_lower_case=settings.get("do_lower_case", False))
+    except ValueError as e:
+        raise ConversionError(f"{folder}: {e}") from None
+
+
 def convert(bert_model):
-    """{MLX name: float32 numpy array} for the checkpoint `bert_model`."""
+    """({MLX name: float32 numpy array} for the checkpoint `bert_model`, its pooling or None)."""
     folder = resolve(bert_model)
+    pooling = read_pooling(folder)  # first: a sentence-transformers model that cannot be used stops here
     weights = {}
     for name, value in read_checkpoint(folder).items():
         mlx_name = hf_to_mlx_name(name)
         if mlx_name is not None:
+            if value.dtype.kind != "f":
+                raise ConversionError(f"{name} in {folder} is {value.dtype}, not floating point; is it a quantized model?")
             weights[mlx_name] = value.astype(np.float32)
-    return weights
-
-
-def save_npz(weights, path):
-    """Write `weights` to `path` atomically: a temporary file in the same folder, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **weights)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return weights, pooling
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face BERT checkpoint to MLX weights (.npz).")
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face BERT checkpoint, or a sentence-transformers "
+                                                 "model built on one, to MLX weights (.npz).")
     parser.add_argument("--bert-model", required=True,
-                        help="Hugging Face model name (e.g. bert-base-uncased) or local folder with config.json "
-                             "and model.safetensors or pytorch_model.bin")
+                        help="Hugging Face model name (e.g. bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2) "
+                             "or local folder with config.json and model.safetensors or pytorch_model.bin")
     parser.add_argument("--mlx-model", required=True, help="the .npz file to write")
     args = parser.parse_args()
     if not args.mlx_model.endswith(".npz"):
-        sys.exit(f"error: --mlx-model must end in .npz, got {args.mlx_model}")
-    try:
-        weights = convert(args.bert_model)
-        save_npz(weights, args.mlx_model)
-    except ConversionError as e:
-        sys.exit(f"error: {e}")
+        parser.error(f"--mlx-model must end in .npz, got {args.mlx_model}")
+    check_writable(args.mlx_model)  # before the download and the conversion
+    weights, pooling = convert(args.bert_model)
+    if pooling is not None:
+        from embed import pooling_array
+
+        weights["pooling"] = pooling_array(pooling)
+    check_writable(args.mlx_model, size=sum(a.nbytes for a in weights.values()))
+    write_atomically(args.mlx_model, lambda f: np.savez(f, **weights))
     head = "with" if any(k.startswith("mlm.") for k in weights) else "without"
-    print(f"Wrote {len(weights)} arrays ({head} the masked-LM head) to {args.mlx_model}")
+    kind = f", and its {pooling.mode} pooling{' with normalization' if pooling.normalize else ''}" if pooling else ""
+    print(f"Wrote {len(weights) - bool(pooling)} arrays ({head} the masked-LM head){kind} to {args.mlx_model}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ConversionError)

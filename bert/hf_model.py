@@ -6,26 +6,25 @@ Compare by eye with `python bert/model.py --bert-model bert-base-uncased --mlx-m
 """
 
 import argparse
-import sys
 
-import torch
-from transformers import AutoModel, AutoTokenizer
-
+from cli import run, text
 from model import SAMPLE_BATCH
 
 
 def main():
     parser = argparse.ArgumentParser(description="Run transformers' BertModel on the sample batch and print its output.")
     parser.add_argument("--bert-model", required=True, help="Hugging Face model name or local folder")
-    parser.add_argument("--text", nargs="+", default=SAMPLE_BATCH,
+    parser.add_argument("--text", nargs="+", type=text, default=SAMPLE_BATCH,
                         help="sentences to encode (default: the same sample batch as model.py)")
     args = parser.parse_args()
+    import torch  # here, not at the top: Ctrl-C during these seconds of imports is one line too
+    from transformers import AutoModel, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.bert_model)
         model = AutoModel.from_pretrained(args.bert_model).eval()
-    except OSError as e:
-        sys.exit(f"error: cannot load {args.bert_model!r}: {str(e).splitlines()[0]}")
+    except Exception as e:  # missing, unreachable, damaged
+        raise ValueError(f"cannot load {args.bert_model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     tokens = tokenizer(args.text, return_tensors="pt", padding=True)
     with torch.no_grad():
         output = model(**tokens)
@@ -37,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,10 +7,10 @@ For every [MASK] in every sentence, prints the top-k tokens and their probabilit
 """
 
 import argparse
-import sys
 
 import mlx.core as mx
 
+from cli import positive_int, run, text
 from model import DTYPES, WeightsError, load_model
 
 
@@ -31,24 +31,21 @@ def fill_mask(model, tokenizer, sentences, top_k):
 
 def main():
     parser = argparse.ArgumentParser(description="Predict the words behind [MASK] with BERT in MLX.")
-    parser.add_argument("text", nargs="+", help="one or more sentences, each with at least one [MASK]")
+    parser.add_argument("text", nargs="+", type=text, help="one or more sentences, each with at least one [MASK]")
     parser.add_argument("--bert-model", required=True, help="Hugging Face model name or local folder (config, tokenizer)")
     parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py, with the masked-LM head")
-    parser.add_argument("--top-k", type=int, default=5, help="candidates to print per [MASK] (default: 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="candidates to print per [MASK] (default: 5)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
     args = parser.parse_args()
 
-    try:
-        model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
-        if "mlm" not in model:
-            raise WeightsError(f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has one, "
-                               "such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM")
-        missing = [s for s in args.text if tokenizer.mask_token not in s]
-        if missing:
-            raise ValueError(f"no {tokenizer.mask_token} in {missing[0]!r}")
-        results = fill_mask(model, tokenizer, args.text, args.top_k)
-    except (WeightsError, ValueError, OSError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
+    model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
+    if "mlm" not in model:
+        raise WeightsError(f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has one, "
+                           "such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM")
+    missing = [s for s in args.text if tokenizer.mask_token not in s]
+    if missing:
+        raise ValueError(f"no {tokenizer.mask_token} in {missing[0]!r}")
+    results = fill_mask(model, tokenizer, args.text, args.top_k)
 
     for sentence, fills in zip(args.text, results):
         print(sentence)
@@ -58,4 +55,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main, WeightsError)  # errors in one line, Ctrl-C: "interrupted" and exit 130

@@ -10,10 +10,8 @@ Parameter names follow Hugging Face's `BertModel` closely, so `convert.py`'s map
 """
 
 import argparse
-import os
-import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,12 +29,22 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
 
+    def __post_init__(self):
+        """Refuse a configuration that cannot build a BERT (a damaged config.json) as a whole, before anything
+        is built from it: ValueError naming the field and the range it must be in."""
+        for name, value in asdict(self).items():
+            low, high = (1e-30, 0.1) if name == "layer_norm_eps" else (1, 2**10 if "layers" in name else 2**20)
+            if type(value) is not type(low) or not low <= value <= high:  # NaN fails the comparison too
+                raise ValueError(f"{name} is {value!r}; it must be {'a whole number' if low == 1 else 'a number'} from {low:,} to {high:,}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+
     @classmethod
     def from_hf(cls, hf_config):
         """Take the fields above from a `transformers` BertConfig (or any object with them)."""
         if (act := getattr(hf_config, "hidden_act", "gelu")) != "gelu":
             raise ValueError(f"hidden_act {act!r} is not supported; this BERT uses the exact (erf) GELU, 'gelu'")
-        return cls(**{name: getattr(hf_config, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(hf_config, name, None) for name in cls.__dataclass_fields__})
 
 
 class Embeddings(nn.Module):
@@ -66,8 +74,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask):
         B, T, D = x.shape
         # (B, T, D) -> (B, n_heads, T, head_dim)
-        q, k, v = (proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-                   for proj in (self.query, self.key, self.value))
+        q, k, v = (proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3) for proj in (self.query, self.key, self.value))
         # mask: (B, 1, 1, T) additive, 0 for tokens and a large negative number for padding.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
@@ -136,14 +143,11 @@ class Bert(nn.Module):
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None):
         """input_ids (B, T) -> (hidden states (B, T, D), pooled (B, D), or None without a pooler)."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
-                             f"{self.config.max_position_embeddings} positions")
+            raise ValueError(f"{input_ids.shape[1]} tokens are more than the model's {self.config.max_position_embeddings} positions")
         x = self.embeddings(input_ids, mx.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
-        mask = None
-        if attention_mask is not None:
-            # (B, T) of 1 (token) / 0 (padding) -> additive (B, 1, 1, T) in the activations' dtype.
-            # The finite minimum (not -inf) keeps a fully padded row from turning into NaNs.
-            mask = ((1 - attention_mask.astype(x.dtype)) * mx.finfo(x.dtype).min)[:, None, None, :]
+        # attention_mask (B, T) of 1 (token) / 0 (padding) -> additive (B, 1, 1, T) in the activations' dtype.
+        # The finite minimum (not -inf) keeps a fully padded row from turning into NaNs.
+        mask = None if attention_mask is None else ((1 - attention_mask.astype(x.dtype)) * mx.finfo(x.dtype).min)[:, None, None, :]
         y = self.encoder(x, mask)
         pooled = mx.tanh(self.pooler(y[:, 0])) if "pooler" in self else None  # from the [CLS] token
         return y, pooled
@@ -161,24 +165,24 @@ class WeightsError(Exception):
 
 
 def read_weights(weights_path):
-    """{name: array} from a .npz written by convert.py.
+    """{name: array} from a .npz written by convert.py; floating-point arrays only. The `pooling` entry that
+    convert.py adds for sentence-transformers models is not a weight: embed.py reads it.
 
     NumPy reads the file, not mx.load: MLX 0.32 reads .npz members through Python file objects on
     its own I/O threads, and one of those still waiting for the interpreter lock when a script ends
     aborts the process ("terminate called without an active exception").
     """
-    if not os.path.isfile(weights_path):
-        raise WeightsError(f"{weights_path} does not exist; write it with convert.py first")
     if not zipfile.is_zipfile(weights_path):
-        raise WeightsError(f"cannot read weights from {weights_path}: it is not a .npz (zip) archive")
+        raise WeightsError(f"{weights_path} is missing or not a .npz (zip) archive; write it with convert.py")
     try:
         with np.load(weights_path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        # NumPy has no bfloat16; MLX stores it as 2-byte void ("|V2"), viewed back as bfloat16 here.
-        return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
-                for name, a in arrays.items()}
+            arrays = {name: npz[name] for name in npz.files if name != "pooling"}
     except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
         raise WeightsError(f"cannot read weights from {weights_path}: {e}") from None
+    # NumPy has no bfloat16; MLX stores it as 2-byte void ("|V2"), viewed back as bfloat16 here.
+    if bad := [f"{name} ({a.dtype})" for name, a in arrays.items() if a.dtype.kind != "f" and a.dtype != "V2"]:
+        raise WeightsError(f"{weights_path} has weights that are not floating point: {', '.join(bad[:3])}; convert again")
+    return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a) for name, a in arrays.items()}
 
 
 def load_model(bert_model, weights_path, dtype=mx.float32):
@@ -186,17 +190,18 @@ def load_model(bert_model, weights_path, dtype=mx.float32):
     from transformers import AutoConfig, AutoTokenizer
 
     weights = read_weights(weights_path)
-    config = BertConfig.from_hf(AutoConfig.from_pretrained(bert_model))
+    try:
+        config = BertConfig.from_hf(AutoConfig.from_pretrained(bert_model))
+        tokenizer = AutoTokenizer.from_pretrained(bert_model)
+    except Exception as e:  # not JSON, a field of the wrong type (transformers checks), out of range (BertConfig), ...
+        raise WeightsError(f"the config.json or tokenizer of {bert_model} cannot be used: {e}") from None
     # The optional parts are built when the weights have them.
-    model = Bert(config, with_pooler="pooler.weight" in weights,
-                 with_mlm_head=any(name.startswith("mlm.") for name in weights))
+    model = Bert(config, with_pooler="pooler.weight" in weights, with_mlm_head=any(k.startswith("mlm.") for k in weights))
     try:
         model.load_weights(list(weights.items()))  # strict: every parameter present, no extra, same shapes
     except ValueError as e:  # MLX names the keys or the shape that do not fit
         raise WeightsError(f"{weights_path} does not fit the model: {' '.join(str(e).split())}") from None
-    model.set_dtype(dtype)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(bert_model)
+    model.set_dtype(dtype)  # no dropout in this model: nothing differs between training and eval mode
     if len(tokenizer) > config.vocab_size:
         raise WeightsError(f"the tokenizer of {bert_model} has {len(tokenizer)} tokens but the model only "
                            f"{config.vocab_size}; use the tokenizer that belongs to these weights")
@@ -208,18 +213,21 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 if __name__ == "__main__":
+    from cli import run, text  # the edges every script here shares: one-line errors, Ctrl-C, UTF-8 flags
+
     parser = argparse.ArgumentParser(description="Run the MLX BERT on a sample batch and print its output.")
     parser.add_argument("--bert-model", required=True, help="Hugging Face name or local folder (config, tokenizer)")
     parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py")
-    parser.add_argument("--text", nargs="+", default=SAMPLE_BATCH, help="sentences to encode (default: a sample batch)")
+    parser.add_argument("--text", type=text, nargs="+", default=SAMPLE_BATCH, help="sentences (default: a sample batch)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
     args = parser.parse_args()
-    try:
+
+    def main():
         model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
         tokens = tokenizer(args.text, return_tensors="np", padding=True)
         output, pooled = model(**{k: mx.array(v) for k, v in tokens.items()})
-    except (WeightsError, ValueError, OSError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
-    print("MLX BERT:", output, sep="\n")
-    if pooled is not None:
-        print("\n pooled output:", pooled, sep="\n")
+        print("MLX BERT:", output, sep="\n")
+        if pooled is not None:
+            print("\n pooled output:", pooled, sep="\n")
+
+    run(main, WeightsError)

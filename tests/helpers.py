@@ -113,6 +113,19 @@ def tiny_bert(folder, hf_class=None, seed=0):
     return folder
 
 
+def tiny_sentence_transformer(folder, pooling_mode="mean", normalize=True, seed=0):
+    """A tiny random BERT (BertModel) saved as a sentence-transformers folder: Transformer, Pooling, [Normalize]."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # version 6
+    from transformers import BertModel
+
+    bert = tiny_bert(Path(folder).with_name(Path(folder).name + "-bert"), BertModel, seed=seed)
+    transformer = Transformer(str(bert))
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)]
+    SentenceTransformer(modules=modules + [Normalize()] * normalize).save(str(folder))
+    return Path(folder)
+
+
 LLAMA_TEXT = [
     "call me ishmael some years ago never mind how long precisely",
     "having little or no money in my purse and nothing particular to interest me on shore",

@@ -25,6 +25,8 @@ CASES = {
     "bert/main": ("bert/main.py", "--bert-model {bert} --mlx-model {bert}.npz 'the capital [MASK].'"),
     "bert/benchmark": ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
     "bert/benchmark --profile": ("bert/benchmark.py", "--tiny --profile --repeats 1 --shapes 2x16"),
+    "bert/embed": ("bert/embed.py", "--bert-model {bert} --mlx-model {bert}.npz 'the capital of france' 'paris'"),
+    "bert/benchmark --embed": ("bert/benchmark.py", "--embed --tiny --sentences 8 --batch-size 4 --repeats 1"),
     "llama/main": ("llama/main.py", "--n-layers 2 --dim 64 --hidden-dim 128 --vocab-size 256 --max-tokens 4"),
     "llama/llama": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9"),
     "llama/benchmark": ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1 --time-load"),
@@ -84,6 +86,7 @@ def test_mlp_mnist_convert_round_trip(tmp_path):
     ("linear_regression/benchmark.py", "--num-iters 20 --repeats 1"),
     ("mlp_mnist/benchmark.py", "--steps 2 --repeats 1 --batch-size 8 --hidden-dim 16"),
     ("bert/benchmark.py", "--tiny --repeats 1 --shapes 2x16"),
+    ("bert/benchmark.py", "--embed --tiny --sentences 8 --batch-size 4 --repeats 1"),
     ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1"),
     ("gpt2/benchmark.py", "--tiny --steps 2 --repeats 1"),
 ])
