@@ -309,12 +309,16 @@ def keep_together(group, timeout):
     os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end)
     signal.signal(signal.SIGINT, lambda *_: None)  # not KeyboardInterrupt: the thread below acts on it
+    # mlx.launch sends SIGTERM to the others when one process dies: it may come before the lost connection.
+    signal.signal(signal.SIGTERM, lambda *_: None)
 
     def on_interrupt():
-        os.read(read_end, 1)
+        signal_number = os.read(read_end, 1)[0]  # the wakeup fd receives the signal's number
         if group.rank() == 0:
-            print("interrupted", file=STDERR, flush=True)
-        os._exit(130)
+            print("interrupted" if signal_number == signal.SIGINT else
+                  "error: another process of this run has stopped (mlx.launch ended this one); stopping",
+                  file=STDERR, flush=True)
+        os._exit(130 if signal_number == signal.SIGINT else 143)
 
     threading.Thread(target=on_interrupt, daemon=True).start()
 

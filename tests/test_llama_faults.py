@@ -282,8 +282,8 @@ def test_killing_a_rank_during_generation_ends_the_run_with_one_line(tiny, tmp_p
     os.kill(rank(process, 1), signal.SIGKILL)
     assert ended(process, 30), err.read_text()
     ours = [line for line in err.read_text().splitlines() if "[WARN]" not in line and not line.startswith(("[load", "warning:"))]
-    assert ours == ["error: another process of this run has stopped ([ring] connection to a peer was lost); stopping"], \
-        err.read_text()
+    # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that comes first.
+    assert len(ours) == 1 and ours[0].startswith("error: another process of this run has stopped ("), err.read_text()
 
 
 @needs_proc

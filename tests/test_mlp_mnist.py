@@ -346,11 +346,12 @@ def test_atomic_write_leaves_no_temporary_file_and_the_old_file_when_the_writer_
 
 
 def test_atomic_write_removes_its_temporary_file_on_sigterm(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)  # another test in this process may have set its own
     with pytest.raises(SystemExit) as terminated:
         outputs.atomic_write(tmp_path / "w.pt", lambda tmp: (open(tmp, "w").write("half"),
                                                               os.kill(os.getpid(), signal.SIGTERM)))
     assert terminated.value.code == 143 and not list(tmp_path.iterdir())
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # and puts the handler back
+    assert signal.getsignal(signal.SIGTERM) == before  # and puts the handler back
 
 
 def test_atomic_write_cleans_the_temporary_files_of_killed_writers(tmp_path):
