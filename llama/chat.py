@@ -108,7 +108,7 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
     a turn costs its new tokens, and the model always sees exactly the format's tokens."""
     messages = [{"role": "system", "content": system}] if system else []
     cache, cached = model.make_cache(), []  # cached: the tokens whose keys and values the cache holds
-    for text in [prompt] if prompt is not None else user_lines(lines or sys.stdin):
+    for text in [prompt] if prompt is not None else user_lines(lines or sys.stdin.buffer):
         messages.append({"role": "user", "content": text})
         tokens = chat_tokens(tokenizer, messages)
         common = 0
@@ -126,7 +126,10 @@ def user_lines(lines):
     print("> ", end="", file=sys.stderr, flush=True)
     try:
         for line in lines:
-            line.encode()  # bytes that are not UTF-8 arrive as lone surrogates, or raise UnicodeDecodeError
+            # Bytes are decoded line by line (a text stdin decodes ahead, so a bad line would spoil those before
+            # it); a text line that was not UTF-8 holds lone surrogates, which cannot be encoded.
+            line = line.decode() if isinstance(line, bytes) else line
+            line.encode()
             if line.strip():
                 yield line.rstrip("\n")
             print("> ", end="", file=sys.stderr, flush=True)

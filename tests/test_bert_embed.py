@@ -197,6 +197,7 @@ def test_search_ranks_by_cosine_similarity():
 ])
 def test_empty_or_unreadable_input_gives_one_line(converted, tmp_path, capsys, given, says):
     folder, npz = converted("mean", True)
+    capsys.readouterr()  # what building the fixture printed (transformers' progress bars, on some versions)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))

@@ -126,7 +126,7 @@ def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; 11 steps in 1 epochs of batch 16 x 32; "
-                    r"float32 on ", lines[0]), lines[0]
+                    r"(float32|bfloat16) on ", lines[0]), lines[0]  # the GPU's default is bfloat16
     steps = [line for line in lines if line.startswith("Step ")]
     assert re.fullmatch(r"Step 1/11 \| loss = [\d.]+ \| the first step took [\d.]+ s \(it compiles\)", steps[0])
     for line, step in zip(steps[1:], (4, 8)):
@@ -154,6 +154,7 @@ def test_reference_blas_warning_only_without_openblas(monkeypatch, capsys):
             "openblas": ["/venv/lib/mlx_cpu.libs/libblas-1a2b.so.3", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"],
             "none": ["/usr/lib/libc.so.6"]}
     monkeypatch.setattr(blas.sys, "platform", "linux")
+    monkeypatch.setattr(blas.mx, "default_device", lambda: mx.cpu)  # the warning is for CPU runs only
     for name, libs in maps.items():
         lines = "".join(f"7f00-7f01 r-xp 00000000 08:01 42    {lib}\n" for lib in libs) + "7ffd-7ffe rw-p 0 0 0 [stack]\n"
         monkeypatch.setattr(blas, "open", lambda path: io.StringIO(lines), raising=False)

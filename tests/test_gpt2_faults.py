@@ -63,7 +63,10 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
     assert resumed.returncode == full.returncode == 0, resumed.stderr + full.stderr
     a, b = checkpoint_arrays(tmp_path / "full"), checkpoint_arrays(tmp_path / "resumed")
     for name in a.keys() - {"meta"}:  # on the CPU, exactly: the same weights, moments and dropout masks
-        assert np.array_equal(a[name], b[name]), name
+        if mx.default_device() == mx.cpu:
+            assert np.array_equal(a[name], b[name]), name
+        else:  # GPU kernels that sum with atomics differ in the last bits from run to run (see test_gpt2.py)
+            assert np.allclose(a[name], b[name], rtol=0, atol=1e-5), name
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--seed", "-1"),

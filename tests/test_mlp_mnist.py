@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,7 +324,7 @@ def test_ctrl_c_while_training_saves_that_step_and_exits_130_with_one_line(tmp_p
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted at epoch 1, step ") and "saved the weights after that step" in last
+    assert re.match(r"interrupted at epoch \d+, step ", last) and "saved the weights after that step" in last
     weights, metadata = mx.load(str(tmp_path / "w.safetensors"), return_metadata=True)
     assert f"({metadata['steps']} steps)" in last
     assert all(mx.all(mx.isfinite(w)).item() for w in weights.values())
