@@ -63,7 +63,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from chat import chat_tokens
-from convert import save
 from model import TransformerBlock, WeightsError, load_model, warn_if_reference_blas
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -279,6 +278,19 @@ def load_adapters(model, path):
     return f", LoRA adapters of rank {config['rank']} on {'/'.join(config['keys'])} of {len(config['layers'])} blocks"
 
 
+def load_with_adapters(weights, adapter_path, tokenizer_for):
+    """llama.py --adapter-path: (model, tokenizer, what the load line adds) for the model in `weights` with the
+    adapters of `adapter_path`; one error line and exit status 1 for anything that does not fit."""
+    if "MLX_RANK" in os.environ:  # started by mlx.launch: every rank exits, rank 0 says why
+        sys.exit("error: --adapter-path runs on one process; fuse the adapters into the model first (lora.py --fuse)"
+                 if os.environ["MLX_RANK"] == "0" else 1)
+    try:
+        model = load_model(weights)
+        return model, tokenizer_for(model), load_adapters(model, adapter_path)
+    except (WeightsError, TokenizerError) as e:
+        sys.exit(f"error: {e}")
+
+
 # ---- Data --------------------------------------------------------------------------------------
 
 
@@ -466,8 +478,7 @@ def train(model, optimizer, train_set, valid_set, args, start_step, stop):
     exit status: 0 done, 130 stopped by a signal, 1 stopped by a non-finite loss."""
     step_fn, batches, folder = make_step(model, optimizer), batch_indices(train_set, args.batch_size, True), Path(args.adapter_path)
     losses, tokens, tic = [], 0, time.perf_counter()
-    if start_step == 0 or args.steps_per_eval:
-        report_validation(model, valid_set, args, start_step)
+    report_validation(model, valid_set, args, start_step)
     stop.training = True
     for step in range(start_step + 1, args.iters + 1):
         epoch, k = divmod(step - 1, len(batches))  # the data order depends only on the seed and the step
@@ -502,8 +513,8 @@ def train(model, optimizer, train_set, valid_set, args, start_step, stop):
 
 def report_training(step, iters, losses, tokens, seconds, steps_done):
     loss = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
-    left = (iters - step) * seconds / len(losses) if steps_done > 1 else None  # the first step compiles
-    eta = f", about {left / 60:.1f} min left" if left is not None and step < iters else ""
+    left = (iters - step) * seconds / len(losses)
+    eta = " (the first step compiles)" if steps_done == 1 else f", about {left / 60:.1f} min left" if step < iters else ""
     print(f"step {step}/{iters}: train loss {loss:.3f}, {len(losses) / seconds:.2f} steps/s, {tokens / seconds:,.0f} "
           f"tokens/s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB{eta}", flush=True)
 
@@ -561,6 +572,8 @@ def run(args, stop):
     tic = time.perf_counter()
     model = load_model(args.model)
     if args.fuse:
+        from convert import save  # the format convert.py writes, configuration inside
+
         load_adapters(model, args.adapter_path)
         fuse(model)
         save(model.args, dict(tree_flatten(model.parameters())), args.save_path)
@@ -584,7 +597,7 @@ def run(args, stop):
         warn_if_reference_blas()
         status = train(model, optimizer, train_set, valid_set, args, start, stop)
     elif args.test and (Path(args.adapter_path) / ADAPTERS).is_file():
-        print(load_adapters(model, args.adapter_path).removeprefix(", ").replace("LoRA", f"{args.adapter_path}: LoRA"))
+        print(f"testing with the adapters of {args.adapter_path}{load_adapters(model, args.adapter_path)}")
     elif args.test:
         print(f"no adapters in {args.adapter_path}: testing the model as it is")
     if args.test and status == 0:
