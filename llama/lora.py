@@ -252,15 +252,18 @@ def apply_adapters(model, config, adapters, where):
     if max(config["layers"], default=-1) >= n:
         raise AdapterError(f"{where}: the adapters are for block {max(config['layers'])}, this model has {n} blocks; "
                            "they were made for another model")
-    linear_to_lora_layers(model, config["layers"], config["keys"], config["rank"], config["alpha"], config.get("dropout", 0))
+    linear_to_lora_layers(model, config["layers"], config["keys"], config["rank"], config["alpha"],
+                          config.get("dropout", 0))
     expected = dict(tree_flatten(model.trainable_parameters()))
     problems = [f"missing {k}" for k in sorted(set(expected) - set(adapters))]
     problems += [f"unexpected {k}" for k in sorted(set(adapters) - set(expected))]
     problems += [f"{k} is {tuple(v.shape)}, this model needs {tuple(expected[k].shape)}" for k, v in adapters.items()
                  if k in expected and v.shape != expected[k].shape]
-    problems += [f"{k} is {v.dtype}, not floating point" for k, v in adapters.items() if not mx.issubdtype(v.dtype, mx.floating)]
+    problems += [f"{k} is {v.dtype}, not floating point" for k, v in adapters.items()
+                 if not mx.issubdtype(v.dtype, mx.floating)]
     if problems:
-        raise AdapterError(f"{where}: the adapters do not fit this model, made for another one? {', '.join(problems[:4])}"
+        raise AdapterError(f"{where}: the adapters do not fit this model, made for another one? "
+                           f"{', '.join(problems[:4])}"
                            + (f" and {len(problems) - 4} more" if len(problems) > 4 else ""))
     if not all(mx.all(mx.isfinite(v)).item() for v in adapters.values()):
         raise AdapterError(f"{where}: the adapters hold non-finite values")
@@ -305,8 +308,8 @@ def check_example(example):
         ok = all(isinstance(example[k], str) for k in ("prompt", "completion")) and example["completion"]
         return None if ok else '"prompt" and "completion" are not strings, the completion non-empty'
     messages = example["messages"]
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                            and isinstance(m.get("content"), str) for m in messages)):
         return '"messages" is not a non-empty list of {"role": ..., "content": ...} objects with string values'
     roles = [m["role"] for m in messages[1:]] if messages[0]["role"] == "system" else [m["role"] for m in messages]
     if roles[:2] != ["user", "assistant"] or roles != [("user", "assistant")[i % 2] for i in range(len(roles))]:
@@ -343,7 +346,8 @@ def eos_id(tokenizer):
     """The id that ends a text: SentencePiece's EOS, Llama 3's <|end_of_text|>, a tokenizer.json's eos_token."""
     if tokenizer.kind == "SentencePiece":
         return tokenizer.eos_id
-    return tokenizer.token_id("<|end_of_text|>" if tokenizer.kind == "Llama 3" else tokenizer.special_tokens_map.get("eos_token"))
+    name = "<|end_of_text|>" if tokenizer.kind == "Llama 3" else tokenizer.special_tokens_map.get("eos_token")
+    return tokenizer.token_id(name)
 
 
 def conversation(tokenizer, messages):
@@ -476,7 +480,8 @@ class Stop:
 def train(model, optimizer, train_set, valid_set, args, start_step, stop):
     """Train from start_step to args.iters, reporting, evaluating and saving as the flags say. Returns the
     exit status: 0 done, 130 stopped by a signal, 1 stopped by a non-finite loss."""
-    step_fn, batches, folder = make_step(model, optimizer), batch_indices(train_set, args.batch_size, True), Path(args.adapter_path)
+    step_fn, folder = make_step(model, optimizer), Path(args.adapter_path)
+    batches = batch_indices(train_set, args.batch_size, drop_last=True)
     losses, tokens, tic = [], 0, time.perf_counter()
     report_validation(model, valid_set, args, start_step)
     stop.training = True
@@ -514,7 +519,8 @@ def train(model, optimizer, train_set, valid_set, args, start_step, stop):
 def report_training(step, iters, losses, tokens, seconds, steps_done):
     loss = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
     left = (iters - step) * seconds / len(losses)
-    eta = " (the first step compiles)" if steps_done == 1 else f", about {left / 60:.1f} min left" if step < iters else ""
+    eta = f", about {left / 60:.1f} min left" if step < iters else ""
+    eta = " (the first step compiles)" if steps_done == 1 else eta
     print(f"step {step}/{iters}: train loss {loss:.3f}, {len(losses) / seconds:.2f} steps/s, {tokens / seconds:,.0f} "
           f"tokens/s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB{eta}", flush=True)
 
@@ -522,7 +528,8 @@ def report_training(step, iters, losses, tokens, seconds, steps_done):
 def report_validation(model, valid_set, args, step):
     tic = time.perf_counter()
     loss, n = evaluate(model, valid_set, args.batch_size, args.val_batches, args.seed)
-    print(f"step {step}/{args.iters}: valid loss {loss:.3f} ({n} tokens, {time.perf_counter() - tic:.1f} s)", flush=True)
+    print(f"step {step}/{args.iters}: valid loss {loss:.3f} ({n} tokens, {time.perf_counter() - tic:.1f} s)",
+          flush=True)
 
 
 # ---- Command line ------------------------------------------------------------------------------
@@ -577,8 +584,9 @@ def run(args, stop):
         load_adapters(model, args.adapter_path)
         fuse(model)
         save(model.args, dict(tree_flatten(model.parameters())), args.save_path)
-        print(f"wrote {args.save_path}: the model with the adapters of {args.adapter_path} merged, "
-              f"{str(model.norm.weight.dtype).removeprefix('mlx.core.')}; run it with llama.py {args.save_path} TOKENIZER \"prompt\"")
+        dtype = str(model.norm.weight.dtype).removeprefix("mlx.core.")
+        print(f"wrote {args.save_path}: the model with the adapters of {args.adapter_path} merged, {dtype}; run it "
+              f"with llama.py {args.save_path} TOKENIZER \"prompt\"")
         return 0
     tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
     print(f"loaded {args.model} in {time.perf_counter() - tic:.1f} s, {tokenizer.kind} tokenizer", flush=True)
@@ -653,14 +661,17 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=number(int, 1), default=1000, help="training steps in all (default: 1000)")
     p.add_argument("--learning-rate", type=number(float, 0, low_open=True), default=1e-4,
                    help="AdamW's learning rate (default: 1e-4)")
-    p.add_argument("--steps-per-report", type=number(int, 1), default=10, help="steps between loss reports (default: 10)")
+    p.add_argument("--steps-per-report", type=number(int, 1), default=10, help="steps between loss reports "
+                   "(default: 10)")
     p.add_argument("--steps-per-eval", type=number(int, 0), default=200, help="steps between validations; 0: only "
                    "before and after training (default: 200)")
-    p.add_argument("--val-batches", type=number(int, -1), default=25, help="validation batches; -1 for all (default: 25)")
+    p.add_argument("--val-batches", type=number(int, -1), default=25, help="validation batches; -1 for all "
+                   "(default: 25)")
     p.add_argument("--save-every", type=number(int, 1), default=100, help="steps between saves (default: 100)")
     p.add_argument("--max-seq-length", type=number(int, 2), default=2048, help="longest example in tokens; longer "
                    "ones are cut (default: 2048)")
-    p.add_argument("--mask-prompt", action="store_true", help="count only completions and assistant replies in the loss")
+    p.add_argument("--mask-prompt", action="store_true", help="count only the completions and the assistant's "
+                   "replies in the loss")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in the backward "
                    "pass: less memory, more time")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for the adapters' initialisation, "

@@ -97,9 +97,23 @@ def saved(folder):
     return {k: np.array(v) for k, v in loaded.items()}, metadata
 
 
+BLAS_WARNING = "warning: MLX is using the reference BLAS"  # on a CPU without OpenBLAS preloaded
+
+
+def log_softmax(logits):
+    """log p of (T, vocab) logits, in float64: the reference for the loss."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def fuse_args(weights_file, adapters, save_path):
+    return ["--model", weights_file, "--adapter-path", adapters, "--fuse", "--save-path", save_path]
+
+
 def assert_one_error_line(result):
     assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: MLX is using the reference BLAS")]
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(BLAS_WARNING)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
 
@@ -210,8 +224,7 @@ def test_the_loss_is_the_mean_cross_entropy_of_the_counted_tokens_only(weights):
     loss, n = lora().loss_fn(model, inputs, targets, mask)
     expected = []
     for t, counted in batch:
-        logits = np.array(model(mx.array([t[:-1]])), dtype=np.float64)[0]
-        log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        log_p = log_softmax(np.array(model(mx.array([t[:-1]])))[0])
         expected += [-log_p[j - 1, t[j]] for j in range(1, len(t)) if counted[j]]
     assert n.item() == len(expected) == 8 + 9
     assert abs(loss.item() - np.mean(expected)) < 1e-5
@@ -219,9 +232,8 @@ def test_the_loss_is_the_mean_cross_entropy_of_the_counted_tokens_only(weights):
 
 def test_mask_prompt_counts_only_the_completion_and_the_assistant_reply(hf_folder, weights):
     tokenizer = import_example("llama", "tokenizer").load_tokenizer(hf_folder / "tokenizer.model")
-    args = type("Args", (), {"mask_prompt": True})
     example = {"prompt": "call me", "completion": " ishmael some years ago"}
-    tokens_, counted = lora().encode(example, tokenizer, args.mask_prompt)
+    tokens_, counted = lora().encode(example, tokenizer, mask_prompt=True)
     prompt, completion = tokenizer.prompt("call me"), tokenizer.encode(" ishmael some years ago")
     assert tokens_ == prompt + completion + [tokenizer.eos_id]
     assert counted == [False] * len(prompt) + [True] * (len(completion) + 1)
@@ -232,9 +244,9 @@ def test_mask_prompt_counts_only_the_completion_and_the_assistant_reply(hf_folde
     tokens_, counted = lora().encode({"messages": messages}, tokenizer, True)
     chat_tokens = import_example("llama", "chat").chat_tokens
     assert tokens_[: len(chat_tokens(tokenizer, messages[:3]))] == chat_tokens(tokenizer, messages[:3])
-    replies = [[t for t, c in zip(tokens_, counted) if c]]
-    assert tokenizer.decode(replies[0]) == "ishmael never mind"  # the two replies, each with its EOS
-    assert [t for t, c in zip(tokens_, counted) if c].count(tokenizer.eos_id) == 2 and tokens_[-1] == tokenizer.eos_id
+    replies = [t for t, c in zip(tokens_, counted) if c]
+    assert tokenizer.decode(replies) == "ishmael never mind"  # the two replies, each with its EOS
+    assert replies.count(tokenizer.eos_id) == 2 and tokens_[-1] == tokenizer.eos_id
 
 
 def test_mask_prompt_on_the_command_line_counts_the_completion_tokens(hf_folder, weights, tmp_path):
@@ -244,7 +256,8 @@ def test_mask_prompt_on_the_command_line_counts_the_completion_tokens(hf_folder,
     expected = sum(len(tokenizer.encode(line["completion"])) + 1 for line in lines)
     result = run_lora(*train_args(weights["float32"], hf_folder, data, tmp_path / "a", "--iters", 1, "--mask-prompt"))
     assert result.returncode == 0, result.stderr
-    assert f"train.jsonl: 16 examples, " in result.stdout and f", {expected} of them counted in the loss" in result.stdout
+    assert "train.jsonl: 16 examples, " in result.stdout
+    assert f", {expected} of them counted in the loss" in result.stdout
 
 
 # ---- Fusing ---------------------------------------------------------------------------------------
@@ -255,7 +268,8 @@ def test_fused_logits_equal_the_adapted_model(name, weights, tmp_path):
     model = random_adapters(lora().linear_to_lora_layers(load(weights[name]), [0, 1], list(lora().LINEAR_KEYS), 4, 8))
     adapted = np.array(model(tokens()))
     lora().fuse(model)
-    import_example("llama", "convert").save(model.args, dict(tree_flatten(model.parameters())), tmp_path / "f.safetensors")
+    convert = import_example("llama", "convert")
+    convert.save(model.args, dict(tree_flatten(model.parameters())), tmp_path / "f.safetensors")
     fused = load(tmp_path / "f.safetensors")
     assert fused.args.quantization is None and isinstance(fused.layers[0].feed_forward.w1, nn.Linear)
     # W x + s B (A x) and (W + s B A) x round differently: within 1e-5 of the logits' scale (about 9 here).
@@ -280,7 +294,8 @@ def test_training_loss_falls_and_test_reports_loss_and_perplexity(hf_folder, wei
     assert test_line.startswith("test loss ") and abs(perplexity - math.exp(loss)) < 1e-3 * perplexity
     assert saved(tmp_path / "a")[1]["step"] == "30"
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["rank"] == 8 and config["scale"] == 2.0 and config["layers"] == [0, 1] and config["keys"] == ["wq", "wv"]
+    assert (config["rank"], config["alpha"], config["scale"]) == (8, 16, 2.0)
+    assert config["layers"] == [0, 1] and config["keys"] == ["wq", "wv"]
     assert config["base_model"]["dim"] == 64
 
 
@@ -292,9 +307,7 @@ def test_test_alone_reports_the_base_models_mean_cross_entropy(hf_folder, weight
     model, nll = load(weights["float32"]), []
     for line in (data / "test.jsonl").read_text().splitlines():
         ids = tokenizer.prompt(json.loads(line)["text"]) + [tokenizer.eos_id]
-        logits = np.array(model(mx.array([ids[:-1]])), dtype=np.float64)[0]
-        top = logits.max(-1, keepdims=True)
-        log_p = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        log_p = log_softmax(np.array(model(mx.array([ids[:-1]])))[0])
         nll += [-log_p[j, ids[j + 1]] for j in range(len(ids) - 1)]
     words = result.stdout.strip().splitlines()[-1].split()  # test loss L, perplexity P (N tokens)
     assert words[:2] == ["test", "loss"] and f"{float(words[2].rstrip(',')):.3f}" == f"{np.mean(nll):.3f}"
@@ -355,10 +368,11 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_adapters(hf_folder, wei
 def test_qlora_trains_a_4bit_model_and_fuses_it_to_one_llama_runs(hf_folder, weights, data, tmp_path):
     result = run_lora(*train_args(weights["4bit"], hf_folder, data, tmp_path / "a", "--iters", 3, "--grad-checkpoint"))
     assert result.returncode == 0, result.stderr
-    fused = run_lora("--model", weights["4bit"], "--adapter-path", tmp_path / "a", "--fuse", "--save-path", tmp_path / "f.safetensors")
+    fused = run_lora(*fuse_args(weights["4bit"], tmp_path / "a", tmp_path / "f.safetensors"))
     assert fused.returncode == 0, fused.stderr
     assert load(tmp_path / "f.safetensors").args.quantization is None
-    run = run_script("llama/llama.py", tmp_path / "f.safetensors", hf_folder / "tokenizer.model", "call me", "--max-tokens", 4)
+    run = run_script("llama/llama.py", tmp_path / "f.safetensors", hf_folder / "tokenizer.model", "call me",
+                     "--max-tokens", 4)
     assert run.returncode == 0 and run.stdout.strip(), run.stderr
 
 
@@ -379,7 +393,7 @@ def test_llama_py_with_adapters_prints_what_the_fused_model_prints(weights, hf_f
     base = run_script("llama/llama.py", weights["float32"], tokenizer, "call me", "--max-tokens", 8)
     adapted = run_script("llama/llama.py", weights["float32"], tokenizer, "--adapter-path", adapters, "call me",
                          "--max-tokens", 8)
-    fuse = run_lora("--model", weights["float32"], "--adapter-path", adapters, "--fuse", "--save-path", tmp_path / "f.npz")
+    fuse = run_lora(*fuse_args(weights["float32"], adapters, tmp_path / "f.npz"))
     fused = run_script("llama/llama.py", tmp_path / "f.npz", tokenizer, "call me", "--max-tokens", 8)
     chat = run_script("llama/llama.py", weights["float32"], tokenizer, "--adapter-path", adapters, "--chat", "call me",
                       "--max-tokens", 4)
@@ -411,8 +425,9 @@ def test_adapters_that_do_not_fit_give_one_line(change, message, weights, hf_fol
     import re
 
     folder = broken_adapters(adapters, tmp_path, change)
-    generate = run_script("llama/llama.py", weights["float32"], hf_folder / "tokenizer.model", "--adapter-path", folder, "hi")
-    fuse = run_lora("--model", weights["float32"], "--adapter-path", folder, "--fuse", "--save-path", tmp_path / "f.safetensors")
+    generate = run_script("llama/llama.py", weights["float32"], hf_folder / "tokenizer.model", "--adapter-path", folder,
+                          "hi")
+    fuse = run_lora(*fuse_args(weights["float32"], folder, tmp_path / "f.safetensors"))
     for result in (generate, fuse):
         assert re.search(message, assert_one_error_line(result)), result.stderr
     assert not (tmp_path / "f.safetensors").exists()
@@ -451,7 +466,8 @@ def test_mask_prompt_with_text_lines_and_unwritable_adapter_path_give_one_line(w
 
 
 def test_texts_longer_than_max_seq_length_are_cut_and_counted(weights, hf_folder, data, tmp_path):
-    result = run_lora(*train_args(weights["float32"], hf_folder, data, tmp_path / "a", "--iters", 1, "--max-seq-length", 8))
+    result = run_lora(*train_args(weights["float32"], hf_folder, data, tmp_path / "a", "--iters", 1,
+                                  "--max-seq-length", 8))
     assert result.returncode == 0, result.stderr
     assert "train.jsonl: 16 examples, 128 tokens, 112 of them counted in the loss; 16 longer than --max-seq-length 8 " \
            "tokens, cut there" in result.stdout
@@ -476,3 +492,9 @@ def test_adapter_files_are_written_atomically_with_the_users_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "x.json").read_text() == "{}" and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_adapters_under_mlx_launch_are_refused_in_one_line(weights, hf_folder, adapters):
+    result = run_script("llama/llama.py", weights["float32"], hf_folder / "tokenizer.model", "--adapter-path", adapters,
+                        "hi", env={"MLX_RANK": "0"})
+    assert "--adapter-path runs on one process; fuse the adapters" in assert_one_error_line(result)
