@@ -30,9 +30,8 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     if len(context) + len(prompt_tokens) >= limit:
         raise ValueError(f"the prompt is {len(context) + len(prompt_tokens)} tokens; the model's context is {limit}, "
                          "which must also leave room for one new token")
-    max_tokens = min(args.max_tokens, limit - len(context) - len(prompt_tokens))
-    decoder = StreamingDecoder(tokenizer, context + list(prompt_tokens))
-    generated, tic, first = [], time.perf_counter(), None
+    max_tokens, generated, first = min(args.max_tokens, limit - len(context) - len(prompt_tokens)), [], None
+    decoder, tic = StreamingDecoder(tokenizer, context + list(prompt_tokens)), time.perf_counter()
     for token in model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache):
         first = first or time.perf_counter()  # the first token comes out of the pass over the whole prompt
         if len(generated) == max_tokens:
@@ -64,6 +63,10 @@ def load(args):
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
         return tokenizer
 
+    if args.adapter_path:  # LoRA adapters from lora.py (one process only), read only when asked for
+        from lora import load_with_adapters
+
+        return load_with_adapters(args.weights, args.adapter_path, tokenizer_for)
     if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
         from tp import load_split
 
@@ -78,18 +81,16 @@ def load(args):
 def parse_args():
     parser = argparse.ArgumentParser(description="Generate text or chat with a converted Llama (see convert.py).")
     parser.add_argument("weights", help="the .npz or .safetensors file written by convert.py")
-    parser.add_argument("tokenizer", help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
-                        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file)")
-    parser.add_argument("prompt", nargs="?", help="the text to continue (with --chat: the first message; "
-                        "without one, --chat reads a message per line from stdin)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (chat.py); "
-                        "without a prompt, chat interactively (one message per line; Ctrl-D ends)")
+    parser.add_argument("tokenizer", help="the model's tokenizer.model or tokenizer.json, or a folder holding one")
+    parser.add_argument("prompt", nargs="?", help="the text to continue (--chat: the first message; none: read stdin)")
+    parser.add_argument("--chat", action="store_true", help="chat in the model's format; no prompt: a message per line")
     parser.add_argument("--system", help="a system message for --chat")
     parser.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate per reply (default: 100)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample only from the most likely tokens whose "
                         "probabilities add up to this (default: 1, all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument("--adapter-path", help="a folder of LoRA adapters from lora.py --train, applied to the model")
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompt is None and not args.chat:
         parser.error("give a prompt to continue, or --chat for a conversation")
