@@ -7,7 +7,7 @@
 
 LoRA (Hu et al., 2021) keeps a linear layer's weight W frozen and learns a low-rank change to it:
 y = W x + scale * B (A x), with A (rank, in), B (out, rank) and scale = alpha / rank (PEFT's
-lora_alpha / r; mlx-lm's "scale" is this product). A starts Kaiming-uniform (as PEFT's lora_A), B at
+lora_alpha / r; mlx-lm asks for the scale itself). A starts Kaiming-uniform (as PEFT's lora_A), B at
 zero, so untrained adapters change nothing. model.py does not know about LoRA: `linear_to_lora_layers`
 freezes the model and replaces its chosen nn.Linear modules, or the nn.QuantizedLinear ones of a model
 from `convert.py --quantize` (QLoRA: the base stays quantized), by LoRALinear modules that wrap them.
@@ -354,6 +354,7 @@ def conversation(tokenizer, messages):
     """(tokens, [is an assistant's token]) of a whole conversation in the tokenizer's chat format. chat.py's
     chat_tokens gives the tokens up to where a reply begins; the conversation with one more user message
     gives them all, and each reply runs from its beginning to its first stop token, inclusive."""
+    messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
     tokens = chat_tokens(tokenizer, messages + [{"role": "user", "content": "."}])
     assistant, end = [False] * len(tokens), 0
     for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
@@ -388,7 +389,7 @@ def load_data(path, tokenizer, args):
                             'not "text" (every token of a text counts)')
         try:
             tokens, counted = encode(example, tokenizer, args.mask_prompt)
-        except TokenizerError as e:
+        except (TokenizerError, UnicodeError) as e:  # a template's refusal; a lone surrogate ("\\ud800")
             raise DataError(f"{path} line {number}: {e}") from None
         truncated += len(tokens) > args.max_seq_length
         examples.append((tokens[: args.max_seq_length], counted[: args.max_seq_length]))
@@ -579,39 +580,49 @@ def run(args, stop):
     tic = time.perf_counter()
     model = load_model(args.model)
     if args.fuse:
-        from convert import save  # the format convert.py writes, configuration inside
-
-        load_adapters(model, args.adapter_path)
-        fuse(model)
-        save(model.args, dict(tree_flatten(model.parameters())), args.save_path)
-        dtype = str(model.norm.weight.dtype).removeprefix("mlx.core.")
-        print(f"wrote {args.save_path}: the model with the adapters of {args.adapter_path} merged, {dtype}; run it "
-              f"with llama.py {args.save_path} TOKENIZER \"prompt\"")
-        return 0
+        return fuse_to_file(model, args)
     tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
     print(f"loaded {args.model} in {time.perf_counter() - tic:.1f} s, {tokenizer.kind} tokenizer", flush=True)
-    data = Path(args.data)
-    status = 0
+    data, status = Path(args.data), 0
+    splits = ["train", "valid"] * args.train + ["test"] * args.test  # all read and checked before any training
+    sets = {name: load_data(data / f"{name}.jsonl", tokenizer, args) for name in splits}
     if args.train:
-        train_set, valid_set = (load_data(data / f"{name}.jsonl", tokenizer, args) for name in ("train", "valid"))
-        if len(train_set) < args.batch_size:
-            raise DataError(f"{data / 'train.jsonl'} has {len(train_set)} examples, fewer than --batch-size "
+        if len(sets["train"]) < args.batch_size:
+            raise DataError(f"{data / 'train.jsonl'} has {len(sets['train'])} examples, fewer than --batch-size "
                             f"{args.batch_size}; lower --batch-size")
         optimizer, start = prepare_training(model, args)
+        if start >= args.iters:
+            raise AdapterError(f"{args.resume_adapter_file} is already trained for {start} steps; give --iters "
+                               "above that")
+        q = model.args.quantization  # a packed uint32 holds 32 / bits weights
+        total = sum(v.size * (32 // q["bits"] if q and v.dtype == mx.uint32 else 1)
+                    for _, v in tree_flatten(model.parameters()))
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        total = sum(v.size for _, v in tree_flatten(model.parameters()))
         print(f"training steps {start + 1}-{args.iters}, {args.batch_size} examples a step, {trainable:,} trainable "
-              f"parameters ({100 * trainable / total:.3f}%); the first step compiles", flush=True)
+              f"parameters ({100 * trainable / total:.3f}% of the model); the first step compiles", flush=True)
         warn_if_reference_blas()
-        status = train(model, optimizer, train_set, valid_set, args, start, stop)
-    elif args.test and (Path(args.adapter_path) / ADAPTERS).is_file():
+        status = train(model, optimizer, sets["train"], sets["valid"], args, start, stop)
+    elif (Path(args.adapter_path) / ADAPTERS).is_file():
         print(f"testing with the adapters of {args.adapter_path}{load_adapters(model, args.adapter_path)}")
-    elif args.test:
+    else:
         print(f"no adapters in {args.adapter_path}: testing the model as it is")
     if args.test and status == 0:
-        loss, n = evaluate(model, load_data(data / "test.jsonl", tokenizer, args), args.batch_size)
-        print(f"test loss {loss:.3f}, perplexity {math.exp(loss):.3f} ({n} tokens)")
+        loss, n = evaluate(model, sets["test"], args.batch_size)
+        print(f"test loss {loss:.3f}, perplexity {math.exp(min(loss, 700)):.3f} ({n} tokens)")
     return status
+
+
+def fuse_to_file(model, args):
+    """--fuse: the model with the adapters of --adapter-path merged, written as convert.py writes a model."""
+    from convert import save  # the format convert.py writes, configuration inside
+
+    load_adapters(model, args.adapter_path)
+    fuse(model)
+    save(model.args, dict(tree_flatten(model.parameters())), args.save_path)
+    dtype = str(model.norm.weight.dtype).removeprefix("mlx.core.")
+    print(f"wrote {args.save_path}: the model with the adapters of {args.adapter_path} merged, {dtype}; run it "
+          f"with llama.py {args.save_path} TOKENIZER \"prompt\"")
+    return 0
 
 
 def number(kind, low=None, high=None, low_open=False):
@@ -632,8 +643,7 @@ def number(kind, low=None, high=None, low_open=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning of a converted Llama (see the top of lora.py "
-                                "for the data format, the files written and how faults are handled).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the .safetensors or .npz file written by convert.py (4- or 8-bit "
                    "from convert.py --quantize: QLoRA)")
     p.add_argument("--tokenizer", help="the model's tokenizer, as for llama.py (needed by --train and --test)")
