@@ -30,9 +30,8 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     if len(context) + len(prompt_tokens) >= limit:
         raise ValueError(f"the prompt is {len(context) + len(prompt_tokens)} tokens; the model's context is {limit}, "
                          "which must also leave room for one new token")
-    max_tokens = min(args.max_tokens, limit - len(context) - len(prompt_tokens))
-    decoder = StreamingDecoder(tokenizer, context + list(prompt_tokens))
-    generated, tic, first = [], time.perf_counter(), None
+    max_tokens, generated, first = min(args.max_tokens, limit - len(context) - len(prompt_tokens)), [], None
+    decoder, tic = StreamingDecoder(tokenizer, context + list(prompt_tokens)), time.perf_counter()
     for token in model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache):
         first = first or time.perf_counter()  # the first token comes out of the pass over the whole prompt
         if len(generated) == max_tokens:
@@ -64,6 +63,10 @@ def load(args):
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
         return tokenizer
 
+    if args.adapter_path:  # LoRA adapters from lora.py (one process only), read only when asked for
+        from lora import load_with_adapters
+
+        return load_with_adapters(args.weights, args.adapter_path, tokenizer_for)
     if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
         from tp import load_split
 
@@ -98,6 +101,7 @@ def parse_args():
     parser.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0, help="seed for sampling (default: 0)")
     parser.add_argument("--timeout", type=in_range(float, 0), default=600, help="with several processes (mlx.launch): "
                         "stop them all when the run makes no progress for this many seconds; 0: never (default: 600)")
+    parser.add_argument("--adapter-path", help="a folder of LoRA adapters from lora.py --train, applied to the model")
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompt is None and not args.chat:
         parser.error("give a prompt to continue, or --chat for a conversation")

@@ -247,3 +247,30 @@ def tiny_gpt2(folder, seed=0, tie=True):
             p.normal_(0, 0.2 if p.ndim == 2 else 0.1).add_(1.0 if "ln_" in name and name.endswith("weight") else 0)
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_lora_data(folder, kind="text", n_train=16, n_valid=4, n_test=4):
+    """train.jsonl, valid.jsonl and test.jsonl for llama/lora.py from LLAMA_TEXT's sentences, one line per
+    example of `kind`: "text", "completion" (the first three words are the prompt) or "messages" (a user
+    message and the assistant's reply, split the same way). Returns the folder."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sentences = list(dict.fromkeys(LLAMA_TEXT))
+
+    def example(sentence):
+        words = sentence.split()
+        prompt, rest = " ".join(words[:3]), " ".join(words[3:])
+        if kind == "text":
+            return {"text": sentence}
+        if kind == "completion":
+            return {"prompt": prompt, "completion": " " + rest}
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": rest}]}
+
+    start = 0
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        lines = [json.dumps(example(sentences[(start + i) % len(sentences)])) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        start += n
+    return folder

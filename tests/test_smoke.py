@@ -3,7 +3,7 @@
 Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set, `{bert}` a tiny BERT
 folder in Hugging Face layout with `{bert}.npz` its conversion, `{llama}` the same for a tiny Llama
 (with its SentencePiece `tokenizer.model`) and `{gpt2}` for a tiny GPT-2, `{text}` a small text
-file, and `{tmp}` a scratch folder.
+file, `{lora}` a folder of tiny llama/lora.py data, and `{tmp}` a scratch folder.
 """
 
 import re
@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from helpers import run_script, tiny_bert, tiny_gpt2, tiny_llama, tiny_mnist
+from helpers import run_script, tiny_bert, tiny_gpt2, tiny_llama, tiny_lora_data, tiny_mnist
 
 CASES = {
     "linear_regression/main": ("linear_regression/main.py",
@@ -31,6 +31,9 @@ CASES = {
     "llama/llama": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9"),
     "llama/benchmark": ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1 --time-load"),
     "llama/benchmark --profile": ("llama/benchmark.py", "--preset tiny --profile --repeats 1"),
+    "llama/lora": ("llama/lora.py", "--model {llama}.npz --tokenizer {llama}/tokenizer.model --data {lora} --train "
+                                    "--iters 2 --test --adapter-path {tmp}/adapters"),
+    "llama/benchmark_lora": ("llama/benchmark_lora.py", "--preset tiny --device cpu --warmup 1 --steps 1"),
     "gpt2/main": ("gpt2/main.py", "--data {text} --out {tmp} --ctx-len 16 --n-emb 16 --n-heads 2 --n-layers 1 "
                                   "--batch-size 8 --epochs 2 --max-tokens 30"),
     "gpt2/model": ("gpt2/model.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
@@ -69,7 +72,8 @@ def test_example_runs(case, tmp_path, bert, llama, gpt2):
     data = tiny_mnist(tmp_path / "mnist", n_train=64, n_test=16)
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 30)
-    args = shlex.split(args.format(data=data, tmp=tmp_path, bert=bert, llama=llama, gpt2=gpt2, text=text))
+    lora = tiny_lora_data(tmp_path / "lora")
+    args = shlex.split(args.format(data=data, tmp=tmp_path, bert=bert, llama=llama, gpt2=gpt2, text=text, lora=lora))
     result = run_script(script, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
