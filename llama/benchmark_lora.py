@@ -270,6 +270,7 @@ def main():
             print(f"{label} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                   file=sys.stderr)
     print_table(rows, args, args.batch_size * args.seq_len)
+    say("done")
 
 
 if __name__ == "__main__":
