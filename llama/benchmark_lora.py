@@ -10,7 +10,7 @@ of --batch-size x --seq-len random tokens, all of them counted in the loss:
 
 - MLX: this example's Llama in --dtype (float16), and 4-bit QLoRA (the same model quantized in groups of
   64, as convert.py --quantize does it), each without and with --grad-checkpoint. The step is lora.py's
-  own (make_step: compiled, adapters in float32), evaluated every step as lora.py's loop does.
+  own (make_step: compiled on a GPU, adapters in float32), evaluated every step as lora.py's loop does.
 - PyTorch + PEFT: transformers' LlamaForCausalLM built on the GPU in bfloat16 with sdpa attention, PEFT's
   LoraConfig on the same layers (PEFT keeps the adapters in float32), torch.optim.AdamW, without and with
   gradient checkpointing (use_reentrant=False).
@@ -270,6 +270,7 @@ def main():
             print(f"{label} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                   file=sys.stderr)
     print_table(rows, args, args.batch_size * args.seq_len)
+    say("done")
 
 
 if __name__ == "__main__":

@@ -204,6 +204,24 @@ def test_training_changes_the_adapters_only_and_a_quantized_base_stays_quantized
     assert quantized == (name != "float32")
 
 
+def test_the_compiled_step_trains_as_the_plain_one(weights):
+    # lora.py compiles its step on a GPU only (on a CPU, MLX's compiler takes about 30 s the first time): this is
+    # the check, on the CPU, that the compiled step carries the model's and the optimizer's state.
+    trained = []
+    for compile in (False, True):
+        mx.random.seed(0)
+        model = lora().linear_to_lora_layers(load(weights["float32"]), [0, 1], ["wq", "wv"], rank=4, alpha=8)
+        optimizer = optim.AdamW(learning_rate=1e-2, bias_correction=True)
+        optimizer.init(model.trainable_parameters())
+        step = lora().make_step(model, optimizer, compile=compile)
+        for _ in range(3):
+            mx.eval(step(*lora().pad(examples())), model.state, optimizer.state)
+        trained.append({k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())})
+    assert trained[0].keys() == trained[1].keys() and np.any(trained[0]["layers.0.attention.wq.lora_b"])
+    for k in trained[0]:
+        np.testing.assert_allclose(trained[1][k], trained[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_grad_checkpoint_gives_the_same_loss_and_gradients(weights):
     model = random_adapters(lora().linear_to_lora_layers(load(weights["float32"]), [0, 1], ["wq", "wv"], 4, 8))
     loss_and_grad = nn.value_and_grad(model, lora().loss_fn)
