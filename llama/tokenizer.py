@@ -10,7 +10,7 @@
   byte sequences. Meta's tokenizer splits text with a regular expression (words, up to 3 digits, runs of
   punctuation or whitespace), then merges each piece's bytes by byte-pair encoding: repeatedly join the
   adjacent pair whose concatenation has the lowest rank. 256 special tokens follow from id 128,000.
-  `Llama3Tokenizer` below does exactly that (tiktoken's algorithm, in Python).
+  `Llama3Tokenizer` below runs it with the `tiktoken` package, as Meta's reference does.
 - Hugging Face folders ship `tokenizer.json` (run by the same library), with `tokenizer_config.json`
   (BOS/EOS names, the chat template) and `generation_config.json` (the ids that end a reply).
 
@@ -20,7 +20,6 @@ tokens, never the end-of-turn token, as in Meta's reference. Only chat formats i
 
 import base64
 import json
-import math
 import re
 from pathlib import Path
 
@@ -62,43 +61,31 @@ class SentencePieceTokenizer:
 
 
 class Llama3Tokenizer:
-    """Meta's Llama 3 tokenizer.model, encoded as tiktoken encodes it: split the text with Meta's pattern;
-    a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair whose
-    concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
+    """Meta's Llama 3 tokenizer.model, run by tiktoken as Meta's reference runs it: split the text with Meta's
+    pattern; a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair
+    whose concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
 
     kind = "Llama 3"
 
     def __init__(self, path):
-        from tokenizers import Regex, pre_tokenizers
+        import tiktoken
 
-        self.ranks = read_ranks(path)  # {token bytes: id}
-        self.pieces = {rank: token for token, rank in self.ranks.items()}
-        self.special = {token: len(self.ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.vocab_size, self.bos_id = len(self.ranks) + len(self.special), self.special["<|begin_of_text|>"]
+        ranks = read_ranks(path)  # {token bytes: id}; the special tokens come after them, from BOS on
+        self.special = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.tiktoken = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens=self.special)
+        self.vocab_size, self.bos_id = self.tiktoken.n_vocab, self.special["<|begin_of_text|>"]
         self.stop_ids = {self.special[token] for token in LLAMA3_STOP_TOKENS}
-        self.split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
+        self.encode = self.tiktoken.encode_ordinary  # special tokens' names in the text are plain text
 
     def token_id(self, token):
         return self.special.get(token)
-
-    def encode(self, text):
-        ids = []
-        for piece, _ in self.split.pre_tokenize_str(text):
-            piece = piece.encode()
-            parts = [piece] if piece in self.ranks else [piece[i : i + 1] for i in range(len(piece))]
-            while len(parts) > 1:
-                rank, i = min((self.ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-                if rank == math.inf:
-                    break
-                parts[i : i + 2] = [parts[i] + parts[i + 1]]
-            ids += [self.ranks[part] for part in parts]
-        return ids
 
     def prompt(self, text):
         return [self.bos_id] + self.encode(text)
 
     def decode(self, ids):  # special tokens decode to nothing; an incomplete character to \ufffd
-        return b"".join(self.pieces.get(i, b"") for i in ids).decode(errors="replace")
+        return self.tiktoken.decode([i for i in ids if i < self.bos_id], errors="replace")
 
 
 def read_ranks(path):
