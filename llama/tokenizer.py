@@ -96,7 +96,7 @@ def read_ranks(path):
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise TokenizerError(f"{path} line {number} is not 'base64 rank'; is it a Llama 3 tokenizer.model?") from None
+            raise TokenizerError(f"{path} line {number} is not 'base64 rank': not a Llama 3 tokenizer.model") from None
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
         raise TokenizerError(f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
                              "among the tokens; is it a Llama 3 tokenizer.model?")
@@ -116,15 +116,15 @@ class HFTokenizer:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise TokenizerError(f"cannot load {path} as a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+            raise TokenizerError(f"cannot load {path} as a tokenizer.json ({str(e).splitlines()[0]})") from None
         self.folder, self.config = path.parent, read_json(path.parent / "tokenizer_config.json")
         # {"bos_token": "<|begin_of_text|>", ...}: names may be strings or {"content": ...} objects.
         self.special_tokens_map = {k: v["content"] if isinstance(v, dict) else v for k, v in self.config.items()
                                    if k.endswith("_token") and isinstance(v, (str, dict))}
         # A reply ends at every EOS id the generation config names (Llama 3.1: 128001, 128008, 128009).
         eos = read_json(self.folder / "generation_config.json").get("eos_token_id")
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.token_id(self.special_tokens_map.get("eos_token"))}
-        self.stop_ids.discard(None)
+        eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.token_id(self.special_tokens_map.get("eos_token"))]
+        self.stop_ids = set(eos_ids) - {None}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token):
