@@ -88,7 +88,8 @@ def parse_args():
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (chat.py); "
                         "without a prompt, chat interactively (one message per line; Ctrl-D ends)")
     parser.add_argument("--system", type=text, help="a system message for --chat")
-    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100, help="most new tokens (default: 100)")
+    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100,
+                        help="most new tokens per reply (default: 100)")
     parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="temperature; 0: greedy (default)")
     parser.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0, help="sample only from the "
                         "most likely tokens whose probabilities add up to this (default: 1, all)")
