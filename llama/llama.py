@@ -28,7 +28,7 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     the tokens generated. With `cache`, prompt_tokens continue what it holds: `context`, the tokens before."""
     length, limit = len(context) + len(prompt_tokens), model.args.max_seq_len
     if length >= limit:
-        raise ValueError(f"the prompt is {length} tokens; the model's context is {limit}, one new token included")
+        raise ValueError(f"the prompt is {length} tokens; the model's context is {limit}, reply included: shorten it")
     decoder = StreamingDecoder(tokenizer, [*context, *prompt_tokens])
     generated, tic, first = [], time.perf_counter(), None
     # Generation stops one token late: the token after the last one kept is waited for, so `seconds` holds
