@@ -12,8 +12,8 @@ tuned on, ending where the assistant's reply begins, and the loop that keeps one
     ids = chat_tokens(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 """
 
-import functools
 import json
+import os
 import sys
 from datetime import datetime
 
@@ -40,20 +40,20 @@ def llama2_chat(tokenizer, messages):
 
 def llama3_chat(tokenizer, messages):
     """Meta's Llama 3 ChatFormat.encode_dialog_prompt."""
-    special = tokenizer.token_id
+    start, end, eot = (tokenizer.token_id(token) for token in LLAMA3_HEADER_TOKENS)
 
     def header(role):
-        return [special("<|start_header_id|>")] + tokenizer.encode(role) + [special("<|end_header_id|>")] + tokenizer.encode("\n\n")
+        return [start] + tokenizer.encode(role) + [end] + tokenizer.encode("\n\n")
 
-    ids = [special("<|begin_of_text|>")]
+    ids = [tokenizer.token_id("<|begin_of_text|>")]
     for message in messages:
-        ids += header(message["role"]) + tokenizer.encode(message["content"].strip()) + [special("<|eot_id|>")]
+        ids += header(message["role"]) + tokenizer.encode(message["content"].strip()) + [eot]
     return ids + header("assistant")
 
 
-@functools.cache
 def hf_template(tokenizer):
-    """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart), or None."""
+    """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart), or None; read again for
+    each turn, as a file of a few kilobytes."""
     jinja = tokenizer.folder / "chat_template.jinja"
     try:
         template = jinja.read_text() if jinja.is_file() else tokenizer.config.get("chat_template")
@@ -67,7 +67,6 @@ def hf_template(tokenizer):
 def render_template(template, messages, special_tokens_map):
     """A Hugging Face chat template rendered as transformers' apply_chat_template renders it (a sandboxed
     Jinja environment that trims blocks, with its tojson, raise_exception and strftime_now)."""
-    import jinja2
     import jinja2.ext  # a submodule: `import jinja2` alone does not load it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -111,9 +110,7 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
     for text in [prompt] if prompt is not None else user_lines(lines or sys.stdin.buffer):
         messages.append({"role": "user", "content": text})
         tokens = chat_tokens(tokenizer, messages)
-        common = 0
-        while common < min(len(cached), len(tokens) - 1) and cached[common] == tokens[common]:
-            common += 1
+        common = len(os.path.commonprefix([cached, tokens[:-1]]))  # leading tokens equal in both lists
         for layer_cache in cache:
             layer_cache.trim(common)
         answer, generated = reply(tokens[common:], cache, tokens[:common])

@@ -26,15 +26,16 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     """Stream the continuation of `prompt_tokens` to stdout until a stop token, args.max_tokens or the end
     of the context, then its speed to stderr; return the reply's tokens (without the stop token) and all
     the tokens generated. With `cache`, prompt_tokens continue what it holds: `context`, the tokens before."""
-    context, limit = list(context), model.args.max_seq_len
-    if len(context) + len(prompt_tokens) >= limit:
-        raise ValueError(f"the prompt is {len(context) + len(prompt_tokens)} tokens; the model's context is {limit}, "
-                         "which must also leave room for one new token")
-    max_tokens, generated, first = min(args.max_tokens, limit - len(context) - len(prompt_tokens)), [], None
-    decoder, tic = StreamingDecoder(tokenizer, context + list(prompt_tokens)), time.perf_counter()
+    length, limit = len(context) + len(prompt_tokens), model.args.max_seq_len
+    if length >= limit:
+        raise ValueError(f"the prompt is {length} tokens; the model's context is {limit}, reply included: shorten it")
+    decoder = StreamingDecoder(tokenizer, [*context, *prompt_tokens])
+    generated, tic, first = [], time.perf_counter(), None
+    # Generation stops one token late: the token after the last one kept is waited for, so `seconds` holds
+    # as many steps as the reply has tokens.
     for token in model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache):
         first = first or time.perf_counter()  # the first token comes out of the pass over the whole prompt
-        if len(generated) == max_tokens:
+        if len(generated) == min(args.max_tokens, limit - length):
             break
         generated.append(token)
         if token in tokenizer.stop_ids:
@@ -42,10 +43,10 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
         print(decoder.add(token), end="", flush=True)
     seconds = time.perf_counter() - first
     print(decoder.add(None), flush=True)
-    reply = generated[:-1] if generated and generated[-1] in tokenizer.stop_ids else generated
-    print(f"[{len(context)} tokens from the cache | " if cache else "[", end="", file=sys.stderr)
-    print(f"prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | generation "
-          f"{len(reply)} tokens, {len(reply) / seconds if reply else 0:.1f} tokens/s | "
+    reply = generated[:-1] if generated[-1] in tokenizer.stop_ids else generated
+    cached = f"{len(context)} tokens from the cache | " if cache else ""
+    print(f"[{cached}prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | "
+          f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s | "
           f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]", file=sys.stderr)
     return reply, generated
 
@@ -71,11 +72,8 @@ def load(args):
         from tp import load_split
 
         return load_split(args.weights, tokenizer_for, (WeightsError, TokenizerError), args.timeout)
-    try:
-        model = load_model(args.weights)
-        return model, tokenizer_for(model), ""
-    except (WeightsError, TokenizerError) as e:
-        sys.exit(f"error: {e}")
+    model = load_model(args.weights)
+    return model, tokenizer_for(model), ""
 
 
 def text(argument):
@@ -94,8 +92,9 @@ def parse_args():
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (chat.py); "
                         "without a prompt, chat interactively (one message per line; Ctrl-D ends)")
     parser.add_argument("--system", type=text, help="a system message for --chat")
-    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100, help="most tokens per reply (default: 100)")
-    parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="sampling temperature; 0: greedy (default)")
+    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100,
+                        help="most new tokens per reply (default: 100)")
+    parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="temperature; 0: greedy (default)")
     parser.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0, help="sample only from the "
                         "most likely tokens whose probabilities add up to this (default: 1, all)")
     parser.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0, help="seed for sampling (default: 0)")
@@ -121,21 +120,21 @@ def main():
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
     print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer{split}]", file=sys.stderr)
     warn_if_reference_blas()
-    try:
-        if args.chat:
-            from chat import chat
+    if args.chat:
+        from chat import chat
 
-            chat(model, tokenizer, partial(generate, model, tokenizer, args), args.prompt, args.system)
-        else:
-            generate(model, tokenizer, args, tokenizer.prompt(args.prompt))
-    except (ValueError, TokenizerError) as e:  # a prompt too long for the context; a template's refusal
-        sys.exit(f"error: {e}")
+        chat(model, tokenizer, partial(generate, model, tokenizer, args), args.prompt, args.system)
+    else:
+        generate(model, tokenizer, args, tokenizer.prompt(args.prompt))
     mx.synchronize()  # the step started ahead is still running: with other ranks, let its all_sums finish
 
 
 if __name__ == "__main__":
     try:
         main()
+    # Bad input: weights or tokenizer that do not fit, a prompt too long for the context, a template's refusal.
+    except (WeightsError, TokenizerError, ValueError) as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C while loading or generating (under mlx.launch, tp.py ends the run)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -20,8 +20,8 @@ import math
 import sys
 import zipfile
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,7 +45,7 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # fewer key/value heads than query heads: grouped-query attention
+    n_kv_heads: int | None = None  # fewer key/value heads than query heads: grouped-query attention
     vocab_size: int = 32000
     hidden_dim: int = 11008  # feed-forward width (Meta's params.json derives it: see convert.meta_args)
     norm_eps: float = 1e-5
@@ -56,12 +56,12 @@ class ModelArgs:
     rope_traditional: bool = True
     # Llama 3.1's scaled RoPE: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"} (Hugging Face's names), or None for plain RoPE.
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096  # the context the model was trained with; longer prompts are refused
     tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
     # {"group_size": 64, "bits": 4} (mlx-lm's name and keys): every linear layer and the embedding hold
     # affine-quantized weights (quantize.py); None: all weights are floating point.
-    quantization: Optional[dict] = None
+    quantization: dict | None = None
 
     def __post_init__(self):
         """Check the configuration as a whole; a ValueError names the first field that is wrong."""
@@ -136,21 +136,6 @@ def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor,
     return mx.array(1.0 / scaled, dtype=mx.float32)
 
 
-class RoPE(nn.Module):
-    """Rotary embeddings: mx.fast.rope with plain RoPE's periods (from the base), or Llama 3.1's rescaled ones."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.dims, self.traditional, self.base = args.head_dim, args.rope_traditional, args.rope_theta
-        self._freqs = None  # a leading underscore keeps it out of the parameters
-        if args.rope_scaling is not None:
-            self.base, self._freqs = None, llama3_rope_freqs(args.head_dim, args.rope_theta, **args.rope_scaling)
-
-    def __call__(self, x, offset=0):
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=1.0, offset=offset,
-                            freqs=self._freqs)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -159,9 +144,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.rope = RoPE(args)
+        # Rotary embeddings: plain RoPE's periods come from the base, Llama 3.1's rescaled ones are given.
+        scaling = args.rope_scaling
+        freqs = None if scaling is None else llama3_rope_freqs(args.head_dim, args.rope_theta, **scaling)
+        self.rope = partial(mx.fast.rope, dims=args.head_dim, traditional=args.rope_traditional, scale=1.0,
+                            base=None if scaling else args.rope_theta, freqs=freqs)
 
-    def __call__(self, x, cache: Optional[KVCache] = None):
+    def __call__(self, x, cache: KVCache | None = None):
         B, T, _ = x.shape
         # q: (B, n_heads, T, head_dim); k and v: (B, n_kv_heads, T, head_dim)
         q, k, v = (w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3) for w in (self.wq, self.wk, self.wv))
@@ -214,7 +203,7 @@ class Llama(nn.Module):
         if not args.tie_word_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def __call__(self, tokens, cache: Optional[list] = None, last_only=False):
+    def __call__(self, tokens, cache: list | None = None, last_only=False):
         """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (one KVCache per layer), the
         tokens continue the sequence the cache holds, and the cache is extended with them.
         last_only: the logits of the last position only, (B, 1, vocab_size), as generation needs."""
@@ -285,20 +274,22 @@ class WeightsError(Exception):
 def check_weights(model, weights):
     """Raise WeightsError naming the missing, unexpected and misshapen arrays of `weights` for `model`."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    problems = [f"missing {k}" for k in sorted(expected) if k not in weights]
-    problems += [f"unexpected {k}" if k not in expected else f"{k} is {tuple(weights[k].shape)}, expected "
-                 f"{tuple(expected[k].shape)}" for k in sorted(weights)
-                 if k not in expected or tuple(weights[k].shape) != tuple(expected[k].shape)]
-    # Packed quantized weights are uint32; everything else a float dtype (checked on MLX arrays: tp.py also
-    # checks the shapes of NumPy views, where bfloat16 is uint16).
-    problems += [f"{k} is {weights[k].dtype}, expected {expected[k].dtype if expected[k].dtype == mx.uint32 else 'a float'}"
-                 for k in sorted(set(weights) & set(expected)) if isinstance(weights[k], mx.array)
-                 and (weights[k].dtype != mx.uint32 if expected[k].dtype == mx.uint32 else weights[k].dtype not in FLOATS)]
+    problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
+    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
+    for k in sorted(weights.keys() & expected.keys()):
+        have, want = weights[k], expected[k]
+        if tuple(have.shape) != tuple(want.shape):
+            problems.append(f"{k} is {tuple(have.shape)}, expected {tuple(want.shape)}")
+        # Packed quantized weights are uint32, everything else a float dtype (checked on MLX arrays only:
+        # tp.py also checks the shapes of NumPy views, where bfloat16 is uint16).
+        packed = want.dtype == mx.uint32
+        if isinstance(have, mx.array) and (have.dtype != mx.uint32 if packed else have.dtype not in FLOATS):
+            problems.append(f"{k} is {have.dtype}, expected {mx.uint32 if packed else 'a float'}")
     if problems:
         q = model.args.quantization
         hint = f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})" if q else ""
-        raise WeightsError(f"the weights do not fit the model{hint}: {', '.join(problems[:6])}"
-                           + (f" and {len(problems) - 6} more" if len(problems) > 6 else ""))
+        more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise WeightsError(f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}")
 
 
 def weights_file(path):
@@ -374,13 +365,13 @@ def load_model(path):
 
 def in_range(kind, low, high=math.inf, above=False):
     """An argparse type: a finite `kind` (int or float) from `low` (or just above it) to `high`."""
+    bounds = f"{'above' if above else 'at least'} {low}" + (f" and at most {high}" if high < math.inf else "")
 
     def parse(text):
         value = kind(text)
         if not (value > low if above else value >= low) or not value <= high or abs(value) == math.inf:  # NaN fails
-            raise argparse.ArgumentTypeError(f"must be {'a whole' if kind is int else 'a finite'} number "
-                                             f"{'above' if above else 'at least'} {low}"
-                                             f"{f' and at most {high}' if high < math.inf else ''}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be {'a whole' if kind is int else 'a finite'} number {bounds}, "
+                                             f"not {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"

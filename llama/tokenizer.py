@@ -10,7 +10,7 @@
   byte sequences. Meta's tokenizer splits text with a regular expression (words, up to 3 digits, runs of
   punctuation or whitespace), then merges each piece's bytes by byte-pair encoding: repeatedly join the
   adjacent pair whose concatenation has the lowest rank. 256 special tokens follow from id 128,000.
-  `Llama3Tokenizer` below does exactly that (tiktoken's algorithm, in Python).
+  `Llama3Tokenizer` below runs it with the `tiktoken` package, as Meta's reference does.
 - Hugging Face folders ship `tokenizer.json` (run by the same library), with `tokenizer_config.json`
   (BOS/EOS names, the chat template) and `generation_config.json` (the ids that end a reply).
 
@@ -20,7 +20,6 @@ tokens, never the end-of-turn token, as in Meta's reference. Only chat formats i
 
 import base64
 import json
-import math
 import re
 from pathlib import Path
 
@@ -62,43 +61,31 @@ class SentencePieceTokenizer:
 
 
 class Llama3Tokenizer:
-    """Meta's Llama 3 tokenizer.model, encoded as tiktoken encodes it: split the text with Meta's pattern;
-    a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair whose
-    concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
+    """Meta's Llama 3 tokenizer.model, run by tiktoken as Meta's reference runs it: split the text with Meta's
+    pattern; a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair
+    whose concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
 
     kind = "Llama 3"
 
     def __init__(self, path):
-        from tokenizers import Regex, pre_tokenizers
+        import tiktoken
 
-        self.ranks = read_ranks(path)  # {token bytes: id}
-        self.pieces = {rank: token for token, rank in self.ranks.items()}
-        self.special = {token: len(self.ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.vocab_size, self.bos_id = len(self.ranks) + len(self.special), self.special["<|begin_of_text|>"]
+        ranks = read_ranks(path)  # {token bytes: id}; the special tokens come after them, from BOS on
+        self.special = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.tiktoken = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens=self.special)
+        self.vocab_size, self.bos_id = self.tiktoken.n_vocab, self.special["<|begin_of_text|>"]
         self.stop_ids = {self.special[token] for token in LLAMA3_STOP_TOKENS}
-        self.split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
+        self.encode = self.tiktoken.encode_ordinary  # special tokens' names in the text are plain text
 
     def token_id(self, token):
         return self.special.get(token)
-
-    def encode(self, text):
-        ids = []
-        for piece, _ in self.split.pre_tokenize_str(text):
-            piece = piece.encode()
-            parts = [piece] if piece in self.ranks else [piece[i : i + 1] for i in range(len(piece))]
-            while len(parts) > 1:
-                rank, i = min((self.ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-                if rank == math.inf:
-                    break
-                parts[i : i + 2] = [parts[i] + parts[i + 1]]
-            ids += [self.ranks[part] for part in parts]
-        return ids
 
     def prompt(self, text):
         return [self.bos_id] + self.encode(text)
 
     def decode(self, ids):  # special tokens decode to nothing; an incomplete character to \ufffd
-        return b"".join(self.pieces.get(i, b"") for i in ids).decode(errors="replace")
+        return self.tiktoken.decode([i for i in ids if i < self.bos_id], errors="replace")
 
 
 def read_ranks(path):
@@ -109,7 +96,7 @@ def read_ranks(path):
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise TokenizerError(f"{path} line {number} is not 'base64 rank'; is it a Llama 3 tokenizer.model?") from None
+            raise TokenizerError(f"{path} line {number} is not 'base64 rank': not a Llama 3 tokenizer.model") from None
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
         raise TokenizerError(f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
                              "among the tokens; is it a Llama 3 tokenizer.model?")
@@ -129,15 +116,15 @@ class HFTokenizer:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise TokenizerError(f"cannot load {path} as a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+            raise TokenizerError(f"cannot load {path} as a tokenizer.json ({str(e).splitlines()[0]})") from None
         self.folder, self.config = path.parent, read_json(path.parent / "tokenizer_config.json")
         # {"bos_token": "<|begin_of_text|>", ...}: names may be strings or {"content": ...} objects.
         self.special_tokens_map = {k: v["content"] if isinstance(v, dict) else v for k, v in self.config.items()
                                    if k.endswith("_token") and isinstance(v, (str, dict))}
         # A reply ends at every EOS id the generation config names (Llama 3.1: 128001, 128008, 128009).
         eos = read_json(self.folder / "generation_config.json").get("eos_token_id")
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.token_id(self.special_tokens_map.get("eos_token"))}
-        self.stop_ids.discard(None)
+        eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.token_id(self.special_tokens_map.get("eos_token"))]
+        self.stop_ids = set(eos_ids) - {None}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token):
