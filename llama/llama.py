@@ -101,9 +101,15 @@ def parse_args():
     parser.add_argument("--timeout", type=in_range(float, 0), default=600, help="with several processes (mlx.launch): "
                         "stop them all when the run makes no progress for this many seconds; 0: never (default: 600)")
     parser.add_argument("--adapter-path", help="a folder of LoRA adapters from lora.py --train, applied to the model")
+    parser.add_argument("--prompts", help="instead of a prompt: a file of prompts, one per line (or a .jsonl of "
+                        '{"prompt": ...} or {"messages": [...]}), generated in batches (batch.py); a JSON line each')
+    parser.add_argument("--batch-size", type=in_range(int, 1), default=16, help="prompts generated at once with "
+                        "--prompts (default: 16)")
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
-    if args.prompt is None and not args.chat:
-        parser.error("give a prompt to continue, or --chat for a conversation")
+    if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
+        parser.error("--prompts replaces the prompt, in one process")
+    if args.prompt is None and not args.chat and not args.prompts:
+        parser.error("give a prompt to continue, --chat for a conversation, or --prompts")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; give some text to continue")
     if args.system is not None and not args.chat:
@@ -114,13 +120,21 @@ def parse_args():
 def main():
     args = parse_args()
     mx.random.seed(args.seed)  # the same on every rank: all of them sample the same tokens
+    if args.prompts:  # read before the model, so that a bad file fails at once
+        from batch import read_prompts
+
+        prompts = read_prompts(args.prompts)
     tic = time.perf_counter()
     model, tokenizer, split = load(args)
     q = model.args.quantization  # a quantized file (convert.py --quantize) needs no flag: its config says so
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
     print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer{split}]", file=sys.stderr)
     warn_if_reference_blas()
-    if args.chat:
+    if args.prompts:
+        from batch import run_prompts
+
+        run_prompts(model, tokenizer, args, *prompts)
+    elif args.chat:
         from chat import chat
 
         chat(model, tokenizer, partial(generate, model, tokenizer, args), args.prompt, args.system)

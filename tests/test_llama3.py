@@ -420,7 +420,7 @@ def test_chat_with_a_prompt_answers_once_without_reading_stdin(llama3_model, ran
     ("unknown tokenizer kind", "not a tokenizer of a known kind"),
     ("no chat format", "has no known chat format"),
     ("system without chat", "--system needs --chat"),
-    ("no prompt", "give a prompt to continue, or --chat"),
+    ("no prompt", "give a prompt to continue, --chat"),
     ("hub tokenizer offline", "cannot get 'meta-llama/Llama-3.1-8B-Instruct' from the Hugging Face Hub"),
 ])
 def test_llama_py_bad_llama3_input_gives_one_line(case, message, llama3_model, rank_file, ranks, tmp_path):

@@ -29,6 +29,10 @@ CASES = {
     "bert/benchmark --embed": ("bert/benchmark.py", "--embed --tiny --sentences 8 --batch-size 4 --repeats 1"),
     "llama/main": ("llama/main.py", "--n-layers 2 --dim 64 --hidden-dim 128 --vocab-size 256 --max-tokens 4"),
     "llama/llama": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9"),
+    "llama/llama --prompts": ("llama/llama.py", "{llama}.npz {llama}/tokenizer.model --prompts {text} --max-tokens 3 "
+                                                "--batch-size 8"),
+    "llama/benchmark_batch": ("llama/benchmark_batch.py", "--preset tiny --max-tokens 4 --prompt-tokens 8 "
+                                                          "--min-prompt-tokens 2 --batch-sizes 1 3 --repeats 1"),
     "llama/benchmark": ("llama/benchmark.py", "--preset tiny --prompt-tokens 8 --max-tokens 4 --repeats 1 --time-load"),
     "llama/benchmark --profile": ("llama/benchmark.py", "--preset tiny --profile --repeats 1"),
     "llama/lora": ("llama/lora.py", "--model {llama}.npz --tokenizer {llama}/tokenizer.model --data {lora} --train "
