@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from model import Attention, KVCache, sample
 from tokenizer import StreamingDecoder
@@ -82,23 +83,39 @@ class BatchAttention(Attention):
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
+class DequantizedLinear(nn.QuantizedLinear):
+    """A quantized layer whose product is a float one: the weight dequantized, then one matrix product. On MLX
+    0.32.4's CUDA backend a quantized product of B rows costs about B one-row products; dequantizing reads the
+    packed weight once and writes it in float16, after which a product of 16 rows costs what one row does."""
+
+    def __call__(self, x):
+        return x @ mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits).T
+
+
 @contextmanager
-def batched(model):
-    """The model with BatchAttention in every block, as it was afterwards (a class swap: same weights)."""
-    classes = [layer.attention.__class__ for layer in model.layers]
-    for layer in model.layers:
-        layer.attention.__class__ = BatchAttention
+def batched(model, dequantize=False):
+    """The model with BatchAttention in every block (and with `dequantize`, DequantizedLinear for its quantized
+    linear layers), as it was afterwards: a class swap, the same weights."""
+    swaps = [(layer.attention, BatchAttention) for layer in model.layers]
+    swaps += [(m, DequantizedLinear) for _, m in model.named_modules() if dequantize and type(m) is nn.QuantizedLinear]
+    classes = [module.__class__ for module, _ in swaps]
+    for module, cls in swaps:
+        module.__class__ = cls
     try:
         yield model
     finally:
-        for layer, cls in zip(model.layers, classes):
-            layer.attention.__class__ = cls
+        for (module, _), cls in zip(swaps, classes):
+            module.__class__ = cls
 
 
-def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=()):
+def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=(), dequantize=None):
     """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of them, or the end of the
     context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
-    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone."""
+    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone.
+    dequantize: products of a quantized model in float (DequantizedLinear); by default on a CUDA GPU only, for
+    more than one prompt."""
+    if dequantize is None:
+        dequantize = len(prompts) > 1 and mx.cuda.is_available() and mx.default_device() == mx.gpu
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     length = max(len(p) for p in prompts)
     pads = [length - len(p) for p in prompts]
@@ -106,7 +123,7 @@ def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=())
     cache = [BatchKVCache(padding) for _ in model.layers]
     tokens = mx.array([[0] * (length - len(p)) + list(p) for p in prompts])  # (B, length), left-padded
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows[i]: the prompt in row i
-    with batched(model):
+    with batched(model, dequantize):
         token = sample(model(tokens, cache, last_only=True)[:, -1], temp, top_p)  # (B,) the first tokens
         while rows:
             # Build and start the next step before reading this one's tokens, as model.generate does.

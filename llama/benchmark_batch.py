@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from batch import generate_batch
+from batch import BatchKVCache, Padding, batched, generate_batch
 from benchmark import DTYPES, PRESETS, mlx_model, quantized_copy, torch_model
 from model import in_range, warn_if_reference_blas
 from timing import say
@@ -76,6 +76,29 @@ def time_torch(hf_model, prompts, max_tokens, repeats, label, device):
     return median_seconds(run, repeats, label)
 
 
+def host_step(model, prompts, repeats=20):
+    """(build, launch): median seconds the host spends on one batched decoding step, as timing.host_seconds
+    measures one sequence's: Python making the graph, then mx.async_eval handing its kernels to the device."""
+    longest = max(map(len, prompts))
+    padding = Padding([longest - len(p) for p in prompts])
+    cache = [BatchKVCache(padding) for _ in model.layers]
+    builds, launches = [], []
+    dequantize = model.args.quantization is not None and len(prompts) > 1 and mx.cuda.is_available()  # as batch.py
+    with batched(model, dequantize):
+        token = mx.argmax(model(mx.array([[0] * (longest - len(p)) + p for p in prompts]), cache, last_only=True)[:, -1], -1)
+        mx.eval(token)
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            token = mx.argmax(model(token[:, None], cache)[:, -1], axis=-1)
+            built = time.perf_counter()
+            mx.async_eval(token)
+            launched = time.perf_counter()
+            mx.eval(token)
+            builds.append(built - tic)
+            launches.append(launched - built)
+    return statistics.median(builds), statistics.median(launches)
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description="Batched generation tokens/s, MLX (batch.py) vs transformers.")
     parser.add_argument("--preset", choices=list(PRESETS), default="small",
@@ -120,7 +143,7 @@ def main():
     models = {args.dtype: mlx_model(hf)}
     if args.quantize:
         models[f"{args.quantize}-bit"] = quantized_copy(models[args.dtype], 64, args.quantize)
-    rows = []  # (framework, weights, lengths, B, (median, min, max) seconds)
+    rows, hosts = [], []  # (framework, weights, lengths, B, (median, min, max) seconds); (weights, lengths, B, host)
     for mixed in (False, True):
         lengths = f"{args.min_prompt_tokens}-{args.prompt_tokens}" if mixed else f"{args.prompt_tokens}"
         for B in args.batch_sizes:
@@ -130,14 +153,16 @@ def main():
                 for name, model in models.items():
                     label = f"MLX {name}, batch {B}, prompts of {lengths} tokens"
                     rows.append(("MLX", name, lengths, B, time_mlx(model, prompts, args.max_tokens, args.repeats, label)))
+                    if B == max(args.batch_sizes):
+                        hosts.append((name, lengths, B, host_step(model, prompts)))
             if "torch" in args.frameworks:
                 label = f"transformers {args.dtype}, batch {B}, prompts of {lengths} tokens"
                 seconds = time_torch(hf, prompts, args.max_tokens, args.repeats, label, device)
                 rows.append(("transformers", args.dtype, lengths, B, seconds))
-    report(rows, args)
+    report(rows, hosts, args)
 
 
-def report(rows, args):
+def report(rows, hosts, args):
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
     print(f"{args.preset} preset, random weights, {args.max_tokens} new tokens per prompt, greedy, total tokens/s "
           f"(prompt pass included), median [min-max] of {args.repeats}; MLX {mx.__version__} on "
@@ -149,6 +174,9 @@ def report(rows, args):
         versus = f"{speed / torch_speed[lengths, B]:.2f}x" if framework == "MLX" and (lengths, B) in torch_speed else ""
         span = f"{B * args.max_tokens / high:.0f}-{B * args.max_tokens / low:.0f}"
         print(f"{framework:>12} {name:>9} {lengths:>8} {B:>5} {speed:>9.1f} {span:>17} {versus:>16}")
+    for name, lengths, B, (build, launch) in hosts:
+        print(f"MLX {name}, batch {B}, prompts of {lengths} tokens: host time per decoding step {build * 1e3:.2f} ms "
+              f"building the graph + {launch * 1e3:.2f} ms launching it (on a CPU, launching includes the computing)")
     say("done")
 
 
