@@ -34,11 +34,11 @@ def test_logits_match_transformers(converted):
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (2, 40))
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
-    logits = np.array(import_example("gpt2", "model").load_model(weights)(mx.array(ids)))
+    logits = np.array(import_example("gpt2", "generate").load_model(weights)(mx.array(ids)))
     assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()  # 1e-5 relative, float32
 
 
-def test_model_py_greedy_generation_equals_transformers(converted):
+def test_generate_py_greedy_generation_equals_transformers(converted):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     folder, weights = converted
@@ -49,7 +49,7 @@ def test_model_py_greedy_generation_equals_transformers(converted):
     with torch.no_grad():
         out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     expected = prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist()) + "\n"
-    result = run_script("gpt2/model.py", weights, "--prompt", prompt, "--max-tokens", "12", "--temp", "0")
+    result = run_script("gpt2/generate.py", weights, "--prompt", prompt, "--max-tokens", "12", "--temp", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
 
