@@ -1,4 +1,4 @@
-"""Train a character-level GPT on Tiny Shakespeare, then write 1000 generated characters to completions.txt.
+"""Train a character-level GPT on a text (default: Tiny Shakespeare); write generated text to OUT/completions.txt.
 
     python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
     python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
@@ -14,8 +14,8 @@ and takes one AdamW step per batch. The model is model.py's GPT.
 Features beside the main job, each read only when it is used: distributed.py (started by
 mlx.launch, N processes train one model: --batch-size is the global batch, each process computes
 the gradients of its 1/N of it, averaged over the processes in every step; process 0 alone prints
-and writes), float16.py (--dtype float16's loss scaling), resume.py (--resume) and kernels.py (on
-an NVIDIA GPU, the dropouts as CUDA kernels).
+and writes), float16.py (--dtype float16's loss scaling), grad_accum.py (--grad-accum's
+micro-batches), resume.py (--resume) and kernels.py (on an NVIDIA GPU, the dropouts as CUDA kernels).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from model import GPT, GPTConfig, bounded
 from save import check_writable, json_array, save_arrays, signals_held, write_atomically
@@ -43,12 +43,12 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # ---- Data ---------------------------------------------------------------------------------------
 
 
-def load_text(path, url=None):
-    """The training text: `path`, or else Tiny Shakespeare (shakespeare.py: downloaded once, from `url`)."""
+def load_text(path):
+    """The training text: `path`, or else Tiny Shakespeare (shakespeare.py: downloaded once)."""
     if path is None:
         import shakespeare
 
-        path = shakespeare.cached(url or shakespeare.URL)
+        path = shakespeare.cached()
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -110,8 +110,8 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
 
     With a `group` of several processes, each passes its own rows of the batch, and the gradients
     and the loss are averaged over the processes inside the step, before clipping and the update.
-    grad_accum K cuts the rows into K micro-batches, one forward and backward pass each, whose
-    gradients are averaged before the one update: a batch K times larger in the same memory.
+    grad_accum K cuts the rows into K micro-batches (grad_accum.py), one forward and backward pass
+    each, whose gradients are averaged before the one update: a batch K times larger in the same memory.
     """
 
     def scaled_loss(params, x, y):  # computed with a low-precision copy of the attention and MLP weights
@@ -144,17 +144,9 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
 
     if grad_accum == 1:
         return mx.compile(lambda x, y: update(*gradients(x, y)), inputs=state, outputs=state), state
-    gradients, update = (mx.compile(f, inputs=state, outputs=state) for f in (gradients, update))
+    from grad_accum import accumulating_step  # --grad-accum: micro-batches, then one update
 
-    def train_step(x, y):
-        total = None  # (loss, gradients) summed over the micro-batches
-        for micro_batch in zip(mx.split(x, grad_accum), mx.split(y, grad_accum)):
-            loss_and_grads = gradients(*micro_batch)
-            total = loss_and_grads if total is None else tree_map(mx.add, total, loss_and_grads)
-            mx.eval(total)  # here, so that one micro-batch's activations are in memory at a time
-        return update(*total)
-
-    return train_step, state
+    return accumulating_step(gradients, update, state, grad_accum), state
 
 
 def learning_rate(args, total_steps):
@@ -162,8 +154,8 @@ def learning_rate(args, total_steps):
     if args.min_lr is None:
         return args.lr
     decay = optim.cosine_decay(args.lr, max(total_steps - args.warmup, 1), end=args.min_lr)
-    warmup = optim.linear_schedule(0.0, args.lr, args.warmup)
-    return optim.join_schedules([warmup, decay], [args.warmup]) if args.warmup else decay
+    warmup = optim.linear_schedule(0.0, args.lr, max(args.warmup, 1))  # never used with --warmup 0
+    return optim.join_schedules([warmup, decay], [args.warmup])
 
 
 def evaluate(model, data, ctx_len, batch_size, group):
@@ -177,7 +169,7 @@ def evaluate(model, data, ctx_len, batch_size, group):
         total = total + mx.stack([loss_fn(model, x, y) * len(x), mx.array(len(x), mx.float32)])
         mx.eval(total)
     model.train()
-    loss_sum, count = (mx.distributed.all_sum(total, group=group) if group.size() > 1 else total).tolist()
+    loss_sum, count = mx.distributed.all_sum(total, group=group).tolist()  # one process: `total` itself
     return loss_sum / count
 
 
@@ -207,17 +199,16 @@ class Progress:
 
 def new_model(config):
     """GPT(config); on an NVIDIA GPU with its dropouts swapped for kernels.py's CUDA kernels."""
-    model = GPT(config)
     if mx.default_device() == mx.gpu and mx.cuda.is_available():
         from kernels import use_dropout_kernels  # they pay there: 13% of the training step, measured
 
-        use_dropout_kernels(model)
-    return model
+        return use_dropout_kernels(GPT(config))
+    return GPT(config)
 
 
 def prepare(args):
     """The vocabulary, the training and validation ids, and the run's settings (for --resume)."""
-    text = load_text(args.data, args.data_url)
+    text = load_text(args.data)
     vocab = CharVocab(text)
     vocab.encode(args.prompt)  # unknown characters in --prompt: fail now, not after training
     data = np.array(vocab.encode(text), dtype=np.int32)
@@ -343,11 +334,9 @@ def train(args, group):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Train a character-level GPT (default: Tiny Shakespeare) and write "
-                                                 "generated text to OUT/completions.txt.")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
     add("--data", type=Path, help="a UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
-    add("--data-url", help="where to download Tiny Shakespeare from when it is not cached (default: GitHub's char-rnn)")
     add("--out", default=".", help="folder for completions.txt and checkpoint.safetensors (default: .)")
     add("--ctx-len", type=count, default=128, help="context length in characters (default: 128)")
     add("--n-emb", type=count, default=128, help="embedding width (default: 128)")

@@ -38,9 +38,8 @@ def signals_held(*numbers):
 
 
 def write_atomically(path, write):
-    """Call write(temporary path), then rename the temporary file to `path`."""
+    """Call write(temporary path), then rename the temporary file to `path` (in a folder that exists)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # mx.savez wants the .npz ending
