@@ -4,19 +4,21 @@
     python gpt2/convert.py path/to/local/gpt2 weights/gpt2.npz   # a folder with config.json + weights
 
 Writes weights/gpt2.npz (weights and config, atomically) and weights/gpt2-tokenizer/ (the BPE
-tokenizer files) for `python gpt2/model.py weights/gpt2.npz`.
+tokenizer files) for `python gpt2/generate.py weights/gpt2.npz`.
 """
 
 import argparse
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
 
-from model import GPT, GPTConfig, WeightsError, check_weights, read_config, tokenizer_dir
-from save import check_writable, config_array, save_arrays
+from generate import WeightsError, check_weights, read_config, tokenizer_dir
+from model import GPT, GPTConfig
+from save import check_writable, json_array, save_arrays
 
 # Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the transpose of a
 # Linear layer's (out, in). These are they.
@@ -91,7 +93,7 @@ def convert(source, dtype=None):
             continue
         weights[new] = value.T if CONV1D.search(name) else value  # Conv1D (in, out) -> Linear (out, in)
     try:
-        read_config(config_array(config), weights, fix=f"fix {folder / 'config.json'}")  # as model.py will read it
+        read_config(json_array(asdict(config)), weights, fix=f"fix {folder / 'config.json'}")  # as generate.py will read it
         check_weights(GPT(config), weights)
     except WeightsError as e:
         raise ConversionError(str(e)) from None
@@ -102,7 +104,7 @@ def convert(source, dtype=None):
 
 def save(config, weights, path):
     """Write the weights and config to `path` (.npz or .safetensors) atomically."""
-    save_arrays(path, {**weights, "config": config_array(config)})
+    save_arrays(path, {**weights, "config": json_array(asdict(config))})
 
 
 def save_tokenizer(folder, weights_path):

@@ -1,4 +1,4 @@
-"""Train a character-level GPT on Tiny Shakespeare, then write 1000 generated characters to completions.txt.
+"""Train a character-level GPT on a text (default: Tiny Shakespeare); write generated text to OUT/completions.txt.
 
     python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
     python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
@@ -14,8 +14,8 @@ and takes one AdamW step per batch. The model is model.py's GPT.
 Features beside the main job, each read only when it is used: distributed.py (started by
 mlx.launch, N processes train one model: --batch-size is the global batch, each process computes
 the gradients of its 1/N of it, averaged over the processes in every step; process 0 alone prints
-and writes), float16.py (--dtype float16's loss scaling), resume.py (--resume) and kernels.py (on
-an NVIDIA GPU, the dropouts as CUDA kernels).
+and writes), float16.py (--dtype float16's loss scaling), grad_accum.py (--grad-accum's
+micro-batches), resume.py (--resume) and kernels.py (on an NVIDIA GPU, the dropouts as CUDA kernels).
 """
 
 import argparse
@@ -32,33 +32,29 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from model import GPT, GPTConfig, bounded
-from save import check_writable, config_array, json_array, save_arrays, write_atomically
+from save import check_writable, json_array, save_arrays, signals_held, write_atomically
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
-
-class DataError(ValueError):
-    """The text or a setting cannot be used. The message says what to do."""
 
 
 # ---- Data ---------------------------------------------------------------------------------------
 
 
-def load_text(path, url=None):
-    """The training text: `path`, or else Tiny Shakespeare (shakespeare.py: downloaded once, from `url`)."""
+def load_text(path):
+    """The training text: `path`, or else Tiny Shakespeare (shakespeare.py: downloaded once)."""
     if path is None:
         import shakespeare
 
-        path = shakespeare.cached(url or shakespeare.URL)
+        path = shakespeare.cached()
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
+        raise ValueError(f"cannot read {path} as UTF-8 text: {e}") from None
     if not text.strip("\0"):
-        raise DataError(f"{path} has no text: it is empty{' but for NUL bytes' if text else ''}; give a text file")
+        raise ValueError(f"{path} has no text: it is empty{' but for NUL bytes' if text else ''}; give a text file")
     return text
 
 
@@ -71,7 +67,7 @@ class CharVocab:
 
     def encode(self, text):
         if unknown := sorted(set(text) - self.ids.keys()):
-            raise DataError(f"characters not in the training vocabulary: {''.join(unknown)!r}")
+            raise ValueError(f"characters not in the training vocabulary: {''.join(unknown)!r}")
         return [self.ids[c] for c in text]
 
     def decode(self, ids):
@@ -114,33 +110,29 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
 
     With a `group` of several processes, each passes its own rows of the batch, and the gradients
     and the loss are averaged over the processes inside the step, before clipping and the update.
-    grad_accum K cuts the rows into K micro-batches, one forward and backward pass each, whose
-    gradients are averaged before the one update: a batch K times larger in the same memory.
+    grad_accum K cuts the rows into K micro-batches (grad_accum.py), one forward and backward pass
+    each, whose gradients are averaged before the one update: a batch K times larger in the same memory.
     """
-    group = group or mx.distributed.init()
 
     def scaled_loss(params, x, y):  # computed with a low-precision copy of the attention and MLP weights
         model.update(tree_unflatten([(k, p.astype(dtype) if ".attn." in k or ".mlp." in k else p)
                                      for k, p in tree_flatten(params)]))
-        loss = loss_fn(model, x, y)
+        loss = loss_fn(model, x, y) / grad_accum  # a micro-batch's share of the batch's mean loss
         return (loss_scale.scale(loss) if loss_scale else loss), loss
 
-    loss_and_grad = mx.value_and_grad(scaled_loss)
     optimizer.init(model.trainable_parameters())  # the moments exist before the first step (fp16 keeps a copy)
     state = [model.state, optimizer.state, mx.random.state] + ([loss_scale.state] if loss_scale else [])
 
     def gradients(x, y):
         """The loss of one (micro-)batch and its float32 gradients (still multiplied by the loss scale)."""
         master = model.trainable_parameters()
-        (_, loss), grads = loss_and_grad(master, x, y)
+        (_, loss), grads = mx.value_and_grad(scaled_loss)(master, x, y)
         model.update(master)  # back to the float32 weights, which the optimizer updates
         return loss, grads
 
     def update(loss, grads):
-        """Average over micro-batches and processes, unscale, clip, update; the batch's mean loss."""
-        if grad_accum > 1:  # sums over the micro-batches -> means
-            loss, grads = loss / grad_accum, tree_map(lambda g: g / grad_accum, grads)
-        if group.size() > 1:
+        """Average over the processes, unscale, clip, update; the batch's mean loss."""
+        if group is not None and group.size() > 1:
             import distributed  # data parallelism
 
             grads, loss = distributed.average(grads, loss, group)  # the same on every process from here on
@@ -152,17 +144,9 @@ def make_train_step(model, optimizer, dtype=mx.float32, grad_clip=0.0, loss_scal
 
     if grad_accum == 1:
         return mx.compile(lambda x, y: update(*gradients(x, y)), inputs=state, outputs=state), state
-    gradients, update = (mx.compile(f, inputs=state, outputs=state) for f in (gradients, update))
+    from grad_accum import accumulating_step  # --grad-accum: micro-batches, then one update
 
-    def train_step(x, y):
-        loss, grads = 0.0, None
-        for x_micro, y_micro in zip(mx.split(x, grad_accum), mx.split(y, grad_accum)):
-            micro_loss, micro_grads = gradients(x_micro, y_micro)
-            loss, grads = loss + micro_loss, micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            mx.eval(loss, grads)  # here, so that one micro-batch's activations are in memory at a time
-        return update(loss, grads)
-
-    return train_step, state
+    return accumulating_step(gradients, update, state, grad_accum), state
 
 
 def learning_rate(args, total_steps):
@@ -170,8 +154,8 @@ def learning_rate(args, total_steps):
     if args.min_lr is None:
         return args.lr
     decay = optim.cosine_decay(args.lr, max(total_steps - args.warmup, 1), end=args.min_lr)
-    warmup = optim.linear_schedule(0.0, args.lr, args.warmup)
-    return optim.join_schedules([warmup, decay], [args.warmup]) if args.warmup else decay
+    warmup = optim.linear_schedule(0.0, args.lr, max(args.warmup, 1))  # never used with --warmup 0
+    return optim.join_schedules([warmup, decay], [args.warmup])
 
 
 def evaluate(model, data, ctx_len, batch_size, group):
@@ -185,7 +169,7 @@ def evaluate(model, data, ctx_len, batch_size, group):
         total = total + mx.stack([loss_fn(model, x, y) * len(x), mx.array(len(x), mx.float32)])
         mx.eval(total)
     model.train()
-    loss_sum, count = (mx.distributed.all_sum(total, group=group) if group.size() > 1 else total).tolist()
+    loss_sum, count = mx.distributed.all_sum(total, group=group).tolist()  # one process: `total` itself
     return loss_sum / count
 
 
@@ -215,24 +199,23 @@ class Progress:
 
 def new_model(config):
     """GPT(config); on an NVIDIA GPU with its dropouts swapped for kernels.py's CUDA kernels."""
-    model = GPT(config)
     if mx.default_device() == mx.gpu and mx.cuda.is_available():
         from kernels import use_dropout_kernels  # they pay there: 13% of the training step, measured
 
-        use_dropout_kernels(model)
-    return model
+        return use_dropout_kernels(GPT(config))
+    return GPT(config)
 
 
 def prepare(args):
     """The vocabulary, the training and validation ids, and the run's settings (for --resume)."""
-    text = load_text(args.data, args.data_url)
+    text = load_text(args.data)
     vocab = CharVocab(text)
     vocab.encode(args.prompt)  # unknown characters in --prompt: fail now, not after training
     data = np.array(vocab.encode(text), dtype=np.int32)
     train_data, val_data = data[: int(0.9 * len(data))], data[int(0.9 * len(data)) :]
     if len(val_data) < args.ctx_len + 2 or len(train_data) < (args.ctx_len + 1) * args.batch_size + args.ctx_len:
-        raise DataError(f"the text ({len(text)} characters) is too short for --ctx-len {args.ctx_len} "
-                        f"and --batch-size {args.batch_size}")
+        raise ValueError(f"the text ({len(text)} characters) is too short for --ctx-len {args.ctx_len} "
+                         f"and --batch-size {args.batch_size}")
     run = {**{k: v for k, v in vars(args).items() if not isinstance(v, Path)}, "chars": "".join(vocab.chars),
            "characters": len(text), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return vocab, train_data, val_data, run
@@ -257,11 +240,6 @@ def build(args, vocab, run, steps, group, say):
         import distributed  # data parallelism: the same weights everywhere, a watchdog, one stop for all
 
         on_step, agree = distributed.setup(model, args.timeout, group)
-    micro = args.batch_size // (group.size() * args.grad_accum)
-    say(f"{run['characters']:,} characters, vocabulary {len(vocab.chars)}; {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
-        f"parameters; {steps} steps in {args.epochs} epochs of batch {args.batch_size} x {args.ctx_len}; {args.dtype} on "
-        f"{mx.default_device()}" + (f"; {group.size()} processes x {args.grad_accum} micro-batches of {micro}"
-                                    if micro < args.batch_size else ""), flush=True)
     return model, optimizer, loss_scale, step, on_step, agree
 
 
@@ -281,18 +259,16 @@ class Checkpoints:
     def stop_if(self, bad, what, step):
         if bad:
             kept = f"the last good checkpoint, {self.path}, is kept (step {self.saved})" if self.saved else "no checkpoint was written"
-            raise DataError(f"{what} became inf or nan at step {step}; stopped, and {kept}. "
-                            "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
+            raise ValueError(f"{what} became inf or nan at step {step}; stopped, and {kept}. "
+                             "Try a lower --lr, --grad-clip 1.0, or --dtype float32")
 
     def save(self, step):
         weights = tree_flatten(self.model.parameters())
         self.stop_if(not mx.all(mx.stack([mx.isfinite(w).all() for _, w in weights])).item(), "a weight", step)
-        if self.writes:
-            arrays = {f"model.{k}": v for k, v in weights}
-            arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
-            arrays.update({f"loss_scale.{k}": v for k, v in (self.loss_scale.state.items() if self.loss_scale else [])})
-            save_arrays(self.path, {**arrays, "config": config_array(self.model.config),
-                                    "meta": json_array({**self.run, "step": step})})
+        if self.writes:  # names such as model.h.0.attn.c_attn.weight, optimizer.step, loss_scale.scale
+            state = {"model": self.model.parameters(), "optimizer": self.optimizer.state,
+                     "loss_scale": self.loss_scale.state if self.loss_scale else {}}
+            save_arrays(self.path, {**dict(tree_flatten(state)), "meta": json_array({**self.run, "step": step})})
         self.saved = step
 
 
@@ -302,27 +278,28 @@ def train(args, group):
     say = print if main_process else (lambda *args, **kwargs: None)
     vocab, train_data, val_data, run = prepare(args)
     T, B, micro = args.ctx_len, args.batch_size, args.batch_size // (size * args.grad_accum)
-    ends = list(itertools.accumulate(len(epoch_batches(train_data, T, B, args.seed, e)) for e in range(args.epochs)))
+    plans = [epoch_batches(train_data, T, B, args.seed, e) for e in range(args.epochs)]  # each epoch's batches
+    ends = list(itertools.accumulate(map(len, plans)))  # the step at which each epoch ends
     # The schedule spans all epochs; --max-steps only stops early, so a capped run and its --resume
     # follow the same learning rates as one uninterrupted run.
     model, optimizer, loss_scale, step, on_step, agree = build(args, vocab, run, ends[-1], group, say)
+    say(f"{run['characters']:,} characters, vocabulary {len(vocab.chars)}; {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
+        f"parameters; {ends[-1]} steps in {args.epochs} epochs of batch {B} x {T}; {args.dtype} on {mx.default_device()}"
+        + (f"; {size} processes x {args.grad_accum} micro-batches of {micro}" if micro < B else ""), flush=True)
     checkpoints = Checkpoints(Path(args.out), model, optimizer, loss_scale, run, step, main_process)
     train_step, state = make_train_step(model, optimizer, DTYPES[args.dtype], args.grad_clip, loss_scale, group, args.grad_accum)
     total, first, start = min(ends[-1], args.max_steps or math.inf), step, time.perf_counter()
-    progress = Progress(first, total, args.log_every)
+    progress = Progress(first, total, args.log_every) if main_process else (lambda step, loss: None)
 
     def finished(loss, step):
         """Step `step` (counted from 1) is done: check its loss, tell the watchdog, show progress."""
         checkpoints.stop_if(not math.isfinite(value := loss.item()), "the training loss", step)
         on_step()
-        if main_process:
-            progress(step, value)
+        progress(step, value)
 
-    batches = itertools.chain.from_iterable(epoch_batches(train_data, T, B, args.seed, e) for e in range(args.epochs))
-    losses, tic, interrupted, stopped = [], time.perf_counter(), [], False
-    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))  # Ctrl-C: see below
-    try:
-        for starts in itertools.islice(batches, step, total):
+    losses, tic, stopped = [], time.perf_counter(), False
+    with signals_held(signal.SIGINT) as interrupted:  # Ctrl-C is only noted here: the loop stops for it
+        for starts in itertools.islice(itertools.chain(*plans), step, total):
             if stopped := agree(bool(interrupted)):  # Ctrl-C: every process stops here, at the same step
                 break
             # Dropout masks depend on (seed, step, process) only: --resume on as many processes is exact.
@@ -344,8 +321,6 @@ def train(args, group):
                     f"val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | {time.perf_counter() - start:.1f} s", flush=True)
                 checkpoints.save(step)
                 losses, tic = [], time.perf_counter()
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if stopped:
         if losses:
             finished(losses[-1], step)
@@ -359,11 +334,9 @@ def train(args, group):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Train a character-level GPT (default: Tiny Shakespeare) and write "
-                                                 "generated text to OUT/completions.txt.")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
     add("--data", type=Path, help="a UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
-    add("--data-url", help="where to download Tiny Shakespeare from when it is not cached (default: GitHub's char-rnn)")
     add("--out", default=".", help="folder for completions.txt and checkpoint.safetensors (default: .)")
     add("--ctx-len", type=count, default=128, help="context length in characters (default: 128)")
     add("--n-emb", type=count, default=128, help="embedding width (default: 128)")
@@ -388,13 +361,12 @@ def parse_args():
     add("--prompt", default="\n", help="text the generated characters continue (default: a newline)")
     add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to generate (default: 1000)")
     add("--temp", type=number, default=1.0, help="sampling temperature; 0 is greedy (default: 1.0)")
-    add("--dtype", choices=list(DTYPES), help="compute in this dtype; weights and AdamW stay float32 (default: "
-                                              "bfloat16 on a GPU, float32 on the CPU, where MLX's bfloat16 is slower)")
+    add("--dtype", choices=list(DTYPES), default="bfloat16" if mx.default_device() == mx.gpu else "float32",
+        help="compute in this dtype; weights and AdamW stay float32 (default: bfloat16 on a GPU, else float32)")
     add("--seed", type=bounded(int, 0, 2**32), default=0, help="seed for initialisation, batches, dropout, sampling (default: 0)")
     args = parser.parse_args()
     if args.n_emb % args.n_heads:
         parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}")
-    args.dtype = args.dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     return args
 
 
@@ -407,8 +379,8 @@ def main():
 
             group = distributed.init()
         if args.batch_size % (group.size() * args.grad_accum):
-            raise DataError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of the number of "
-                            f"processes ({group.size()}) times --grad-accum ({args.grad_accum})")
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of the number of "
+                             f"processes ({group.size()}) times --grad-accum ({args.grad_accum})")
         if group.rank() == 0 and mx.default_device() == mx.cpu:
             from blas import warn_if_reference_blas  # on Linux, mlx[cpu]'s bundled BLAS is slow
 
@@ -416,8 +388,8 @@ def main():
         try:
             mx.eval(mx.ones((2, 2), DTYPES[args.dtype]) @ mx.ones((2, 2), DTYPES[args.dtype]))
         except Exception as e:
-            raise DataError(f"--dtype {args.dtype}: MLX on {mx.default_device()} cannot compute in {args.dtype} ({e}); "
-                            "use --dtype float32") from None
+            raise ValueError(f"--dtype {args.dtype}: MLX on {mx.default_device()} cannot compute in {args.dtype} ({e}); "
+                             "use --dtype float32") from None
         model, vocab = train(args, group)
         if group.rank() != 0:
             return  # process 0 alone generates and writes

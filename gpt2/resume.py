@@ -10,7 +10,7 @@ steps after the checkpoint depends on the dtype).
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from model import WeightsError, check_weights, from_json_array
+from generate import WeightsError, check_weights, from_json_array
 
 # What a --resume must share with the run it continues, besides the text (chars, text_sha256).
 SAME = ["ctx_len", "n_emb", "n_heads", "n_layers", "dropout", "seed", "batch_size", "lr", "min_lr", "warmup",
@@ -22,7 +22,6 @@ def load_checkpoint(path):
     ValueErrors, which main.py reports in one line."""
     try:
         arrays = mx.load(str(path))
-        arrays.pop("config")  # for model.load_model; the run's settings in `meta` say the same and more
         meta = from_json_array(arrays.pop("meta"))
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {e}") from None

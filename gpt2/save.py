@@ -14,7 +14,6 @@ import shutil
 import signal
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,38 +24,33 @@ def json_array(value):
     return mx.array(list(json.dumps(value).encode()), dtype=mx.uint8)
 
 
-def config_array(config):
-    """A GPTConfig as a json_array: the `config` beside the weights, which model.read_config reads."""
-    return json_array(asdict(config))
-
-
 @contextmanager
-def signals_held():
-    """Hold SIGINT and SIGTERM until the block is done, then act on them as they would have been."""
-    held, numbers = [], (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(n, lambda number, frame: held.append(number)) for n in numbers]  # main thread only
+def signals_held(*numbers):
+    """Within the block, the signals `numbers` only append their number to the list it gives, for the
+    code to act on (main thread only); their handlers are restored after it."""
+    held = []
+    previous = [signal.signal(n, lambda number, frame: held.append(number)) for n in numbers]
     try:
-        yield
+        yield held
     finally:
         for number, handler in zip(numbers, previous):
             signal.signal(number, handler)
-        for number in held:
-            signal.raise_signal(number)
 
 
 def write_atomically(path, write):
-    """Call write(temporary path), then rename the temporary file to `path`."""
+    """Call write(temporary path), then rename the temporary file to `path` (in a folder that exists)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # mx.savez wants the .npz ending
-    with signals_held():
+    with signals_held(signal.SIGINT, signal.SIGTERM) as held:
         try:
             write(str(tmp))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+    for number in held:  # a Ctrl-C or SIGTERM that came during the write acts now
+        signal.raise_signal(number)
 
 
 def check_writable(path, size=0):

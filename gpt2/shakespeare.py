@@ -34,4 +34,5 @@ def download(path, url=URL):
     if hashlib.sha256(data).hexdigest() != SHA256:
         raise ValueError(f"the file downloaded from {url} is not Tiny Shakespeare (SHA-256 mismatch); "
                          f"put the right input.txt in {path} by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))

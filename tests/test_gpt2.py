@@ -2,6 +2,7 @@
 exact --resume, and the data and vocabulary errors."""
 
 from concurrent.futures import ThreadPoolExecutor
+import argparse
 import hashlib
 import io
 import json
@@ -34,11 +35,11 @@ def test_logits_match_transformers(converted):
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (2, 40))
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
-    logits = np.array(import_example("gpt2", "model").load_model(weights)(mx.array(ids)))
+    logits = np.array(import_example("gpt2", "generate").load_model(weights)(mx.array(ids)))
     assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()  # 1e-5 relative, float32
 
 
-def test_model_py_greedy_generation_equals_transformers(converted):
+def test_generate_py_greedy_generation_equals_transformers(converted):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     folder, weights = converted
@@ -49,7 +50,7 @@ def test_model_py_greedy_generation_equals_transformers(converted):
     with torch.no_grad():
         out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     expected = prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist()) + "\n"
-    result = run_script("gpt2/model.py", weights, "--prompt", prompt, "--max-tokens", "12", "--temp", "0")
+    result = run_script("gpt2/generate.py", weights, "--prompt", prompt, "--max-tokens", "12", "--temp", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
 
@@ -218,6 +219,19 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.returncode != 0 and "(n_layers)" in result.stderr
 
 
+def test_min_lr_schedule_warms_up_linearly_then_decays_and_without_warmup_decays_from_the_first_step():
+    import mlx.optimizers as optim
+
+    main = import_example("gpt2", "main")
+    for warmup in (0, 4):
+        args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup=warmup)
+        schedule, decay = main.learning_rate(args, 20), optim.cosine_decay(1e-3, 20 - warmup, end=1e-4)
+        rates = [schedule(mx.array(step)).item() for step in range(21)]
+        assert rates[:warmup] == pytest.approx([1e-3 * step / warmup for step in range(warmup)])
+        assert rates[warmup:] == [decay(mx.array(step)).item() for step in range(21 - warmup)]
+    assert main.learning_rate(argparse.Namespace(lr=1e-3, min_lr=None, warmup=0), 20) == 1e-3  # constant
+
+
 def test_char_vocab_round_trips_and_names_unknown_characters():
     main = import_example("gpt2", "main")
     vocab = main.CharVocab(TEXT)
@@ -239,8 +253,9 @@ def test_unknown_prompt_characters_give_one_line(tmp_path):
 
 
 def test_no_data_offline_says_where_to_put_it(tmp_path):
-    result = run_script("gpt2/main.py", "--data-url", (tmp_path / "nowhere.txt").as_uri(),
-                        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    no_network = {name: "http://127.0.0.1:9" for name in ("https_proxy", "HTTPS_PROXY")}  # a closed port
+    result = run_script("gpt2/main.py", env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "no_proxy": "", "NO_PROXY": "",
+                                             **no_network})
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot download Tiny Shakespeare")

@@ -82,9 +82,9 @@ def test_numeric_flags_out_of_range_or_nan_are_refused_before_anything_runs(flag
     assert error.startswith(f"main.py: error: argument {flag}: expected ") and error.endswith(f", got {value!r}")
 
 
-def test_model_py_refuses_a_negative_seed_and_a_nan_temperature_in_one_line(tmp_path):
+def test_generate_py_refuses_a_negative_seed_and_a_nan_temperature_in_one_line(tmp_path):
     for flags in (["--seed", "-1"], ["--temp", "nan"]):
-        result = run_script("gpt2/model.py", tmp_path / "missing.npz", *flags)
+        result = run_script("gpt2/generate.py", tmp_path / "missing.npz", *flags)
         assert result.returncode == 2 and f"argument {flags[0]}: expected " in result.stderr
 
 
@@ -177,24 +177,24 @@ def with_config(converted, tmp_path, config_bytes=None, **changes):
                                      dict(config_bytes=b"{not json"), dict(config_bytes=b"[1, 2]")],
                          ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:12])
 def test_a_damaged_config_in_a_weights_file_is_refused_as_a_whole_before_building(converted, tmp_path, changes):
-    model = import_example("gpt2", "model")
-    with pytest.raises(model.WeightsError, match="its stored config"):
-        model.load_model(with_config(converted, tmp_path, **changes))
+    generate = import_example("gpt2", "generate")
+    with pytest.raises(generate.WeightsError, match="its stored config"):
+        generate.load_model(with_config(converted, tmp_path, **changes))
 
 
-def test_model_py_reports_a_damaged_config_in_one_line(converted, tmp_path):
-    result = run_script("gpt2/model.py", with_config(converted, tmp_path, n_head=0), "--max-tokens", "2")
+def test_generate_py_reports_a_damaged_config_in_one_line(converted, tmp_path):
+    result = run_script("gpt2/generate.py", with_config(converted, tmp_path, n_head=0), "--max-tokens", "2")
     assert "its stored config does not describe its weights" in one_line_error(result)
 
 
 def test_weights_of_a_wrong_dtype_are_refused(converted, tmp_path):
-    model = import_example("gpt2", "model")
+    generate = import_example("gpt2", "generate")
     arrays = dict(np.load(converted))
     arrays["h.0.attn.c_attn.weight"] = arrays["h.0.attn.c_attn.weight"].astype(np.int32)
     arrays["ln_f.bias"] = arrays["ln_f.bias"] > 0
     np.savez(tmp_path / "ints.npz", **arrays)
-    with pytest.raises(model.WeightsError) as refused:
-        model.load_model(tmp_path / "ints.npz")
+    with pytest.raises(generate.WeightsError) as refused:
+        generate.load_model(tmp_path / "ints.npz")
     assert "h.0.attn.c_attn.weight int32 (expected a floating-point dtype)" in str(refused.value)
     assert "ln_f.bias bool (expected a floating-point dtype)" in str(refused.value)
 

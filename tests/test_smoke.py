@@ -40,7 +40,7 @@ CASES = {
     "llama/benchmark_lora": ("llama/benchmark_lora.py", "--preset tiny --device cpu --warmup 1 --steps 1"),
     "gpt2/main": ("gpt2/main.py", "--data {text} --out {tmp} --ctx-len 16 --n-emb 16 --n-heads 2 --n-layers 1 "
                                   "--batch-size 8 --epochs 2 --max-tokens 30"),
-    "gpt2/model": ("gpt2/model.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
+    "gpt2/generate": ("gpt2/generate.py", "{gpt2}.npz --prompt 'the cat' --max-tokens 5"),
     "gpt2/benchmark": ("gpt2/benchmark.py", "--tiny --steps 2 --repeats 1"),
     "gpt2/benchmark --profile": ("gpt2/benchmark.py", "--tiny --profile --repeats 1"),
 }
