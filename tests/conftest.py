@@ -8,3 +8,25 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # would hide real mistakes behind the parity tolerances. The tests compare full float32. This must
 # be set before mlx is imported, and it reaches the scripts run in subprocesses too.
 os.environ["MLX_ENABLE_TF32"] = "0"
+
+import mlx.core as mx  # noqa: E402 (after the environment above)
+import pytest  # noqa: E402
+
+from helpers import ROOT  # noqa: E402
+
+
+@pytest.fixture
+def llama_on_path(monkeypatch):
+    """llama/'s modules import each other (quantize.py, batch.py, ...) from llama/, as `python llama/x.py` finds
+    them; a test file asks for this with `pytestmark = pytest.mark.usefixtures("llama_on_path")`."""
+    monkeypatch.syspath_prepend(str(ROOT / "llama"))
+
+
+@pytest.fixture
+def on_cpu():
+    """Float32 parity and token-for-token equality are specified on the CPU, where CI runs; on a GPU machine
+    the tests that ask for this compute there too."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)

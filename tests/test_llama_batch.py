@@ -8,22 +8,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from helpers import ROOT, import_example, run_script, tiny_llama
+from helpers import import_example, run_script, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def llama_on_path(monkeypatch):
-    """batch.py imports model.py and tokenizer.py from llama/, as `python llama/llama.py` finds them."""
-    monkeypatch.syspath_prepend(str(ROOT / "llama"))
-
-
-@pytest.fixture(autouse=True)
-def cpu_device():
-    """Token-for-token equality is specified in float32 on the CPU, where CI runs."""
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
+pytestmark = pytest.mark.usefixtures("llama_on_path", "on_cpu")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import LLAMA_CONFIG, ROOT, import_example, run_script, tiny_llama
+from helpers import LLAMA_CONFIG, import_example, run_script, tiny_llama
 
 TOL = 1e-4  # float32 logits
 
@@ -22,19 +22,7 @@ def hf_folder(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("llama_quantize") / "hf")
 
 
-@pytest.fixture(autouse=True)
-def llama_on_path(monkeypatch):
-    """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/llama.py` finds it."""
-    monkeypatch.syspath_prepend(str(ROOT / "llama"))
-
-
-@pytest.fixture(autouse=True)
-def cpu_device():
-    """Float32 parity is specified on the CPU, where CI runs; on a GPU machine too these tests compute there."""
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
+pytestmark = pytest.mark.usefixtures("llama_on_path", "on_cpu")
 
 
 def arrays(model):
