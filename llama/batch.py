@@ -83,21 +83,20 @@ class BatchAttention(Attention):
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
-class DequantizedLinear(nn.QuantizedLinear):
-    """A quantized layer whose product is a float one: the weight dequantized, then one matrix product. On MLX
-    0.32.4's CUDA backend a quantized product of B rows costs about B one-row products; dequantizing reads the
-    packed weight once and writes it in float16, after which a product of 16 rows costs what one row does."""
+class BatchQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear with the rows of the batch as the rows of one product. A decoding step's input is
+    (B, 1, dim); MLX 0.32.4's CUDA backend multiplies that as B products of one row each, (B, dim) as one."""
 
     def __call__(self, x):
-        return x @ mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits).T
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 @contextmanager
-def batched(model, dequantize=False):
-    """The model with BatchAttention in every block (and with `dequantize`, DequantizedLinear for its quantized
-    linear layers), as it was afterwards: a class swap, the same weights."""
+def batched(model):
+    """The model with BatchAttention in every block and BatchQuantizedLinear for its quantized linear layers,
+    as it was afterwards: a class swap, the same weights."""
     swaps = [(layer.attention, BatchAttention) for layer in model.layers]
-    swaps += [(m, DequantizedLinear) for _, m in model.named_modules() if dequantize and type(m) is nn.QuantizedLinear]
+    swaps += [(m, BatchQuantizedLinear) for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
     classes = [module.__class__ for module, _ in swaps]
     for module, cls in swaps:
         module.__class__ = cls
@@ -108,14 +107,10 @@ def batched(model, dequantize=False):
             module.__class__ = cls
 
 
-def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=(), dequantize=None):
+def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=()):
     """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of them, or the end of the
     context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
-    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone.
-    dequantize: products of a quantized model in float (DequantizedLinear); by default on a CUDA GPU only, for
-    more than one prompt."""
-    if dequantize is None:
-        dequantize = len(prompts) > 1 and mx.cuda.is_available() and mx.default_device() == mx.gpu
+    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone."""
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     length = max(len(p) for p in prompts)
     pads = [length - len(p) for p in prompts]
@@ -123,7 +118,7 @@ def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=(),
     cache = [BatchKVCache(padding) for _ in model.layers]
     tokens = mx.array([[0] * (length - len(p)) + list(p) for p in prompts])  # (B, length), left-padded
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows[i]: the prompt in row i
-    with batched(model, dequantize):
+    with batched(model):
         token = sample(model(tokens, cache, last_only=True)[:, -1], temp, top_p)  # (B,) the first tokens
         while rows:
             # Build and start the next step before reading this one's tokens, as model.generate does.

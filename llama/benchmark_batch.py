@@ -83,8 +83,7 @@ def host_step(model, prompts, repeats=20):
     padding = Padding([longest - len(p) for p in prompts])
     cache = [BatchKVCache(padding) for _ in model.layers]
     builds, launches = [], []
-    dequantize = model.args.quantization is not None and len(prompts) > 1 and mx.cuda.is_available()  # as batch.py
-    with batched(model, dequantize):
+    with batched(model):
         token = mx.argmax(model(mx.array([[0] * (longest - len(p)) + p for p in prompts]), cache, last_only=True)[:, -1], -1)
         mx.eval(token)
         for _ in range(repeats):

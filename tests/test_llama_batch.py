@@ -56,26 +56,17 @@ def test_quantized_batch_equals_each_prompt_alone(converted, tmp_path):
     assert import_example("llama", "batch").generate_batch(model, prompts, 12) == [alone(model, p, 12) for p in prompts]
 
 
-def test_dequantized_products_equal_the_quantized_ones(converted, tmp_path):
-    """DequantizedLinear (chosen on CUDA GPUs for batches) computes what nn.QuantizedLinear does."""
+def test_batch_quantized_products_equal_the_quantized_ones():
+    """BatchQuantizedLinear multiplies (B, 1, dim) as one (B, dim) product: the same numbers as nn.QuantizedLinear."""
     import mlx.nn as nn
 
     batch = import_example("llama", "batch")
     layer = nn.QuantizedLinear(64, 96, bias=False, group_size=32, bits=4)
-    x = mx.random.normal((16, 64))
+    x = mx.random.normal((16, 1, 64))
     expected = layer(x)
-    layer.__class__ = batch.DequantizedLinear
+    layer.__class__ = batch.BatchQuantizedLinear
+    assert layer(x).shape == (16, 1, 96)
     np.testing.assert_allclose(np.array(layer(x)), np.array(expected), atol=1e-5, rtol=1e-5)
-
-
-def test_quantized_batch_with_dequantized_products_equals_each_prompt_alone(converted, tmp_path):
-    convert = import_example("llama", "convert")
-    args, weights = convert.convert(str(converted[1].parent), quantization={"group_size": 32, "bits": 4})
-    convert.save(args, weights, tmp_path / "q.safetensors")
-    model = import_example("llama", "model").load_model(tmp_path / "q.safetensors")
-    prompts = prompts_of(LENGTHS, seed=1)
-    replies = import_example("llama", "batch").generate_batch(model, prompts, 12, dequantize=True)
-    assert replies == [alone(model, p, 12) for p in prompts]
 
 
 def test_meta_layout_with_scaled_rope_batch_equals_alone():
@@ -146,7 +137,7 @@ def test_sampling_with_a_seed_is_reproducible(converted):
 def test_batched_model_is_the_plain_model_afterwards(converted):
     model = import_example("llama", "model").load_model(converted[0])
     batch = import_example("llama", "batch")
-    with batch.batched(model, dequantize=True):
+    with batch.batched(model):
         assert all(type(layer.attention) is batch.BatchAttention for layer in model.layers)
     assert all(type(layer.attention) is import_example("llama", "model").Attention for layer in model.layers)
 
