@@ -204,8 +204,8 @@ def run_prompts(model, tokenizer, args, prompts, blank):
         results[number] = {"prompt": prompt, "error": error}
     if not todo:
         raise PromptsError(f"every prompt of {args.prompts} is longer than the context")
-    print(f"[{len(todo)} prompts, {args.batch_size} at a time{f'; {blank} blank lines skipped' * bool(blank)}]",
-          file=sys.stderr)
+    skipped = f"; {blank} blank line{'s' * (blank > 1)} skipped" if blank else ""
+    print(f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time{skipped}]", file=sys.stderr)
     order, tic, generated = [number for number, _, _ in encoded], time.perf_counter(), 0
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
