@@ -212,7 +212,8 @@ def print_table(rows, args, tokens):
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" and torch.cuda.is_available() else ""
     print(f"LoRA fine-tuning, {args.preset} shape, random weights, rank {args.rank} on wq/wv (q_proj/v_proj) of the "
           f"last {args.num_layers} blocks, AdamW, batch {args.batch_size} x {args.seq_len} tokens, median of "
-          f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}, "
+          f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
+          f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}, "
           f"PyTorch {torch.__version__}")
     print(f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'start GB':>8} {'peak GB':>8} {'vs PyTorch':>10} "
           f"{'loss':>7}")
@@ -248,12 +249,17 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default: 0)")
+    parser.add_argument("--memory-limit", type=float, metavar="GB", help="MLX's memory limit in GB (mx.set_memory_limit): above it, "
+                        "evaluation waits for the work queued ahead on the device to finish and free its buffers "
+                        "(default: MLX's, 95%% of a GPU's memory)")
     args = parser.parse_args(argv)
     args.device = args.device or ("gpu" if mx.is_available(mx.gpu) else "cpu")
     n_layers = PRESETS[args.preset]["num_hidden_layers"]
     tiny = args.preset == "tiny"
     args.batch_size, args.seq_len = args.batch_size or (2 if tiny else 4), args.seq_len or (32 if tiny else 512)
     args.num_layers = args.num_layers or min(16, n_layers)
+    if args.memory_limit is not None and not 0 < args.memory_limit < float("inf"):
+        parser.error("--memory-limit must be a positive number of GB")
     if min(args.batch_size, args.seq_len, args.rank, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch-size, --seq-len, --rank and --steps must be at least 1, --warmup at least 0")
     if not 1 <= args.num_layers <= n_layers:
@@ -269,6 +275,8 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # renamed methods PEFT calls
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.memory_limit:
+        mx.set_memory_limit(int(args.memory_limit * 1e9))
     if args.device == "cpu":
         warn_if_reference_blas()
     mx.random.seed(args.seed)
