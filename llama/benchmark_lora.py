@@ -10,15 +10,18 @@ of --batch-size x --seq-len random tokens, all of them counted in the loss:
 
 - MLX: this example's Llama in --dtype (float16), and 4-bit QLoRA (the same model quantized in groups of
   64, as convert.py --quantize does it), each without and with --grad-checkpoint. The step is lora.py's
-  own (make_step: compiled on a GPU, adapters in float32), evaluated every step as lora.py's loop does.
+  own (make_step: compiled on a GPU, adapters in float32, a quantized layer's product through its
+  dequantized weight), evaluated every step as lora.py's loop does.
 - PyTorch + PEFT: transformers' LlamaForCausalLM built on the GPU in bfloat16 with sdpa attention, PEFT's
   LoraConfig on the same layers (PEFT keeps the adapters in float32), torch.optim.AdamW, without and with
   gradient checkpointing (use_reentrant=False).
 
 Tokens/s is batch x seq-len over the median time of --steps timed steps, after --warmup steps that are not
-timed (MLX compiles the step in its first). The peak memory is mx.get_peak_memory() and
-torch.cuda.max_memory_allocated() over a configuration's steps, its weights included: one model is in
-memory at a time, its random weights made on the device. A configuration that fails (out of memory, say)
+timed (MLX compiles the step in its first). Start GB is the memory in use before the first step (the
+weights, adapters and optimizer state, once the work queued while making them has finished: the float
+weights a quantized model was made from are gone), peak GB mx.get_peak_memory() and
+torch.cuda.max_memory_allocated() over the configuration's steps, counted from there, its weights included:
+one model is in memory at a time, its random weights made on the device. A configuration that fails (out of memory, say)
 prints one line and the others still run. Progress goes to stderr, the table to stdout.
 """
 
@@ -37,7 +40,7 @@ import torch
 
 from benchmark import PRESETS
 from convert import hf_args
-from lora import checkpoint_blocks, linear_to_lora_layers, make_step
+from lora import checkpoint_blocks, dequantizing_layers, linear_to_lora_layers, make_step
 from model import Llama, warn_if_reference_blas
 from timing import say
 
@@ -88,7 +91,7 @@ def enable_checkpointing(hf_model):
 def time_steps(step, args, label):
     """Seconds of each of args.steps calls of step() (which waits for its work), after args.warmup calls,
     and the last loss."""
-    warmup, compiles = [], " (the first compiles)" if label.startswith("MLX") else ""
+    warmup, compiles = [], " (the first compiles)" if label.startswith("MLX") and mx.default_device() == mx.gpu else ""
     for _ in range(args.warmup):
         tic = time.perf_counter()
         step()
@@ -104,9 +107,19 @@ def time_steps(step, args, label):
     return times, loss
 
 
+def settled_mlx_memory():
+    """MLX's active bytes once all queued work has finished and its buffers are freed (a GPU runs behind the
+    Python thread, holding the buffers of the work queued for it); the peak counts from here."""
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    return mx.get_active_memory()
+
+
 def mlx_configs(args, layers):
-    """[(label, step times or an error, peak bytes, last loss)] for MLX --dtype LoRA and each --quantize QLoRA,
-    without and with gradient checkpointing."""
+    """[(label, step times or an error, (bytes before the first step, peak bytes) or None, last loss)] for MLX
+    --dtype LoRA and each --quantize QLoRA, without and with gradient checkpointing."""
     rows, vocab = [], PRESETS[args.preset]["vocab_size"]
     tokens = mx.random.randint(0, vocab, (args.batch_size, args.seq_len + 1))
     batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((args.batch_size, args.seq_len)))
@@ -116,19 +129,20 @@ def mlx_configs(args, layers):
         try:
             model = linear_to_lora_layers(mlx_model(args.preset, getattr(mx, args.dtype), bits), layers, ["wq", "wv"],
                                           args.rank, 2 * args.rank)
+            dequantizing_layers(model)  # QLoRA's products, as lora.py trains
         except Exception as e:
             rows += [(name + suffix, e, None, None) for suffix in ("", ", grad checkpoint")]
             continue
         for checkpoint in (False, True):
             label = name + (", grad checkpoint" if checkpoint else "")
-            mx.clear_cache()
-            mx.reset_peak_memory()
             try:
                 if checkpoint:
                     checkpoint_blocks(model)
                 optimizer = optim.AdamW(learning_rate=1e-4, bias_correction=True)
                 optimizer.init(model.trainable_parameters())
-                train_step = make_step(model, optimizer)
+                mx.eval(optimizer.state)
+                train_step, resident = make_step(model, optimizer), settled_mlx_memory()
+                say(f"{label}: {resident / 1e9:.2f} GB in memory before the first step (weights, adapters, AdamW)")
 
                 def step():
                     loss, n, finite = train_step(*batch)
@@ -136,7 +150,7 @@ def mlx_configs(args, layers):
                     return loss.item()
 
                 times, loss = time_steps(step, args, label)
-                rows.append((label, times, mx.get_peak_memory(), loss))
+                rows.append((label, times, (resident, mx.get_peak_memory()), loss))
             except Exception as e:
                 rows.append((label, e, None, None))
             optimizer = train_step = step = None
@@ -147,8 +161,8 @@ def mlx_configs(args, layers):
 
 
 def torch_configs(args, layers, device):
-    """[(label, step times or an error, peak bytes or None, last loss)] for PyTorch + PEFT bfloat16, without
-    and with gradient checkpointing."""
+    """[(label, step times or an error, (bytes before the first step, peak bytes) or None, last loss)] for
+    PyTorch + PEFT bfloat16, without and with gradient checkpointing."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     say(f"PyTorch + PEFT: making the random {args.preset}-shaped bfloat16 model on {device}")
     rows, name = [], "PyTorch + PEFT bfloat16"
@@ -164,8 +178,10 @@ def torch_configs(args, layers, device):
                 enable_checkpointing(model.get_base_model())
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             if device == "cuda":
+                torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
 
             def step():
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # transformers shifts the labels itself
@@ -176,7 +192,8 @@ def torch_configs(args, layers, device):
                 return loss.item()
 
             times, loss = time_steps(step, args, label)
-            rows.append((label, times, torch.cuda.max_memory_allocated() if device == "cuda" else None, loss))
+            memory = (resident, torch.cuda.max_memory_allocated()) if device == "cuda" else None
+            rows.append((label, times, memory, loss))
         except Exception as e:
             rows.append((label, e, None, None))
         optimizer = step = None
@@ -188,17 +205,19 @@ def torch_configs(args, layers, device):
 
 
 def print_table(rows, args, tokens):
-    """One line per configuration: tokens/s (range), peak memory, and MLX's speed over PyTorch's for the same
-    gradient checkpointing."""
+    """One line per configuration: tokens/s (range), memory before the first step and at the peak of the steps,
+    and MLX's speed over PyTorch's for the same gradient checkpointing."""
     torch_rate = {label.endswith("checkpoint"): tokens / statistics.median(times) for label, times, _, _ in rows
                   if label.startswith("PyTorch") and isinstance(times, list)}
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" and torch.cuda.is_available() else ""
     print(f"LoRA fine-tuning, {args.preset} shape, random weights, rank {args.rank} on wq/wv (q_proj/v_proj) of the "
           f"last {args.num_layers} blocks, AdamW, batch {args.batch_size} x {args.seq_len} tokens, median of "
-          f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}, "
+          f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
+          f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}, "
           f"PyTorch {torch.__version__}")
-    print(f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'peak GB':>8} {'vs PyTorch':>10} {'loss':>7}")
-    for label, times, peak, loss in rows:
+    print(f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'start GB':>8} {'peak GB':>8} {'vs PyTorch':>10} "
+          f"{'loss':>7}")
+    for label, times, memory, loss in rows:
         if not isinstance(times, list):
             print(f"{label:<42} failed: {type(times).__name__}: {str(times).splitlines()[0] if str(times) else ''}")
             continue
@@ -206,8 +225,8 @@ def print_table(rows, args, tokens):
         span = f"({tokens / max(times):,.0f}-{tokens / min(times):,.0f})"
         reference = torch_rate.get(label.endswith("checkpoint"))
         ratio = f"{rate / reference:.2f}x" if reference and label.startswith("MLX") else ""
-        memory = f"{peak / 1e9:.2f}" if peak is not None else "n/a"
-        print(f"{label:<42} {rate:>10,.1f} {span:>19} {memory:>8} {ratio:>10} {loss:>7.3f}")
+        start, peak = (f"{m / 1e9:.2f}" for m in memory) if memory else ("n/a", "n/a")
+        print(f"{label:<42} {rate:>10,.1f} {span:>19} {start:>8} {peak:>8} {ratio:>10} {loss:>7.3f}")
 
 
 def parse_args(argv=None):
@@ -230,12 +249,17 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default: 0)")
+    parser.add_argument("--memory-limit", type=float, metavar="GB", help="MLX's memory limit in GB (mx.set_memory_limit): above it, "
+                        "evaluation waits for the work queued ahead on the device to finish and free its buffers "
+                        "(default: MLX's, 95%% of a GPU's memory)")
     args = parser.parse_args(argv)
     args.device = args.device or ("gpu" if mx.is_available(mx.gpu) else "cpu")
     n_layers = PRESETS[args.preset]["num_hidden_layers"]
     tiny = args.preset == "tiny"
     args.batch_size, args.seq_len = args.batch_size or (2 if tiny else 4), args.seq_len or (32 if tiny else 512)
     args.num_layers = args.num_layers or min(16, n_layers)
+    if args.memory_limit is not None and not 0 < args.memory_limit < float("inf"):
+        parser.error("--memory-limit must be a positive number of GB")
     if min(args.batch_size, args.seq_len, args.rank, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch-size, --seq-len, --rank and --steps must be at least 1, --warmup at least 0")
     if not 1 <= args.num_layers <= n_layers:
@@ -251,6 +275,8 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # renamed methods PEFT calls
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.memory_limit:
+        mx.set_memory_limit(int(args.memory_limit * 1e9))
     if args.device == "cpu":
         warn_if_reference_blas()
     mx.random.seed(args.seed)

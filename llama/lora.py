@@ -14,6 +14,9 @@ from `convert.py --quantize` (QLoRA: the base stays quantized), by LoRALinear mo
 By default the adapters sit on the attention's wq and wv of the last --num-layers blocks; --keys
 chooses other layers (`--keys all`: every linear layer of a block). The adapters are float32 whatever
 the base is (float16, bfloat16, 4- or 8-bit), as PEFT keeps them; their output is cast to the base's.
+Training and --test multiply by a quantized layer through its dequantized weight, made for the product
+and again for the backward pass (DequantizingLinear): for the thousands of rows of a batch a dense
+product is the fast one, and the float weights of the model never exist all at once.
 
 --data DIR holds train.jsonl, valid.jsonl and, for --test, test.jsonl: one JSON object per line, one of
     {"text": "The quick brown fox."}                       BOS, the text, EOS
@@ -153,6 +156,48 @@ class CheckpointedBlock(TransformerBlock):
 def checkpoint_blocks(model):
     for block in model.layers:
         block.__class__ = CheckpointedBlock  # a class swap: model.py stays as it is
+    return model
+
+
+def dequantized_product(layer, x):
+    """x @ W.T for the quantized `layer` (W (out, in)) as a dense product with its dequantized W, a transient float
+    weight. The backward pass dequantizes W again (mx.custom_function) rather than keeping it, so without
+    --grad-checkpoint too the float weights never exist all at once."""
+
+    @mx.custom_function
+    def product(x):
+        return x @ dequantized(layer).T
+
+    @product.vjp
+    def product_vjp(x, cotangent, output):  # the base is frozen: a gradient for x only
+        return cotangent @ dequantized(layer)
+
+    return product(x)
+
+
+class DequantizingLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear for batches of many rows (training, --test): a dense product with the dequantized weight,
+    cuBLAS's GEMM on a GPU, where mx.quantized_matmul's backward product has only a naive kernel on CUDA and a
+    CPU computes float16 quantized products element by element. Generation keeps mx.quantized_matmul."""
+
+    def __call__(self, x):
+        y = dequantized_product(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class DequantizingEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose use as the output layer (tied embeddings) is DequantizingLinear's product."""
+
+    def as_linear(self, x):
+        return dequantized_product(self, x)
+
+
+def dequantizing_layers(model):
+    """Swap the quantized layers of `model` (those inside a LoRALinear too) for the dequantizing ones, in place:
+    a class swap, the same parameters, so adapters and files are unchanged."""
+    swaps = {nn.QuantizedLinear: DequantizingLinear, nn.QuantizedEmbedding: DequantizingEmbedding}
+    for _, module in model.named_modules():
+        module.__class__ = swaps.get(type(module), type(module))
     return model
 
 
@@ -582,6 +627,7 @@ def run(args, stop):
     model = load_model(args.model)
     if args.fuse:
         return fuse_to_file(model, args)
+    dequantizing_layers(model)  # a quantized model's products for training and --test
     tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
     print(f"loaded {args.model} in {time.perf_counter() - tic:.1f} s, {tokenizer.kind} tokenizer", flush=True)
     data, status = Path(args.data), 0

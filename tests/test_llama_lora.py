@@ -1,6 +1,7 @@
 """llama/lora.py: LoRA and QLoRA adapters beside an unchanged model, checked against PEFT; training, exact
 resume, fusing, llama.py --adapter-path, and one line with a non-zero exit for each kind of bad input."""
 
+import gc
 import json
 import math
 import signal
@@ -176,6 +177,59 @@ def test_untrained_adapters_give_exactly_the_base_logits(name, weights):
     assert np.array_equal(np.array(model(tokens())), before)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantizing_layers_give_the_quantized_outputs_and_input_gradients(bits):
+    # lora.py trains and tests a quantized model through dense products with its dequantized weights; llama.py
+    # generates with mx.quantized_matmul. The same function of the input, and the same gradient.
+    mx.random.seed(0)
+    linear = nn.QuantizedLinear.from_linear(nn.Linear(128, 96), 64, bits)  # with a bias
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 128), 64, bits)  # as a tied output layer
+    x, cotangent = mx.random.normal((3, 5, 128)), mx.random.normal((3, 5, 96))
+    expected = [mx.vjp(f, [x], [cotangent]) for f in (linear, embedding.as_linear)]
+    lora().dequantizing_layers(nn.Sequential(linear, embedding))
+    assert type(linear) is lora().DequantizingLinear and type(embedding) is lora().DequantizingEmbedding
+    for f, (outputs, grads) in zip((linear, embedding.as_linear), expected):
+        outputs_dense, grads_dense = mx.vjp(f, [x], [cotangent])
+        np.testing.assert_allclose(np.array(outputs_dense[0]), np.array(outputs[0]), rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(np.array(grads_dense[0]), np.array(grads[0]), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_qlora_loss_and_gradients_through_dequantized_weights_equal_the_quantized_matmul_ones(checkpoint, weights):
+    model = random_adapters(lora().linear_to_lora_layers(load(weights["4bit"]), [0, 1], ["wq", "wv", "w2"], 4, 8))
+    loss_and_grad = nn.value_and_grad(model, lora().loss_fn)
+    batch = lora().pad(examples())
+    (loss, _), grads = loss_and_grad(model, *batch)
+    lora().dequantizing_layers(model)
+    if checkpoint:
+        lora().checkpoint_blocks(model)
+    (loss_dense, _), grads_dense = loss_and_grad(model, *batch)
+    assert abs(loss.item() - loss_dense.item()) < TOL
+    for (k, g), (_, g2) in zip(tree_flatten(grads), tree_flatten(grads_dense)):
+        np.testing.assert_allclose(np.array(g2), np.array(g), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks():
+    # Without --grad-checkpoint, x @ dequantize(W).T as a plain product would keep every block's float W for the
+    # backward pass (measured: all 12 here); DequantizingLinear makes W again there (measured: under 2 blocks' worth
+    # at the peak, on a CPU). Wide layers and 8 tokens, so that the weights dwarf the activations.
+    model_py = import_example("llama", "model")
+    model = model_py.Llama(model_py.ModelArgs(dim=384, n_layers=12, n_heads=3, vocab_size=256, hidden_dim=1536))
+    nn.quantize(model, 64, 4)
+    lora().dequantizing_layers(lora().linear_to_lora_layers(model, range(12), ["wq", "wv"], rank=4, alpha=8))
+    float_bytes = 4 * sum(m.scales.size * m.group_size for block in model.layers for m in block.modules()
+                          if isinstance(m, nn.QuantizedLinear))  # float32 (out, in) weights
+    loss_and_grad = nn.value_and_grad(model, lora().loss_fn)
+    batch = lora().pad([(list(range(1, 10)), [True] * 9)])
+    mx.eval(model.parameters(), batch)
+    gc.collect()
+    mx.clear_cache()
+    resting = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(loss_and_grad(model, *batch))
+    assert mx.get_peak_memory() - resting < float_bytes / 3, (mx.get_peak_memory() - resting, float_bytes)
+
+
 # ---- Training, in process -----------------------------------------------------------------------
 
 
@@ -187,7 +241,7 @@ def examples(n=4):
 def test_training_changes_the_adapters_only_and_a_quantized_base_stays_quantized(name, weights):
     model = load(weights[name])
     before = arrays(model)
-    lora().linear_to_lora_layers(model, [0, 1], ["wq", "wv", "w2"], rank=4, alpha=8)
+    lora().dequantizing_layers(lora().linear_to_lora_layers(model, [0, 1], ["wq", "wv", "w2"], rank=4, alpha=8))
     optimizer = optim.AdamW(learning_rate=1e-2, bias_correction=True)
     optimizer.init(model.trainable_parameters())
     step = lora().make_step(model, optimizer)
@@ -205,12 +259,14 @@ def test_training_changes_the_adapters_only_and_a_quantized_base_stays_quantized
 
 
 def test_the_compiled_step_trains_as_the_plain_one(weights):
-    # lora.py compiles its step on a GPU only (on a CPU, MLX's compiler takes about 30 s the first time): this is
-    # the check, on the CPU, that the compiled step carries the model's and the optimizer's state.
+    # lora.py compiles its step on a GPU only (on a CPU, MLX's compiler takes about 10 s the first time): this is
+    # the check, on the CPU, that the compiled step carries the model's and the optimizer's state, on a QLoRA
+    # model with its dequantizing layers (mx.custom_function) and checkpointed blocks.
     trained = []
     for compile in (False, True):
         mx.random.seed(0)
-        model = lora().linear_to_lora_layers(load(weights["float32"]), [0, 1], ["wq", "wv"], rank=4, alpha=8)
+        model = lora().linear_to_lora_layers(load(weights["4bit"]), [0, 1], ["wq", "wv"], rank=4, alpha=8)
+        lora().checkpoint_blocks(lora().dequantizing_layers(model))
         optimizer = optim.AdamW(learning_rate=1e-2, bias_correction=True)
         optimizer.init(model.trainable_parameters())
         step = lora().make_step(model, optimizer, compile=compile)
