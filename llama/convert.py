@@ -384,27 +384,37 @@ def evaluate(weights):
         progress.add(value.nbytes)
 
 
-def save(args, weights, path):
-    """Write weights plus the configuration to `path` atomically: into a temporary file beside it, then a
-    rename. The temporary file is removed on an error, Ctrl-C or SIGTERM (main makes that an exception);
-    one that a killed run (SIGKILL) left is removed by the next write of the same path. The file gets the
-    permissions of any new file (the umask), not a temporary file's 0600."""
+def write_atomically(path, write):
+    """write(temporary path) beside `path`, then a rename over it: `path` is the old file or the whole new one.
+    The temporary file is removed on an error, Ctrl-C or SIGTERM (the scripts make that an exception); one
+    that a killed run (SIGKILL) left is removed by the next write of the same path. The file gets the
+    permissions of any new file (the umask). lora.py writes its adapters with it too."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp{path.suffix}"):  # .w.npz.<pid>.tmp.npz
         if not process_exists(int(stale.name.split(".")[-3])):
             stale.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"  # MLX adds the suffix if it is missing
     try:
-        arrays = {**weights, "config": config_array(args)}
-        if path.suffix == ".npz":
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(args, weights, path):
+    """Write weights plus the configuration to `path` atomically (.npz or .safetensors by its suffix)."""
+    arrays = {**weights, "config": config_array(args)}
+
+    def write(tmp):
+        if tmp.suffix == ".npz":
             mx.savez(str(tmp), **arrays)
         else:
             mx.save_safetensors(str(tmp), arrays)
-        os.replace(tmp, path)
+
+    try:
+        write_atomically(path, write)
     except (OSError, RuntimeError, ValueError) as e:  # a full disk, say (MLX raises RuntimeError)
         raise ConversionError(f"cannot write {path}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def process_exists(pid):

@@ -53,7 +53,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -65,6 +64,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from chat import chat_tokens
+from convert import write_atomically
 from model import TransformerBlock, WeightsError, load_model, warn_if_reference_blas
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -222,33 +222,15 @@ def fuse(model):
 # ---- Adapter files -----------------------------------------------------------------------------
 
 
-def write_atomically(path, write):
-    """write(temporary path) beside `path`, then rename it over `path`, with the user's umask; the temporary
-    file is removed on every way out, and stale ones that a killed run left are removed first."""
-    for stale in path.parent.glob(f".{path.name}.*{path.suffix}"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_adapters(folder, adapters, optimizer_state, step):
     """adapters.safetensors: the adapter arrays, the optimizer's state as training.*, the step in the metadata."""
     arrays = dict(tree_flatten(adapters))
     arrays.update((f"training.{k}", v) for k, v in tree_flatten(optimizer_state) if k != "learning_rate")
-    write_atomically(folder / ADAPTERS, lambda tmp: mx.save_safetensors(tmp, arrays, metadata={"step": str(step)}))
+    write_atomically(folder / ADAPTERS, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"step": str(step)}))
 
 
 def save_config(folder, config):
-    write_atomically(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(folder / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def check_config(config, path):

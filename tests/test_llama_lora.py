@@ -20,18 +20,7 @@ from helpers import LLAMA_CONFIG, ROOT, import_example, run_script, tiny_llama, 
 TOL = 1e-5  # float32
 
 
-@pytest.fixture(autouse=True)
-def llama_on_path(monkeypatch):
-    """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/lora.py` finds it."""
-    monkeypatch.syspath_prepend(str(ROOT / "llama"))
-
-
-@pytest.fixture(autouse=True)
-def cpu_device():
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
+pytestmark = pytest.mark.usefixtures("llama_on_path", "on_cpu")
 
 
 @pytest.fixture(scope="module")
