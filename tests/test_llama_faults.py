@@ -281,9 +281,12 @@ def test_killing_a_rank_during_generation_ends_the_run_with_one_line(tiny, tmp_p
     process, err = launch(tmp_path, tiny)
     os.kill(rank(process, 1), signal.SIGKILL)
     assert ended(process, 30), err.read_text()
-    ours = [line for line in err.read_text().splitlines() if "[WARN]" not in line and not line.startswith(("[load", "warning:"))]
-    # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that comes first.
-    assert len(ours) == 1 and ours[0].startswith("error: another process of this run has stopped ("), err.read_text()
+    text = err.read_text()
+    # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that comes first. mlx.launch
+    # writes its own "[WARN] Node with rank r exited" lines to the same stderr, and one of them can start on
+    # the line of ours (the two processes write at once), so the line is counted in the whole text.
+    assert text.count("error: ") == 1 and "error: another process of this run has stopped (" in text, text
+    assert "Traceback" not in text, text
 
 
 @needs_proc
