@@ -23,6 +23,7 @@ costs no further steps.
 import json
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -36,9 +37,14 @@ class Padding:
     """The left padding of the rows of a batch, shared by the caches of all layers."""
 
     def __init__(self, pads):
-        self.pads = mx.array(pads)  # (B,) padding positions at the start of each row
-        self.any = max(pads) > 0  # known on the host: reading the array would wait for the step under way
+        # (B,) padding positions at the start of each row, as an array and as a list: the list tells on the host
+        # whether there is any, where reading the array would wait for the step under way
+        self.pads, self.host_pads = mx.array(pads), list(pads)
         self.masks = {}  # the mask of this step, made once for all layers
+
+    @property
+    def any(self):
+        return max(self.host_pads) > 0
 
     def mask(self, T, S):
         """(B, 1, T, S) True where a query may see a key: causal, and no real token sees padding. A padding
@@ -51,9 +57,10 @@ class Padding:
             self.masks = {(T, S): (keys <= queries) & ((keys >= pads) | (queries < pads))}
         return self.masks[(T, S)]
 
-    def keep(self, rows, pads):
-        """Keep only `rows` (an int array), whose paddings are `pads` (a list)."""
-        self.pads, self.any, self.masks = self.pads[rows], max(pads) > 0, {}
+    def keep(self, rows):
+        """Keep only `rows` (a list of row indices)."""
+        self.host_pads = [self.host_pads[i] for i in rows]
+        self.pads, self.masks = self.pads[mx.array(rows)], {}
 
 
 class BatchKVCache(KVCache):
@@ -91,6 +98,15 @@ class BatchQuantizedLinear(nn.QuantizedLinear):
         return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+def left_padded(model, prompts):
+    """(tokens, padding, cache) for a batch of prompts (lists of token ids): the (B, longest) tokens, each row
+    left-padded with token 0; their Padding; a BatchKVCache per layer, empty."""
+    longest = max(len(p) for p in prompts)
+    padding = Padding([longest - len(p) for p in prompts])
+    tokens = mx.array([[0] * pad + list(p) for p, pad in zip(prompts, padding.host_pads)])
+    return tokens, padding, [BatchKVCache(padding) for _ in model.layers]
+
+
 @contextmanager
 def batched(model):
     """The model with BatchAttention in every block and BatchQuantizedLinear for its quantized linear layers,
@@ -112,34 +128,30 @@ def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=())
     context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
     context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone."""
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
-    length = max(len(p) for p in prompts)
-    pads = [length - len(p) for p in prompts]
-    padding = Padding(pads)
-    cache = [BatchKVCache(padding) for _ in model.layers]
-    tokens = mx.array([[0] * (length - len(p)) + list(p) for p in prompts])  # (B, length), left-padded
+    tokens, padding, cache = left_padded(model, prompts)
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows[i]: the prompt in row i
     with batched(model):
         token = sample(model(tokens, cache, last_only=True)[:, -1], temp, top_p)  # (B,) the first tokens
-        while rows:
+        while True:
             # Build and start the next step before reading this one's tokens, as model.generate does.
             next_token = sample(model(token[:, None], cache)[:, -1], temp, top_p)
             mx.async_eval(next_token)
-            going = []
+            going = []  # the rows that go on
             for i, (row, t) in enumerate(zip(rows, token.tolist())):
-                if t not in stop_ids:
-                    replies[row].append(t)
-                if t not in stop_ids and len(replies[row]) < limits[row]:
+                if t in stop_ids:
+                    continue
+                replies[row].append(t)
+                if len(replies[row]) < limits[row]:
                     going.append(i)
             if not going:
-                break
+                return replies
             if len(going) < len(rows):  # rows that ended leave the batch (the step under way still has them)
-                keep, pads = mx.array(going), [pads[i] for i in going]
-                padding.keep(keep, pads)
+                keep = mx.array(going)
+                padding.keep(going)
                 for layer_cache in cache:
                     layer_cache.keep(keep)
                 next_token, rows = next_token[keep], [rows[i] for i in going]
             token = next_token
-    return replies
 
 
 # ---- llama.py --prompts -------------------------------------------------------------------------
@@ -206,7 +218,7 @@ def run_prompts(model, tokenizer, args, prompts, blank):
         raise PromptsError(f"every prompt of {args.prompts} is longer than the context")
     skipped = f"; {blank} blank line{'s' * (blank > 1)} skipped" if blank else ""
     print(f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time{skipped}]", file=sys.stderr)
-    order, tic, generated = [number for number, _, _ in encoded], time.perf_counter(), 0
+    order, tic, generated = deque(number for number, _, _ in encoded), time.perf_counter(), 0
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
         replies = generate_batch(model, [ids for _, _, ids in batch], args.max_tokens, args.temp, args.top_p,
@@ -216,7 +228,7 @@ def run_prompts(model, tokenizer, args, prompts, blank):
             text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
             results[number] = {"prompt": prompt, "text": text, "generated_tokens": len(reply)}
         while order and order[0] in results:  # every line whose turn has come, in input order
-            print(json.dumps(results.pop(order.pop(0)), ensure_ascii=False), flush=True)
+            print(json.dumps(results.pop(order.popleft()), ensure_ascii=False), flush=True)
         generated, seconds, done = generated + sum(map(len, replies)), time.perf_counter() - tic, start + len(batch)
         print(f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
               f"about {seconds / done * (len(todo) - done):.0f} s left]", file=sys.stderr, flush=True)

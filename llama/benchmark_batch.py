@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from batch import BatchKVCache, Padding, batched, generate_batch
+from batch import batched, generate_batch, left_padded
 from benchmark import DTYPES, PRESETS, mlx_model, quantized_copy, torch_model
 from model import in_range, warn_if_reference_blas
 from timing import say
@@ -79,12 +79,10 @@ def time_torch(hf_model, prompts, max_tokens, repeats, label, device):
 def host_step(model, prompts, repeats=20):
     """(build, launch): median seconds the host spends on one batched decoding step, as timing.host_seconds
     measures one sequence's: Python making the graph, then mx.async_eval handing its kernels to the device."""
-    longest = max(map(len, prompts))
-    padding = Padding([longest - len(p) for p in prompts])
-    cache = [BatchKVCache(padding) for _ in model.layers]
+    tokens, _, cache = left_padded(model, prompts)
     builds, launches = [], []
     with batched(model):
-        token = mx.argmax(model(mx.array([[0] * (longest - len(p)) + p for p in prompts]), cache, last_only=True)[:, -1], -1)
+        token = mx.argmax(model(tokens, cache, last_only=True)[:, -1], -1)
         mx.eval(token)
         for _ in range(repeats):
             tic = time.perf_counter()

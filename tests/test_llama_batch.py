@@ -89,10 +89,9 @@ def test_each_row_caches_the_keys_and_values_of_its_prompt_alone(converted):
     batch = import_example("llama", "batch")
     prompts = prompts_of(LENGTHS)
     longest = max(LENGTHS)
-    padding = batch.Padding([longest - n for n in LENGTHS])
-    cache = [batch.BatchKVCache(padding) for _ in model.layers]
+    tokens, _, cache = batch.left_padded(model, prompts)
     with batch.batched(model):
-        model(mx.array([[0] * (longest - len(p)) + p for p in prompts]), cache)
+        model(tokens, cache)
     for b, prompt in enumerate(prompts):
         single = model.make_cache()
         model(mx.array([prompt]), single)
