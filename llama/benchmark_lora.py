@@ -27,11 +27,15 @@ prints one line and the others still run. Progress goes to stderr, the table to 
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import replace
+
+# lora.py first, before MLX starts: it sets the size of MLX's CUDA graphs, as training runs with it
+from lora import checkpoint_blocks, dequantizing_layers, linear_to_lora_layers, make_step  # isort: skip
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,9 +44,10 @@ import torch
 
 from benchmark import PRESETS
 from convert import hf_args
-from lora import checkpoint_blocks, dequantizing_layers, linear_to_lora_layers, make_step
 from model import Llama, warn_if_reference_blas
 from timing import say
+
+BUFFER = "MLX_MAX_MB_PER_BUFFER"  # lora.py's setting, or the user's
 
 
 def mlx_model(preset, dtype, bits=None):
@@ -213,7 +218,8 @@ def print_table(rows, args, tokens):
     print(f"LoRA fine-tuning, {args.preset} shape, random weights, rank {args.rank} on wq/wv (q_proj/v_proj) of the "
           f"last {args.num_layers} blocks, AdamW, batch {args.batch_size} x {args.seq_len} tokens, median of "
           f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
-          f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}, "
+          f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}"
+          f"{f', MLX_MAX_MB_PER_BUFFER={os.environ[BUFFER]}' if BUFFER in os.environ else ''}, "
           f"PyTorch {torch.__version__}")
     print(f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'start GB':>8} {'peak GB':>8} {'vs PyTorch':>10} "
           f"{'loss':>7}")

@@ -198,25 +198,33 @@ def test_qlora_loss_and_gradients_through_dequantized_weights_equal_the_quantize
         np.testing.assert_allclose(np.array(g2), np.array(g), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks():
-    # Without --grad-checkpoint, x @ dequantize(W).T as a plain product would keep every block's float W for the
-    # backward pass (measured: all 12 here); DequantizingLinear makes W again there (measured: under 2 blocks' worth
-    # at the peak, on a CPU). Wide layers and 8 tokens, so that the weights dwarf the activations.
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["", "grad-checkpoint"])
+def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks(compiled, checkpoint):
+    # A plain x @ dequantize(W).T would keep every block's float W for the backward pass, and so would mx.compile
+    # (a GPU's step) if it could merge the forward pass's dequantize with the backward pass's or with
+    # --grad-checkpoint's recomputation (measured: 1.07-1.17x all blocks' float weights at the peak before
+    # dequantized_product's mx.depends; 0.19-0.35x after). Wide layers and 8 tokens, so the weights dwarf the
+    # activations.
     model_py = import_example("llama", "model")
     model = model_py.Llama(model_py.ModelArgs(dim=384, n_layers=12, n_heads=3, vocab_size=256, hidden_dim=1536))
     nn.quantize(model, 64, 4)
     lora().dequantizing_layers(lora().linear_to_lora_layers(model, range(12), ["wq", "wv"], rank=4, alpha=8))
+    if checkpoint:
+        lora().checkpoint_blocks(model)
     float_bytes = 4 * sum(m.scales.size * m.group_size for block in model.layers for m in block.modules()
                           if isinstance(m, nn.QuantizedLinear))  # float32 (out, in) weights
-    loss_and_grad = nn.value_and_grad(model, lora().loss_fn)
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    optimizer.init(model.trainable_parameters())
+    step = lora().make_step(model, optimizer, compile=compiled)
     batch = lora().pad([(list(range(1, 10)), [True] * 9)])
-    mx.eval(model.parameters(), batch)
+    mx.eval(model.parameters(), optimizer.state, batch)
     gc.collect()
     mx.clear_cache()
     resting = mx.get_active_memory()
     mx.reset_peak_memory()
-    mx.eval(loss_and_grad(model, *batch))
-    assert mx.get_peak_memory() - resting < float_bytes / 3, (mx.get_peak_memory() - resting, float_bytes)
+    mx.eval(step(*batch), model.state, optimizer.state)
+    assert mx.get_peak_memory() - resting < float_bytes / 2, (mx.get_peak_memory() - resting, float_bytes)
 
 
 # ---- Training, in process -----------------------------------------------------------------------
