@@ -162,6 +162,8 @@ class CheckpointedBlock(TransformerBlock):
 def checkpoint_blocks(model):
     for block in model.layers:
         block.__class__ = CheckpointedBlock  # a class swap: model.py stays as it is
+        for module in block.modules():
+            module.recomputed = True  # read by dequantized_product
     return model
 
 
@@ -182,7 +184,9 @@ def dequantized_product(layer, x):
 
     @product.vjp
     def product_vjp(x, cotangent, output):  # the base is frozen: a gradient for x only
-        return cotangent @ weight_after(cotangent)
+        # Under --grad-checkpoint, x is the block's recomputed input, and the W made after it is the one the
+        # recomputation made just before: one dequantize less, and it is freed with the block's backward pass.
+        return cotangent @ weight_after(x if getattr(layer, "recomputed", False) else cotangent)
 
     return product(x)
 
