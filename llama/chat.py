@@ -112,7 +112,7 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
         tokens = chat_tokens(tokenizer, messages)
         common = len(os.path.commonprefix([cached, tokens[:-1]]))  # leading tokens equal in both lists
         for layer_cache in cache:
-            layer_cache.trim(common)
+            layer_cache.offset = common  # forget the positions from the first that differs on
         answer, generated = reply(tokens[common:], cache, tokens[:common])
         cached = (tokens + generated)[: cache[0].offset]  # what the cache really holds
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})

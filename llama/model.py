@@ -94,7 +94,7 @@ class KVCache:
 
     def __init__(self):
         self.keys = self.values = None
-        self.offset = 0  # number of positions filled
+        self.offset = 0  # number of positions filled; lowering it forgets the positions from there on
 
     def update(self, keys, values):
         """Append (B, n_kv_heads, T, head_dim) keys and values; return all of them so far."""
@@ -110,10 +110,6 @@ class KVCache:
         self.values[:, :, self.offset : self.offset + T] = values
         self.offset += T
         return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
-
-    def trim(self, n):
-        """Forget all but the first n positions (a chat whose new prompt differs from there on)."""
-        self.offset = min(self.offset, n)
 
 
 def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):

@@ -300,7 +300,8 @@ def test_benchmark_times_the_same_model_in_both_frameworks():
 
 def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_folder):
     """tp.py (mlx.launch runs) and quantize.py (quantized files) are features beside the model, as chat.py
-    (--chat) and hub.py (Hub names) are: a plain run of llama.py with a float model imports none of them."""
+    (--chat), hub.py (Hub names), hf_tokenizer.py (tokenizer.json), batch.py (--prompts) and lora.py
+    (--adapter-path) are: a plain run of llama.py with a float model and a tokenizer.model imports none of them."""
     import os
     import subprocess
     import sys
@@ -309,7 +310,7 @@ def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_fol
 
     code = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
             "runpy.run_path(sys.argv[0], run_name='__main__'); "
-            "print(sorted({'tp', 'quantize', 'chat', 'hub', 'model'} & set(sys.modules)), file=sys.stderr)")
+            "print(sorted({'tp', 'quantize', 'chat', 'hub', 'hf_tokenizer', 'batch', 'lora', 'model'} & set(sys.modules)), file=sys.stderr)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     result = subprocess.run([sys.executable, "-c", code, str(ROOT / "llama/llama.py"), str(converted),
                              str(hf_folder / "tokenizer.model"), "call me", "--max-tokens", "2"],

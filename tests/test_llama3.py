@@ -17,6 +17,8 @@ import torch
 
 from helpers import LLAMA_PARAMS, ROOT, hf_to_meta_state_dict, import_example, run_script, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("llama_on_path")  # tokenizer.py reads hf_tokenizer.py on demand
+
 TOL = 1e-4  # float32 logits
 # Meta's split pattern, copied from llama_models/llama3/tokenizer.py (not from llama/tokenizer.py).
 META_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
