@@ -253,6 +253,7 @@ def test_counts_that_are_not_positive_whole_numbers_are_refused_by_argparse(flag
 def test_progress_and_time_left_on_long_inputs(converted, capsys):
     folder, npz = converted("mean", True)
     model, tokenizer, pooling = embed.load_encoder(str(folder), npz)
+    capsys.readouterr()  # what making the fixture printed (transformers' progress bars, on some versions)
     progress = embed.Progress(100, verbose=True)
     progress.start -= 3
     progress.last = progress.start  # 3 s in, no report yet

@@ -62,11 +62,17 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
     full = subprocess.run([*common, "--out", str(tmp_path / "full")], capture_output=True, text=True)
     assert resumed.returncode == full.returncode == 0, resumed.stderr + full.stderr
     a, b = checkpoint_arrays(tmp_path / "full"), checkpoint_arrays(tmp_path / "resumed")
-    for name in a.keys() - {"meta"}:  # on the CPU, exactly: the same weights, moments and dropout masks
-        if mx.default_device() == mx.cpu:
+    names = sorted(a.keys() - {"meta"})
+    if mx.default_device() == mx.cpu:  # exactly: the same weights, moments and dropout masks
+        for name in names:
             assert np.array_equal(a[name], b[name]), name
-        else:  # GPU kernels that sum with atomics differ in the last bits from run to run (see test_gpt2.py)
-            assert np.allclose(a[name], b[name], rtol=0, atol=1e-5), name
+    else:  # GPU kernels that sum with atomics make two full runs differ too: within 4x that noise (see test_gpt2.py)
+        again = subprocess.run([*common, "--out", str(tmp_path / "again")], capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+        c = checkpoint_arrays(tmp_path / "again")
+        noise = max(np.abs(a[name] - c[name]).max() for name in names)
+        for name in names:
+            assert np.abs(a[name] - b[name]).max() <= 4 * noise + 1e-6, (name, noise)
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--seed", "-1"),
