@@ -59,7 +59,7 @@ from pathlib import Path
 
 # Before MLX starts: its CUDA backend sends work to the GPU in CUDA graphs of up to 1,000 MB of inputs (on an
 # H100 or H200) and keeps those inputs until their graph has run, up to 10 graphs ahead: at a 7B step's peak,
-# about 8 GB more than the step needs. Graphs of 100 MB keep about 1 GB, for 1-6% of the speed (measured on an H200).
+# about 8 GB more than the step needs. Graphs of 100 MB keep about 1 GB, at about the same speed (on an H200).
 if sys.platform != "darwin":
     os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
 

@@ -204,8 +204,8 @@ def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks(compiled, chec
     # A plain x @ dequantize(W).T would keep every block's float W for the backward pass, and so would mx.compile
     # (a GPU's step) if it could merge the forward pass's dequantize with the backward pass's or with
     # --grad-checkpoint's recomputation (measured: 1.07-1.17x all blocks' float weights at the peak before
-    # dequantized_product's mx.depends; 0.19-0.35x after). Wide layers and 8 tokens, so the weights dwarf the
-    # activations.
+    # dequantized_product's mx.depends; 0.17-0.25x after, 0.33-0.35x for an eager checkpointed step). Wide layers
+    # and 8 tokens, so the weights dwarf the activations.
     model_py = import_example("llama", "model")
     model = model_py.Llama(model_py.ModelArgs(dim=384, n_layers=12, n_heads=3, vocab_size=256, hidden_dim=1536))
     nn.quantize(model, 64, 4)
@@ -224,7 +224,8 @@ def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks(compiled, chec
     resting = mx.get_active_memory()
     mx.reset_peak_memory()
     mx.eval(step(*batch), model.state, optimizer.state)
-    assert mx.get_peak_memory() - resting < float_bytes / 2, (mx.get_peak_memory() - resting, float_bytes)
+    bound = float_bytes / (2 if checkpoint and not compiled else 3)
+    assert mx.get_peak_memory() - resting < bound, (mx.get_peak_memory() - resting, float_bytes)
 
 
 # ---- Training, in process -----------------------------------------------------------------------
