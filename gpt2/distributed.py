@@ -159,6 +159,8 @@ def launch(argv):
         text = " ".join(map(str, message))
         if "Node with rank" in text:
             code = int(re.search(r"exited with code (-?\d+)", text)[1]) if "exited with code" in text else 1
+            if code == -signal.SIGTERM and 130 in failures:
+                return  # after Ctrl-C, mlx.launch ending a process that was still exiting (the checkpoint is saved)
             failures.append(code if code >= 0 else 128 - code)  # -15 (SIGTERM) -> 143, as a shell says
             if code == 130:
                 return  # an interrupted process: process 0 has said so

@@ -260,6 +260,15 @@ def test_the_launcher_exits_with_the_status_of_the_process_that_failed(tmp_path)
     assert result.returncode == 3 and "Node with rank 1 exited with code 3" in result.stderr, result.stderr
 
 
+def test_after_an_interrupt_the_launcher_does_not_report_the_processes_it_ends_itself(tmp_path):
+    # Process 0 ends with 130 (interrupted, checkpoint saved) while process 1 is still exiting: mlx.launch
+    # ends that one with SIGTERM. That is the launcher's cleanup, not a second failure to warn about.
+    script = tmp_path / "interrupted.py"
+    script.write_text("import os, sys, time\nif os.environ['MLX_RANK'] == '1':\n    time.sleep(60)\nsys.exit(130)\n")
+    result = subprocess.run(launch_script(2, script), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and "[WARN]" not in result.stderr, result.stderr
+
+
 def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
     # The scaling benchmark's code paths, tiny: MLX on 1 and 2 processes, PyTorch DDP (gloo, CPU) on 2,
     # each started the way the scaling command starts it.
