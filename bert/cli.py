@@ -40,16 +40,22 @@ def run(main, *errors):
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except (ValueError, OSError, *errors) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, even for multi-line library errors
+        sys.exit(
+            "error: " + " ".join(str(e).split())
+        )  # one line, even for multi-line library errors
 
 
 def positive_int(value):
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, got {value!r}"
+        ) from None
     if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {number}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, got {number}"
+        )
     return number
 
 
@@ -58,7 +64,9 @@ def text(value):
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{value.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
+        raise argparse.ArgumentTypeError(
+            f"{value.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text"
+        ) from None
     return value
 
 
@@ -67,20 +75,24 @@ def read_lines(path):
     try:
         return Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                         "save it as UTF-8") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
     except OSError as e:
         raise OSError(f"cannot read {path}: {e.strerror}") from None
 
 
 def temp_prefix(path):
-    return f".{path.name}.{os.getpid()}."  # hidden, and tied to the process that writes it
+    return (
+        f".{path.name}.{os.getpid()}."  # hidden, and tied to the process that writes it
+    )
 
 
 def remove_stale_temps(path):
     """Remove the temporary files that earlier writers of `path`, no longer running, left behind."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
         try:
             if pid.isdigit() and int(pid) != os.getpid():
                 os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
@@ -99,12 +111,16 @@ def check_writable(path, size=0):
         raise OSError(f"cannot write {path}: {parent} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"):
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"
+        ):
             pass  # a file can be created there
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     if (free := shutil.disk_usage(path.parent).free) < size:
-        raise OSError(f"cannot write {path}: it needs {size / 1e6:.1f} MB and its disk has {free / 1e6:.1f} MB free")
+        raise OSError(
+            f"cannot write {path}: it needs {size / 1e6:.1f} MB and its disk has {free / 1e6:.1f} MB free"
+        )
 
 
 def user_mode():
@@ -125,7 +141,9 @@ def write_atomically(path, write):
         os.chmod(tmp, user_mode())
         os.replace(tmp, path)
     except OSError as e:  # a full disk, ...
-        raise OSError(f"cannot write {path}: {e.strerror or e}; {path} is as it was") from None
+        raise OSError(
+            f"cannot write {path}: {e.strerror or e}; {path} is as it was"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -19,27 +19,48 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 from cli import check_writable, run, write_atomically
 
 # Hugging Face name (after stripping a leading "bert.") -> MLX name, as (regex, replacement) pairs.
 KEY_MAP = [
     (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.layers.\1.attention.\2."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.layers.\1.attention.out_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.layers.\1.attention_norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.layers.\1.feed_forward.up."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layers.\1.feed_forward.down."),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.",
+        r"encoder.layers.\1.attention.\2.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.",
+        r"encoder.layers.\1.attention.out_proj.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+        r"encoder.layers.\1.attention_norm.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.intermediate\.dense\.",
+        r"encoder.layers.\1.feed_forward.up.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.output\.dense\.",
+        r"encoder.layers.\1.feed_forward.down.",
+    ),
     (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layers.\1.ffn_norm."),
     (r"^pooler\.dense\.", "pooler."),
     (r"^cls\.predictions\.transform\.dense\.", "mlm.dense."),
     (r"^cls\.predictions\.transform\.LayerNorm\.", "mlm.norm."),
     (r"^cls\.predictions\.bias$", "mlm.bias"),
-    (r"^embeddings\.(word|position|token_type)_embeddings\.weight$", r"embeddings.\1_embeddings.weight"),
+    (
+        r"^embeddings\.(word|position|token_type)_embeddings\.weight$",
+        r"embeddings.\1_embeddings.weight",
+    ),
 ]
 # Present in some checkpoints and not needed: the decoder is tied to the word embeddings, the NSP
 # head is not part of this model, position_ids is a buffer.
-DROPPED = [r"^cls\.predictions\.decoder\.", r"^cls\.seq_relationship\.", r"position_ids$"]
+DROPPED = [
+    r"^cls\.predictions\.decoder\.",
+    r"^cls\.seq_relationship\.",
+    r"position_ids$",
+]
 
 
 class ConversionError(Exception):
@@ -49,19 +70,27 @@ class ConversionError(Exception):
 def hf_to_mlx_name(name):
     """The MLX parameter name for a Hugging Face one, or None if it is dropped."""
     name = re.sub(r"^bert\.", "", name)
-    name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))  # old LayerNorm names
+    name = re.sub(
+        r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name)
+    )  # old LayerNorm names
     if any(re.search(pattern, name) for pattern in DROPPED):
         return None
     for pattern, replacement in KEY_MAP:
         if re.search(pattern, name):
             return re.sub(pattern, replacement, name)
-    raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a BERT model?")
+    raise ConversionError(
+        f"unexpected weight {name!r} in the checkpoint; is it a BERT model?"
+    )
 
 
 def looks_like_a_path(name):
     """True unless `name` can only be a Hugging Face repository id ("name" or "org/name"): a path
     exists, starts with . / or ~, has more than one separator, or starts with a folder that exists here."""
-    if Path(name).exists() or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None or name.startswith("."):
+    if (
+        Path(name).exists()
+        or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None
+        or name.startswith(".")
+    ):
         return True
     return "/" in name and Path(name).parent.is_dir()
 
@@ -71,18 +100,36 @@ def resolve(bert_model):
     if Path(bert_model).is_dir():
         return Path(bert_model)
     if looks_like_a_path(bert_model):
-        raise ConversionError(f"{bert_model} is not a folder; --bert-model takes a folder with config.json and "
-                              "model.safetensors (or pytorch_model.bin), or a Hub name such as bert-base-uncased")
+        raise ConversionError(
+            f"{bert_model} is not a folder; --bert-model takes a folder with config.json and "
+            "model.safetensors (or pytorch_model.bin), or a Hub name such as bert-base-uncased"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(bert_model, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "vocab.txt", "tokenizer*.json", "special_tokens_map.json",  # and sentence-transformers' files:
-            "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*/config.json"]))
+        return Path(
+            snapshot_download(
+                bert_model,
+                allow_patterns=[
+                    "config.json",
+                    "*.safetensors",
+                    "model.safetensors.index.json",
+                    "pytorch_model.bin",
+                    "vocab.txt",
+                    "tokenizer*.json",
+                    "special_tokens_map.json",  # and sentence-transformers' files:
+                    "modules.json",
+                    "sentence_bert_config.json",
+                    "config_sentence_transformers.json",
+                    "*/config.json",
+                ],
+            )
+        )
     except Exception as e:  # offline, unknown name, ...
-        raise ConversionError(f"cannot get {bert_model!r} from the Hugging Face Hub ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder instead") from None
+        raise ConversionError(
+            f"cannot get {bert_model!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder instead"
+        ) from None
 
 
 def read_checkpoint(folder):
@@ -102,10 +149,17 @@ def read_checkpoint(folder):
             import torch
 
             # weights_only=True: never unpickle arbitrary objects from a downloaded file.
-            state_dict = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-            return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state_dict.items()}
+            state_dict = torch.load(
+                folder / "pytorch_model.bin", map_location="cpu", weights_only=True
+            )
+            return {
+                k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in state_dict.items()
+            }
     except Exception as e:
-        raise ConversionError(f"cannot read the weights in {folder}: {type(e).__name__}: {e}") from None
+        raise ConversionError(
+            f"cannot read the weights in {folder}: {type(e).__name__}: {e}"
+        ) from None
     raise ConversionError(f"no model.safetensors or pytorch_model.bin in {folder}")
 
 
@@ -116,27 +170,44 @@ def read_json(path, kind=dict):
     except (OSError, ValueError) as e:  # missing, not UTF-8, not JSON
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(value, kind):
-        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} expected; is it damaged?")
+        raise ConversionError(
+            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} expected; is it damaged?"
+        )
     return value
 
 
 # The older config.json of sentence-transformers' Pooling: one boolean per mode (mean when none is set).
-LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
-                       "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                       "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
 def pooling_mode(folder, path):
     """The pooling mode of the Pooling module in folder/path (its config.json), checked against the model's size."""
     file = folder / path / "config.json"
     config = read_json(file)
-    if "pooling_mode" in config:  # sentence-transformers 6: a mode, or a list of modes to concatenate
-        modes = config["pooling_mode"] if isinstance(config["pooling_mode"], list) else [config["pooling_mode"]]
+    if (
+        "pooling_mode" in config
+    ):  # sentence-transformers 6: a mode, or a list of modes to concatenate
+        modes = (
+            config["pooling_mode"]
+            if isinstance(config["pooling_mode"], list)
+            else [config["pooling_mode"]]
+        )
     else:
-        modes = [mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+        modes = [
+            mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)
+        ] or ["mean"]
     dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
     if dim != (hidden := read_json(folder / "config.json").get("hidden_size")):
-        raise ConversionError(f"{file} pools vectors of {dim} dimensions, but the model's hidden_size is {hidden}")
+        raise ConversionError(
+            f"{file} pools vectors of {dim} dimensions, but the model's hidden_size is {hidden}"
+        )
     return " + ".join(map(str, modes))  # more than one is refused by Pooling
 
 
@@ -150,17 +221,36 @@ def read_pooling(folder):
     if not all(isinstance(m, dict) for m in modules):
         raise ConversionError(f"{folder / 'modules.json'} is not a list of modules")
     kinds = [str(m.get("type")).rsplit(".", 1)[-1] for m in modules]
-    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or modules[0].get("path"):
-        raise ConversionError(f"{folder / 'modules.json'} has the modules {', '.join(kinds)} (the first in "
-                              f"{modules[0].get('path')!r}); embed.py implements Transformer (in the folder itself), "
-                              "Pooling, and optionally Normalize")
-    settings = read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
+    if kinds not in (
+        ["Transformer", "Pooling"],
+        ["Transformer", "Pooling", "Normalize"],
+    ) or modules[0].get("path"):
+        raise ConversionError(
+            f"{folder / 'modules.json'} has the modules {', '.join(kinds)} (the first in "
+            f"{modules[0].get('path')!r}); embed.py implements Transformer (in the folder itself), "
+            "Pooling, and optionally Normalize"
+        )
+    settings = (
+        read_json(folder / "sentence_bert_config.json")
+        if (folder / "sentence_bert_config.json").is_file()
+        else {}
+    )
     if (folder / "config_sentence_transformers.json").is_file():
-        if (prompt := read_json(folder / "config_sentence_transformers.json").get("default_prompt_name")) is not None:
-            raise ConversionError(f"the model prepends the prompt {prompt!r} by default, which embed.py does not do")
+        if (
+            prompt := read_json(folder / "config_sentence_transformers.json").get(
+                "default_prompt_name"
+            )
+        ) is not None:
+            raise ConversionError(
+                f"the model prepends the prompt {prompt!r} by default, which embed.py does not do"
+            )
     try:
-        return Pooling(pooling_mode(folder, modules[1].get("path", "")), normalize=kinds[-1] == "Normalize",
-                       max_seq_length=settings.get("max_seq_length"), do_lower_case=settings.get("do_lower_case", False))
+        return Pooling(
+            pooling_mode(folder, modules[1].get("path", "")),
+            normalize=kinds[-1] == "Normalize",
+            max_seq_length=settings.get("max_seq_length"),
+            do_lower_case=settings.get("do_lower_case", False),
+        )
     except ValueError as e:
         raise ConversionError(f"{folder}: {e}") from None
 
@@ -168,23 +258,32 @@ def read_pooling(folder):
 def convert(bert_model):
     """({MLX name: float32 numpy array} for the checkpoint `bert_model`, its pooling or None)."""
     folder = resolve(bert_model)
-    pooling = read_pooling(folder)  # first: a sentence-transformers model that cannot be used stops here
+    pooling = read_pooling(
+        folder
+    )  # first: a sentence-transformers model that cannot be used stops here
     weights = {}
     for name, value in read_checkpoint(folder).items():
         mlx_name = hf_to_mlx_name(name)
         if mlx_name is not None:
             if value.dtype.kind != "f":
-                raise ConversionError(f"{name} in {folder} is {value.dtype}, not floating point; is it a quantized model?")
+                raise ConversionError(
+                    f"{name} in {folder} is {value.dtype}, not floating point; is it a quantized model?"
+                )
             weights[mlx_name] = value.astype(np.float32)
     return weights, pooling
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face BERT checkpoint, or a sentence-transformers "
-                                                 "model built on one, to MLX weights (.npz).")
-    parser.add_argument("--bert-model", required=True,
-                        help="Hugging Face model name (e.g. bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2) "
-                             "or local folder with config.json and model.safetensors or pytorch_model.bin")
+    parser = argparse.ArgumentParser(
+        description="Convert a Hugging Face BERT checkpoint, or a sentence-transformers "
+        "model built on one, to MLX weights (.npz)."
+    )
+    parser.add_argument(
+        "--bert-model",
+        required=True,
+        help="Hugging Face model name (e.g. bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2) "
+        "or local folder with config.json and model.safetensors or pytorch_model.bin",
+    )
     parser.add_argument("--mlx-model", required=True, help="the .npz file to write")
     args = parser.parse_args()
     if not args.mlx_model.endswith(".npz"):
@@ -198,8 +297,14 @@ def main():
     check_writable(args.mlx_model, size=sum(a.nbytes for a in weights.values()))
     write_atomically(args.mlx_model, lambda f: np.savez(f, **weights))
     head = "with" if any(k.startswith("mlm.") for k in weights) else "without"
-    kind = f", and its {pooling.mode} pooling{' with normalization' if pooling.normalize else ''}" if pooling else ""
-    print(f"Wrote {len(weights) - bool(pooling)} arrays ({head} the masked-LM head){kind} to {args.mlx_model}")
+    kind = (
+        f", and its {pooling.mode} pooling{' with normalization' if pooling.normalize else ''}"
+        if pooling
+        else ""
+    )
+    print(
+        f"Wrote {len(weights) - bool(pooling)} arrays ({head} the masked-LM head){kind} to {args.mlx_model}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
-
 from cli import check_writable, positive_int, read_lines, run, text, write_atomically
 from model import DTYPES, WeightsError, load_model
 
@@ -39,17 +38,28 @@ PAD_TO = 32  # each new input shape costs new kernels on a GPU; 32 keeps them fe
 class Pooling:
     mode: str = "mean"
     normalize: bool = False
-    max_seq_length: int | None = None  # None: the tokenizer's model_max_length, at most the model's positions
+    max_seq_length: int | None = (
+        None  # None: the tokenizer's model_max_length, at most the model's positions
+    )
     do_lower_case: bool = False
 
     def __post_init__(self):
         """Refuse a pooling that embed.py does not implement, or a damaged one, as a whole (ValueError naming it)."""
         if self.mode not in POOLING_MODES:
-            raise ValueError(f"the pooling {self.mode!r} is not implemented here; embed.py implements {', '.join(POOLING_MODES)}")
+            raise ValueError(
+                f"the pooling {self.mode!r} is not implemented here; embed.py implements {', '.join(POOLING_MODES)}"
+            )
         if type(self.normalize) is not bool or type(self.do_lower_case) is not bool:
-            raise ValueError(f"normalize and do_lower_case must be true or false, not {self.normalize!r}, {self.do_lower_case!r}")
-        if self.max_seq_length is not None and (type(self.max_seq_length) is not int or not 2 <= self.max_seq_length <= 2**20):
-            raise ValueError(f"max_seq_length is {self.max_seq_length!r}; it must be a whole number from 2 to 1,048,576")
+            raise ValueError(
+                f"normalize and do_lower_case must be true or false, not {self.normalize!r}, {self.do_lower_case!r}"
+            )
+        if self.max_seq_length is not None and (
+            type(self.max_seq_length) is not int
+            or not 2 <= self.max_seq_length <= 2**20
+        ):
+            raise ValueError(
+                f"max_seq_length is {self.max_seq_length!r}; it must be a whole number from 2 to 1,048,576"
+            )
 
 
 def pooling_array(pooling):
@@ -62,9 +72,18 @@ def read_pooling(weights_path):
     with np.load(weights_path, allow_pickle=False) as npz:
         stored = npz["pooling"] if "pooling" in npz.files else None
     try:
-        return None if stored is None else Pooling(**json.loads(stored.astype(np.uint8).tobytes().decode()))
-    except (ValueError, TypeError) as e:  # not UTF-8 or JSON, not an object, a missing or unknown key, a bad value
-        raise WeightsError(f"the pooling stored in {weights_path} is damaged ({e}); convert the model again") from None
+        return (
+            None
+            if stored is None
+            else Pooling(**json.loads(stored.astype(np.uint8).tobytes().decode()))
+        )
+    except (
+        ValueError,
+        TypeError,
+    ) as e:  # not UTF-8 or JSON, not an object, a missing or unknown key, a bad value
+        raise WeightsError(
+            f"the pooling stored in {weights_path} is damaged ({e}); convert the model again"
+        ) from None
 
 
 def load_encoder(bert_model, weights_path, dtype=mx.float32, verbose=False):
@@ -72,8 +91,11 @@ def load_encoder(bert_model, weights_path, dtype=mx.float32, verbose=False):
     (sentence-transformers' default for a plain BERT: the mean, unnormalized; verbose: say so on stderr)."""
     model, tokenizer = load_model(bert_model, weights_path, dtype)
     if (pooling := read_pooling(weights_path)) is None and verbose:
-        print(f"note: {weights_path} has no pooling stored (a plain BERT, not a sentence-transformers model): "
-              "the mean of the token vectors, unnormalized, as sentence-transformers does for such models", file=sys.stderr)
+        print(
+            f"note: {weights_path} has no pooling stored (a plain BERT, not a sentence-transformers model): "
+            "the mean of the token vectors, unnormalized, as sentence-transformers does for such models",
+            file=sys.stderr,
+        )
     return model, tokenizer, pooling or Pooling()
 
 
@@ -83,13 +105,18 @@ def max_length(model, tokenizer, pooling):
     if pooling.max_seq_length is None:
         return min(tokenizer.model_max_length, positions)
     if pooling.max_seq_length > positions:
-        raise ValueError(f"max_seq_length {pooling.max_seq_length} is more than the model's {positions} positions")
+        raise ValueError(
+            f"max_seq_length {pooling.max_seq_length} is more than the model's {positions} positions"
+        )
     return pooling.max_seq_length
 
 
 def pool(hidden, mask, pooling):
     """(B, T, D) last hidden states and the (B, T) mask of real tokens -> (B, D) float32 sentence embeddings."""
-    hidden, mask = hidden.astype(mx.float32), mask[..., None]  # pooled in float32, as sentence-transformers does
+    hidden, mask = (
+        hidden.astype(mx.float32),
+        mask[..., None],
+    )  # pooled in float32, as sentence-transformers does
     if pooling.mode == "cls":
         x = hidden[:, 0]
     elif pooling.mode == "max":
@@ -97,18 +124,27 @@ def pool(hidden, mask, pooling):
     else:
         x = (hidden * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1e-9)
     if pooling.normalize:
-        x = x / mx.maximum(mx.sqrt((x * x).sum(axis=-1, keepdims=True)), 1e-12)  # torch.nn.functional.normalize's eps
+        x = x / mx.maximum(
+            mx.sqrt((x * x).sum(axis=-1, keepdims=True)), 1e-12
+        )  # torch.nn.functional.normalize's eps
     return x
 
 
 def embedder(model, pooling):
     """(input_ids, mask) -> (B, D) sentence embeddings: the model's last hidden states, pooled."""
-    return lambda ids, mask: pool(model(ids, attention_mask=mask)[0], mask, pooling)  # the pooler is never computed
+    return lambda ids, mask: pool(
+        model(ids, attention_mask=mask)[0], mask, pooling
+    )  # the pooler is never computed
 
 
 def tokenize(tokenizer, sentences, max_len):
     """(input_ids (B, T), mask (B, T), how many were truncated) for one batch, T a multiple of PAD_TO (at most max_len)."""
-    ids = tokenizer(sentences, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+    ids = tokenizer(
+        sentences,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["input_ids"]
     truncated = sum(len(row) > max_len for row in ids)
     # Truncation as transformers' (and so sentence-transformers'): keep [CLS] and the first tokens, end with [SEP].
     ids = [row if len(row) <= max_len else row[: max_len - 1] + row[-1:] for row in ids]
@@ -124,29 +160,58 @@ class Progress:
     """How far encode() is and the time left, on stderr: after 2 s, then every 10 s."""
 
     def __init__(self, total, verbose):
-        self.total, self.verbose, self.start, self.last = total, verbose, time.perf_counter(), time.perf_counter()
+        self.total, self.verbose, self.start, self.last = (
+            total,
+            verbose,
+            time.perf_counter(),
+            time.perf_counter(),
+        )
 
     def __call__(self, done):
         now = time.perf_counter()
-        if self.verbose and now - self.last > (2 if self.last == self.start else 10) and done < self.total:
+        if (
+            self.verbose
+            and now - self.last > (2 if self.last == self.start else 10)
+            and done < self.total
+        ):
             left = (now - self.start) / done * (self.total - done)
-            print(f"  {done:,} of {self.total:,} sentences, about {left:.0f} s to go", file=sys.stderr, flush=True)
+            print(
+                f"  {done:,} of {self.total:,} sentences, about {left:.0f} s to go",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last = now
 
 
-def encode(model, tokenizer, sentences, pooling=Pooling(), batch_size=32, verbose=False, forward=None):
+def encode(
+    model,
+    tokenizer,
+    sentences,
+    pooling=Pooling(),
+    batch_size=32,
+    verbose=False,
+    forward=None,
+):
     """(N, D) float32 numpy sentence embeddings of `sentences`, in their order, as
     `SentenceTransformer(folder).encode(sentences, batch_size=batch_size)` gives them.
     verbose: progress on stderr for long inputs, and how many sentences were truncated.
     forward: embedder(model, pooling) by default; benchmark.py --compile passes an mx.compile'd one."""
-    max_len, forward = max_length(model, tokenizer, pooling), forward or embedder(model, pooling)
+    max_len, forward = (
+        max_length(model, tokenizer, pooling),
+        forward or embedder(model, pooling),
+    )
     if pooling.do_lower_case:
         sentences = [s.lower() for s in sentences]
-    order = np.argsort([-len(s) for s in sentences], kind="stable")  # longest first, as sentence-transformers
+    order = np.argsort(
+        [-len(s) for s in sentences], kind="stable"
+    )  # longest first, as sentence-transformers
     out = np.empty((len(sentences), model.config.hidden_size), dtype=np.float32)
     if verbose and len(sentences) > batch_size:
-        print(f"embedding {len(sentences):,} sentences in batches of {batch_size} on {mx.default_device()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"embedding {len(sentences):,} sentences in batches of {batch_size} on {mx.default_device()}",
+            file=sys.stderr,
+            flush=True,
+        )
     progress, truncated, previous = Progress(len(sentences), verbose), 0, None
     for start in range(0, len(sentences), batch_size):
         rows = order[start : start + batch_size]
@@ -161,13 +226,18 @@ def encode(model, tokenizer, sentences, pooling=Pooling(), batch_size=32, verbos
     if previous is not None:
         out[previous[0]] = np.array(previous[1])
     if verbose and truncated:
-        print(f"{truncated:,} of {len(sentences):,} sentences were longer than {max_len} tokens and were truncated to "
-              f"{max_len}, as sentence-transformers does", file=sys.stderr)
+        print(
+            f"{truncated:,} of {len(sentences):,} sentences were longer than {max_len} tokens and were truncated to "
+            f"{max_len}, as sentence-transformers does",
+            file=sys.stderr,
+        )
     return out
 
 
 def cosine_similarity(a, b):
-    a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in (a, b))
+    a, b = (
+        x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in (a, b)
+    )
     return a @ b.T
 
 
@@ -188,29 +258,77 @@ def read_sentences(path):
 
 def print_similarities(sentences, embeddings):
     similarity = cosine_similarity(embeddings, embeddings)
-    print(f"cosine similarity of {len(sentences)} sentences ({embeddings.shape[1]} dimensions):")
+    print(
+        f"cosine similarity of {len(sentences)} sentences ({embeddings.shape[1]} dimensions):"
+    )
     print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(sentences))))
     for i, sentence in enumerate(sentences):
         shown = sentence if len(sentence) <= 60 else sentence[:57] + "..."
-        print(f"{f'[{i}]':>5}" + "".join(f"{s:8.4f}" for s in similarity[i]) + f"  {shown}")
+        print(
+            f"{f'[{i}]':>5}"
+            + "".join(f"{s:8.4f}" for s in similarity[i])
+            + f"  {shown}"
+        )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sentence embeddings, their cosine similarities, and semantic search "
-                                                 "with the MLX BERT, equal to sentence-transformers' encode().")
-    parser.add_argument("sentences", nargs="*", type=text, help="sentences to embed (or --input, or --search)")
-    parser.add_argument("--bert-model", required=True, help="Hugging Face name or local folder (config, tokenizer)")
-    parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py")
-    parser.add_argument("--input", help="a UTF-8 text file of sentences to embed, one a line (blank lines are skipped)")
-    parser.add_argument("--out", help="write the (N, dim) float32 embeddings to this .npy file instead of printing similarities")
-    parser.add_argument("--search", metavar="CORPUS", help="a UTF-8 text file, one sentence a line, to search with --query")
-    parser.add_argument("--query", type=text, help="the sentence to search --search's corpus for")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="matches --search prints (default: 5)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sentences encoded at once (default: 32)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
+    parser = argparse.ArgumentParser(
+        description="Sentence embeddings, their cosine similarities, and semantic search "
+        "with the MLX BERT, equal to sentence-transformers' encode()."
+    )
+    parser.add_argument(
+        "sentences",
+        nargs="*",
+        type=text,
+        help="sentences to embed (or --input, or --search)",
+    )
+    parser.add_argument(
+        "--bert-model",
+        required=True,
+        help="Hugging Face name or local folder (config, tokenizer)",
+    )
+    parser.add_argument(
+        "--mlx-model", required=True, help="the .npz written by convert.py"
+    )
+    parser.add_argument(
+        "--input",
+        help="a UTF-8 text file of sentences to embed, one a line (blank lines are skipped)",
+    )
+    parser.add_argument(
+        "--out",
+        help="write the (N, dim) float32 embeddings to this .npy file instead of printing similarities",
+    )
+    parser.add_argument(
+        "--search",
+        metavar="CORPUS",
+        help="a UTF-8 text file, one sentence a line, to search with --query",
+    )
+    parser.add_argument(
+        "--query", type=text, help="the sentence to search --search's corpus for"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=5,
+        help="matches --search prints (default: 5)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="sentences encoded at once (default: 32)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="inference dtype (default: float32)",
+    )
     args = parser.parse_args(argv)
     if sum(map(bool, (args.sentences, args.input, args.search))) > 1:
-        parser.error("give the sentences one way: as arguments, in --input FILE, or as --search CORPUS")
+        parser.error(
+            "give the sentences one way: as arguments, in --input FILE, or as --search CORPUS"
+        )
     if (args.search is None) != (args.query is None):
         parser.error("--search CORPUS and --query TEXT go together")
     if args.out and not args.out.endswith(".npy"):
@@ -220,19 +338,39 @@ def parse_args(argv=None):
 
 def main(args):
     if args.out:
-        check_writable(args.out)  # before the model is loaded and the sentences are encoded
-    line_numbers, sentences = read_sentences(args.input or args.search) if args.input or args.search else (None, args.sentences)
-    if not any(s.strip() for s in sentences) or (args.query is not None and not args.query.strip()):
-        raise ValueError("no sentences: give them as arguments, in --input FILE (one a line), or --search CORPUS --query TEXT")
-    model, tokenizer, pooling = load_encoder(args.bert_model, args.mlx_model, DTYPES[args.dtype], verbose=True)
+        check_writable(
+            args.out
+        )  # before the model is loaded and the sentences are encoded
+    line_numbers, sentences = (
+        read_sentences(args.input or args.search)
+        if args.input or args.search
+        else (None, args.sentences)
+    )
+    if not any(s.strip() for s in sentences) or (
+        args.query is not None and not args.query.strip()
+    ):
+        raise ValueError(
+            "no sentences: give them as arguments, in --input FILE (one a line), or --search CORPUS --query TEXT"
+        )
+    model, tokenizer, pooling = load_encoder(
+        args.bert_model, args.mlx_model, DTYPES[args.dtype], verbose=True
+    )
     if args.out:
-        check_writable(args.out, size=len(sentences) * model.config.hidden_size * 4 + 128)
-    embeddings = encode(model, tokenizer, sentences, pooling, args.batch_size, verbose=True)
+        check_writable(
+            args.out, size=len(sentences) * model.config.hidden_size * 4 + 128
+        )
+    embeddings = encode(
+        model, tokenizer, sentences, pooling, args.batch_size, verbose=True
+    )
     if not np.isfinite(embeddings).all():
-        raise ValueError(f"the embeddings are not finite (NaN or infinity) in {args.dtype}; try --dtype float32")
+        raise ValueError(
+            f"the embeddings are not finite (NaN or infinity) in {args.dtype}; try --dtype float32"
+        )
     if args.out:
         write_atomically(args.out, lambda f: np.save(f, embeddings, allow_pickle=False))
-        print(f"Wrote the {embeddings.shape[0]:,} x {embeddings.shape[1]} float32 embeddings to {args.out}")
+        print(
+            f"Wrote the {embeddings.shape[0]:,} x {embeddings.shape[1]} float32 embeddings to {args.out}"
+        )
     if args.search:
         (query,) = encode(model, tokenizer, [args.query], pooling)
         print(f"query: {args.query}")

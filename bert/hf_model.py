@@ -12,10 +12,19 @@ from model import SAMPLE_BATCH
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Run transformers' BertModel on the sample batch and print its output.")
-    parser.add_argument("--bert-model", required=True, help="Hugging Face model name or local folder")
-    parser.add_argument("--text", nargs="+", type=text, default=SAMPLE_BATCH,
-                        help="sentences to encode (default: the same sample batch as model.py)")
+    parser = argparse.ArgumentParser(
+        description="Run transformers' BertModel on the sample batch and print its output."
+    )
+    parser.add_argument(
+        "--bert-model", required=True, help="Hugging Face model name or local folder"
+    )
+    parser.add_argument(
+        "--text",
+        nargs="+",
+        type=text,
+        default=SAMPLE_BATCH,
+        help="sentences to encode (default: the same sample batch as model.py)",
+    )
     args = parser.parse_args()
     import torch  # here, not at the top: Ctrl-C during these seconds of imports is one line too
     from transformers import AutoModel, AutoTokenizer
@@ -24,7 +33,9 @@ def main():
         tokenizer = AutoTokenizer.from_pretrained(args.bert_model)
         model = AutoModel.from_pretrained(args.bert_model).eval()
     except Exception as e:  # missing, unreachable, damaged
-        raise ValueError(f"cannot load {args.bert_model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ValueError(
+            f"cannot load {args.bert_model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     tokens = tokenizer(args.text, return_tensors="pt", padding=True)
     with torch.no_grad():
         output = model(**tokens)

@@ -9,7 +9,6 @@ For every [MASK] in every sentence, prints the top-k tokens and their probabilit
 import argparse
 
 import mlx.core as mx
-
 from cli import positive_int, run, text
 from model import DTYPES, WeightsError, load_model
 
@@ -18,30 +17,64 @@ def fill_mask(model, tokenizer, sentences, top_k):
     """For each sentence, a list (one per [MASK]) of [(token, probability), ...] best first."""
     tokens = tokenizer(sentences, return_tensors="np", padding=True)
     hidden, _ = model(**{k: mx.array(v) for k, v in tokens.items()})
-    probs = mx.softmax(model.mlm_logits(hidden).astype(mx.float32), axis=-1)  # (B, T, vocab)
+    probs = mx.softmax(
+        model.mlm_logits(hidden).astype(mx.float32), axis=-1
+    )  # (B, T, vocab)
     results = []
     for b, ids in enumerate(tokens["input_ids"]):
         fills = []
         for t in (ids == tokenizer.mask_token_id).nonzero()[0]:
             best = mx.argsort(-probs[b, t])[:top_k].tolist()
-            fills.append([(tokenizer.convert_ids_to_tokens(i), probs[b, t, i].item()) for i in best])
+            fills.append(
+                [
+                    (tokenizer.convert_ids_to_tokens(i), probs[b, t, i].item())
+                    for i in best
+                ]
+            )
         results.append(fills)
     return results
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Predict the words behind [MASK] with BERT in MLX.")
-    parser.add_argument("text", nargs="+", type=text, help="one or more sentences, each with at least one [MASK]")
-    parser.add_argument("--bert-model", required=True, help="Hugging Face model name or local folder (config, tokenizer)")
-    parser.add_argument("--mlx-model", required=True, help="the .npz written by convert.py, with the masked-LM head")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="candidates to print per [MASK] (default: 5)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="inference dtype (default: float32)")
+    parser = argparse.ArgumentParser(
+        description="Predict the words behind [MASK] with BERT in MLX."
+    )
+    parser.add_argument(
+        "text",
+        nargs="+",
+        type=text,
+        help="one or more sentences, each with at least one [MASK]",
+    )
+    parser.add_argument(
+        "--bert-model",
+        required=True,
+        help="Hugging Face model name or local folder (config, tokenizer)",
+    )
+    parser.add_argument(
+        "--mlx-model",
+        required=True,
+        help="the .npz written by convert.py, with the masked-LM head",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=5,
+        help="candidates to print per [MASK] (default: 5)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="inference dtype (default: float32)",
+    )
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
     if "mlm" not in model:
-        raise WeightsError(f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has one, "
-                           "such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM")
+        raise WeightsError(
+            f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has one, "
+            "such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM"
+        )
     missing = [s for s in args.text if tokenizer.mask_token not in s]
     if missing:
         raise ValueError(f"no {tokenizer.mask_token} in {missing[0]!r}")

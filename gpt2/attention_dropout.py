@@ -16,15 +16,16 @@ reading S and dP_d and writing dS. P is recomputed from S (which autograd keeps 
 from the key, so nothing else is stored. Z is exactly the mask dropout.py's kernel draws for the same
 key over P's flat elements, so the two ways give the same result; tests/test_gpt2_precision.py checks
 that on a GPU. On the CPU and on Apple GPUs this is model.py's AttentionDropout: causal_softmax, then
-nn.Dropout. kernels.py puts this class in the model's place on an NVIDIA GPU.
+nn.Dropout. cuda_dropout.py puts this class in the model's place on an NVIDIA GPU.
 """
 
 import mlx.core as mx
-
 from dropout import PHILOX, Dropout, draw_key
 from model import causal_softmax
 
-HEADER = PHILOX + """
+HEADER = (
+    PHILOX
+    + """
 #define NEG_INF (-__int_as_float(0x7f800000))
 __device__ inline float warp_max(float v) {
   for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -35,6 +36,7 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 """
+)
 
 # Both kernels start here. One warp (32 threads) per row of TT scores: lane l holds the columns
 # 128 g + 4 l + c (c < 4) in registers, so its four consecutive columns are one Philox call, the one
@@ -85,7 +87,9 @@ ROW_SOFTMAX_AND_MASK = """
   }
 """
 
-FORWARD = ROW_SOFTMAX_AND_MASK + """
+FORWARD = (
+    ROW_SOFTMAX_AND_MASK
+    + """
   #pragma unroll
   for (int g = 0; g < G; ++g) {
     #pragma unroll
@@ -95,8 +99,11 @@ FORWARD = ROW_SOFTMAX_AND_MASK + """
     }
   }
 """
+)
 
-BACKWARD = ROW_SOFTMAX_AND_MASK + """
+BACKWARD = (
+    ROW_SOFTMAX_AND_MASK
+    + """
   float dp[G][4];
   float dot = 0.0f;  // rowsum(P * dP)
   #pragma unroll
@@ -118,6 +125,7 @@ BACKWARD = ROW_SOFTMAX_AND_MASK + """
     }
   }
 """
+)
 
 MAX_T = 1024  # a row lives in one warp's registers (T / 32 floats per thread, three times in the backward)
 _kernels = {}
@@ -126,14 +134,23 @@ _kernels = {}
 def run_kernel(name, source, inputs, keep):
     """Launch `source` with one warp per row of inputs["s"] (..., T, T); returns its (..., T, T) output."""
     if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"],
-                                             header=HEADER, source=source)
+        _kernels[name] = mx.fast.cuda_kernel(
+            name=name,
+            input_names=list(inputs),
+            output_names=["out"],
+            header=HEADER,
+            source=source,
+        )
     s = inputs["s"]
     rows, warps_per_block = s.size // s.shape[-1], 4
-    (out,) = _kernels[name](inputs=list(inputs.values()),
-                            template=[("T", s.dtype), ("TT", s.shape[-1]), ("KEEP", keep)],
-                            grid=(rows * 32, 1, 1), threadgroup=(32 * warps_per_block, 1, 1),
-                            output_shapes=[s.shape], output_dtypes=[s.dtype])
+    (out,) = _kernels[name](
+        inputs=list(inputs.values()),
+        template=[("T", s.dtype), ("TT", s.shape[-1]), ("KEEP", keep)],
+        grid=(rows * 32, 1, 1),
+        threadgroup=(32 * warps_per_block, 1, 1),
+        output_shapes=[s.shape],
+        output_dtypes=[s.dtype],
+    )
     return out
 
 
@@ -149,14 +166,22 @@ class AttentionDropout(Dropout):
 
         @mx.custom_function
         def softmax_dropout(scores, key):
-            return run_kernel("causal_softmax_dropout", FORWARD, {"s": scores, "key": key}, self.keep)
+            return run_kernel(
+                "causal_softmax_dropout", FORWARD, {"s": scores, "key": key}, self.keep
+            )
 
         @softmax_dropout.vjp
         def softmax_dropout_vjp(primals, cotangent, output):
             scores, key = primals
-            return (run_kernel("causal_softmax_dropout_grad", BACKWARD,
-                               {"s": scores, "grad": cotangent, "key": key}, self.keep),
-                    mx.zeros_like(key))
+            return (
+                run_kernel(
+                    "causal_softmax_dropout_grad",
+                    BACKWARD,
+                    {"s": scores, "grad": cotangent, "key": key},
+                    self.keep,
+                ),
+                mx.zeros_like(key),
+            )
 
         self._softmax_dropout = softmax_dropout
 
@@ -164,10 +189,18 @@ class AttentionDropout(Dropout):
         """Where Dropout would run its kernel, for scores (B, n_head, T, T) with T a multiple of 4 (one
         Philox call per 4 columns) and at most MAX_T."""
         T = scores.shape[-1]
-        return (self.fused and self.uses_kernel()
-                and scores.ndim == 4 and scores.shape[-2] == T and T % 4 == 0 and T <= MAX_T)
+        return (
+            self.fused
+            and self.uses_kernel()
+            and scores.ndim == 4
+            and scores.shape[-2] == T
+            and T % 4 == 0
+            and T <= MAX_T
+        )
 
     def __call__(self, scores):
         if self.fits_the_kernel(scores):
-            return self._softmax_dropout(scores, draw_key())  # the key Dropout would draw: the same mask
+            return self._softmax_dropout(
+                scores, draw_key()
+            )  # the key Dropout would draw: the same mask
         return super().__call__(causal_softmax(scores))

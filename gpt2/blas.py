@@ -13,6 +13,12 @@ def warn_if_reference_blas():
     with open("/proc/self/maps") as f:  # the shared libraries this process has loaded
         libs = {line.split()[-1] for line in f if "/" in line}
     reference = any("mlx_cpu.libs/libblas" in lib for lib in libs)
-    if reference and not any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs):
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products: training "
-              "takes about 6x longer); see gpt2/README.md to preload OpenBLAS", file=sys.stderr, flush=True)
+    if reference and not any(
+        lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs
+    ):
+        print(
+            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products: training "
+            "takes about 6x longer); see gpt2/README.md to preload OpenBLAS",
+            file=sys.stderr,
+            flush=True,
+        )

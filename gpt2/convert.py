@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
-
 from generate import WeightsError, check_weights, read_config, tokenizer_dir
 from model import GPT, GPTConfig
 from save import check_writable, json_array, save_arrays
@@ -37,12 +36,24 @@ def gpt_config(hf):
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ConversionError(f"model_type {hf['model_type']!r} is not GPT-2")
     if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ConversionError(f"activation_function {hf['activation_function']!r}: this model uses GPT-2's gelu_new")
+        raise ConversionError(
+            f"activation_function {hf['activation_function']!r}: this model uses GPT-2's gelu_new"
+        )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise ConversionError("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
-                     tie_head=hf.get("tie_word_embeddings", True), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        raise ConversionError(
+            "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
+        )
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=0.0,
+        bias=True,
+        tie_head=hf.get("tie_word_embeddings", True),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
 
 
 def mlx_name(name):
@@ -54,7 +65,9 @@ def mlx_name(name):
 
 def is_hub_name(name):
     """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+    return re.fullmatch(
+        r"[\w.-]+(/[\w.-]+)?", name
+    ) is not None and not name.startswith(".")
 
 
 def resolve(source):
@@ -65,17 +78,34 @@ def resolve(source):
     if (Path(source) / "config.json").is_file():
         return Path(source)
     if not is_hub_name(source):
-        kind = "a folder without config.json" if Path(source).is_dir() else "not a folder"
-        raise ConversionError(f"{source} is {kind}; give a Hugging Face GPT-2 folder or a Hub name such as gpt2")
+        kind = (
+            "a folder without config.json" if Path(source).is_dir() else "not a folder"
+        )
+        raise ConversionError(
+            f"{source} is {kind}; give a Hugging Face GPT-2 folder or a Hub name such as gpt2"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=[
-            "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]))
+        return Path(
+            snapshot_download(
+                source,
+                allow_patterns=[
+                    "config.json",
+                    "model.safetensors",
+                    "vocab.json",
+                    "merges.txt",
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                ],
+            )
+        )
     except Exception as e:  # offline, unknown name, ...
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ConversionError(f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                              "pass a local folder instead") from None
+        raise ConversionError(
+            f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
+            "pass a local folder instead"
+        ) from None
 
 
 def convert(source, dtype=None):
@@ -84,16 +114,30 @@ def convert(source, dtype=None):
     try:
         config = gpt_config(json.loads((folder / "config.json").read_text()))
         hf_weights = mx.load(str(folder / "model.safetensors"))
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # KeyError: a field missing
-        raise ConversionError(f"cannot read the GPT-2 checkpoint in {folder}: {type(e).__name__}: {e}") from None
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+    ) as e:  # KeyError: a field missing
+        raise ConversionError(
+            f"cannot read the GPT-2 checkpoint in {folder}: {type(e).__name__}: {e}"
+        ) from None
     weights = {}
     for name, value in hf_weights.items():
         new = mlx_name(name)
-        if new is None or (new == "lm_head.weight" and config.tie_head):  # tied: the same array as wte
+        if new is None or (
+            new == "lm_head.weight" and config.tie_head
+        ):  # tied: the same array as wte
             continue
-        weights[new] = value.T if CONV1D.search(name) else value  # Conv1D (in, out) -> Linear (out, in)
+        weights[new] = (
+            value.T if CONV1D.search(name) else value
+        )  # Conv1D (in, out) -> Linear (out, in)
     try:
-        read_config(json_array(asdict(config)), weights, fix=f"fix {folder / 'config.json'}")  # as generate.py will read it
+        read_config(
+            json_array(asdict(config)), weights, fix=f"fix {folder / 'config.json'}"
+        )  # as generate.py will read it
         check_weights(GPT(config), weights)
     except WeightsError as e:
         raise ConversionError(str(e)) from None
@@ -113,33 +157,56 @@ def save_tokenizer(folder, weights_path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
-        raise ConversionError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
+        raise ConversionError(
+            f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}"
+        ) from None
     tokenizer.save_pretrained(tokenizer_dir(weights_path))
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Convert Hugging Face GPT-2 weights to MLX.")
-    parser.add_argument("source", help="Hugging Face name (gpt2, gpt2-medium, ...) or local folder with config.json, "
-                                       "model.safetensors and the tokenizer files")
+    parser = argparse.ArgumentParser(
+        description="Convert Hugging Face GPT-2 weights to MLX."
+    )
+    parser.add_argument(
+        "source",
+        help="Hugging Face name (gpt2, gpt2-medium, ...) or local folder with config.json, "
+        "model.safetensors and the tokenizer files",
+    )
     parser.add_argument("output", help="the file to write: .npz or .safetensors")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as in the checkpoint)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="store weights in this dtype (default: as in the checkpoint)",
+    )
     args = parser.parse_args()
     if Path(args.output).suffix not in (".npz", ".safetensors"):
-        sys.exit(f"error: the output must end in .npz or .safetensors, got {args.output}")
+        sys.exit(
+            f"error: the output must end in .npz or .safetensors, got {args.output}"
+        )
     try:
         check_writable(args.output)  # now, not after the conversion
         config, weights, folder = convert(args.source, args.dtype)
-        print(f"Writing {sum(v.size for v in weights.values()) / 1e6:.1f}M parameters from {folder} to {args.output}",
-              file=sys.stderr, flush=True)
+        print(
+            f"Writing {sum(v.size for v in weights.values()) / 1e6:.1f}M parameters from {folder} to {args.output}",
+            file=sys.stderr,
+            flush=True,
+        )
         save_tokenizer(folder, args.output)
         save(config, weights, args.output)
-    except (ConversionError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: MLX could not write the file
+    except (
+        ConversionError,
+        ValueError,
+        OSError,
+        RuntimeError,
+    ) as e:  # RuntimeError: MLX could not write the file
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\nInterrupted")
     n_params = sum(v.size for v in weights.values())
-    print(f"Wrote {n_params / 1e6:.1f}M parameters ({config.n_layer} layers, n_embd {config.n_embd}) to "
-          f"{args.output}, and the tokenizer to {tokenizer_dir(args.output)}/")
+    print(
+        f"Wrote {n_params / 1e6:.1f}M parameters ({config.n_layer} layers, n_embd {config.n_embd}) to "
+        f"{args.output}, and the tokenizer to {tokenizer_dir(args.output)}/"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import mlx.nn as nn
 INSTALL = {
     "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install 'mlx[cuda12]' (or 'mlx[cuda13]')",
     "ring": "the ring backend comes with every MLX; start the script with `mlx.launch --backend ring`, "
-            "which sets MLX_RANK and MLX_HOSTFILE",
+    "which sets MLX_RANK and MLX_HOSTFILE",
     "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) and start with "
-           "`mlx.launch --backend mpi`",
+    "`mlx.launch --backend mpi`",
     "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with RDMA enabled",
 }
 
@@ -62,16 +62,24 @@ def init():
     """The group of all processes of this run: a group of one without a launcher."""
     backend = launched_backend()
     if backend is None:
-        if "MLX_HOSTFILE" in os.environ:  # mlx.launch -n 1's empty hostfile, which MLX would try to parse
+        if (
+            "MLX_HOSTFILE" in os.environ
+        ):  # mlx.launch -n 1's empty hostfile, which MLX would try to parse
             del os.environ["MLX_HOSTFILE"]
-        return mx.distributed.init()  # size 1: all_sum returns its input, average_gradients the gradients
+        return (
+            mx.distributed.init()
+        )  # size 1: all_sum returns its input, average_gradients the gradients
     if not mx.distributed.is_available(backend):
-        raise DistributedError(f"the {backend} backend is not available in this MLX ({mx.__version__}); "
-                               f"{INSTALL[backend]}")
+        raise DistributedError(
+            f"the {backend} backend is not available in this MLX ({mx.__version__}); "
+            f"{INSTALL[backend]}"
+        )
     try:
         return mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as e:
-        raise DistributedError(f"cannot start the {backend} backend ({e}); {INSTALL[backend]}") from None
+        raise DistributedError(
+            f"cannot start the {backend} backend ({e}); {INSTALL[backend]}"
+        ) from None
 
 
 def average(grads, loss, group):
@@ -80,7 +88,9 @@ def average(grads, loss, group):
     Call it inside the compiled step; with one process it returns its inputs."""
     if group.size() == 1:
         return grads, loss
-    return nn.average_gradients(grads, group), mx.distributed.all_sum(loss, group=group) / group.size()
+    return nn.average_gradients(grads, group), mx.distributed.all_sum(
+        loss, group=group
+    ) / group.size()
 
 
 def broadcast(tree, group):
@@ -88,13 +98,18 @@ def broadcast(tree, group):
     if group.size() == 1:
         return tree
     first = group.rank() == 0
-    return nn.utils.tree_map(lambda a: mx.distributed.all_sum(a if first else mx.zeros_like(a), group=group), tree)
+    return nn.utils.tree_map(
+        lambda a: mx.distributed.all_sum(a if first else mx.zeros_like(a), group=group),
+        tree,
+    )
 
 
 def setup(model, timeout, group):
     """Rank 0's weights on every rank, a Watchdog of `timeout` seconds and an Agreement; returns the
     watchdog's progress() and the agreement."""
-    model.update(broadcast(model.parameters(), group))  # the same weights everywhere, for sure
+    model.update(
+        broadcast(model.parameters(), group)
+    )  # the same weights everywhere, for sure
     return Watchdog(timeout, group).progress, Agreement(group)
 
 
@@ -137,14 +152,19 @@ class Watchdog:
     def watch(self):
         while time.monotonic() - self.last < self.seconds:
             time.sleep(min(1.0, self.seconds / 10))
-        print(f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
-              "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
+            "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:  # a process stopped with SIGSTOP gets mlx.launch's SIGTERM only once continued
             os.killpg(os.getpgrp(), signal.SIGCONT)
         except OSError:
             pass
-        os._exit(1)  # from this thread: the main thread may be blocked in a collective operation
+        os._exit(
+            1
+        )  # from this thread: the main thread may be blocked in a collective operation
 
 
 def launch(argv):
@@ -152,22 +172,36 @@ def launch(argv):
     one stops the launch at once), and the exit status of the first process that failed."""
     from mlx._distributed_utils import launch as mlx_launch
 
-    signal.signal(signal.SIGINT, lambda *_: signal.signal(signal.SIGINT, lambda *_: os._exit(130)))
+    signal.signal(
+        signal.SIGINT, lambda *_: signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    )
     failures, warn = [], mlx_launch.log_warning
 
-    def log_warning(*message, **kwargs):  # "Node with rank R exited with code C", or "... was killed"
+    def log_warning(
+        *message, **kwargs
+    ):  # "Node with rank R exited with code C", or "... was killed"
         text = " ".join(map(str, message))
         if "Node with rank" in text:
-            code = int(re.search(r"exited with code (-?\d+)", text)[1]) if "exited with code" in text else 1
+            code = (
+                int(re.search(r"exited with code (-?\d+)", text)[1])
+                if "exited with code" in text
+                else 1
+            )
             if code == -signal.SIGTERM and 130 in failures:
                 return  # after Ctrl-C, mlx.launch ending a process that was still exiting (the checkpoint is saved)
-            failures.append(code if code >= 0 else 128 - code)  # -15 (SIGTERM) -> 143, as a shell says
+            failures.append(
+                code if code >= 0 else 128 - code
+            )  # -15 (SIGTERM) -> 143, as a shell says
             if code == 130:
                 return  # an interrupted process: process 0 has said so
         warn(*message, **kwargs)
 
     mlx_launch.log_warning = log_warning
-    sys.argv = [sys.argv[0], *([] if "--python" in argv else ["--python", sys.executable]), *argv]
+    sys.argv = [
+        sys.argv[0],
+        *([] if "--python" in argv else ["--python", sys.executable]),
+        *argv,
+    ]
     mlx_launch.main()
     sys.exit(failures[0] if failures else 0)
 

@@ -15,7 +15,7 @@ probabilities can be dropped, which attention_dropout.py makes one pass each way
 
 The key (four uint32) comes from mx.random, so the masks follow mx.random.seed and a compiled training
 step that lists mx.random.state among its inputs and outputs draws new masks every step, as
-nn.Dropout does. On the CPU and on Apple GPUs this module is nn.Dropout. kernels.py puts it in the
+nn.Dropout does. On the CPU and on Apple GPUs this module is nn.Dropout. cuda_dropout.py puts it in the
 place of the model's nn.Dropout modules on an NVIDIA GPU.
 """
 
@@ -67,12 +67,22 @@ def masked(x, key, keep):
     """x * mask / (keep / 2^24), the mask drawn from `key` (4 uint32); keep is the kept fraction in 2^-24."""
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="philox_dropout", input_names=["x", "key"], output_names=["out"],
-                                      header=PHILOX, source=SOURCE)
+        _kernel = mx.fast.cuda_kernel(
+            name="philox_dropout",
+            input_names=["x", "key"],
+            output_names=["out"],
+            header=PHILOX,
+            source=SOURCE,
+        )
     flat = x.reshape(-1)
-    (out,) = _kernel(inputs=[flat, key], template=[("T", x.dtype), ("KEEP", keep)],
-                     grid=((flat.size + 3) // 4, 1, 1), threadgroup=(256, 1, 1),
-                     output_shapes=[flat.shape], output_dtypes=[x.dtype])
+    (out,) = _kernel(
+        inputs=[flat, key],
+        template=[("T", x.dtype), ("KEEP", keep)],
+        grid=((flat.size + 3) // 4, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[flat.shape],
+        output_dtypes=[x.dtype],
+    )
     return out.reshape(x.shape)
 
 
@@ -100,7 +110,9 @@ class Dropout(nn.Dropout):
         @dropout.vjp
         def dropout_vjp(primals, cotangent, output):
             _, key = primals
-            return masked(cotangent, key, self.keep), mx.zeros_like(key)  # the same mask on the gradient
+            return masked(cotangent, key, self.keep), mx.zeros_like(
+                key
+            )  # the same mask on the gradient
 
         self._dropout = dropout
 
@@ -116,4 +128,6 @@ class Dropout(nn.Dropout):
     def __call__(self, x):
         if not self.uses_kernel():
             return super().__call__(x)
-        return self._dropout(x, draw_key())  # a fresh key from mx.random's state each call
+        return self._dropout(
+            x, draw_key()
+        )  # a fresh key from mx.random's state each call

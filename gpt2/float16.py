@@ -17,7 +17,10 @@ class LossScale:
     lists it among its compiled inputs and outputs, and the checkpoint stores it), for `optimizer`."""
 
     def __init__(self, optimizer, scale=2.0**15, good_steps=0):
-        self.optimizer, self.state = optimizer, {"scale": mx.array(scale), "good_steps": mx.array(good_steps)}
+        self.optimizer, self.state = (
+            optimizer,
+            {"scale": mx.array(scale), "good_steps": mx.array(good_steps)},
+        )
 
     def scale(self, loss):
         return loss * self.state["scale"]
@@ -28,13 +31,19 @@ class LossScale:
     def update(self, model, grads):
         """The optimizer's update if every gradient is finite, else no change; then the new scale."""
         optimizer = self.optimizer
-        finite = mx.all(mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
+        finite = mx.all(
+            mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grads)])
+        )
         before = (model.trainable_parameters(), tree_map(lambda a: a, optimizer.state))
         optimizer.update(model, grads)
         keep_if_finite = partial(tree_map, lambda new, old: mx.where(finite, new, old))
         model.update(keep_if_finite(model.trainable_parameters(), before[0]))
-        optimizer.state.update(keep_if_finite(optimizer.state, before[1]))  # in place: the step's state holds it
+        optimizer.state.update(
+            keep_if_finite(optimizer.state, before[1])
+        )  # in place: the step's state holds it
         good_steps = mx.where(finite, self.state["good_steps"] + 1, 0)
         grow = good_steps >= 1000
-        self.state["scale"] = mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * self.state["scale"]
+        self.state["scale"] = (
+            mx.where(finite, mx.where(grow, 2.0, 1.0), 0.5) * self.state["scale"]
+        )
         self.state["good_steps"] = mx.where(grow, 0, good_steps)

@@ -13,14 +13,22 @@ from mlx.utils import tree_map
 def accumulating_step(gradients, update, state, k):
     """train_step(x, y) -> loss: gradients(x, y) -> (loss, grads) on each of k micro-batches of the rows,
     then update(loss, grads) on their sums; both compiled with the step's `state`."""
-    gradients, update = (mx.compile(f, inputs=state, outputs=state) for f in (gradients, update))
+    gradients, update = (
+        mx.compile(f, inputs=state, outputs=state) for f in (gradients, update)
+    )
 
     def train_step(x, y):
         total = None  # (loss, gradients) summed over the micro-batches
         for micro_batch in zip(mx.split(x, k), mx.split(y, k)):
             loss_and_grads = gradients(*micro_batch)
-            total = loss_and_grads if total is None else tree_map(mx.add, total, loss_and_grads)
-            mx.eval(total)  # here, so that one micro-batch's activations are in memory at a time
+            total = (
+                loss_and_grads
+                if total is None
+                else tree_map(mx.add, total, loss_and_grads)
+            )
+            mx.eval(
+                total
+            )  # here, so that one micro-batch's activations are in memory at a time
         return update(*total)
 
     return train_step

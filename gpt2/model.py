@@ -2,7 +2,7 @@
 GELU MLP, a final LayerNorm and the language-model head.
 
 main.py trains this model from scratch on characters; generate.py loads OpenAI's GPT-2 weights
-(written by convert.py) into it and generates. Its dropout is mlx.nn's, which kernels.py swaps for
+(written by convert.py) into it and generates. Its dropout is mlx.nn's, which cuda_dropout.py swaps for
 CUDA kernels from outside the model when main.py trains on an NVIDIA GPU.
 
 Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`, `ln_f`),
@@ -20,7 +20,9 @@ import mlx.nn as nn
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
-    block_size: int = 1024  # the longest sequence (context) the position embedding covers
+    block_size: int = (
+        1024  # the longest sequence (context) the position embedding covers
+    )
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -33,7 +35,9 @@ class GPTConfig:
 def causal_softmax(scores):
     """softmax(scores + causal mask) over the last axis of (..., T, T) scores, summed in float32."""
     T = scores.shape[-1]
-    causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)  # -inf above the diagonal
+    causal = mx.triu(
+        mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1
+    )  # -inf above the diagonal
     return mx.softmax(scores + causal, axis=-1, precise=True)
 
 
@@ -48,25 +52,36 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_attn = nn.Linear(
+            config.n_embd, 3 * config.n_embd, bias=config.bias
+        )  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = AttentionDropout(config.dropout)  # takes the scores, gives dropped probabilities
+        self.attn_dropout = AttentionDropout(
+            config.dropout
+        )  # takes the scores, gives dropped probabilities
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
     def __call__(self, x):
         B, T, C = x.shape
-        x = x.astype(self.c_attn.weight.dtype)  # compute in the weights' dtype (see GPT.__call__)
+        x = x.astype(
+            self.c_attn.weight.dtype
+        )  # compute in the weights' dtype (see GPT.__call__)
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k, v = (
+            t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)
+            for t in (q, k, v)
+        )
         scale = 1.0 / math.sqrt(C // self.n_head)
         if self.training and self.dropout > 0:
             # Dropout on the attention probabilities needs them spelled out: MLX's fused attention has none.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
             y = self.attn_dropout(scores) @ v
         else:
-            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+            y = mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=scale, mask="causal"
+            )
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -80,7 +95,9 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers).
-        x = x.astype(self.c_fc.weight.dtype)  # compute in the weights' dtype (see GPT.__call__)
+        x = x.astype(
+            self.c_fc.weight.dtype
+        )  # compute in the weights' dtype (see GPT.__call__)
         return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
 
 
@@ -89,9 +106,13 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(
+            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
+        )
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(
+            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
+        )
         self.mlp = MLP(config)
 
     def __call__(self, x):
@@ -107,7 +128,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias)
+        self.ln_f = nn.LayerNorm(
+            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
+        )
         if not config.tie_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
@@ -116,17 +139,28 @@ class GPT(nn.Module):
         """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights, normal(0,
         0.02 / sqrt(2 * n_layer)) for the projections that write into the residual stream (each
         block adds two), zero biases, LayerNorm weight 1."""
+
         def init(name, p):
             if name.endswith("c_proj.weight"):  # into the residual stream
-                return 0.02 / math.sqrt(2 * self.config.n_layer) * mx.random.normal(p.shape)
+                return (
+                    0.02
+                    / math.sqrt(2 * self.config.n_layer)
+                    * mx.random.normal(p.shape)
+                )
             if name.endswith("bias"):
                 return mx.zeros(p.shape)
             if name.startswith("ln_") or ".ln_" in name:
                 return mx.ones(p.shape)
             return 0.02 * mx.random.normal(p.shape)
 
-        self.update(nn.utils.tree_unflatten(
-            [(name, init(name, p)) for name, p in nn.utils.tree_flatten(self.parameters())]))
+        self.update(
+            nn.utils.tree_unflatten(
+                [
+                    (name, init(name, p))
+                    for name, p in nn.utils.tree_flatten(self.parameters())
+                ]
+            )
+        )
 
     def __call__(self, idx):
         """idx (B, T) int tokens -> logits (B, T, vocab_size).
@@ -137,7 +171,9 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"a sequence of {T} tokens is longer than the context ({self.config.block_size})")
+            raise ValueError(
+                f"a sequence of {T} tokens is longer than the context ({self.config.block_size})"
+            )
         x = self.drop(self.wte(idx) + self.wpe(mx.arange(T)))  # (B, T, n_embd)
         for block in self.h:
             x = block(x)
@@ -152,7 +188,9 @@ class GPT(nn.Module):
         """
         idx = list(idx)
         for _ in range(max_new_tokens):
-            context = mx.array(idx[-self.config.block_size :])  # the last block_size tokens
+            context = mx.array(
+                idx[-self.config.block_size :]
+            )  # the last block_size tokens
             logits = self(context[None])[0, -1].astype(mx.float32)  # (vocab_size,)
             if temperature == 0:
                 token = int(mx.argmax(logits).item())
@@ -171,14 +209,19 @@ class GPT(nn.Module):
 
 def bounded(kind, low, high=math.inf):
     """An argparse type: a `kind` (int or float) from `low` to below `high`, so never NaN or infinite."""
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # refused below: NaN is in no range
         if not low <= value < high:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} at least "
-                                             f"{low}" + (f" and below {high}" if high < math.inf else "") + f", got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a finite number'} at least "
+                f"{low}"
+                + (f" and below {high}" if high < math.inf else "")
+                + f", got {text!r}"
+            )
         return value
 
     return parse

@@ -38,33 +38,54 @@ class TorchBlock(tnn.Module):
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            for t in (q, k, v)
+        )
         # Flash attention with dropout on the attention probabilities inside the kernel (as nanoGPT).
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(B, T, C)))
-        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+        return x + self.drop(
+            self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        )
 
 
 class TorchGPT(tnn.Module):
     def __init__(self, c):
         super().__init__()
-        self.wte, self.wpe = tnn.Embedding(c["vocab_size"], c["n_embd"]), tnn.Embedding(c["block_size"], c["n_embd"])
+        self.wte, self.wpe = (
+            tnn.Embedding(c["vocab_size"], c["n_embd"]),
+            tnn.Embedding(c["block_size"], c["n_embd"]),
+        )
         self.drop = tnn.Dropout(c["dropout"])
         self.h = tnn.ModuleList(TorchBlock(c) for _ in range(c["n_layer"]))
         self.ln_f = tnn.LayerNorm(c["n_embd"])
-        for name, p in self.named_parameters():  # GPT-2's initialisation, as nanoGPT and model.py
+        for (
+            name,
+            p,
+        ) in self.named_parameters():  # GPT-2's initialisation, as nanoGPT and model.py
             if name.endswith("bias"):
                 tnn.init.zeros_(p)
             elif p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * c["n_layer"]) if name.endswith("proj.weight") else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * c["n_layer"])
+                    if name.endswith("proj.weight")
+                    else 0.02
+                )
                 tnn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, targets):
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
+        x = self.drop(
+            self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        )
         for block in self.h:
             x = block(x)
         logits = self.ln_f(x) @ self.wte.weight.T  # tied head
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))  # reshape: targets may be a slice
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1)
+        )  # reshape: targets may be a slice
 
 
 def make_step(model, optimizer, device, nanogpt=True, grad_clip=0.0):
@@ -89,8 +110,10 @@ def make_step(model, optimizer, device, nanogpt=True, grad_clip=0.0):
 def nanogpt_optimizer(model, lr, weight_decay, betas, device):
     """nanoGPT's configure_optimizers: weight decay on matrices only, fused AdamW on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device == "cuda")
 
 
@@ -119,7 +142,9 @@ def evaluate(model, data, block_size, batch_size, device):
     return total / len(starts)
 
 
-def race(data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda", seed=1337):
+def race(
+    data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda", seed=1337
+):
     """Train with nanoGPT's recipe until the validation loss is <= target (or max_iters).
     Returns a list of (step, val, seconds since training started)."""
     text = Path(data_path).read_text(encoding="utf-8")
@@ -128,7 +153,14 @@ def race(data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda"
     data = np.array([ids[ch] for ch in text], dtype=np.int64)
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
-    c = dict(vocab_size=len(chars), block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)
+    c = dict(
+        vocab_size=len(chars),
+        block_size=256,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        dropout=0.2,
+    )
     batch_size = 64
     torch.manual_seed(seed)
     model = TorchGPT(c).to(device).train()
@@ -139,9 +171,16 @@ def race(data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda"
     for it in range(1, max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = nanogpt_lr(it - 1)
-        ix = rng.integers(0, len(train_data) - c["block_size"], batch_size)  # nanoGPT's get_batch
+        ix = rng.integers(
+            0, len(train_data) - c["block_size"], batch_size
+        )  # nanoGPT's get_batch
         index = ix[:, None] + np.arange(c["block_size"])
-        x, y = (torch.from_numpy(train_data[index + s]).pin_memory().to(device, non_blocking=True) for s in (0, 1))
+        x, y = (
+            torch.from_numpy(train_data[index + s])
+            .pin_memory()
+            .to(device, non_blocking=True)
+            for s in (0, 1)
+        )
         step(x, y)
         if it % eval_interval == 0 or it == max_iters:
             val = evaluate(model, val_data, c["block_size"], batch_size, device)
@@ -153,23 +192,51 @@ def race(data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda"
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Train nanoGPT's Shakespeare-char recipe in PyTorch until a "
-                                                 "validation loss; print the wall time.")
-    parser.add_argument("--data", type=Path, required=True, help="Tiny Shakespeare's input.txt (or any UTF-8 text)")
-    parser.add_argument("--target", type=float, default=1.47, help="stop at this validation loss (default: 1.47)")
-    parser.add_argument("--max-iters", type=int, default=5000, help="nanoGPT's step count (default: 5000)")
-    parser.add_argument("--eval-interval", type=int, default=61, help="steps between evaluations (default: 61)")
+    parser = argparse.ArgumentParser(
+        description="Train nanoGPT's Shakespeare-char recipe in PyTorch until a "
+        "validation loss; print the wall time."
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="Tiny Shakespeare's input.txt (or any UTF-8 text)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=1.47,
+        help="stop at this validation loss (default: 1.47)",
+    )
+    parser.add_argument(
+        "--max-iters",
+        type=int,
+        default=5000,
+        help="nanoGPT's step count (default: 5000)",
+    )
+    parser.add_argument(
+        "--eval-interval",
+        type=int,
+        default=61,
+        help="steps between evaluations (default: 61)",
+    )
     args = parser.parse_args()
-    if not (args.target > 0 and args.max_iters > 0 and args.eval_interval > 0):  # NaN fails this too
+    if not (
+        args.target > 0 and args.max_iters > 0 and args.eval_interval > 0
+    ):  # NaN fails this too
         sys.exit("error: --target, --max-iters and --eval-interval must be above 0")
     if not torch.cuda.is_available():
-        sys.exit("error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) needs a CUDA GPU")
+        sys.exit(
+            "error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) needs a CUDA GPU"
+        )
     if not args.data.is_file():
         sys.exit(f"error: {args.data} does not exist")
     history = race(args.data, args.target, args.max_iters, args.eval_interval)
     step, val, seconds = history[-1]
-    print(f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} at step {step} "
-          f"after {seconds:.1f} s ({torch.cuda.get_device_name()})")
+    print(
+        f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} at step {step} "
+        f"after {seconds:.1f} s ({torch.cuda.get_device_name()})"
+    )
 
 
 if __name__ == "__main__":

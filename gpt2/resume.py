@@ -8,13 +8,27 @@ steps after the checkpoint depends on the dtype).
 """
 
 import mlx.core as mx
+from generate import WeightsError, check_weights, from_json_array
 from mlx.utils import tree_unflatten
 
-from generate import WeightsError, check_weights, from_json_array
-
 # What a --resume must share with the run it continues, besides the text (chars, text_sha256).
-SAME = ["ctx_len", "n_emb", "n_heads", "n_layers", "dropout", "seed", "batch_size", "lr", "min_lr", "warmup",
-        "weight_decay", "grad_clip", "epochs", "chars", "text_sha256"]
+SAME = [
+    "ctx_len",
+    "n_emb",
+    "n_heads",
+    "n_layers",
+    "dropout",
+    "seed",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "epochs",
+    "chars",
+    "text_sha256",
+]
 
 
 def load_checkpoint(path):
@@ -25,10 +39,23 @@ def load_checkpoint(path):
         meta = from_json_array(arrays.pop("meta"))
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {e}") from None
-    if not isinstance(meta, dict) or type(meta.get("step")) is not int or meta["step"] < 0:
-        raise ValueError(f"the checkpoint {path} is damaged: its metadata has no step count; train again without --resume")
-    part = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
-    return part("model."), tree_unflatten(part("optimizer.")), dict(part("loss_scale.")), meta
+    if (
+        not isinstance(meta, dict)
+        or type(meta.get("step")) is not int
+        or meta["step"] < 0
+    ):
+        raise ValueError(
+            f"the checkpoint {path} is damaged: its metadata has no step count; train again without --resume"
+        )
+    part = lambda prefix: [
+        (k[len(prefix) :], v) for k, v in arrays.items() if k.startswith(prefix)
+    ]  # noqa: E731
+    return (
+        part("model."),
+        tree_unflatten(part("optimizer.")),
+        dict(part("loss_scale.")),
+        meta,
+    )
 
 
 def resume(checkpoint, run, model, optimizer, loss_scale, say):
@@ -38,8 +65,10 @@ def resume(checkpoint, run, model, optimizer, loss_scale, say):
     weights, opt_state, saved_scale, meta = load_checkpoint(checkpoint)
     changed = [k for k in SAME if meta.get(k) != run[k]]
     if changed:
-        raise ValueError(f"--resume: the checkpoint was made with other settings or text ({', '.join(changed)}); "
-                         "resume with the same flags and --data")
+        raise ValueError(
+            f"--resume: the checkpoint was made with other settings or text ({', '.join(changed)}); "
+            "resume with the same flags and --data"
+        )
     try:
         check_weights(model, dict(weights))
     except WeightsError as e:
@@ -49,6 +78,8 @@ def resume(checkpoint, run, model, optimizer, loss_scale, say):
     if loss_scale and saved_scale:
         loss_scale.state.update(saved_scale)
     saved, dtype = meta.get("dtype", "float32"), run["dtype"]
-    say(f"Resumed from {checkpoint} at step {meta['step']}" +
-        (f" (trained in {saved}, continuing in {dtype})" if saved != dtype else ""))
+    say(
+        f"Resumed from {checkpoint} at step {meta['step']}"
+        + (f" (trained in {saved}, continuing in {dtype})" if saved != dtype else "")
+    )
     return meta["step"]

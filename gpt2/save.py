@@ -29,7 +29,9 @@ def signals_held(*numbers):
     """Within the block, the signals `numbers` only append their number to the list it gives, for the
     code to act on (main thread only); their handlers are restored after it."""
     held = []
-    previous = [signal.signal(n, lambda number, frame: held.append(number)) for n in numbers]
+    previous = [
+        signal.signal(n, lambda number, frame: held.append(number)) for n in numbers
+    ]
     try:
         yield held
     finally:
@@ -40,9 +42,13 @@ def signals_held(*numbers):
 def write_atomically(path, write):
     """Call write(temporary path), then rename the temporary file to `path` (in a folder that exists)."""
     path = Path(path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+    for stale in path.parent.glob(
+        f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"
+    ):
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # mx.savez wants the .npz ending
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}.tmp{path.suffix}"
+    )  # mx.savez wants the .npz ending
     with signals_held(signal.SIGINT, signal.SIGTERM) as held:
         try:
             write(str(tmp))
@@ -68,9 +74,18 @@ def check_writable(path, size=0):
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     if free < size:
-        raise ValueError(f"cannot write {path}: {free / 2**20:.0f} MiB free there, {size / 2**20:.0f} MiB needed")
+        raise ValueError(
+            f"cannot write {path}: {free / 2**20:.0f} MiB free there, {size / 2**20:.0f} MiB needed"
+        )
 
 
 def save_arrays(path, arrays):
     """Write {name: array} to `path` (.npz or .safetensors) atomically."""
-    write_atomically(path, lambda tmp: mx.savez(tmp, **arrays) if tmp.endswith(".npz") else mx.save_safetensors(tmp, arrays))
+    write_atomically(
+        path,
+        lambda tmp: (
+            mx.savez(tmp, **arrays)
+            if tmp.endswith(".npz")
+            else mx.save_safetensors(tmp, arrays)
+        ),
+    )

@@ -8,7 +8,6 @@ import math
 
 import mlx.core as mx
 
-
 # ---------------------------------------------------------------- data
 
 
@@ -85,4 +84,6 @@ def sgd(loss_fn, X, y, num_iters, lr, report=None, check_every=100):
 
 def least_squares(X, y):
     """The closed-form minimiser of the squared loss: w = argmin |X w - y|^2 (for checking SGD)."""
-    return mx.linalg.solve(X.T @ X, X.T @ y, stream=mx.cpu)  # linalg runs on the CPU stream
+    return mx.linalg.solve(
+        X.T @ X, X.T @ y, stream=mx.cpu
+    )  # linalg runs on the CPU stream

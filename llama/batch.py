@@ -28,7 +28,6 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from model import Attention, KVCache, sample
 from tokenizer import StreamingDecoder
 
@@ -52,9 +51,14 @@ class Padding:
         if not self.any:
             return "causal" if T > 1 else None
         if (T, S) not in self.masks:
-            keys, queries = mx.arange(S), mx.arange(S - T, S)[:, None]  # (S,) and (T, 1) positions
+            keys, queries = (
+                mx.arange(S),
+                mx.arange(S - T, S)[:, None],
+            )  # (S,) and (T, 1) positions
             pads = self.pads[:, None, None, None]
-            self.masks = {(T, S): (keys <= queries) & ((keys >= pads) | (queries < pads))}
+            self.masks = {
+                (T, S): (keys <= queries) & ((keys >= pads) | (queries < pads))
+            }
         return self.masks[(T, S)]
 
     def keep(self, rows):
@@ -80,13 +84,20 @@ class BatchAttention(Attention):
 
     def __call__(self, x, cache):
         B, T, _ = x.shape
-        q, k, v = (w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3)
+            for w in (self.wq, self.wk, self.wv)
+        )
         # (B,) each row's position of the first of these T tokens (without padding: the same for all rows)
-        positions = cache.offset - cache.padding.pads if cache.padding.any else cache.offset
+        positions = (
+            cache.offset - cache.padding.pads if cache.padding.any else cache.offset
+        )
         q, k = self.rope(q, offset=positions), self.rope(k, offset=positions)
         k, v = cache.update(k, v)
         mask = cache.padding.mask(T, k.shape[2])
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.head_dim**-0.5, mask=mask
+        )
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -103,7 +114,9 @@ def left_padded(model, prompts):
     left-padded with token 0; their Padding; a BatchKVCache per layer, empty."""
     longest = max(len(p) for p in prompts)
     padding = Padding([longest - len(p) for p in prompts])
-    tokens = mx.array([[0] * pad + list(p) for p, pad in zip(prompts, padding.host_pads)])
+    tokens = mx.array(
+        [[0] * pad + list(p) for p, pad in zip(prompts, padding.host_pads)]
+    )
     return tokens, padding, [BatchKVCache(padding) for _ in model.layers]
 
 
@@ -112,7 +125,11 @@ def batched(model):
     """The model with BatchAttention in every block and BatchQuantizedLinear for its quantized linear layers,
     as it was afterwards: a class swap, the same weights."""
     swaps = [(layer.attention, BatchAttention) for layer in model.layers]
-    swaps += [(m, BatchQuantizedLinear) for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
+    swaps += [
+        (m, BatchQuantizedLinear)
+        for _, m in model.named_modules()
+        if type(m) is nn.QuantizedLinear
+    ]
     classes = [module.__class__ for module, _ in swaps]
     for module, cls in swaps:
         module.__class__ = cls
@@ -129,9 +146,14 @@ def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=())
     context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone."""
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
-    replies, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows[i]: the prompt in row i
+    replies, rows = (
+        [[] for _ in prompts],
+        list(range(len(prompts))),
+    )  # rows[i]: the prompt in row i
     with batched(model):
-        token = sample(model(tokens, cache, last_only=True)[:, -1], temp, top_p)  # (B,) the first tokens
+        token = sample(
+            model(tokens, cache, last_only=True)[:, -1], temp, top_p
+        )  # (B,) the first tokens
         while True:
             # Build and start the next step before reading this one's tokens, as model.generate does.
             next_token = sample(model(token[:, None], cache)[:, -1], temp, top_p)
@@ -145,7 +167,9 @@ def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=())
                     going.append(i)
             if not going:
                 return replies
-            if len(going) < len(rows):  # rows that ended leave the batch (the step under way still has them)
+            if len(going) < len(
+                rows
+            ):  # rows that ended leave the batch (the step under way still has them)
                 keep = mx.array(going)
                 padding.keep(going)
                 for layer_cache in cache:
@@ -177,14 +201,29 @@ def read_prompts(path):
             continue
         try:
             record = json.loads(line)
-            prompt = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+            prompt = (
+                record.get("prompt", record.get("messages"))
+                if isinstance(record, dict)
+                else None
+            )
         except ValueError:
             prompt = None
-        if not (isinstance(prompt, str) and prompt.strip() or isinstance(prompt, list) and prompt and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in prompt)):
-            raise PromptsError(f"{path} line {number} is not {{\"prompt\": text}} or {{\"messages\": [{{\"role\": ..., "
-                               "\"content\": ...}, ...]}")
+        if not (
+            isinstance(prompt, str)
+            and prompt.strip()
+            or isinstance(prompt, list)
+            and prompt
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in prompt
+            )
+        ):
+            raise PromptsError(
+                f'{path} line {number} is not {{"prompt": text}} or {{"messages": [{{"role": ..., '
+                '"content": ...}, ...]}'
+            )
         prompts.append((number, prompt))
     if not prompts:
         raise PromptsError(f"{path} holds no prompts (one per line)")
@@ -197,42 +236,90 @@ def prompt_tokens(tokenizer, prompt, chat, system):
         return tokenizer.prompt(prompt)
     from chat import chat_tokens
 
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return chat_tokens(tokenizer, [{"role": "system", "content": system}] * bool(system) + messages)
+    messages = (
+        prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    )
+    return chat_tokens(
+        tokenizer, [{"role": "system", "content": system}] * bool(system) + messages
+    )
 
 
 def run_prompts(model, tokenizer, args, prompts, blank):
     """llama.py --prompts: one JSON line per prompt of read_prompts on stdout, in input order, `--batch-size`
     prompts at a time; progress, then the total tokens/s and peak memory, on stderr. A prompt too long for the
     context gets {"prompt", "error"} in its place, and the others still run."""
-    encoded = [(number, prompt, prompt_tokens(tokenizer, prompt, args.chat, args.system)) for number, prompt in prompts]
-    todo, results, limit = [], {}, model.args.max_seq_len  # results: {line number: the JSON line}
+    encoded = [
+        (number, prompt, prompt_tokens(tokenizer, prompt, args.chat, args.system))
+        for number, prompt in prompts
+    ]
+    todo, results, limit = (
+        [],
+        {},
+        model.args.max_seq_len,
+    )  # results: {line number: the JSON line}
     for number, prompt, ids in encoded:
         if len(ids) < limit:
             todo.append((number, prompt, ids))
             continue
         error = f"the prompt is {len(ids)} tokens; the model's context is {limit}, reply included"
-        print(f"error: {args.prompts} line {number}: {error}; it is skipped", file=sys.stderr)
+        print(
+            f"error: {args.prompts} line {number}: {error}; it is skipped",
+            file=sys.stderr,
+        )
         results[number] = {"prompt": prompt, "error": error}
     if not todo:
         raise PromptsError(f"every prompt of {args.prompts} is longer than the context")
     skipped = f"; {blank} blank line{'s' * (blank > 1)} skipped" if blank else ""
-    print(f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time{skipped}]", file=sys.stderr)
-    order, tic, generated = deque(number for number, _, _ in encoded), time.perf_counter(), 0
+    print(
+        f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time{skipped}]",
+        file=sys.stderr,
+    )
+    order, tic, generated = (
+        deque(number for number, _, _ in encoded),
+        time.perf_counter(),
+        0,
+    )
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
-        replies = generate_batch(model, [ids for _, _, ids in batch], args.max_tokens, args.temp, args.top_p,
-                                 tokenizer.stop_ids)
+        replies = generate_batch(
+            model,
+            [ids for _, _, ids in batch],
+            args.max_tokens,
+            args.temp,
+            args.top_p,
+            tokenizer.stop_ids,
+        )
         for (number, prompt, ids), reply in zip(batch, replies):
-            decoder = StreamingDecoder(tokenizer, ids)  # the text exactly as llama.py prints it for this prompt
+            decoder = StreamingDecoder(
+                tokenizer, ids
+            )  # the text exactly as llama.py prints it for this prompt
             text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
-            results[number] = {"prompt": prompt, "text": text, "generated_tokens": len(reply)}
-        while order and order[0] in results:  # every line whose turn has come, in input order
-            print(json.dumps(results.pop(order.popleft()), ensure_ascii=False), flush=True)
-        generated, seconds, done = generated + sum(map(len, replies)), time.perf_counter() - tic, start + len(batch)
-        print(f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
-              f"about {seconds / done * (len(todo) - done):.0f} s left]", file=sys.stderr, flush=True)
+            results[number] = {
+                "prompt": prompt,
+                "text": text,
+                "generated_tokens": len(reply),
+            }
+        while (
+            order and order[0] in results
+        ):  # every line whose turn has come, in input order
+            print(
+                json.dumps(results.pop(order.popleft()), ensure_ascii=False), flush=True
+            )
+        generated, seconds, done = (
+            generated + sum(map(len, replies)),
+            time.perf_counter() - tic,
+            start + len(batch),
+        )
+        print(
+            f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
+            f"about {seconds / done * (len(todo) - done):.0f} s left]",
+            file=sys.stderr,
+            flush=True,
+        )
     for number in order:  # skipped prompts after the last one that ran
         print(json.dumps(results.pop(number), ensure_ascii=False), flush=True)
-    print(f"[generated {generated} tokens in {seconds:.1f} s, {generated / seconds:.1f} tokens/s | "
-          f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]", file=sys.stderr)
+    print(
+        f"[generated {generated} tokens in {seconds:.1f} s, {generated / seconds:.1f} tokens/s | "
+        f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
+        file=sys.stderr,
+    )

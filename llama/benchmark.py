@@ -38,7 +38,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import torch
-
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
 from model import Llama, in_range, load_model, warn_if_reference_blas
 from quantize import quantize
@@ -46,17 +45,49 @@ from timing import generate_runs, host_seconds, say
 
 # Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
 # a 128,256-token vocabulary, and scaled RoPE.
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192, vocab_size=320),
-    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                  intermediate_size=2048, vocab_size=32000),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-               intermediate_size=11008, vocab_size=32000),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256, rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        vocab_size=320,
+    ),
+    "small": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        vocab_size=32000,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        rope_parameters=LLAMA3_ROPE,
+        max_position_embeddings=131072,
+    ),
 }
 DTYPES = ["float32", "float16", "bfloat16"]
 DTYPES_MX = {name: getattr(mx, name) for name in DTYPES}
@@ -67,7 +98,10 @@ def torch_model(preset, dtype, device, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}, attn_implementation="sdpa")
+    config = LlamaConfig(
+        **{"max_position_embeddings": 4096, **PRESETS[preset]},
+        attn_implementation="sdpa",
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # a 7B model never exists in float32
     try:
@@ -85,14 +119,18 @@ def mlx_model(hf_model):
     for name, tensor in hf_model.state_dict().items():
         array = torch_to_mx(tensor.detach().cpu())
         weights.append((hf_to_mlx_name(name), array))
-        mx.eval(array)  # one tensor at a time, so that peak host memory stays near one copy
+        mx.eval(
+            array
+        )  # one tensor at a time, so that peak host memory stays near one copy
     model.load_weights(weights)
     mx.eval(model.parameters())
     return model
 
 
 def prompt_ids(vocab_size, n, seed):
-    return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(
+        3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
 
 
 def time_mlx(model, prompt, max_tokens, repeats, label="MLX"):
@@ -112,17 +150,26 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
         with torch.inference_mode():
             sync()
             tic = time.perf_counter()
-            hf_model(ids, use_cache=True, logits_to_keep=1)  # the last position's logits, as generate() and MLX
+            hf_model(
+                ids, use_cache=True, logits_to_keep=1
+            )  # the last position's logits, as generate() and MLX
             sync()
             prefill.append(time.perf_counter() - tic)
             tic = time.perf_counter()
-            hf_model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                              pad_token_id=0)
+            hf_model.generate(
+                ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
             sync()
             decode.append((time.perf_counter() - tic - prefill[-1]) / (max_tokens - 1))
         if i == 0:
             seconds = time.perf_counter() - start
-            say(f"PyTorch: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s")
+            say(
+                f"PyTorch: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s"
+            )
     return statistics.median(prefill[1:]), statistics.median(decode[1:])
 
 
@@ -153,7 +200,13 @@ def profile_matvec(preset, dtype, device, repeats):
     c = PRESETS[preset]
     D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     KV = D // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = {"wq, wo": (D, D), "wk, wv": (KV, D), "w1, w3": (F, D), "w2": (D, F), "output": (V, D)}
+    shapes = {
+        "wq, wo": (D, D),
+        "wk, wv": (KV, D),
+        "w1, w3": (F, D),
+        "w2": (D, F),
+        "output": (V, D),
+    }
     tdevice = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     total = 2**30 if device == "gpu" else 2**28  # bytes of weights per shape
@@ -169,14 +222,26 @@ def profile_matvec(preset, dtype, device, repeats):
         mx.eval(ws, x)
         nbytes = sum(w.nbytes for w in ws)
         plain = gbps(nbytes, lambda: mx.eval([x @ w.T for w in ws]))
-        tws = [torch.randn(N, K, dtype=getattr(torch, dtype), device=tdevice) for _ in range(count)]
+        tws = [
+            torch.randn(N, K, dtype=getattr(torch, dtype), device=tdevice)
+            for _ in range(count)
+        ]
         tx = torch.randn(K, dtype=getattr(torch, dtype), device=tdevice)
-        ref = gbps(nbytes, lambda: ([torch.nn.functional.linear(tx, w) for w in tws], sync()))
+        ref = gbps(
+            nbytes, lambda: ([torch.nn.functional.linear(tx, w) for w in tws], sync())
+        )
         rows.append((f"{name} ({N}x{K}) x{count}", plain, ref))
     big = mx.ones((total // DTYPES_MX[dtype].size,), DTYPES_MX[dtype])
-    tbig = torch.ones(total // DTYPES_MX[dtype].size, dtype=getattr(torch, dtype), device=tdevice)
-    rows.append((f"read {total >> 20} MiB (a sum)", gbps(big.nbytes, lambda: mx.eval(big.sum())),
-                 gbps(big.nbytes, lambda: (tbig.sum(), sync()))))
+    tbig = torch.ones(
+        total // DTYPES_MX[dtype].size, dtype=getattr(torch, dtype), device=tdevice
+    )
+    rows.append(
+        (
+            f"read {total >> 20} MiB (a sum)",
+            gbps(big.nbytes, lambda: mx.eval(big.sum())),
+            gbps(big.nbytes, lambda: (tbig.sum(), sync())),
+        )
+    )
     return rows
 
 
@@ -192,7 +257,9 @@ def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
             path = Path(folder) / f"weights{suffix}"
             save(model.args, weights, path)
             times = []
-            for _ in range(repeats + 1):  # the first read brings the file into the page cache
+            for _ in range(
+                repeats + 1
+            ):  # the first read brings the file into the page cache
                 mx.clear_cache()
                 in_use = mx.get_active_memory()
                 mx.reset_peak_memory()
@@ -200,9 +267,17 @@ def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
                 loaded = load_model(path)
                 loaded_at = time.perf_counter()
                 mx.eval(loaded(mx.array([[1]])))
-                times.append((loaded_at - tic, time.perf_counter() - tic, mx.get_peak_memory() - in_use))
+                times.append(
+                    (
+                        loaded_at - tic,
+                        time.perf_counter() - tic,
+                        mx.get_peak_memory() - in_use,
+                    )
+                )
                 del loaded
-            load, first, peak = (statistics.median(t[i] for t in times[1:]) for i in (0, 1, 2))
+            load, first, peak = (
+                statistics.median(t[i] for t in times[1:]) for i in (0, 1, 2)
+            )
             result[suffix] = (load, first, path.stat().st_size, peak)
             path.unlink()
     return result
@@ -228,7 +303,9 @@ def quantized_copy(model, group_size, bits):
     copy = Llama(replace(model.args, quantization=None))
     copy.update(model.parameters())  # the same arrays, not copies
     quantize(copy, group_size, bits)
-    copy.args = replace(copy.args, quantization={"group_size": group_size, "bits": bits})
+    copy.args = replace(
+        copy.args, quantization={"group_size": group_size, "bits": bits}
+    )
     mx.eval(copy.parameters())
     return copy
 
@@ -238,18 +315,31 @@ def compare_quantized(model, prompt, args, torch_device):
     args.q_group_size), as this example runs them. Prints speed, bandwidth, peak memory while generating
     and the logit distance from `model` over the prompt."""
     group_size = args.q_group_size
-    reference = model(mx.array([prompt]))  # (1, T, vocab): every prompt position's logits
+    reference = model(
+        mx.array([prompt])
+    )  # (1, T, vocab): every prompt position's logits
     mx.eval(reference)
     rows = []  # (name, prompt seconds, seconds per token, weight bytes, peak bytes, (build, launch) seconds, quality)
 
     def measure(name, model, in_use=0, quality=None):
         mx.clear_cache()
         mx.reset_peak_memory()
-        prompt_seconds, token_seconds = time_mlx(model, prompt, args.max_tokens, args.repeats, f"MLX {name}")
+        prompt_seconds, token_seconds = time_mlx(
+            model, prompt, args.max_tokens, args.repeats, f"MLX {name}"
+        )
         # The quantized models' peak is counted beyond what was in use before they were made (the
         # float model kept for comparison): their weights, KV cache and activations.
-        rows.append((name, prompt_seconds, token_seconds, parameter_bytes(model), mx.get_peak_memory() - in_use,
-                     host_seconds(model, prompt), quality))
+        rows.append(
+            (
+                name,
+                prompt_seconds,
+                token_seconds,
+                parameter_bytes(model),
+                mx.get_peak_memory() - in_use,
+                host_seconds(model, prompt),
+                quality,
+            )
+        )
 
     measure(args.dtype, model)
     for bits in args.quantize:
@@ -259,7 +349,9 @@ def compare_quantized(model, prompt, args, torch_device):
         quality = logit_distance(reference, quantized(mx.array([prompt])))
         measure(f"{bits}-bit", quantized, in_use, quality)
         if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
-            report_load(quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: ")  # one timed load
+            report_load(
+                quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: "
+            )  # one timed load
         del quantized
     print_quantized(rows, args, copy_bandwidth(torch_device))
 
@@ -267,76 +359,151 @@ def compare_quantized(model, prompt, args, torch_device):
 def print_quantized(rows, args, bandwidth):
     """compare_quantized's table: one row per model, the first (args.dtype) the reference of the ratios."""
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {args.q_group_size}), "
-          f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
-          f"MLX {mx.__version__} on {mx.default_device()}{gpu}")
-    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
-          f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
-          f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding "
-          "step to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped "
-          "with the device's previous step; when their sum exceeds the step time, the host sets the pace.")
-    print(f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
-          f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}")
-    print(f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
-          f"{'GB':>6} {'ms':>6} {'ms':>6} {'nats':>8} {'top-1':>6}")
+    print(
+        f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {args.q_group_size}), "
+        f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
+        f"MLX {mx.__version__} on {mx.default_device()}{gpu}"
+    )
+    print(
+        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
+        f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
+        f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding "
+        "step to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped "
+        "with the device's previous step; when their sum exceeds the step time, the host sets the pace."
+    )
+    print(
+        f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
+        f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}"
+    )
+    print(
+        f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
+        f"{'GB':>6} {'ms':>6} {'ms':>6} {'nats':>8} {'top-1':>6}"
+    )
     first_prompt, first_token = rows[0][1], rows[0][2]
-    for name, prompt_seconds, token_seconds, nbytes, peak, (build, launch), quality in rows:
-        kl, same = (f"{quality[0]:.4f}", f"{100 * quality[1]:.1f}%") if quality else ("", "")
-        print(f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
-              f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
-              f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
-              f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} "
-              f"{launch * 1e3:>6.2f} {kl:>8} {same:>6}")
+    for name, prompt_seconds, token_seconds, nbytes, peak, (
+        build,
+        launch,
+    ), quality in rows:
+        kl, same = (
+            (f"{quality[0]:.4f}", f"{100 * quality[1]:.1f}%") if quality else ("", "")
+        )
+        print(
+            f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
+            f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
+            f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
+            f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} "
+            f"{launch * 1e3:>6.2f} {kl:>8} {same:>6}"
+        )
 
 
 def report_load(model, repeats, suffixes=(".npz", ".safetensors"), label=""):
-    for suffix, (load, first, nbytes, peak) in time_load(model, repeats, suffixes).items():
-        print(f"{label}load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
-              f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB")
+    for suffix, (load, first, nbytes, peak) in time_load(
+        model, repeats, suffixes
+    ).items():
+        print(
+            f"{label}load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
+            f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB"
+        )
 
 
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings. Its progress lines
     and errors go to this process's stderr."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"], env=env, stdout=subprocess.PIPE,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, *argv, "--only", "torch"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
         sys.exit("error: the PyTorch child process failed (its error is above)")
     return json.loads(result.stdout.splitlines()[-1])
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch).")
-    parser.add_argument("--preset", choices=list(PRESETS), default="small",
-                        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
-                             "(default: small)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
-    parser.add_argument("--prompt-tokens", type=in_range(int, 1, 4094), default=128, help="prompt length (default: 128)")
-    parser.add_argument("--max-tokens", type=in_range(int, 2, 4095), default=64,
-                        help="tokens to generate per run, at least 2 (default: 64)")
-    parser.add_argument("--repeats", type=in_range(int, 1, 1000), default=3,
-                        help="timed runs after one warm-up; medians are used (default: 3)")
-    parser.add_argument("--seed", type=in_range(int, 0, 2**63 - 1), default=0,
-                        help="seed for the random weights and prompt (default: 0)")
-    parser.add_argument("--time-load", action="store_true",
-                        help="also save the MLX weights to a temporary file and time load_model from the page cache, "
-                             "alone and with the first token")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch")
-    parser.add_argument("--quantize", type=int, nargs="+", choices=[4, 8],
-                        help="instead of PyTorch, compare with the model quantized to 4 and/or 8 bits (as convert.py "
-                             "--quantize does): speed, peak memory, and the KL divergence of its logits")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
-                        help="weights per scale and bias with --quantize (default: 64)")
-    parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
+    parser = argparse.ArgumentParser(
+        description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch)."
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="small",
+        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
+        "(default: small)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights and activations (default: float32)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=in_range(int, 1, 4094),
+        default=128,
+        help="prompt length (default: 128)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=in_range(int, 2, 4095),
+        default=64,
+        help="tokens to generate per run, at least 2 (default: 64)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=in_range(int, 1, 1000),
+        default=3,
+        help="timed runs after one warm-up; medians are used (default: 3)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=in_range(int, 0, 2**63 - 1),
+        default=0,
+        help="seed for the random weights and prompt (default: 0)",
+    )
+    parser.add_argument(
+        "--time-load",
+        action="store_true",
+        help="also save the MLX weights to a temporary file and time load_model from the page cache, "
+        "alone and with the first token",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        nargs="+",
+        choices=[4, 8],
+        help="instead of PyTorch, compare with the model quantized to 4 and/or 8 bits (as convert.py "
+        "--quantize does): speed, peak memory, and the KL divergence of its logits",
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="weights per scale and bias with --quantize (default: 64)",
+    )
+    parser.add_argument(
+        "--only", choices=["torch"], help=argparse.SUPPRESS
+    )  # used by torch_in_child
     args = parser.parse_args(argv)
     if args.quantize and args.profile:
         parser.error("--profile and --quantize are separate measurements; give one")
     if args.prompt_tokens + args.max_tokens > 4096:
-        parser.error("--prompt-tokens plus --max-tokens must fit the 4096-token context")
+        parser.error(
+            "--prompt-tokens plus --max-tokens must fit the 4096-token context"
+        )
     return args
 
 
@@ -344,33 +511,55 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch_device = "cuda" if args.device == "gpu" else "cpu"
-    prompt = prompt_ids(PRESETS[args.preset]["vocab_size"], args.prompt_tokens, args.seed)
+    prompt = prompt_ids(
+        PRESETS[args.preset]["vocab_size"], args.prompt_tokens, args.seed
+    )
     if args.only == "torch":
         hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
-        print(json.dumps(time_torch(hf, prompt, args.max_tokens, args.repeats, torch_device)))
+        print(
+            json.dumps(
+                time_torch(hf, prompt, args.max_tokens, args.repeats, torch_device)
+            )
+        )
         return
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+            sys.exit(
+                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+            )
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
         warn_if_reference_blas()
     if args.profile:
-        say(f"timing one-token products with each {args.preset}-preset weight shape, MLX then PyTorch")
-        print(f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s of weights read, median of "
-              f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device}")
+        say(
+            f"timing one-token products with each {args.preset}-preset weight shape, MLX then PyTorch"
+        )
+        print(
+            f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s of weights read, median of "
+            f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device}"
+        )
         print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
-        for name, plain, ref in profile_matvec(args.preset, args.dtype, args.device, args.repeats):
+        for name, plain, ref in profile_matvec(
+            args.preset, args.dtype, args.device, args.repeats
+        ):
             print(f"{name:>32} {plain:>12.0f} {ref:>9.0f}")
         return
-    versus = f"{' and '.join(f'{b}-bit' for b in args.quantize)} copies" if args.quantize else "transformers"
-    say(f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX), then timing MLX and {versus}: "
+    versus = (
+        f"{' and '.join(f'{b}-bit' for b in args.quantize)} copies"
+        if args.quantize
+        else "transformers"
+    )
+    say(
+        f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX), then timing MLX and {versus}: "
         f"{args.repeats} timed run{'s' * (args.repeats > 1)} each after a warm-up run, {args.prompt_tokens} prompt tokens "
-        f"and {args.max_tokens} new ones")
+        f"and {args.max_tokens} new ones"
+    )
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
-    say(f"built the model, {sum(p.size for _, p in nn.utils.tree_flatten(model.parameters())) / 1e6:.2f}M parameters")
+    say(
+        f"built the model, {sum(p.size for _, p in nn.utils.tree_flatten(model.parameters())) / 1e6:.2f}M parameters"
+    )
     if args.quantize:
         del hf
         if torch_device == "cuda":
@@ -383,7 +572,9 @@ def main(argv=None):
 def compare_frameworks(model, hf, prompt, args, argv, torch_device):
     """Time PyTorch (here, or in a child process without LD_PRELOAD), then MLX, and print the comparison."""
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
-    if separate:  # PyTorch is timed in a child that builds the same weights from the same seed
+    if (
+        separate
+    ):  # PyTorch is timed in a child that builds the same weights from the same seed
         del hf
         say("timing PyTorch in a child process without LD_PRELOAD")
         t_torch = torch_in_child(argv)
@@ -398,23 +589,37 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
     bandwidth = copy_bandwidth(torch_device)
     ceiling = bandwidth / weight_bytes
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), random weights, prompt "
-          f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
-          f"MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch {torch.__version__} on {torch_device}"
-          f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers generate()")
-    print(f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s -> decoding ceiling {ceiling:.1f} tokens/s")
+    print(
+        f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), random weights, prompt "
+        f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
+        f"MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch {torch.__version__} on {torch_device}"
+        f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers generate()"
+    )
+    print(
+        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s -> decoding ceiling {ceiling:.1f} tokens/s"
+    )
     print(f"{'':>10} {'MLX':>10} {'PyTorch':>10} {'MLX/PyTorch':>12}")
-    print(f"{'prompt':>10} {args.prompt_tokens / t_mlx[0]:>10.1f} {args.prompt_tokens / t_torch[0]:>10.1f} "
-          f"{t_torch[0] / t_mlx[0]:>11.2f}x   tokens/s")
-    print(f"{'decoding':>10} {1 / t_mlx[1]:>10.1f} {1 / t_torch[1]:>10.1f} {t_torch[1] / t_mlx[1]:>11.2f}x   tokens/s")
+    print(
+        f"{'prompt':>10} {args.prompt_tokens / t_mlx[0]:>10.1f} {args.prompt_tokens / t_torch[0]:>10.1f} "
+        f"{t_torch[0] / t_mlx[0]:>11.2f}x   tokens/s"
+    )
+    print(
+        f"{'decoding':>10} {1 / t_mlx[1]:>10.1f} {1 / t_torch[1]:>10.1f} {t_torch[1] / t_mlx[1]:>11.2f}x   tokens/s"
+    )
     for name, seconds in (("MLX", t_mlx[1]), ("PyTorch", t_torch[1])):
-        print(f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
-              f"{100 / seconds / ceiling:.0f}% of the ceiling")
+        print(
+            f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
+            f"{100 / seconds / ceiling:.0f}% of the ceiling"
+        )
     build, launch = host_seconds(model, prompt)
-    on_cpu = " (on a CPU, launching includes the computing)" if args.device == "cpu" else ""
-    print(f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} "
-          f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
-          f"the sum comes near the time per token{on_cpu}")
+    on_cpu = (
+        " (on a CPU, launching includes the computing)" if args.device == "cpu" else ""
+    )
+    print(
+        f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} "
+        f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
+        f"the sum comes near the time per token{on_cpu}"
+    )
     if args.time_load:
         say("timing load_model from .npz and .safetensors files")
         report_load(model, args.repeats)
@@ -422,7 +627,7 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
 
 if __name__ == "__main__":
     # SIGTERM as an exception too, so that --time-load's temporary folder is removed
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(f"stopped by SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit("stopped by SIGTERM"))
     try:
         main()
     except KeyboardInterrupt:

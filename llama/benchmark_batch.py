@@ -19,13 +19,11 @@ Progress goes to stderr, the table to stdout.
 
 import argparse
 import statistics
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 import torch
-
 from batch import batched, generate_batch, left_padded
 from benchmark import DTYPES, PRESETS, mlx_model, quantized_copy, torch_model
 from model import in_range, warn_if_reference_blas
@@ -34,7 +32,11 @@ from timing import say
 
 def batch_prompts(vocab_size, B, longest, shortest, mixed, seed):
     """B random prompts: all `longest` tokens long, or (mixed) lengths spread from `shortest` to `longest`."""
-    lengths = np.linspace(shortest, longest, B).round().astype(int) if mixed and B > 1 else [longest] * B
+    lengths = (
+        np.linspace(shortest, longest, B).round().astype(int)
+        if mixed and B > 1
+        else [longest] * B
+    )
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
 
@@ -47,7 +49,9 @@ def median_seconds(run, repeats, label):
         run()
         times.append(time.perf_counter() - tic)
         if i == 0:
-            say(f"{label}: warm-up {times[0]:.1f} s; {repeats} timed run{'s' * (repeats > 1)}")
+            say(
+                f"{label}: warm-up {times[0]:.1f} s; {repeats} timed run{'s' * (repeats > 1)}"
+            )
     return statistics.median(times[1:]), min(times[1:]), max(times[1:])
 
 
@@ -63,13 +67,21 @@ def time_torch(hf_model, prompts, max_tokens, repeats, label, device):
     """transformers' generate() on the batch, left-padded with pad id 0 and an attention mask."""
     longest = max(map(len, prompts))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    mask = torch.tensor(
+        [[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
         with torch.inference_mode():
-            out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                    do_sample=False, pad_token_id=0)
+            out = hf_model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         sync()
         assert out.shape[1] == longest + max_tokens
 
@@ -97,34 +109,88 @@ def host_step(model, prompts, repeats=20):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Batched generation tokens/s, MLX (batch.py) vs transformers.")
-    parser.add_argument("--preset", choices=list(PRESETS), default="small",
-                        help="model shape: tiny (tests), small (~125M), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
-                             "(default: small)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
-    parser.add_argument("--quantize", type=int, choices=[4, 8], help="also time MLX with the model quantized to "
-                        "this many bits (as convert.py --quantize does it)")
-    parser.add_argument("--batch-sizes", type=in_range(int, 1, 256), nargs="+", default=[1, 4, 16],
-                        help="prompts per batch (default: 1 4 16)")
-    parser.add_argument("--prompt-tokens", type=in_range(int, 1, 2048), default=128,
-                        help="prompt length; the longest with mixed lengths (default: 128)")
-    parser.add_argument("--min-prompt-tokens", type=in_range(int, 1, 2048), default=16,
-                        help="the shortest prompt of a mixed batch (default: 16)")
-    parser.add_argument("--max-tokens", type=in_range(int, 1, 2048), default=128,
-                        help="new tokens per prompt (default: 128)")
-    parser.add_argument("--repeats", type=in_range(int, 1, 100), default=3,
-                        help="timed runs after one warm-up run; medians are used (default: 3)")
-    parser.add_argument("--seed", type=in_range(int, 0, 2**63 - 1), default=0,
-                        help="seed for the random weights and prompts (default: 0)")
-    parser.add_argument("--frameworks", nargs="+", choices=["mlx", "torch"], default=["mlx", "torch"],
-                        help="which to time (default: both)")
+    parser = argparse.ArgumentParser(
+        description="Batched generation tokens/s, MLX (batch.py) vs transformers."
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="small",
+        help="model shape: tiny (tests), small (~125M), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
+        "(default: small)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights and activations (default: float32)",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="also time MLX with the model quantized to "
+        "this many bits (as convert.py --quantize does it)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=in_range(int, 1, 256),
+        nargs="+",
+        default=[1, 4, 16],
+        help="prompts per batch (default: 1 4 16)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=in_range(int, 1, 2048),
+        default=128,
+        help="prompt length; the longest with mixed lengths (default: 128)",
+    )
+    parser.add_argument(
+        "--min-prompt-tokens",
+        type=in_range(int, 1, 2048),
+        default=16,
+        help="the shortest prompt of a mixed batch (default: 16)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=in_range(int, 1, 2048),
+        default=128,
+        help="new tokens per prompt (default: 128)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=in_range(int, 1, 100),
+        default=3,
+        help="timed runs after one warm-up run; medians are used (default: 3)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=in_range(int, 0, 2**63 - 1),
+        default=0,
+        help="seed for the random weights and prompts (default: 0)",
+    )
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=["mlx", "torch"],
+        default=["mlx", "torch"],
+        help="which to time (default: both)",
+    )
     args = parser.parse_args()
     if args.min_prompt_tokens > args.prompt_tokens:
         parser.error("--min-prompt-tokens must not be above --prompt-tokens")
-    if args.device == "gpu" and not (mx.is_available(mx.gpu) and torch.cuda.is_available()):
-        parser.error("--device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+    if args.device == "gpu" and not (
+        mx.is_available(mx.gpu) and torch.cuda.is_available()
+    ):
+        parser.error(
+            "--device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+        )
     return args
 
 
@@ -134,46 +200,93 @@ def main():
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.device == "cpu":
         warn_if_reference_blas()
-    say(f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX); then, for batches of "
-        f"{' '.join(map(str, args.batch_sizes))} prompts, equal and mixed lengths, {args.max_tokens} new tokens each")
+    say(
+        f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX); then, for batches of "
+        f"{' '.join(map(str, args.batch_sizes))} prompts, equal and mixed lengths, {args.max_tokens} new tokens each"
+    )
     hf = torch_model(args.preset, args.dtype, device, args.seed)
     models = {args.dtype: mlx_model(hf)}
     if args.quantize:
-        models[f"{args.quantize}-bit"] = quantized_copy(models[args.dtype], 64, args.quantize)
-    rows, hosts = [], []  # (framework, weights, lengths, B, (median, min, max) seconds); (weights, lengths, B, host)
+        models[f"{args.quantize}-bit"] = quantized_copy(
+            models[args.dtype], 64, args.quantize
+        )
+    rows, hosts = (
+        [],
+        [],
+    )  # (framework, weights, lengths, B, (median, min, max) seconds); (weights, lengths, B, host)
     for mixed in (False, True):
-        lengths = f"{args.min_prompt_tokens}-{args.prompt_tokens}" if mixed else f"{args.prompt_tokens}"
+        lengths = (
+            f"{args.min_prompt_tokens}-{args.prompt_tokens}"
+            if mixed
+            else f"{args.prompt_tokens}"
+        )
         for B in args.batch_sizes:
-            prompts = batch_prompts(hf.config.vocab_size, B, args.prompt_tokens, args.min_prompt_tokens, mixed,
-                                    args.seed + B)
+            prompts = batch_prompts(
+                hf.config.vocab_size,
+                B,
+                args.prompt_tokens,
+                args.min_prompt_tokens,
+                mixed,
+                args.seed + B,
+            )
             if "mlx" in args.frameworks:
                 for name, model in models.items():
                     label = f"MLX {name}, batch {B}, prompts of {lengths} tokens"
-                    rows.append(("MLX", name, lengths, B, time_mlx(model, prompts, args.max_tokens, args.repeats, label)))
+                    rows.append(
+                        (
+                            "MLX",
+                            name,
+                            lengths,
+                            B,
+                            time_mlx(
+                                model, prompts, args.max_tokens, args.repeats, label
+                            ),
+                        )
+                    )
                     if B == max(args.batch_sizes):
                         hosts.append((name, lengths, B, host_step(model, prompts)))
             if "torch" in args.frameworks:
-                label = f"transformers {args.dtype}, batch {B}, prompts of {lengths} tokens"
-                seconds = time_torch(hf, prompts, args.max_tokens, args.repeats, label, device)
+                label = (
+                    f"transformers {args.dtype}, batch {B}, prompts of {lengths} tokens"
+                )
+                seconds = time_torch(
+                    hf, prompts, args.max_tokens, args.repeats, label, device
+                )
                 rows.append(("transformers", args.dtype, lengths, B, seconds))
     report(rows, hosts, args)
 
 
 def report(rows, hosts, args):
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
-    print(f"{args.preset} preset, random weights, {args.max_tokens} new tokens per prompt, greedy, total tokens/s "
-          f"(prompt pass included), median [min-max] of {args.repeats}; MLX {mx.__version__} on "
-          f"{mx.default_device()}{gpu}; PyTorch {torch.__version__} on {'cuda' if args.device == 'gpu' else 'cpu'}")
-    torch_speed = {(r[2], r[3]): r[3] * args.max_tokens / r[4][0] for r in rows if r[0] == "transformers"}
-    print(f"{'framework':>12} {'weights':>9} {'prompts':>8} {'batch':>5} {'tokens/s':>9} {'range':>17} {'vs transformers':>16}")
+    print(
+        f"{args.preset} preset, random weights, {args.max_tokens} new tokens per prompt, greedy, total tokens/s "
+        f"(prompt pass included), median [min-max] of {args.repeats}; MLX {mx.__version__} on "
+        f"{mx.default_device()}{gpu}; PyTorch {torch.__version__} on {'cuda' if args.device == 'gpu' else 'cpu'}"
+    )
+    torch_speed = {
+        (r[2], r[3]): r[3] * args.max_tokens / r[4][0]
+        for r in rows
+        if r[0] == "transformers"
+    }
+    print(
+        f"{'framework':>12} {'weights':>9} {'prompts':>8} {'batch':>5} {'tokens/s':>9} {'range':>17} {'vs transformers':>16}"
+    )
     for framework, name, lengths, B, (median, low, high) in rows:
         speed = B * args.max_tokens / median
-        versus = f"{speed / torch_speed[lengths, B]:.2f}x" if framework == "MLX" and (lengths, B) in torch_speed else ""
+        versus = (
+            f"{speed / torch_speed[lengths, B]:.2f}x"
+            if framework == "MLX" and (lengths, B) in torch_speed
+            else ""
+        )
         span = f"{B * args.max_tokens / high:.0f}-{B * args.max_tokens / low:.0f}"
-        print(f"{framework:>12} {name:>9} {lengths:>8} {B:>5} {speed:>9.1f} {span:>17} {versus:>16}")
+        print(
+            f"{framework:>12} {name:>9} {lengths:>8} {B:>5} {speed:>9.1f} {span:>17} {versus:>16}"
+        )
     for name, lengths, B, (build, launch) in hosts:
-        print(f"MLX {name}, batch {B}, prompts of {lengths} tokens: host time per decoding step {build * 1e3:.2f} ms "
-              f"building the graph + {launch * 1e3:.2f} ms launching it (on a CPU, launching includes the computing)")
+        print(
+            f"MLX {name}, batch {B}, prompts of {lengths} tokens: host time per decoding step {build * 1e3:.2f} ms "
+            f"building the graph + {launch * 1e3:.2f} ms launching it (on a CPU, launching includes the computing)"
+        )
     say("done")
 
 

@@ -34,16 +34,20 @@ import time
 import warnings
 from dataclasses import replace
 
-# lora.py first, before MLX starts: it sets the size of MLX's CUDA graphs, as training runs with it
-from lora import checkpoint_blocks, dequantizing_layers, linear_to_lora_layers, make_step  # isort: skip
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import torch
-
 from benchmark import PRESETS
 from convert import hf_args
+
+# lora.py first, before MLX starts: it sets the size of MLX's CUDA graphs, as training runs with it
+from lora import (
+    checkpoint_blocks,
+    dequantizing_layers,
+    linear_to_lora_layers,
+    make_step,
+)  # isort: skip
 from model import Llama, warn_if_reference_blas
 from timing import say
 
@@ -55,7 +59,9 @@ def mlx_model(preset, dtype, bits=None):
     on the default device (lazily built, so no float32 copy of the whole model ever exists)."""
     from transformers import LlamaConfig
 
-    args = hf_args(LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}).to_dict())
+    args = hf_args(
+        LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}).to_dict()
+    )
     model = Llama(args)
     model.set_dtype(dtype)
     if bits:
@@ -72,7 +78,10 @@ def torch_model(preset, device, layers, rank):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}, attn_implementation="sdpa")
+    config = LlamaConfig(
+        **{"max_position_embeddings": 4096, **PRESETS[preset]},
+        attn_implementation="sdpa",
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # a 7B model never exists in float32
     try:
@@ -80,30 +89,46 @@ def torch_model(preset, device, layers, rank):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      layers_to_transform=list(layers))
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        layers_to_transform=list(layers),
+    )
     return get_peft_model(model, lora).train()
 
 
 def enable_checkpointing(hf_model):
     """Gradient checkpointing of every decoder layer, non-reentrant (transformers 5.2x renamed the method)."""
     if hasattr(hf_model, "activation_checkpointing_enable"):
-        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
 
 
 def time_steps(step, args, label):
     """Seconds of each of args.steps calls of step() (which waits for its work), after args.warmup calls,
     and the last loss."""
-    warmup, compiles = [], " (the first compiles)" if label.startswith("MLX") and mx.default_device() == mx.gpu else ""
+    warmup, compiles = (
+        [],
+        " (the first compiles)"
+        if label.startswith("MLX") and mx.default_device() == mx.gpu
+        else "",
+    )
     for _ in range(args.warmup):
         tic = time.perf_counter()
         step()
         warmup.append(time.perf_counter() - tic)
     if warmup:
-        say(f"{label}: {len(warmup)} warm-up step{'s' * (len(warmup) > 1)} {sum(warmup):.1f} s{compiles}; "
-            f"{args.steps} timed steps, about {args.steps * warmup[-1]:.0f} s")
+        say(
+            f"{label}: {len(warmup)} warm-up step{'s' * (len(warmup) > 1)} {sum(warmup):.1f} s{compiles}; "
+            f"{args.steps} timed steps, about {args.steps * warmup[-1]:.0f} s"
+        )
     times = []
     for _ in range(args.steps):
         tic = time.perf_counter()
@@ -130,13 +155,22 @@ def mlx_configs(args, layers):
     batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((args.batch_size, args.seq_len)))
     for bits in [None, *args.quantize]:
         name = f"MLX {bits}-bit QLoRA" if bits else f"MLX {args.dtype} LoRA"
-        say(f"{name}: making the random {args.preset}-shaped model on {mx.default_device()}")
+        say(
+            f"{name}: making the random {args.preset}-shaped model on {mx.default_device()}"
+        )
         try:
-            model = linear_to_lora_layers(mlx_model(args.preset, getattr(mx, args.dtype), bits), layers, ["wq", "wv"],
-                                          args.rank, 2 * args.rank)
+            model = linear_to_lora_layers(
+                mlx_model(args.preset, getattr(mx, args.dtype), bits),
+                layers,
+                ["wq", "wv"],
+                args.rank,
+                2 * args.rank,
+            )
             dequantizing_layers(model)  # QLoRA's products, as lora.py trains
         except Exception as e:
-            rows += [(name + suffix, e, None, None) for suffix in ("", ", grad checkpoint")]
+            rows += [
+                (name + suffix, e, None, None) for suffix in ("", ", grad checkpoint")
+            ]
             continue
         for checkpoint in (False, True):
             label = name + (", grad checkpoint" if checkpoint else "")
@@ -147,11 +181,15 @@ def mlx_configs(args, layers):
                 optimizer.init(model.trainable_parameters())
                 mx.eval(optimizer.state)
                 train_step, resident = make_step(model, optimizer), settled_mlx_memory()
-                say(f"{label}: {resident / 1e9:.2f} GB in memory before the first step (weights, adapters, AdamW)")
+                say(
+                    f"{label}: {resident / 1e9:.2f} GB in memory before the first step (weights, adapters, AdamW)"
+                )
 
                 def step():
                     loss, n, finite = train_step(*batch)
-                    mx.eval(loss, n, finite, model.trainable_parameters(), optimizer.state)
+                    mx.eval(
+                        loss, n, finite, model.trainable_parameters(), optimizer.state
+                    )
                     return loss.item()
 
                 times, loss = time_steps(step, args, label)
@@ -169,19 +207,28 @@ def torch_configs(args, layers, device):
     """[(label, step times or an error, (bytes before the first step, peak bytes) or None, last loss)] for
     PyTorch + PEFT bfloat16, without and with gradient checkpointing."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    say(f"PyTorch + PEFT: making the random {args.preset}-shaped bfloat16 model on {device}")
+    say(
+        f"PyTorch + PEFT: making the random {args.preset}-shaped bfloat16 model on {device}"
+    )
     rows, name = [], "PyTorch + PEFT bfloat16"
     try:
         model = torch_model(args.preset, device, layers, args.rank)
     except Exception as e:
         return [(name + suffix, e, None, None) for suffix in ("", ", grad checkpoint")]
-    ids = torch.randint(0, PRESETS[args.preset]["vocab_size"], (args.batch_size, args.seq_len), device=device)
+    ids = torch.randint(
+        0,
+        PRESETS[args.preset]["vocab_size"],
+        (args.batch_size, args.seq_len),
+        device=device,
+    )
     for checkpoint in (False, True):
         label = name + (", grad checkpoint" if checkpoint else "")
         try:
             if checkpoint:
                 enable_checkpointing(model.get_base_model())
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            optimizer = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=1e-4
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -189,7 +236,9 @@ def torch_configs(args, layers, device):
                 resident = torch.cuda.memory_allocated()
 
             def step():
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # transformers shifts the labels itself
+                loss = model(
+                    input_ids=ids, labels=ids, use_cache=False
+                ).loss  # transformers shifts the labels itself
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -197,7 +246,11 @@ def torch_configs(args, layers, device):
                 return loss.item()
 
             times, loss = time_steps(step, args, label)
-            memory = (resident, torch.cuda.max_memory_allocated()) if device == "cuda" else None
+            memory = (
+                (resident, torch.cuda.max_memory_allocated())
+                if device == "cuda"
+                else None
+            )
             rows.append((label, times, memory, loss))
         except Exception as e:
             rows.append((label, e, None, None))
@@ -212,74 +265,151 @@ def torch_configs(args, layers, device):
 def print_table(rows, args, tokens):
     """One line per configuration: tokens/s (range), memory before the first step and at the peak of the steps,
     and MLX's speed over PyTorch's for the same gradient checkpointing."""
-    torch_rate = {label.endswith("checkpoint"): tokens / statistics.median(times) for label, times, _, _ in rows
-                  if label.startswith("PyTorch") and isinstance(times, list)}
-    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" and torch.cuda.is_available() else ""
-    print(f"LoRA fine-tuning, {args.preset} shape, random weights, rank {args.rank} on wq/wv (q_proj/v_proj) of the "
-          f"last {args.num_layers} blocks, AdamW, batch {args.batch_size} x {args.seq_len} tokens, median of "
-          f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
-          f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}"
-          f"{f', MLX_MAX_MB_PER_BUFFER={os.environ[BUFFER]}' if BUFFER in os.environ else ''}, "
-          f"PyTorch {torch.__version__}")
-    print(f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'start GB':>8} {'peak GB':>8} {'vs PyTorch':>10} "
-          f"{'loss':>7}")
+    torch_rate = {
+        label.endswith("checkpoint"): tokens / statistics.median(times)
+        for label, times, _, _ in rows
+        if label.startswith("PyTorch") and isinstance(times, list)
+    }
+    gpu = (
+        f" ({torch.cuda.get_device_name()})"
+        if args.device == "gpu" and torch.cuda.is_available()
+        else ""
+    )
+    print(
+        f"LoRA fine-tuning, {args.preset} shape, random weights, rank {args.rank} on wq/wv (q_proj/v_proj) of the "
+        f"last {args.num_layers} blocks, AdamW, batch {args.batch_size} x {args.seq_len} tokens, median of "
+        f"{args.steps} steps after {args.warmup}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
+        f"{f' (memory limit {args.memory_limit:g} GB)' if args.memory_limit else ''}"
+        f"{f', MLX_MAX_MB_PER_BUFFER={os.environ[BUFFER]}' if BUFFER in os.environ else ''}, "
+        f"PyTorch {torch.__version__}"
+    )
+    print(
+        f"{'configuration':<42} {'tokens/s':>10} {'(range)':>19} {'start GB':>8} {'peak GB':>8} {'vs PyTorch':>10} "
+        f"{'loss':>7}"
+    )
     for label, times, memory, loss in rows:
         if not isinstance(times, list):
-            print(f"{label:<42} failed: {type(times).__name__}: {str(times).splitlines()[0] if str(times) else ''}")
+            print(
+                f"{label:<42} failed: {type(times).__name__}: {str(times).splitlines()[0] if str(times) else ''}"
+            )
             continue
         rate = tokens / statistics.median(times)
         span = f"({tokens / max(times):,.0f}-{tokens / min(times):,.0f})"
         reference = torch_rate.get(label.endswith("checkpoint"))
-        ratio = f"{rate / reference:.2f}x" if reference and label.startswith("MLX") else ""
+        ratio = (
+            f"{rate / reference:.2f}x" if reference and label.startswith("MLX") else ""
+        )
         start, peak = (f"{m / 1e9:.2f}" for m in memory) if memory else ("n/a", "n/a")
-        print(f"{label:<42} {rate:>10,.1f} {span:>19} {start:>8} {peak:>8} {ratio:>10} {loss:>7.3f}")
+        print(
+            f"{label:<42} {rate:>10,.1f} {span:>19} {start:>8} {peak:>8} {ratio:>10} {loss:>7.3f}"
+        )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA / QLoRA training tokens/s and peak memory, MLX (lora.py) vs "
-                                     "PyTorch + PEFT, random weights")
-    parser.add_argument("--preset", choices=["7b", "tiny"], default="7b", help="model shape: 7b (Llama 2 7B) or tiny "
-                        "(tests) (default: 7b)")
-    parser.add_argument("--device", choices=["gpu", "cpu"], help="default: gpu where MLX has one, else cpu")
-    parser.add_argument("--frameworks", nargs="+", choices=["mlx", "torch"], default=["mlx", "torch"],
-                        help="which to time (default: both)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
-                        help="MLX's weights and activations for LoRA, and the scales of QLoRA (default: float16)")
-    parser.add_argument("--quantize", type=int, nargs="*", choices=[4, 8], default=[4],
-                        help="QLoRA bit widths to time as well; none for no QLoRA (default: 4)")
-    parser.add_argument("--batch-size", type=int, help="sequences per step (default: 4; tiny: 2)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 512; tiny: 32)")
+    parser = argparse.ArgumentParser(
+        description="LoRA / QLoRA training tokens/s and peak memory, MLX (lora.py) vs "
+        "PyTorch + PEFT, random weights"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["7b", "tiny"],
+        default="7b",
+        help="model shape: 7b (Llama 2 7B) or tiny (tests) (default: 7b)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["gpu", "cpu"],
+        help="default: gpu where MLX has one, else cpu",
+    )
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=["mlx", "torch"],
+        default=["mlx", "torch"],
+        help="which to time (default: both)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default="float16",
+        help="MLX's weights and activations for LoRA, and the scales of QLoRA (default: float16)",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        nargs="*",
+        choices=[4, 8],
+        default=[4],
+        help="QLoRA bit widths to time as well; none for no QLoRA (default: 4)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="sequences per step (default: 4; tiny: 2)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: 512; tiny: 32)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument("--num-layers", type=int, help="adapted blocks, the last ones (default: 16, or all of a "
-                        "smaller model, as lora.py)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        help="adapted blocks, the last ones (default: 16, or all of a "
+        "smaller model, as lora.py)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (default: 2)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default: 0)")
-    parser.add_argument("--memory-limit", type=float, metavar="GB", help="MLX's memory limit in GB (mx.set_memory_limit): above it, "
-                        "evaluation waits for the work queued ahead on the device to finish and free its buffers "
-                        "(default: MLX's, 95%% of a GPU's memory)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random weights and tokens (default: 0)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GB",
+        help="MLX's memory limit in GB (mx.set_memory_limit): above it, "
+        "evaluation waits for the work queued ahead on the device to finish and free its buffers "
+        "(default: MLX's, 95%% of a GPU's memory)",
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("gpu" if mx.is_available(mx.gpu) else "cpu")
     n_layers = PRESETS[args.preset]["num_hidden_layers"]
     tiny = args.preset == "tiny"
-    args.batch_size, args.seq_len = args.batch_size or (2 if tiny else 4), args.seq_len or (32 if tiny else 512)
+    args.batch_size, args.seq_len = (
+        args.batch_size or (2 if tiny else 4),
+        args.seq_len or (32 if tiny else 512),
+    )
     args.num_layers = args.num_layers or min(16, n_layers)
     if args.memory_limit is not None and not 0 < args.memory_limit < float("inf"):
         parser.error("--memory-limit must be a positive number of GB")
     if min(args.batch_size, args.seq_len, args.rank, args.steps) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --seq-len, --rank and --steps must be at least 1, --warmup at least 0")
+        parser.error(
+            "--batch-size, --seq-len, --rank and --steps must be at least 1, --warmup at least 0"
+        )
     if not 1 <= args.num_layers <= n_layers:
-        parser.error(f"--num-layers must be 1 to {n_layers} for the {args.preset} preset")
+        parser.error(
+            f"--num-layers must be 1 to {n_layers} for the {args.preset} preset"
+        )
     if args.device == "cpu" and args.preset == "7b":
         parser.error("the 7b preset takes hours on a CPU; use --preset tiny there")
-    if args.device == "gpu" and "torch" in args.frameworks and not torch.cuda.is_available():
-        parser.error("PyTorch has no CUDA GPU here; add --frameworks mlx, or use --device cpu")
+    if (
+        args.device == "gpu"
+        and "torch" in args.frameworks
+        and not torch.cuda.is_available()
+    ):
+        parser.error(
+            "PyTorch has no CUDA GPU here; add --frameworks mlx, or use --device cpu"
+        )
     return args
 
 
 def main():
     args = parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # renamed methods PEFT calls
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module="transformers"
+    )  # renamed methods PEFT calls
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.memory_limit:
         mx.set_memory_limit(int(args.memory_limit * 1e9))
@@ -289,9 +419,14 @@ def main():
     torch.manual_seed(args.seed)
     n_layers = PRESETS[args.preset]["num_hidden_layers"]
     layers = range(n_layers - args.num_layers, n_layers)
-    configs = 2 * ((1 + len(args.quantize)) * ("mlx" in args.frameworks) + ("torch" in args.frameworks))
-    say(f"timing {configs} LoRA training configurations of the {args.preset} shape, {args.warmup} warm-up and "
-        f"{args.steps} timed steps each, batch {args.batch_size} x {args.seq_len} tokens")
+    configs = 2 * (
+        (1 + len(args.quantize)) * ("mlx" in args.frameworks)
+        + ("torch" in args.frameworks)
+    )
+    say(
+        f"timing {configs} LoRA training configurations of the {args.preset} shape, {args.warmup} warm-up and "
+        f"{args.steps} timed steps each, batch {args.batch_size} x {args.seq_len} tokens"
+    )
     rows = []
     if "mlx" in args.frameworks:
         rows += mlx_configs(args, layers)
@@ -299,8 +434,10 @@ def main():
         rows += torch_configs(args, layers, "cuda" if args.device == "gpu" else "cpu")
     for label, error, _, _ in rows:
         if not isinstance(error, list):
-            print(f"{label} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                  file=sys.stderr)
+            print(
+                f"{label} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                file=sys.stderr,
+            )
     print_table(rows, args, args.batch_size * args.seq_len)
     say("done")
 

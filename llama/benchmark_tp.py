@@ -27,8 +27,8 @@ import argparse
 import os
 import shutil
 import signal
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,16 +36,38 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-
 from model import Llama, ModelArgs, in_range, warn_if_reference_blas
 from timing import generate_runs, host_seconds, say
-from tp import ShardingError, init_group, keep_together, shard, stop_if_any_failed, weight_bytes
+from tp import (
+    ShardingError,
+    init_group,
+    keep_together,
+    shard,
+    stop_if_any_failed,
+    weight_bytes,
+)
 
 # Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
 PRESETS = {
-    "tiny": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512, vocab_size=1000),
-    "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824, vocab_size=32000),
-    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000),
+    "tiny": dict(
+        dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512, vocab_size=1000
+    ),
+    "13b": dict(
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        n_kv_heads=40,
+        hidden_dim=13824,
+        vocab_size=32000,
+    ),
+    "70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        hidden_dim=28672,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -58,9 +80,14 @@ def random_model(args, group, dtype, seed):
     if group is not None:
         shard(model, group)
     rank = group.rank() if group is not None else 0
-    for i, (prefix, module) in enumerate([("layers", layer) for layer in model.layers] +
-                                         [("tok_embeddings", model.tok_embeddings), ("norm", model.norm),
-                                          ("output", model.output)]):
+    for i, (prefix, module) in enumerate(
+        [("layers", layer) for layer in model.layers]
+        + [
+            ("tok_embeddings", model.tok_embeddings),
+            ("norm", model.norm),
+            ("output", model.output),
+        ]
+    ):
         weights = []
         for j, (name, p) in enumerate(tree_flatten(module.parameters())):
             if "norm" in name or prefix == "norm":
@@ -69,9 +96,13 @@ def random_model(args, group, dtype, seed):
             # Split weights differ per rank; replicated ones (embedding, output) must be the same on all.
             replicated = prefix != "layers"
             key = mx.random.key(hash((seed, i, j, 0 if replicated else rank)) % 2**31)
-            weights.append((name, mx.random.normal(p.shape, dtype, scale=0.02, key=key)))
+            weights.append(
+                (name, mx.random.normal(p.shape, dtype, scale=0.02, key=key))
+            )
         module.update(tree_unflatten(weights))
-        mx.eval(module.parameters())  # one block at a time: never more than one block of float32 temporaries
+        mx.eval(
+            module.parameters()
+        )  # one block at a time: never more than one block of float32 temporaries
     return model
 
 
@@ -83,8 +114,12 @@ def time_mlx(model, prompt, max_tokens, repeats, label=None, watchdog=None):
         if watchdog:
             watchdog.progress()
 
-    runs = generate_runs(model, prompt, max_tokens, repeats, after_run=after_run, label=label)
-    return [1 / seconds for _, seconds in runs], statistics.median(seconds for seconds, _ in runs)
+    runs = generate_runs(
+        model, prompt, max_tokens, repeats, after_run=after_run, label=label
+    )
+    return [1 / seconds for _, seconds in runs], statistics.median(
+        seconds for seconds, _ in runs
+    )
 
 
 def run_mlx(options):
@@ -103,8 +138,10 @@ def run_mlx(options):
     rank = group.rank() if group is not None else 0
     if rank == 0:
         warn_if_reference_blas()
-        say(f"building a random {options.preset}-shaped {options.dtype} Llama split over {n} process{'es' * (n > 1)}, "
-            f"then timing {options.repeats} runs of {options.max_tokens} tokens after a warm-up run")
+        say(
+            f"building a random {options.preset}-shaped {options.dtype} Llama split over {n} process{'es' * (n > 1)}, "
+            f"then timing {options.repeats} runs of {options.max_tokens} tokens after a warm-up run"
+        )
 
     tic = time.perf_counter()
     model = random_model(args, group, dtype, options.seed)
@@ -112,10 +149,20 @@ def run_mlx(options):
     if rank == 0:
         say(f"built in {build_seconds:.1f} s")
     split, replicated = weight_bytes(model)
-    prompt = np.random.default_rng(options.seed).integers(3, args.vocab_size, options.prompt_tokens).tolist()
+    prompt = (
+        np.random.default_rng(options.seed)
+        .integers(3, args.vocab_size, options.prompt_tokens)
+        .tolist()
+    )
     watchdog.progress()
-    rates, prompt_seconds = time_mlx(model, prompt, options.max_tokens, options.repeats, "MLX" if rank == 0 else None,
-                                     watchdog)
+    rates, prompt_seconds = time_mlx(
+        model,
+        prompt,
+        options.max_tokens,
+        options.repeats,
+        "MLX" if rank == 0 else None,
+        watchdog,
+    )
     build, launch = host_seconds(model, prompt)
     if rank != 0:
         return
@@ -123,25 +170,51 @@ def run_mlx(options):
     # the embedding is a lookup of one row.
     per_rank = split + replicated - model.tok_embeddings.weight.nbytes
     where = processes(n, mx.default_device() == mx.gpu)
-    report("MLX", options, where, rates, per_rank, split * n + replicated, prompt_seconds, build_seconds)
-    print(f"MLX host time per decoding step (rank 0): {build * 1e3:.2f} ms building the graph + {launch * 1e3:.2f} ms "
-          f"launching it, against {1e3 / statistics.median(rates):.2f} ms per token", flush=True)
+    report(
+        "MLX",
+        options,
+        where,
+        rates,
+        per_rank,
+        split * n + replicated,
+        prompt_seconds,
+        build_seconds,
+    )
+    print(
+        f"MLX host time per decoding step (rank 0): {build * 1e3:.2f} ms building the graph + {launch * 1e3:.2f} ms "
+        f"launching it, against {1e3 / statistics.median(rates):.2f} ms per token",
+        flush=True,
+    )
 
 
 def processes(n, gpu):
-    return f"{n} GPU{'s' if n > 1 else ''}" if gpu else f"{n} CPU process{'es' if n > 1 else ''}"
+    return (
+        f"{n} GPU{'s' if n > 1 else ''}"
+        if gpu
+        else f"{n} CPU process{'es' if n > 1 else ''}"
+    )
 
 
-def report(framework, options, where, rates, per_rank, total, prompt_seconds, build_seconds):
+def report(
+    framework, options, where, rates, per_rank, total, prompt_seconds, build_seconds
+):
     median = statistics.median(rates)
-    print(f"{framework}, {options.preset}-shaped, {options.dtype}, {where}: weights {total / 1e9:.2f} GB, "
-          f"{per_rank / 1e9:.2f} GB read per token per rank; built in {build_seconds:.1f} s; "
-          f"prompt {options.prompt_tokens} tokens in {prompt_seconds * 1e3:.1f} ms", flush=True)
-    print(f"{framework}, {options.preset}, {where}: decoding {median:.1f} tokens/s (median of {len(rates)}, "
-          f"range {min(rates):.1f}-{max(rates):.1f}), {median * per_rank / 1e12:.2f} TB/s of weights per rank",
-          flush=True)
-    print(f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
-          f"{median * per_rank / 1e12:.2f} |", flush=True)
+    print(
+        f"{framework}, {options.preset}-shaped, {options.dtype}, {where}: weights {total / 1e9:.2f} GB, "
+        f"{per_rank / 1e9:.2f} GB read per token per rank; built in {build_seconds:.1f} s; "
+        f"prompt {options.prompt_tokens} tokens in {prompt_seconds * 1e3:.1f} ms",
+        flush=True,
+    )
+    print(
+        f"{framework}, {options.preset}, {where}: decoding {median:.1f} tokens/s (median of {len(rates)}, "
+        f"range {min(rates):.1f}-{max(rates):.1f}), {median * per_rank / 1e12:.2f} TB/s of weights per rank",
+        flush=True,
+    )
+    print(
+        f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
+        f"{median * per_rank / 1e12:.2f} |",
+        flush=True,
+    )
 
 
 # ---- transformers -------------------------------------------------------------------------------
@@ -151,9 +224,16 @@ def hf_config(preset, dtype):
     from transformers import LlamaConfig
 
     p = PRESETS[preset]
-    return LlamaConfig(hidden_size=p["dim"], num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"],
-                       num_key_value_heads=p["n_kv_heads"], intermediate_size=p["hidden_dim"],
-                       vocab_size=p["vocab_size"], max_position_embeddings=4096, dtype=dtype)
+    return LlamaConfig(
+        hidden_size=p["dim"],
+        num_hidden_layers=p["n_layers"],
+        num_attention_heads=p["n_heads"],
+        num_key_value_heads=p["n_kv_heads"],
+        intermediate_size=p["hidden_dim"],
+        vocab_size=p["vocab_size"],
+        max_position_embeddings=4096,
+        dtype=dtype,
+    )
 
 
 def hf_model(options, device):
@@ -176,14 +256,18 @@ def hf_model(options, device):
         finally:
             torch.set_default_dtype(default)
 
-    if "WORLD_SIZE" not in os.environ:  # not started by torchrun: the whole model on one device
+    if (
+        "WORLD_SIZE" not in os.environ
+    ):  # not started by torchrun: the whole model on one device
         return build()
     # tp_plan="auto" is an argument of from_pretrained only, so the model goes through a checkpoint: rank 0
     # builds it and saves it, and every rank loads its shards. (from_pretrained can also initialize weights
     # that a checkpoint lacks, but for 13B that took over 60 s, on the CPU, on the H100 machine.)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    folder = Path(tempfile.gettempdir()) / f"benchmark_tp_{options.preset}_{os.getppid()}"  # the same on every rank
+    folder = (
+        Path(tempfile.gettempdir()) / f"benchmark_tp_{options.preset}_{os.getppid()}"
+    )  # the same on every rank
     rank = dist.get_rank()
     tic = time.perf_counter()
     try:
@@ -195,14 +279,19 @@ def hf_model(options, device):
                 torch.cuda.empty_cache()
         dist.barrier()
         saved = time.perf_counter()
-        model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+        model = LlamaForCausalLM.from_pretrained(
+            folder, tp_plan="auto", dtype=dtype
+        ).eval()
         dist.barrier()
     finally:  # an error, Ctrl-C or SIGTERM too
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
     if rank == 0:
-        print(f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, loaded with "
-              f"tp_plan=\"auto\" in {time.perf_counter() - saved:.1f} s", flush=True)
+        print(
+            f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, loaded with "
+            f'tp_plan="auto" in {time.perf_counter() - saved:.1f} s',
+            flush=True,
+        )
     return model
 
 
@@ -217,7 +306,9 @@ def time_torch(model, prompt, max_tokens, repeats, device):
     def seconds(n):
         sync()
         tic = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        model.generate(
+            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
         sync()
         return time.perf_counter() - tic
 
@@ -229,57 +320,118 @@ def time_torch(model, prompt, max_tokens, repeats, device):
             rates.append((max_tokens - 1) / (seconds(max_tokens) - prompt_seconds[-1]))
             if i == 0 and int(os.environ.get("RANK", 0)) == 0:
                 run = time.perf_counter() - tic
-                say(f"transformers: warm-up run {run:.1f} s; {repeats} timed runs, about {repeats * run:.0f} s")
+                say(
+                    f"transformers: warm-up run {run:.1f} s; {repeats} timed runs, about {repeats * run:.0f} s"
+                )
     return rates[1:], statistics.median(prompt_seconds[1:])
 
 
 def run_transformers(options):
     import torch
 
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world_size, rank = (
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("RANK", 0)),
+    )
     device = "cpu"
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if rank == 0:
-        say(f"building a random {options.preset}-shaped {options.dtype} Llama for transformers over {world_size} "
-            f"process{'es' * (world_size > 1)}, then timing {options.repeats} runs after a warm-up run")
+        say(
+            f"building a random {options.preset}-shaped {options.dtype} Llama for transformers over {world_size} "
+            f"process{'es' * (world_size > 1)}, then timing {options.repeats} runs after a warm-up run"
+        )
     tic = time.perf_counter()
     model = hf_model(options, device)
     build_seconds = time.perf_counter() - tic
     device = str(next(model.parameters()).device)
-    prompt = np.random.default_rng(options.seed).integers(3, PRESETS[options.preset]["vocab_size"],
-                                                          options.prompt_tokens).tolist()
-    rates, prompt_seconds = time_torch(model, prompt, options.max_tokens, options.repeats, device)
+    prompt = (
+        np.random.default_rng(options.seed)
+        .integers(3, PRESETS[options.preset]["vocab_size"], options.prompt_tokens)
+        .tolist()
+    )
+    rates, prompt_seconds = time_torch(
+        model, prompt, options.max_tokens, options.repeats, device
+    )
     if rank != 0:
         return
     total = 0
-    for p in model.parameters():  # under tp_plan the parameters are DTensors: whole shapes, local shards
+    for p in (
+        model.parameters()
+    ):  # under tp_plan the parameters are DTensors: whole shapes, local shards
         total += p.numel() * p.element_size()
-    per_rank = (total - model.model.embed_tokens.weight.numel() * 2) / world_size  # approximately: the split share
+    per_rank = (
+        total - model.model.embed_tokens.weight.numel() * 2
+    ) / world_size  # approximately: the split share
     where = processes(world_size, device.startswith("cuda"))
-    report("transformers", options, where, rates, per_rank, total, prompt_seconds, build_seconds)
+    report(
+        "transformers",
+        options,
+        where,
+        rates,
+        per_rank,
+        total,
+        prompt_seconds,
+        build_seconds,
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Decoding tokens/s of a tensor-parallel Llama with random weights: "
-                                                 "MLX under mlx.launch, transformers under torchrun.")
-    parser.add_argument("--framework", choices=["mlx", "transformers"], default="mlx",
-                        help="mlx (start with mlx.launch) or transformers (start with torchrun) (default: mlx)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="13b", help="model shape (default: 13b)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                        help="weight dtype (default: float16)")
-    parser.add_argument("--max-tokens", type=in_range(int, 2, 2048), default=64,
-                        help="tokens to generate per run, at least 2 (default: 64)")
-    parser.add_argument("--prompt-tokens", type=in_range(int, 1, 2048), default=128, help="prompt length (default: 128)")
-    parser.add_argument("--repeats", type=in_range(int, 1, 1000), default=3,
-                        help="timed runs after one warm-up run (default: 3)")
-    parser.add_argument("--seed", type=in_range(int, 0, 2**31 - 1), default=0,
-                        help="random seed for the weights and the prompt (default: 0)")
-    parser.add_argument("--timeout", type=in_range(float, 0), default=600,
-                        help="MLX with several processes: stop them all when the run makes no progress for this many "
-                             "seconds; 0: never (default: 600)")
+    parser = argparse.ArgumentParser(
+        description="Decoding tokens/s of a tensor-parallel Llama with random weights: "
+        "MLX under mlx.launch, transformers under torchrun."
+    )
+    parser.add_argument(
+        "--framework",
+        choices=["mlx", "transformers"],
+        default="mlx",
+        help="mlx (start with mlx.launch) or transformers (start with torchrun) (default: mlx)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="13b",
+        help="model shape (default: 13b)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="weight dtype (default: float16)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=in_range(int, 2, 2048),
+        default=64,
+        help="tokens to generate per run, at least 2 (default: 64)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=in_range(int, 1, 2048),
+        default=128,
+        help="prompt length (default: 128)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=in_range(int, 1, 1000),
+        default=3,
+        help="timed runs after one warm-up run (default: 3)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=in_range(int, 0, 2**31 - 1),
+        default=0,
+        help="random seed for the weights and the prompt (default: 0)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=in_range(float, 0),
+        default=600,
+        help="MLX with several processes: stop them all when the run makes no progress for this many "
+        "seconds; 0: never (default: 600)",
+    )
     options = parser.parse_args()
     if options.framework == "mlx":
         run_mlx(options)
@@ -288,9 +440,13 @@ def main():
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit("stopped by SIGTERM"))  # so that finally blocks run
+    signal.signal(
+        signal.SIGTERM, lambda number, frame: sys.exit("stopped by SIGTERM")
+    )  # so that finally blocks run
     try:
         main()
-    except KeyboardInterrupt:  # one process (under mlx.launch, tp.keep_together ends each rank)
+    except (
+        KeyboardInterrupt
+    ):  # one process (under mlx.launch, tp.keep_together ends each rank)
         print("interrupted", file=sys.stderr)
         sys.exit(130)

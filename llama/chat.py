@@ -29,13 +29,19 @@ class ChatFormatError(TokenizerError):
 def llama2_chat(tokenizer, messages):
     """Meta's Llama 2 chat_completion: the roles must go (system,) user, assistant, user, ..., user."""
     if messages[0]["role"] == "system":
-        first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+        first = (
+            f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+        )
         messages = [{"role": "user", "content": first}] + messages[2:]
     ids = []
     for user, answer in zip(messages[::2], messages[1::2]):
         text = f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} "
         ids += [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
-    return ids + [tokenizer.bos_id] + tokenizer.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]")
+    return (
+        ids
+        + [tokenizer.bos_id]
+        + tokenizer.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]")
+    )
 
 
 def llama3_chat(tokenizer, messages):
@@ -47,7 +53,11 @@ def llama3_chat(tokenizer, messages):
 
     ids = [tokenizer.token_id("<|begin_of_text|>")]
     for message in messages:
-        ids += header(message["role"]) + tokenizer.encode(message["content"].strip()) + [eot]
+        ids += (
+            header(message["role"])
+            + tokenizer.encode(message["content"].strip())
+            + [eot]
+        )
     return ids + header("assistant")
 
 
@@ -56,11 +66,17 @@ def hf_template(tokenizer):
     each turn, as a file of a few kilobytes."""
     jinja = tokenizer.folder / "chat_template.jinja"
     try:
-        template = jinja.read_text() if jinja.is_file() else tokenizer.config.get("chat_template")
+        template = (
+            jinja.read_text()
+            if jinja.is_file()
+            else tokenizer.config.get("chat_template")
+        )
     except (OSError, ValueError) as e:  # not UTF-8 text, say
         raise ChatFormatError(f"cannot read {jinja}: {e}") from None
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next(
+            (t["template"] for t in template if t.get("name") == "default"), None
+        )
     return template
 
 
@@ -73,12 +89,26 @@ def render_template(template, messages, special_tokens_map):
     def raise_exception(message):
         raise ChatFormatError(f"the chat template refuses this conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: (
+        json.dumps(
+            x,
+            ensure_ascii=False,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+    )
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+    )
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens_map)
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, **special_tokens_map
+        )
     except jinja2.TemplateError as e:
         raise ChatFormatError(f"cannot render the chat template: {e}") from None
 
@@ -90,11 +120,16 @@ def chat_tokens(tokenizer, messages):
         return llama2_chat(tokenizer, messages)
     template = hf_template(tokenizer) if tokenizer.kind == "Hugging Face" else None
     if template:
-        return tokenizer.encode(render_template(template, messages, tokenizer.special_tokens_map), special_tokens=True)
+        return tokenizer.encode(
+            render_template(template, messages, tokenizer.special_tokens_map),
+            special_tokens=True,
+        )
     if all(tokenizer.token_id(t) is not None for t in LLAMA3_HEADER_TOKENS):
         return llama3_chat(tokenizer, messages)
-    raise ChatFormatError(f"this {tokenizer.kind} tokenizer has no known chat format (no chat_template in "
-                          "tokenizer_config.json or chat_template.jinja beside it); use it without --chat")
+    raise ChatFormatError(
+        f"this {tokenizer.kind} tokenizer has no known chat format (no chat_template in "
+        "tokenizer_config.json or chat_template.jinja beside it); use it without --chat"
+    )
 
 
 def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
@@ -106,13 +141,22 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
     cached positions that agree with it (normally everything so far), and runs the model on the rest:
     a turn costs its new tokens, and the model always sees exactly the format's tokens."""
     messages = [{"role": "system", "content": system}] if system else []
-    cache, cached = model.make_cache(), []  # cached: the tokens whose keys and values the cache holds
-    for text in [prompt] if prompt is not None else user_lines(lines or sys.stdin.buffer):
+    cache, cached = (
+        model.make_cache(),
+        [],
+    )  # cached: the tokens whose keys and values the cache holds
+    for text in (
+        [prompt] if prompt is not None else user_lines(lines or sys.stdin.buffer)
+    ):
         messages.append({"role": "user", "content": text})
         tokens = chat_tokens(tokenizer, messages)
-        common = len(os.path.commonprefix([cached, tokens[:-1]]))  # leading tokens equal in both lists
+        common = len(
+            os.path.commonprefix([cached, tokens[:-1]])
+        )  # leading tokens equal in both lists
         for layer_cache in cache:
-            layer_cache.offset = common  # forget the positions from the first that differs on
+            layer_cache.offset = (
+                common  # forget the positions from the first that differs on
+            )
         answer, generated = reply(tokens[common:], cache, tokens[:common])
         cached = (tokens + generated)[: cache[0].offset]  # what the cache really holds
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
@@ -132,5 +176,7 @@ def user_lines(lines):
             print("> ", end="", file=sys.stderr, flush=True)
     except UnicodeError:
         print(file=sys.stderr)  # after the "> "
-        raise ChatFormatError("a line on stdin is not UTF-8 text; the chat ends") from None
+        raise ChatFormatError(
+            "a line on stdin is not UTF-8 text; the chat ends"
+        ) from None
     print(file=sys.stderr)

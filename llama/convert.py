@@ -37,7 +37,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from hub import TOKENIZER_FILES, download, is_hub_name
 from model import Llama, ModelArgs, WeightsError, check_weights, in_range
 from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
@@ -60,10 +59,16 @@ HF_KEY_MAP = [
 # Buffers some checkpoints carry that the model recomputes.
 DROPPED = [r"rotary_emb\.inv_freq$", r"^rope\.freqs$"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-QUANTIZATION_KEYS = ("group_size", "bits", "mode")  # the rest of mlx-lm's "quantization" is per layer
+QUANTIZATION_KEYS = (
+    "group_size",
+    "bits",
+    "mode",
+)  # the rest of mlx-lm's "quantization" is per layer
 
 
-PROGRESS_BYTES = 2**30  # conversions of more than this say how far they are while they work
+PROGRESS_BYTES = (
+    2**30
+)  # conversions of more than this say how far they are while they work
 
 
 class ConversionError(Exception):
@@ -75,7 +80,12 @@ class Progress:
     seconds with how far it is and about how long the rest will take (on stderr; nothing for small work)."""
 
     def __init__(self, what, total):
-        self.total, self.done, self.tic, self.shown = total, 0, time.perf_counter(), time.perf_counter()
+        self.total, self.done, self.tic, self.shown = (
+            total,
+            0,
+            time.perf_counter(),
+            time.perf_counter(),
+        )
         self.on = total >= PROGRESS_BYTES
         if self.on:
             print(f"{what}: {file_size(total)}", file=sys.stderr, flush=True)
@@ -85,8 +95,11 @@ class Progress:
         now = time.perf_counter()
         if self.on and (now - self.shown >= 5 or self.done >= self.total):
             left = (now - self.tic) * (self.total - self.done) / max(self.done, 1)
-            print(f"  {100 * self.done / self.total:.0f}% in {now - self.tic:.0f} s, about {left:.0f} s left",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {100 * self.done / self.total:.0f}% in {now - self.tic:.0f} s, about {left:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
             self.shown = now
 
 
@@ -106,7 +119,9 @@ def load_pth(path):
         # weights_only=True: never unpickle arbitrary objects; mmap: do not read a 13 GB file twice.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ConversionError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ConversionError(
+            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 # ---- Meta checkpoints ---------------------------------------------------------------------------
@@ -114,11 +129,18 @@ def load_pth(path):
 
 # Llama 3.1's scaled RoPE as Meta's reference code hardcodes it (`apply_scaling`): params.json only says
 # use_scaled_rope. Llama 3.2 1B and 3B were published on Hugging Face with factor 32 instead of 8.
-META_ROPE_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+META_ROPE_SCALING = dict(
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 LLAMA_3_2_SMALL_DIMS = (2048, 3072)  # Llama 3.2 1B and 3B
 
 
-def meta_args(params, vocab_size, max_seq_len=None, rope_scaling_factor=None, tied=False):
+def meta_args(
+    params, vocab_size, max_seq_len=None, rope_scaling_factor=None, tied=False
+):
     """ModelArgs from Meta's params.json. Llama 2 writes vocab_size -1: it comes from the embedding.
 
     params.json has no context length; by default it is the family's: 4096 for Llama 1 and 2, 8192 for
@@ -127,7 +149,10 @@ def meta_args(params, vocab_size, max_seq_len=None, rope_scaling_factor=None, ti
     if params.get("use_scaled_rope"):
         if rope_scaling_factor is None:
             rope_scaling_factor = params.get("rope_scaling_factor") or (
-                32.0 if params["dim"] in LLAMA_3_2_SMALL_DIMS else META_ROPE_SCALING["factor"])
+                32.0
+                if params["dim"] in LLAMA_3_2_SMALL_DIMS
+                else META_ROPE_SCALING["factor"]
+            )
         rope_scaling = {**META_ROPE_SCALING, "factor": float(rope_scaling_factor)}
     if max_seq_len is None:
         max_seq_len = 131072 if rope_scaling else 8192 if vocab_size >= 128000 else 4096
@@ -137,10 +162,15 @@ def meta_args(params, vocab_size, max_seq_len=None, rope_scaling_factor=None, ti
         hidden_dim = int(params["ffn_dim_multiplier"] * hidden_dim)
     multiple_of = params.get("multiple_of", 256)
     known = ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta")
-    return ModelArgs(**{k: params[k] for k in known if params.get(k) is not None},
-                     hidden_dim=multiple_of * math.ceil(hidden_dim / multiple_of),
-                     vocab_size=vocab_size, rope_traditional=True, rope_scaling=rope_scaling,
-                     max_seq_len=params.get("max_seq_len", max_seq_len), tie_word_embeddings=tied)
+    return ModelArgs(
+        **{k: params[k] for k in known if params.get(k) is not None},
+        hidden_dim=multiple_of * math.ceil(hidden_dim / multiple_of),
+        vocab_size=vocab_size,
+        rope_traditional=True,
+        rope_scaling=rope_scaling,
+        max_seq_len=params.get("max_seq_len", max_seq_len),
+        tie_word_embeddings=tied,
+    )
 
 
 def merge_shards(shards, expected):
@@ -152,7 +182,9 @@ def merge_shards(shards, expected):
     for axis in range(len(expected)):
         if shards[0].shape[axis] * len(shards) == expected[axis]:
             return mx.concatenate(shards, axis=axis)
-    raise ConversionError(f"cannot merge shards of shape {tuple(shards[0].shape)} into {tuple(expected)}")
+    raise ConversionError(
+        f"cannot merge shards of shape {tuple(shards[0].shape)} into {tuple(expected)}"
+    )
 
 
 def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
@@ -163,10 +195,18 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
     try:
         params = json.loads((folder / "params.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read params.json beside the checkpoint: {e}") from None
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params] if isinstance(params, dict) else ["all"]
+        raise ConversionError(
+            f"cannot read params.json beside the checkpoint: {e}"
+        ) from None
+    missing = (
+        [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if isinstance(params, dict)
+        else ["all"]
+    )
     if missing:
-        raise ConversionError(f"{folder / 'params.json'} lacks {', '.join(missing)}; is it a Meta Llama's params.json?")
+        raise ConversionError(
+            f"{folder / 'params.json'} lacks {', '.join(missing)}; is it a Meta Llama's params.json?"
+        )
     state_dicts = [load_pth(f) for f in files]
     embedding = state_dicts[0]["tok_embeddings.weight"]
     # The vocabulary is the embedding's full first dimension (Llama 2 splits the embedding on dim 1).
@@ -174,22 +214,38 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
     vocab_size = embedding.shape[0] * (len(files) if split_on_vocab else 1)
     # No output.weight, or one equal to the embedding: store the matrix once (tied embeddings).
     output = state_dicts[0].get("output.weight")
-    tied = output is None or (len(files) == 1 and output.shape == embedding.shape and bool((output == embedding).all()))
+    tied = output is None or (
+        len(files) == 1
+        and output.shape == embedding.shape
+        and bool((output == embedding).all())
+    )
     try:
         args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
     except (TypeError, ValueError) as e:  # a string where a number belongs, say
         raise ConversionError(f"{folder / 'params.json'}: {e}") from None
-    expected = {k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())}  # lazy: no memory
-    progress = Progress(f"reading {len(files)} file{'s' * (len(files) > 1)} of {folder}",
-                        sum(t.nbytes for sd in state_dicts for t in sd.values()))
+    expected = {
+        k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())
+    }  # lazy: no memory
+    progress = Progress(
+        f"reading {len(files)} file{'s' * (len(files) > 1)} of {folder}",
+        sum(t.nbytes for sd in state_dicts for t in sd.values()),
+    )
     weights = {}
     for name in state_dicts[0]:
-        if any(re.search(p, name) for p in DROPPED) or (tied and name == "output.weight"):
+        if any(re.search(p, name) for p in DROPPED) or (
+            tied and name == "output.weight"
+        ):
             continue
         if name not in expected:
-            raise ConversionError(f"unexpected weight {name!r} in {files[0].name}; is it a Llama checkpoint?")
-        weights[name] = merge_shards([torch_to_mx(sd[name]) for sd in state_dicts], expected[name])
-        progress.add(sum(sd[name].nbytes for sd in state_dicts))  # torch_to_mx has copied them out of the files
+            raise ConversionError(
+                f"unexpected weight {name!r} in {files[0].name}; is it a Llama checkpoint?"
+            )
+        weights[name] = merge_shards(
+            [torch_to_mx(sd[name]) for sd in state_dicts], expected[name]
+        )
+        progress.add(
+            sum(sd[name].nbytes for sd in state_dicts)
+        )  # torch_to_mx has copied them out of the files
     return args, weights
 
 
@@ -206,19 +262,28 @@ def mlx_lm_quantization(config):
     if q is None:
         method = (config.get("quantization_config") or {}).get("quant_method")
         if method is not None:
-            raise ConversionError(f"{method!r}-quantized checkpoints are not supported; convert the unquantized "
-                                  "model with --quantize, or an MLX (mlx-lm) quantized one")
+            raise ConversionError(
+                f"{method!r}-quantized checkpoints are not supported; convert the unquantized "
+                "model with --quantize, or an MLX (mlx-lm) quantized one"
+            )
         return None
     if q.get("mode", "affine") != "affine":
-        raise ConversionError(f"quantization mode {q['mode']!r} is not supported; only MLX's 'affine' mode is")
+        raise ConversionError(
+            f"quantization mode {q['mode']!r} is not supported; only MLX's 'affine' mode is"
+        )
     group_size, bits = q.get("group_size"), q.get("bits")
     for layer, setting in q.items():
         if layer in QUANTIZATION_KEYS or setting is False:
             continue
-        if not (isinstance(setting, dict) and setting.get("bits", bits) == bits
-                and setting.get("group_size", group_size) == group_size):
-            raise ConversionError(f"per-layer quantization ({layer}: {setting}) is not supported; every layer "
-                                  f"must use the model's {bits} bits and group size {group_size}")
+        if not (
+            isinstance(setting, dict)
+            and setting.get("bits", bits) == bits
+            and setting.get("group_size", group_size) == group_size
+        ):
+            raise ConversionError(
+                f"per-layer quantization ({layer}: {setting}) is not supported; every layer "
+                f"must use the model's {bits} bits and group size {group_size}"
+            )
     return {"group_size": group_size, "bits": bits}
 
 
@@ -227,35 +292,56 @@ def hf_args(config):
     sliding window, possibly quantized by mlx-lm. Anything else is refused with the reason."""
     model_type = config.get("model_type", "llama")
     if model_type not in ("llama", "mistral"):
-        raise ConversionError(f"model_type {model_type!r} is not supported: this example runs LlamaForCausalLM "
-                              "and MistralForCausalLM checkpoints")
+        raise ConversionError(
+            f"model_type {model_type!r} is not supported: this example runs LlamaForCausalLM "
+            "and MistralForCausalLM checkpoints"
+        )
     if model_type == "mistral" and config.get("sliding_window") is not None:
-        raise ConversionError(f"sliding_window {config['sliding_window']} (Mistral 7B v0.1) is not supported; "
-                              "Mistral 7B v0.2 and v0.3 have none")
+        raise ConversionError(
+            f"sliding_window {config['sliding_window']} (Mistral 7B v0.1) is not supported; "
+            "Mistral 7B v0.2 and v0.3 have none"
+        )
     # transformers 5 writes rope_parameters (with rope_theta inside); older configs rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
-        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        names = (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        )
         missing = [k for k in names if k not in rope]
         if missing:
-            raise ConversionError(f"llama3 RoPE scaling without {', '.join(missing)} in config.json")
+            raise ConversionError(
+                f"llama3 RoPE scaling without {', '.join(missing)} in config.json"
+            )
         rope_scaling = {k: rope[k] for k in names}
     elif rope_type == "default":
         rope_scaling = None
     else:
-        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported by this example "
-                              "(supported: none, and 'llama3' as in Llama 3.1)")
+        raise ConversionError(
+            f"RoPE scaling {rope_type!r} is not supported by this example "
+            "(supported: none, and 'llama3' as in Llama 3.1)"
+        )
     if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConversionError("Llama variants with attention or MLP biases are not supported")
+        raise ConversionError(
+            "Llama variants with attention or MLP biases are not supported"
+        )
     if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
+        raise ConversionError(
+            f"hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)"
+        )
     try:
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         args = ModelArgs(
-            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-            hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            vocab_size=config["vocab_size"],
+            hidden_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rope_traditional=False,  # HF permuted wq/wk for rotate-halves RoPE
             rope_scaling=rope_scaling,
@@ -264,13 +350,22 @@ def hf_args(config):
             quantization=mlx_lm_quantization(config),
         )
         if args.quantization is not None:
-            args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
+            args.quantization = check_quantization(
+                args.quantization, args.dim, args.hidden_dim
+            )
     except KeyError as e:
-        raise ConversionError(f"config.json has no {e.args[0]!r}; is it a Llama's?") from None
-    except (TypeError, ValueError) as e:  # a damaged field, shapes that do not divide, an unsupported quantization
+        raise ConversionError(
+            f"config.json has no {e.args[0]!r}; is it a Llama's?"
+        ) from None
+    except (
+        TypeError,
+        ValueError,
+    ) as e:  # a damaged field, shapes that do not divide, an unsupported quantization
         raise ConversionError(f"config.json: {e}") from None
     if config.get("head_dim") not in (None, args.head_dim):
-        raise ConversionError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads")
+        raise ConversionError(
+            f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads"
+        )
     return args
 
 
@@ -280,7 +375,9 @@ def hf_to_mlx_name(name):
     for pattern, replacement in HF_KEY_MAP:
         if re.search(pattern, name):
             return re.sub(pattern, replacement, name)
-    raise ConversionError(f"unexpected weight {name!r} in the checkpoint; is it a Llama model?")
+    raise ConversionError(
+        f"unexpected weight {name!r} in the checkpoint; is it a Llama model?"
+    )
 
 
 def resolve_hf(source):
@@ -290,8 +387,17 @@ def resolve_hf(source):
         raise ConversionError(f"{source} does not exist")
     # The weights, and the tokenizer files llama.py reads from the same Hub name.
     # Mistral's repositories also hold the weights in Mistral's own format (consolidated.safetensors).
-    return download(source, ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES],
-                    ConversionError, ignore=["consolidated*"])
+    return download(
+        source,
+        [
+            "config.json",
+            "*.safetensors",
+            "model.safetensors.index.json",
+            *TOKENIZER_FILES,
+        ],
+        ConversionError,
+        ignore=["consolidated*"],
+    )
 
 
 def read_hf(folder):
@@ -300,20 +406,37 @@ def read_hf(folder):
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read config.json in {folder}: {e}") from None
     if not isinstance(config, dict):
-        raise ConversionError(f"{folder / 'config.json'} is not a JSON object; is it a Hugging Face model's?")
+        raise ConversionError(
+            f"{folder / 'config.json'} is not a JSON object; is it a Hugging Face model's?"
+        )
     try:
         args = hf_args(config)
-    except (AttributeError, TypeError, ValueError) as e:  # a field of the wrong kind that hf_args did not expect
-        raise ConversionError(f"{folder / 'config.json'} is damaged ({type(e).__name__}: {e})") from None
+    except (
+        AttributeError,
+        TypeError,
+        ValueError,
+    ) as e:  # a field of the wrong kind that hf_args did not expect
+        raise ConversionError(
+            f"{folder / 'config.json'} is damaged ({type(e).__name__}: {e})"
+        ) from None
     # The files the index names, or every .safetensors but Mistral's own consolidated.safetensors.
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            files = [
+                folder / name
+                for name in sorted(
+                    set(json.loads(index.read_text())["weight_map"].values())
+                )
+            ]
         except (OSError, ValueError, KeyError) as e:
             raise ConversionError(f"cannot read {index}: {e}") from None
     else:
-        files = [f for f in sorted(folder.glob("*.safetensors")) if not f.name.startswith("consolidated")]
+        files = [
+            f
+            for f in sorted(folder.glob("*.safetensors"))
+            if not f.name.startswith("consolidated")
+        ]
     if not files:
         raise ConversionError(f"no .safetensors weights in {folder}")
     weights = {}
@@ -326,7 +449,9 @@ def read_hf(folder):
             mlx_name = hf_to_mlx_name(name)
             if mlx_name is not None:
                 weights[mlx_name] = value
-    if args.tie_word_embeddings:  # Llama 3.2 1B/3B: the output layer is the embedding; some files repeat it
+    if (
+        args.tie_word_embeddings
+    ):  # Llama 3.2 1B/3B: the output layer is the embedding; some files repeat it
         for name in ("output.weight", "output.scales", "output.biases"):
             weights.pop(name, None)
     return args, weights
@@ -335,7 +460,9 @@ def read_hf(folder):
 # ---- Both ---------------------------------------------------------------------------------------
 
 
-def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quantization=None):
+def convert(
+    source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quantization=None
+):
     """(ModelArgs, {name: mx.array}) for a Meta or Hugging Face checkpoint, checked against the model.
 
     quantization: {"group_size", "bits"} to quantize the linear layers and the embedding (quantize.py), or
@@ -349,14 +476,26 @@ def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quan
         args, weights = read_hf(resolve_hf(source))
     if quantization is not None:
         if args.quantization is not None and args.quantization != quantization:
-            raise ConversionError(f"the checkpoint is already quantized ({args.quantization['bits']} bits, groups of "
-                                  f"{args.quantization['group_size']}); convert it without --quantize")
+            raise ConversionError(
+                f"the checkpoint is already quantized ({args.quantization['bits']} bits, groups of "
+                f"{args.quantization['group_size']}); convert it without --quantize"
+            )
         try:
-            args = replace(args, quantization=check_quantization(quantization, args.dim, args.hidden_dim))
+            args = replace(
+                args,
+                quantization=check_quantization(
+                    quantization, args.dim, args.hidden_dim
+                ),
+            )
         except ValueError as e:
             raise ConversionError(str(e)) from None
-    if dtype is not None:  # before quantizing, so that scales and biases get this dtype too
-        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    if (
+        dtype is not None
+    ):  # before quantizing, so that scales and biases get this dtype too
+        weights = {
+            k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
     try:
         if args.quantization is not None:
             weights = quantize_weights(args, weights)
@@ -368,7 +507,11 @@ def convert(source, dtype=None, max_seq_len=None, rope_scaling_factor=None, quan
 
 def model_for(args):
     """The Llama `args` describes, unevaluated (shapes only), its layers quantized if args says so."""
-    return Llama(args) if args.quantization is None else quantize(Llama(args), **args.quantization)
+    return (
+        Llama(args)
+        if args.quantization is None
+        else quantize(Llama(args), **args.quantization)
+    )
 
 
 def config_array(args: ModelArgs):
@@ -378,7 +521,9 @@ def config_array(args: ModelArgs):
 
 def evaluate(weights):
     """Compute the arrays one at a time (read from the checkpoint, cast, quantized), saying how far it is."""
-    progress = Progress(f"converting {len(weights)} arrays", sum(v.nbytes for v in weights.values()))
+    progress = Progress(
+        f"converting {len(weights)} arrays", sum(v.nbytes for v in weights.values())
+    )
     for value in weights.values():
         mx.eval(value)
         progress.add(value.nbytes)
@@ -390,10 +535,14 @@ def write_atomically(path, write):
     that a killed run (SIGKILL) left is removed by the next write of the same path. The file gets the
     permissions of any new file (the umask). lora.py writes its adapters with it too."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp{path.suffix}"):  # .w.npz.<pid>.tmp.npz
+    for stale in path.parent.glob(
+        f".{path.name}.*.tmp{path.suffix}"
+    ):  # .w.npz.<pid>.tmp.npz
         if not process_exists(int(stale.name.split(".")[-3])):
             stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"  # MLX adds the suffix if it is missing
+    tmp = (
+        path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"
+    )  # MLX adds the suffix if it is missing
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -413,7 +562,11 @@ def save(args, weights, path):
 
     try:
         write_atomically(path, write)
-    except (OSError, RuntimeError, ValueError) as e:  # a full disk, say (MLX raises RuntimeError)
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as e:  # a full disk, say (MLX raises RuntimeError)
         raise ConversionError(f"cannot write {path}: {e}") from None
 
 
@@ -432,21 +585,29 @@ def check_output(path, nbytes=0):
     that is a file or cannot be made, no right to write there, or (with nbytes) too little free space."""
     path = Path(path)
     if path.is_dir():
-        raise ConversionError(f"{path} is a folder; give the file to write, e.g. {path / 'weights.safetensors'}")
+        raise ConversionError(
+            f"{path} is a folder; give the file to write, e.g. {path / 'weights.safetensors'}"
+        )
     if path.suffix not in (".npz", ".safetensors"):
-        raise ConversionError(f"the output must end in .npz or .safetensors, got {path}")
+        raise ConversionError(
+            f"the output must end in .npz or .safetensors, got {path}"
+        )
     file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if file is not None:
         raise ConversionError(f"cannot write {path}: {file} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"cannot make the folder {path.parent} for {path}: {e.strerror}") from None
+        raise ConversionError(
+            f"cannot make the folder {path.parent} for {path}: {e.strerror}"
+        ) from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise ConversionError(f"cannot write into {path.parent}: permission denied")
     free = shutil.disk_usage(path.parent).free
     if nbytes > free:
-        raise ConversionError(f"{path} needs about {file_size(nbytes)}; {path.parent} has {file_size(free)} free")
+        raise ConversionError(
+            f"{path} needs about {file_size(nbytes)}; {path.parent} has {file_size(free)} free"
+        )
 
 
 def file_size(nbytes):
@@ -454,25 +615,51 @@ def file_size(nbytes):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights.")
-    parser.add_argument("checkpoint", help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
-                                           "params.json beside it, or a Hugging Face Llama folder or Hub name")
+    parser = argparse.ArgumentParser(
+        description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights."
+    )
+    parser.add_argument(
+        "checkpoint",
+        help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
+        "params.json beside it, or a Hugging Face Llama folder or Hub name",
+    )
     parser.add_argument("output", help="the file to write: .npz or .safetensors")
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="store floating-point weights in this dtype; with --quantize, the scales, biases and "
-                             "norms (default: as in the checkpoint)")
-    parser.add_argument("--quantize", action="store_true",
-                        help="quantize the linear layers and the embedding (MLX affine quantization)")
-    parser.add_argument("--q-bits", type=int, choices=BITS, help="bits per quantized weight with --quantize (default: 4)")
-    parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZES,
-                        help="weights per scale and bias with --quantize (default: 64)")
-    parser.add_argument("--max-seq-len", type=in_range(int, 1, 2**31 - 1),
-                        help="context length for Meta checkpoints, whose params.json omits it (default: the family's: "
-                             "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging Face configs "
-                             "carry their own)")
-    parser.add_argument("--rope-scaling-factor", type=in_range(float, 0, above=True),
-                        help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: 32 for Llama 3.2 "
-                             "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="store floating-point weights in this dtype; with --quantize, the scales, biases and "
+        "norms (default: as in the checkpoint)",
+    )
+    parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="quantize the linear layers and the embedding (MLX affine quantization)",
+    )
+    parser.add_argument(
+        "--q-bits",
+        type=int,
+        choices=BITS,
+        help="bits per quantized weight with --quantize (default: 4)",
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        help="weights per scale and bias with --quantize (default: 64)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=in_range(int, 1, 2**31 - 1),
+        help="context length for Meta checkpoints, whose params.json omits it (default: the family's: "
+        "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging Face configs "
+        "carry their own)",
+    )
+    parser.add_argument(
+        "--rope-scaling-factor",
+        type=in_range(float, 0, above=True),
+        help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: 32 for Llama 3.2 "
+        "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)",
+    )
     args = parser.parse_args()
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
         parser.error("--q-bits and --q-group-size need --quantize")
@@ -483,13 +670,22 @@ def main():
     args = parse_args()
     quantization = None
     if args.quantize:  # the model's widths are checked against the group size with its shapes, in convert
-        quantization = {"group_size": 64 if args.q_group_size is None else args.q_group_size,
-                        "bits": 4 if args.q_bits is None else args.q_bits}
-    signal.signal(signal.SIGTERM, stopped)  # an exception, so that save removes its temporary file
+        quantization = {
+            "group_size": 64 if args.q_group_size is None else args.q_group_size,
+            "bits": 4 if args.q_bits is None else args.q_bits,
+        }
+    signal.signal(
+        signal.SIGTERM, stopped
+    )  # an exception, so that save removes its temporary file
     try:
         check_output(args.output)  # before anything is read or downloaded
-        model_args, weights = convert(args.checkpoint, args.dtype, args.max_seq_len, args.rope_scaling_factor,
-                                      quantization)
+        model_args, weights = convert(
+            args.checkpoint,
+            args.dtype,
+            args.max_seq_len,
+            args.rope_scaling_factor,
+            quantization,
+        )
         check_output(args.output, sum(v.nbytes for v in weights.values()))
         evaluate(weights)
         if sum(v.nbytes for v in weights.values()) >= PROGRESS_BYTES:
@@ -512,16 +708,27 @@ def summary(model_args, weights, output):
     """What was written, for the last line."""
     q = model_args.quantization
     # A packed uint32 word holds 32 / bits weights; scales and biases are not counted as parameters.
-    n_params = sum(math.prod(v.shape) * (32 // q["bits"] if v.dtype == mx.uint32 else 1)
-                   for k, v in weights.items() if not (q and k.endswith((".scales", ".biases"))))
-    layout = "interleaved (Meta)" if model_args.rope_traditional else "halves (Hugging Face)"
+    n_params = sum(
+        math.prod(v.shape) * (32 // q["bits"] if v.dtype == mx.uint32 else 1)
+        for k, v in weights.items()
+        if not (q and k.endswith((".scales", ".biases")))
+    )
+    layout = (
+        "interleaved (Meta)" if model_args.rope_traditional else "halves (Hugging Face)"
+    )
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
-    scaling = f", scaled x{model_args.rope_scaling['factor']:g}" if model_args.rope_scaling else ""
+    scaling = (
+        f", scaled x{model_args.rope_scaling['factor']:g}"
+        if model_args.rope_scaling
+        else ""
+    )
     tied = ", tied embeddings" if model_args.tie_word_embeddings else ""
     quantized = f", {q['bits']}-bit in groups of {q['group_size']}" if q else ""
-    return (f"Wrote {size} parameters ({len(weights)} arrays, {weights['norm.weight'].dtype}{quantized}), "
-            f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
-            f"to {output} ({file_size(os.path.getsize(output))})")
+    return (
+        f"Wrote {size} parameters ({len(weights)} arrays, {weights['norm.weight'].dtype}{quantized}), "
+        f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context {model_args.max_seq_len}, "
+        f"to {output} ({file_size(os.path.getsize(output))})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A Hugging Face tokenizer.json, for tokenizer.py's load_tokenizer: the checkpoints of a Hugging Face folder.
 
-    from tokenizer import load_tokenizer
-    tokenizer = load_tokenizer("path/to/Llama-3.1-8B-Instruct")   # the folder, or its tokenizer.json
+from tokenizer import load_tokenizer
+tokenizer = load_tokenizer("path/to/Llama-3.1-8B-Instruct")   # the folder, or its tokenizer.json
 """
 
 import json
@@ -22,14 +22,25 @@ class HFTokenizer:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise TokenizerError(f"cannot load {path} as a tokenizer.json ({str(e).splitlines()[0]})") from None
-        self.folder, self.config = path.parent, read_json(path.parent / "tokenizer_config.json")
+            raise TokenizerError(
+                f"cannot load {path} as a tokenizer.json ({str(e).splitlines()[0]})"
+            ) from None
+        self.folder, self.config = (
+            path.parent,
+            read_json(path.parent / "tokenizer_config.json"),
+        )
         # {"bos_token": "<|begin_of_text|>", ...}: names may be strings or {"content": ...} objects.
-        self.special_tokens_map = {k: v["content"] if isinstance(v, dict) else v for k, v in self.config.items()
-                                   if k.endswith("_token") and isinstance(v, (str, dict))}
+        self.special_tokens_map = {
+            k: v["content"] if isinstance(v, dict) else v
+            for k, v in self.config.items()
+            if k.endswith("_token") and isinstance(v, (str, dict))
+        }
         # A reply ends at every EOS id the generation config names (Llama 3.1: 128001, 128008, 128009).
         eos = read_json(self.folder / "generation_config.json").get("eos_token_id")
-        eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.token_id(self.special_tokens_map.get("eos_token"))]
+        eos_ids = [
+            *(eos if isinstance(eos, list) else [eos]),
+            self.token_id(self.special_tokens_map.get("eos_token")),
+        ]
         self.stop_ids = set(eos_ids) - {None}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 

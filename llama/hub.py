@@ -1,19 +1,28 @@
 """Files from the Hugging Face Hub, for a checkpoint (convert.py) or a tokenizer (llama.py) given by name.
 
-    from hub import download
-    folder = download("meta-llama/Llama-3.1-8B-Instruct", ["tokenizer.json"], ValueError)
+from hub import download
+folder = download("meta-llama/Llama-3.1-8B-Instruct", ["tokenizer.json"], ValueError)
 """
 
 import re
 from pathlib import Path
 
 # The files of a Hugging Face model folder that tokenizer.py reads (convert.py fetches them with the weights).
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "chat_template.jinja", "special_tokens_map.json"]
+TOKENIZER_FILES = [
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+]
+
 
 def is_hub_name(name):
     """A Hugging Face repository id: "name" or "org/name", not a path such as ./x, /x, ~/x or a/b/c."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)) is not None and not str(name).startswith(".")
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)) is not None and not str(
+        name
+    ).startswith(".")
 
 
 def download(name, patterns, error, ignore=None):
@@ -22,8 +31,12 @@ def download(name, patterns, error, ignore=None):
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=ignore))
+        return Path(
+            snapshot_download(name, allow_patterns=patterns, ignore_patterns=ignore)
+        )
     except Exception as e:  # offline, gated, unknown name, ...
         first = str(e).splitlines()[0] if str(e) else ""
-        raise error(f"cannot get {name!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                    "pass a local folder or file instead") from None
+        raise error(
+            f"cannot get {name!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
+            "pass a local folder or file instead"
+        ) from None

@@ -17,7 +17,6 @@ import time
 from functools import partial
 
 import mlx.core as mx
-
 from model import WeightsError, in_range, load_model, warn_if_reference_blas
 from tokenizer import StreamingDecoder, TokenizerError, load_tokenizer
 
@@ -28,13 +27,19 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     the tokens generated. With `cache`, prompt_tokens continue what it holds: `context`, the tokens before."""
     length, limit = len(context) + len(prompt_tokens), model.args.max_seq_len
     if length >= limit:
-        raise ValueError(f"the prompt is {length} tokens; the model's context is {limit}, reply included: shorten it")
+        raise ValueError(
+            f"the prompt is {length} tokens; the model's context is {limit}, reply included: shorten it"
+        )
     decoder = StreamingDecoder(tokenizer, [*context, *prompt_tokens])
     generated, tic, first = [], time.perf_counter(), None
     # Generation stops one token late: the token after the last one kept is waited for, so `seconds` holds
     # as many steps as the reply has tokens.
-    for token in model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache):
-        first = first or time.perf_counter()  # the first token comes out of the pass over the whole prompt
+    for token in model.generate(
+        mx.array(prompt_tokens), args.temp, args.top_p, cache=cache
+    ):
+        first = (
+            first or time.perf_counter()
+        )  # the first token comes out of the pass over the whole prompt
         if len(generated) == min(args.max_tokens, limit - length):
             break
         generated.append(token)
@@ -45,9 +50,12 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     print(decoder.add(None), flush=True)
     reply = generated[:-1] if generated[-1] in tokenizer.stop_ids else generated
     cached = f"{len(context)} tokens from the cache | " if cache else ""
-    print(f"[{cached}prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | "
-          f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s | "
-          f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]", file=sys.stderr)
+    print(
+        f"[{cached}prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | "
+        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s | "
+        f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
+        file=sys.stderr,
+    )
     return reply, generated
 
 
@@ -58,20 +66,26 @@ def load(args):
 
     def tokenizer_for(model):
         tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
-        if args.chat:  # refuse a tokenizer without a chat format before reading any input
+        if (
+            args.chat
+        ):  # refuse a tokenizer without a chat format before reading any input
             from chat import chat_tokens
 
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
         return tokenizer
 
-    if args.adapter_path:  # LoRA adapters from lora.py (one process only), read only when asked for
+    if (
+        args.adapter_path
+    ):  # LoRA adapters from lora.py (one process only), read only when asked for
         from lora import load_with_adapters
 
         return load_with_adapters(args.weights, args.adapter_path, tokenizer_for)
     if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
         from tp import load_split
 
-        return load_split(args.weights, tokenizer_for, (WeightsError, TokenizerError), args.timeout)
+        return load_split(
+            args.weights, tokenizer_for, (WeightsError, TokenizerError), args.timeout
+        )
     model = load_model(args.weights)
     return model, tokenizer_for(model), ""
 
@@ -83,33 +97,85 @@ def text(argument):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Generate text or chat with a converted Llama (see convert.py).")
-    parser.add_argument("weights", help="the .npz or .safetensors file written by convert.py")
-    parser.add_argument("tokenizer", help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
-                        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file)")
-    parser.add_argument("prompt", nargs="?", type=text, help="the text to continue (with --chat: the first message; "
-                        "without one, --chat reads a message per line from stdin)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (chat.py); "
-                        "without a prompt, chat interactively (one message per line; Ctrl-D ends)")
+    parser = argparse.ArgumentParser(
+        description="Generate text or chat with a converted Llama (see convert.py)."
+    )
+    parser.add_argument(
+        "weights", help="the .npz or .safetensors file written by convert.py"
+    )
+    parser.add_argument(
+        "tokenizer",
+        help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
+        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file)",
+    )
+    parser.add_argument(
+        "prompt",
+        nargs="?",
+        type=text,
+        help="the text to continue (with --chat: the first message; "
+        "without one, --chat reads a message per line from stdin)",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat format (chat.py); "
+        "without a prompt, chat interactively (one message per line; Ctrl-D ends)",
+    )
     parser.add_argument("--system", type=text, help="a system message for --chat")
-    parser.add_argument("--max-tokens", type=in_range(int, 1), default=100,
-                        help="most new tokens per reply (default: 100)")
-    parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="temperature; 0: greedy (default)")
-    parser.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0, help="sample only from the "
-                        "most likely tokens whose probabilities add up to this (default: 1, all)")
-    parser.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0, help="seed for sampling (default: 0)")
-    parser.add_argument("--timeout", type=in_range(float, 0), default=600, help="with several processes (mlx.launch): "
-                        "stop them all when the run makes no progress for this many seconds; 0: never (default: 600)")
-    parser.add_argument("--adapter-path", help="a folder of LoRA adapters from lora.py --train, applied to the model")
-    parser.add_argument("--prompts", help="instead of a prompt: a file of prompts, one per line (or a .jsonl of "
-                        '{"prompt": ...} or {"messages": [...]}), generated in batches (batch.py); a JSON line each')
-    parser.add_argument("--batch-size", type=in_range(int, 1), default=16, help="prompts generated at once with "
-                        "--prompts (default: 16)")
+    parser.add_argument(
+        "--max-tokens",
+        type=in_range(int, 1),
+        default=100,
+        help="most new tokens per reply (default: 100)",
+    )
+    parser.add_argument(
+        "--temp",
+        type=in_range(float, 0),
+        default=0.0,
+        help="temperature; 0: greedy (default)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=in_range(float, 0, 1, above=True),
+        default=1.0,
+        help="sample only from the "
+        "most likely tokens whose probabilities add up to this (default: 1, all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=in_range(int, 0, 2**64 - 1),
+        default=0,
+        help="seed for sampling (default: 0)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=in_range(float, 0),
+        default=600,
+        help="with several processes (mlx.launch): "
+        "stop them all when the run makes no progress for this many seconds; 0: never (default: 600)",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        help="a folder of LoRA adapters from lora.py --train, applied to the model",
+    )
+    parser.add_argument(
+        "--prompts",
+        help="instead of a prompt: a file of prompts, one per line (or a .jsonl of "
+        '{"prompt": ...} or {"messages": [...]}), generated in batches (batch.py); a JSON line each',
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=in_range(int, 1),
+        default=16,
+        help="prompts generated at once with --prompts (default: 16)",
+    )
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
     if args.prompt is None and not args.chat and not args.prompts:
-        parser.error("give a prompt to continue, --chat for a conversation, or --prompts")
+        parser.error(
+            "give a prompt to continue, --chat for a conversation, or --prompts"
+        )
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; give some text to continue")
     if args.system is not None and not args.chat:
@@ -119,16 +185,23 @@ def parse_args():
 
 def main():
     args = parse_args()
-    mx.random.seed(args.seed)  # the same on every rank: all of them sample the same tokens
+    mx.random.seed(
+        args.seed
+    )  # the same on every rank: all of them sample the same tokens
     if args.prompts:  # read before the model, so that a bad file fails at once
         from batch import read_prompts
 
         prompts = read_prompts(args.prompts)
     tic = time.perf_counter()
     model, tokenizer, split = load(args)
-    q = model.args.quantization  # a quantized file (convert.py --quantize) needs no flag: its config says so
+    q = (
+        model.args.quantization
+    )  # a quantized file (convert.py --quantize) needs no flag: its config says so
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
-    print(f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer{split}]", file=sys.stderr)
+    print(
+        f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} tokenizer{split}]",
+        file=sys.stderr,
+    )
     warn_if_reference_blas()
     if args.prompts:
         from batch import run_prompts
@@ -137,7 +210,13 @@ def main():
     elif args.chat:
         from chat import chat
 
-        chat(model, tokenizer, partial(generate, model, tokenizer, args), args.prompt, args.system)
+        chat(
+            model,
+            tokenizer,
+            partial(generate, model, tokenizer, args),
+            args.prompt,
+            args.system,
+        )
     else:
         generate(model, tokenizer, args, tokenizer.prompt(args.prompt))
     mx.synchronize()  # the step started ahead is still running: with other ranks, let its all_sums finish
@@ -149,6 +228,8 @@ if __name__ == "__main__":
     # Bad input: weights or tokenizer that do not fit, a prompt too long for the context, a template's refusal.
     except (WeightsError, TokenizerError, ValueError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C while loading or generating (under mlx.launch, tp.py ends the run)
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C while loading or generating (under mlx.launch, tp.py ends the run)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

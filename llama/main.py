@@ -13,41 +13,86 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from model import Llama, ModelArgs, in_range
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Run a small random-weight Llama: lazy evaluation and generation.")
+    parser = argparse.ArgumentParser(
+        description="Run a small random-weight Llama: lazy evaluation and generation."
+    )
     positive = in_range(int, 1, 2**31 - 1)
-    parser.add_argument("--n-layers", type=in_range(int, 1, 1024), default=12, help="transformer blocks (default: 12)")
-    parser.add_argument("--vocab-size", type=positive, default=8192, help="vocabulary size (default: 8192)")
-    parser.add_argument("--dim", type=positive, default=512, help="model width (default: 512)")
-    parser.add_argument("--hidden-dim", type=positive, default=1024, help="feed-forward width (default: 1024)")
-    parser.add_argument("--n-heads", type=positive, default=8, help="attention heads (default: 8)")
-    parser.add_argument("--max-tokens", type=positive, default=10, help="tokens to generate (default: 10)")
-    parser.add_argument("--temp", type=in_range(float, 0), default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
-    parser.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0,
-                        help="random seed for weights and sampling (default: 0)")
+    parser.add_argument(
+        "--n-layers",
+        type=in_range(int, 1, 1024),
+        default=12,
+        help="transformer blocks (default: 12)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=positive,
+        default=8192,
+        help="vocabulary size (default: 8192)",
+    )
+    parser.add_argument(
+        "--dim", type=positive, default=512, help="model width (default: 512)"
+    )
+    parser.add_argument(
+        "--hidden-dim",
+        type=positive,
+        default=1024,
+        help="feed-forward width (default: 1024)",
+    )
+    parser.add_argument(
+        "--n-heads", type=positive, default=8, help="attention heads (default: 8)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=positive,
+        default=10,
+        help="tokens to generate (default: 10)",
+    )
+    parser.add_argument(
+        "--temp",
+        type=in_range(float, 0),
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default: 0)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=in_range(int, 0, 2**64 - 1),
+        default=0,
+        help="random seed for weights and sampling (default: 0)",
+    )
     args = parser.parse_args()
     mx.random.seed(args.seed)
     try:
-        model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
-                               hidden_dim=args.hidden_dim)
+        model_args = ModelArgs(
+            dim=args.dim,
+            n_layers=args.n_layers,
+            n_heads=args.n_heads,
+            vocab_size=args.vocab_size,
+            hidden_dim=args.hidden_dim,
+        )
     except ValueError as e:  # say, a width that the heads do not divide
         parser.error(str(e))
 
     tic = time.perf_counter()
     model = Llama(model_args)
     n_params = sum(p.size for _, p in nn.utils.tree_flatten(model.parameters()))
-    print(f"Built a {n_params / 1e6:.1f}M-parameter model in {1e3 * (time.perf_counter() - tic):.1f} ms; "
-          f"memory in use: {mx.get_active_memory() / 2**20:.1f} MiB")
-    print("  Nothing is computed yet: the weights are a graph of random-number operations, not numbers.")
+    print(
+        f"Built a {n_params / 1e6:.1f}M-parameter model in {1e3 * (time.perf_counter() - tic):.1f} ms; "
+        f"memory in use: {mx.get_active_memory() / 2**20:.1f} MiB"
+    )
+    print(
+        "  Nothing is computed yet: the weights are a graph of random-number operations, not numbers."
+    )
 
     tic = time.perf_counter()
     mx.eval(model.parameters())  # now the random weights are materialized
-    print(f"mx.eval(model.parameters()) took {1e3 * (time.perf_counter() - tic):.1f} ms; "
-          f"memory in use: {mx.get_active_memory() / 2**20:.1f} MiB")
+    print(
+        f"mx.eval(model.parameters()) took {1e3 * (time.perf_counter() - tic):.1f} ms; "
+        f"memory in use: {mx.get_active_memory() / 2**20:.1f} MiB"
+    )
 
     prompt = mx.array([1, 10, 8, 32, 44, 7])
     tokens, times = [], []
@@ -62,7 +107,9 @@ def main():
     print(f"  the prompt pass and the first token: {1e3 * times[0]:.1f} ms")
     if len(times) > 1:
         per_token = sorted(times[1:])[len(times[1:]) // 2]
-        print(f"  each further token (median): {1e3 * per_token:.1f} ms, {1 / per_token:.0f} tokens/s")
+        print(
+            f"  each further token (median): {1e3 * per_token:.1f} ms, {1 / per_token:.0f} tokens/s"
+        )
 
 
 if __name__ == "__main__":

@@ -27,17 +27,36 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-
 # What each field must hold, (test, description): a configuration read from a file may be damaged.
-WHOLE = (lambda v: type(v) is int and 0 < v < 2**31, "a whole number from 1 to 2**31 - 1")  # MLX's int32 shapes
+WHOLE = (
+    lambda v: type(v) is int and 0 < v < 2**31,
+    "a whole number from 1 to 2**31 - 1",
+)  # MLX's int32 shapes
 LAYERS = (lambda v: type(v) is int and 0 < v <= 1024, "a whole number from 1 to 1024")
 POSITIVE = (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number")
 FLAG = (lambda v: type(v) is bool, "true or false")
 TABLE = (lambda v: v is None or type(v) is dict, "an object or null")
-KINDS = dict(dim=WHOLE, n_layers=LAYERS, n_heads=WHOLE, n_kv_heads=WHOLE, vocab_size=WHOLE, hidden_dim=WHOLE,
-             norm_eps=POSITIVE, rope_theta=POSITIVE, rope_traditional=FLAG, rope_scaling=TABLE, max_seq_len=WHOLE,
-             tie_word_embeddings=FLAG, quantization=TABLE)
-ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+KINDS = dict(
+    dim=WHOLE,
+    n_layers=LAYERS,
+    n_heads=WHOLE,
+    n_kv_heads=WHOLE,
+    vocab_size=WHOLE,
+    hidden_dim=WHOLE,
+    norm_eps=POSITIVE,
+    rope_theta=POSITIVE,
+    rope_traditional=FLAG,
+    rope_scaling=TABLE,
+    max_seq_len=WHOLE,
+    tie_word_embeddings=FLAG,
+    quantization=TABLE,
+)
+ROPE_SCALING = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 @dataclass
@@ -45,7 +64,9 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = None  # fewer key/value heads than query heads: grouped-query attention
+    n_kv_heads: int | None = (
+        None  # fewer key/value heads than query heads: grouped-query attention
+    )
     vocab_size: int = 32000
     hidden_dim: int = 11008  # feed-forward width (Meta's params.json derives it: see convert.meta_args)
     norm_eps: float = 1e-5
@@ -57,8 +78,12 @@ class ModelArgs:
     # Llama 3.1's scaled RoPE: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"} (Hugging Face's names), or None for plain RoPE.
     rope_scaling: dict | None = None
-    max_seq_len: int = 4096  # the context the model was trained with; longer prompts are refused
-    tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
+    max_seq_len: int = (
+        4096  # the context the model was trained with; longer prompts are refused
+    )
+    tie_word_embeddings: bool = (
+        False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
+    )
     # {"group_size": 64, "bits": 4} (mlx-lm's name and keys): every linear layer and the embedding hold
     # affine-quantized weights (quantize.py); None: all weights are floating point.
     quantization: dict | None = None
@@ -68,15 +93,30 @@ class ModelArgs:
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         for name, (test, description) in KINDS.items():
             if not test(getattr(self, name)):
-                raise ValueError(f"{name} must be {description}, not {getattr(self, name)!r}")
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide "
-                             "into an even head_dim and whole groups of query heads")
-        scaling = self.rope_scaling  # Llama 3.1's: four positive numbers, the low frequency factor below the high
-        if scaling is not None and (sorted(scaling) != sorted(ROPE_SCALING) or not all(POSITIVE[0](scaling[k]) for k in
-                                    ROPE_SCALING) or not scaling["low_freq_factor"] < scaling["high_freq_factor"]):
-            raise ValueError(f"rope_scaling must hold positive {', '.join(ROPE_SCALING)}, the low factor below the "
-                             f"high one, not {scaling!r}")
+                raise ValueError(
+                    f"{name} must be {description}, not {getattr(self, name)!r}"
+                )
+        if (
+            self.dim % self.n_heads
+            or self.n_heads % self.n_kv_heads
+            or self.head_dim % 2
+        ):
+            raise ValueError(
+                f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide "
+                "into an even head_dim and whole groups of query heads"
+            )
+        scaling = (
+            self.rope_scaling
+        )  # Llama 3.1's: four positive numbers, the low frequency factor below the high
+        if scaling is not None and (
+            sorted(scaling) != sorted(ROPE_SCALING)
+            or not all(POSITIVE[0](scaling[k]) for k in ROPE_SCALING)
+            or not scaling["low_freq_factor"] < scaling["high_freq_factor"]
+        ):
+            raise ValueError(
+                f"rope_scaling must hold positive {', '.join(ROPE_SCALING)}, the low factor below the "
+                f"high one, not {scaling!r}"
+            )
 
     @property
     def head_dim(self):
@@ -101,7 +141,9 @@ class KVCache:
         B, H, T, D = keys.shape
         if self.keys is None or self.offset + T > self.keys.shape[2]:
             capacity = self.step * math.ceil((self.offset + T) / self.step)
-            new_keys, new_values = (mx.zeros((B, H, capacity, D), keys.dtype) for _ in range(2))
+            new_keys, new_values = (
+                mx.zeros((B, H, capacity, D), keys.dtype) for _ in range(2)
+            )
             if self.keys is not None:
                 new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
                 new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
@@ -112,7 +154,14 @@ class KVCache:
         return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
 
 
-def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+def llama3_rope_freqs(
+    head_dim,
+    base,
+    factor,
+    low_freq_factor,
+    high_freq_factor,
+    original_max_position_embeddings,
+):
     """Llama 3.1's RoPE frequencies, rescaled once for a longer context (Meta's `apply_scaling`).
 
     Plain RoPE rotates feature pair i at position p by the angle p / base^(2i/head_dim). Llama 3.1 keeps
@@ -126,7 +175,9 @@ def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor,
     low_freq_wavelen = original_max_position_embeddings / low_freq_factor
     high_freq_wavelen = original_max_position_embeddings / high_freq_factor
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     return mx.array(1.0 / scaled, dtype=mx.float32)
@@ -135,29 +186,50 @@ def llama3_rope_freqs(head_dim, base, factor, low_freq_factor, high_freq_factor,
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.n_heads,
+            args.n_kv_heads,
+            args.head_dim,
+        )
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         # Rotary embeddings: plain RoPE's periods come from the base, Llama 3.1's rescaled ones are given.
         scaling = args.rope_scaling
-        freqs = None if scaling is None else llama3_rope_freqs(args.head_dim, args.rope_theta, **scaling)
-        self.rope = partial(mx.fast.rope, dims=args.head_dim, traditional=args.rope_traditional, scale=1.0,
-                            base=None if scaling else args.rope_theta, freqs=freqs)
+        freqs = (
+            None
+            if scaling is None
+            else llama3_rope_freqs(args.head_dim, args.rope_theta, **scaling)
+        )
+        self.rope = partial(
+            mx.fast.rope,
+            dims=args.head_dim,
+            traditional=args.rope_traditional,
+            scale=1.0,
+            base=None if scaling else args.rope_theta,
+            freqs=freqs,
+        )
 
     def __call__(self, x, cache: KVCache | None = None):
         B, T, _ = x.shape
         # q: (B, n_heads, T, head_dim); k and v: (B, n_kv_heads, T, head_dim)
-        q, k, v = (w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3) for w in (self.wq, self.wk, self.wv))
-        offset = cache.offset if cache is not None else 0  # position of the first of these T tokens
+        q, k, v = (
+            w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3)
+            for w in (self.wq, self.wk, self.wv)
+        )
+        offset = (
+            cache.offset if cache is not None else 0
+        )  # position of the first of these T tokens
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_heads, offset + T, head_dim)
         # Each query head i attends with key/value head i // (n_heads // n_kv_heads); the fused kernel
         # does that grouping itself. One new token sees everything before it: no mask is needed.
         mask = "causal" if T > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.head_dim**-0.5, mask=mask
+        )
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -208,7 +280,11 @@ class Llama(nn.Module):
             h = layer(h, cache[i] if cache is not None else None)
         h = self.norm(h[:, -1:] if last_only else h)
         # Tied embeddings: logits are h @ tok_embeddings.weight.T.
-        return self.tok_embeddings.as_linear(h) if self.args.tie_word_embeddings else self.output(h)
+        return (
+            self.tok_embeddings.as_linear(h)
+            if self.args.tie_word_embeddings
+            else self.output(h)
+        )
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
@@ -224,10 +300,14 @@ class Llama(nn.Module):
         """
         cache = self.make_cache() if cache is None else cache
 
-        def step(token):  # (1,) token -> (1,) next token, lazily; extends the cache by one position
+        def step(
+            token,
+        ):  # (1,) token -> (1,) next token, lazily; extends the cache by one position
             return sample(self(token[:, None], cache)[:, -1], temp, top_p)
 
-        token = sample(self(prompt[None], cache, last_only=True)[:, -1], temp, top_p)  # the prompt in one pass
+        token = sample(
+            self(prompt[None], cache, last_only=True)[:, -1], temp, top_p
+        )  # the prompt in one pass
         # The first token waits for the prompt pass alone: building and launching the next step first, as
         # the loop below does, would add several milliseconds of Python and kernel launches in front of it.
         yield token.item()
@@ -252,8 +332,12 @@ def sample(logits, temp, top_p):
         sorted_probs = mx.take_along_axis(probs, order, axis=-1)
         # Keep a token if the tokens more likely than it add up to less than top_p (the first always stays).
         keep = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
-        sorted_logits = mx.where(keep, mx.take_along_axis(logits, order, axis=-1), -mx.inf)
-        return mx.take_along_axis(order, mx.random.categorical(sorted_logits)[:, None], axis=-1)[:, 0]
+        sorted_logits = mx.where(
+            keep, mx.take_along_axis(logits, order, axis=-1), -mx.inf
+        )
+        return mx.take_along_axis(
+            order, mx.random.categorical(sorted_logits)[:, None], axis=-1
+        )[:, 0]
     return mx.random.categorical(logits)
 
 
@@ -279,24 +363,38 @@ def check_weights(model, weights):
         # Packed quantized weights are uint32, everything else a float dtype (checked on MLX arrays only:
         # tp.py also checks the shapes of NumPy views, where bfloat16 is uint16).
         packed = want.dtype == mx.uint32
-        if isinstance(have, mx.array) and (have.dtype != mx.uint32 if packed else have.dtype not in FLOATS):
-            problems.append(f"{k} is {have.dtype}, expected {mx.uint32 if packed else 'a float'}")
+        if isinstance(have, mx.array) and (
+            have.dtype != mx.uint32 if packed else have.dtype not in FLOATS
+        ):
+            problems.append(
+                f"{k} is {have.dtype}, expected {mx.uint32 if packed else 'a float'}"
+            )
     if problems:
         q = model.args.quantization
-        hint = f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})" if q else ""
+        hint = (
+            f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})"
+            if q
+            else ""
+        )
         more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
-        raise WeightsError(f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}")
+        raise WeightsError(
+            f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}"
+        )
 
 
 def weights_file(path):
     """`path` as a Path if it can be a weights file written by convert.py; WeightsError saying what it is if not."""
     path = Path(path)
     if path.is_dir():
-        raise WeightsError(f"{path} is a folder, not a weights file; convert it into one first: "
-                           f"python llama/convert.py {path} {path.name}.safetensors")
+        raise WeightsError(
+            f"{path} is a folder, not a weights file; convert it into one first: "
+            f"python llama/convert.py {path} {path.name}.safetensors"
+        )
     if path.suffix not in (".npz", ".safetensors"):
-        raise WeightsError(f"the weights must be the .npz or .safetensors file written by convert.py, got {path} "
-                           "(llama.py takes the weights first, then the tokenizer)")
+        raise WeightsError(
+            f"the weights must be the .npz or .safetensors file written by convert.py, got {path} "
+            "(llama.py takes the weights first, then the tokenizer)"
+        )
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; write it with convert.py first")
     return path
@@ -318,28 +416,47 @@ def read_arrays(path):
     if not zipfile.is_zipfile(path):
         raise ValueError("it is not a .npz (zip) archive")
     with np.load(path, allow_pickle=False) as npz:
-        return {name: mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == "V2" else mx.array(a)
-                for name, a in ((name, npz[name]) for name in npz.files)}
+        return {
+            name: mx.array(a.view(np.uint16)).view(mx.bfloat16)
+            if a.dtype == "V2"
+            else mx.array(a)
+            for name, a in ((name, npz[name]) for name in npz.files)
+        }
 
 
 def stored_model(config, path):
     """The Llama, unevaluated, that convert.py described in `path` by `config` (the JSON bytes of a uint8
     array). Only a quantized file reads quantize.py, which swaps the layers for quantized ones."""
     if config is None:
-        raise WeightsError(f"{path} has no model configuration; convert the checkpoint with convert.py")
+        raise WeightsError(
+            f"{path} has no model configuration; convert the checkpoint with convert.py"
+        )
     try:
         stored = json.loads(bytes(memoryview(config)).decode())
         if not isinstance(stored, dict):
             raise ValueError("it is not a JSON object")
-        args = ModelArgs(**{k: v for k, v in stored.items() if k in {f.name for f in fields(ModelArgs)}})
+        args = ModelArgs(
+            **{
+                k: v
+                for k, v in stored.items()
+                if k in {f.name for f in fields(ModelArgs)}
+            }
+        )
         if args.quantization is None:
             return Llama(args)
         from quantize import check_quantization, quantize
 
-        args.quantization = check_quantization(args.quantization, args.dim, args.hidden_dim)
+        args.quantization = check_quantization(
+            args.quantization, args.dim, args.hidden_dim
+        )
         return quantize(Llama(args), **args.quantization)
-    except (ValueError, TypeError) as e:  # a damaged field; a quantization this example does not support
-        raise WeightsError(f"{path} holds a configuration this example cannot use: {e}") from None
+    except (
+        ValueError,
+        TypeError,
+    ) as e:  # a damaged field; a quantization this example does not support
+        raise WeightsError(
+            f"{path} holds a configuration this example cannot use: {e}"
+        ) from None
 
 
 def load_model(path):
@@ -361,13 +478,21 @@ def load_model(path):
 
 def in_range(kind, low, high=math.inf, above=False):
     """An argparse type: a finite `kind` (int or float) from `low` (or just above it) to `high`."""
-    bounds = f"{'above' if above else 'at least'} {low}" + (f" and at most {high}" if high < math.inf else "")
+    bounds = f"{'above' if above else 'at least'} {low}" + (
+        f" and at most {high}" if high < math.inf else ""
+    )
 
     def parse(text):
         value = kind(text)
-        if not (value > low if above else value >= low) or not value <= high or abs(value) == math.inf:  # NaN fails
-            raise argparse.ArgumentTypeError(f"must be {'a whole' if kind is int else 'a finite'} number {bounds}, "
-                                             f"not {text}")
+        if (
+            not (value > low if above else value >= low)
+            or not value <= high
+            or abs(value) == math.inf
+        ):  # NaN fails
+            raise argparse.ArgumentTypeError(
+                f"must be {'a whole' if kind is int else 'a finite'} number {bounds}, "
+                f"not {text}"
+            )
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
@@ -377,7 +502,16 @@ def in_range(kind, low, high=math.inf, above=False):
 def warn_if_reference_blas():
     """On Linux, mlx[cpu] computes with the reference BLAS it bundles (about 30x slower matrix products)
     unless OpenBLAS is preloaded: say so before long work on the CPU."""
-    maps = Path("/proc/self/maps").read_text() if sys.platform.startswith("linux") else ""
-    if mx.default_device() == mx.cpu and "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
-        print("warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products); "
-              "the top-level README.md shows how to preload OpenBLAS", file=sys.stderr)
+    maps = (
+        Path("/proc/self/maps").read_text() if sys.platform.startswith("linux") else ""
+    )
+    if (
+        mx.default_device() == mx.cpu
+        and "mlx_cpu.libs/libblas" in maps
+        and "/libopenblas" not in maps
+    ):
+        print(
+            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products); "
+            "the top-level README.md shows how to preload OpenBLAS",
+            file=sys.stderr,
+        )

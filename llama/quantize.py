@@ -16,7 +16,6 @@ mx.quantized_matmul. (A CUDA decode kernel of our own was measured slower end to
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from model import Llama
 
 BITS = (4, 8)
@@ -30,12 +29,16 @@ def check_quantization(quantization, dim, hidden_dim):
     if bits not in BITS or type(bits) is not int:
         raise ValueError(f"{bits!r}-bit quantization is not supported; use 4 or 8 bits")
     if group_size not in GROUP_SIZES or type(group_size) is not int:
-        raise ValueError(f"quantization group size {group_size!r} is not supported; use 32, 64 or 128")
+        raise ValueError(
+            f"quantization group size {group_size!r} is not supported; use 32, 64 or 128"
+        )
     for name, width in (("dim", dim), ("hidden_dim", hidden_dim)):
         if width % group_size:
             fits = [g for g in GROUP_SIZES if dim % g == 0 and hidden_dim % g == 0]
-            raise ValueError(f"the model's {name} {width} is not a multiple of the quantization group size "
-                             f"{group_size}; use a group size of {' or '.join(map(str, fits)) or 'none of 32, 64, 128'}")
+            raise ValueError(
+                f"the model's {name} {width} is not a multiple of the quantization group size "
+                f"{group_size}; use a group size of {' or '.join(map(str, fits)) or 'none of 32, 64, 128'}"
+            )
     return {"group_size": group_size, "bits": bits}
 
 
@@ -45,7 +48,9 @@ def quantize(model, group_size, bits):
     The output layer is read whole for every generated token, so quantizing it speeds decoding like any
     other layer. The embedding is only looked up (one row per token), so quantizing it saves memory and
     file size, not time: 0.19 GB of a 7B model at 4 bits. The norms stay in floating point (tiny)."""
-    nn.quantize(model, group_size, bits)  # every module with to_quantized: nn.Linear and nn.Embedding
+    nn.quantize(
+        model, group_size, bits
+    )  # every module with to_quantized: nn.Linear and nn.Embedding
     return model
 
 
@@ -54,17 +59,32 @@ def quantize_weights(args, weights):
     mx.quantize's packed weight, scales and biases. Layers already quantized (mlx-lm) are kept as they are.
     Raises ValueError for a weight whose shape does not fit."""
     group_size, bits = args.quantization["group_size"], args.quantization["bits"]
-    expected = dict(nn.utils.tree_flatten(quantize(Llama(args), group_size, bits).parameters()))  # lazy: shapes only
+    expected = dict(
+        nn.utils.tree_flatten(quantize(Llama(args), group_size, bits).parameters())
+    )  # lazy: shapes only
     weights = dict(weights)
     for name in expected:
         if not name.endswith(".scales"):
             continue
         layer = name.removesuffix("scales")
         w = weights.get(layer + "weight")
-        if w is None or layer + "scales" in weights or not mx.issubdtype(w.dtype, mx.floating):
+        if (
+            w is None
+            or layer + "scales" in weights
+            or not mx.issubdtype(w.dtype, mx.floating)
+        ):
             continue  # missing (check_weights names it) or already quantized
-        out_features, in_features = expected[layer + "weight"].shape[0], expected[name].shape[1] * group_size
+        out_features, in_features = (
+            expected[layer + "weight"].shape[0],
+            expected[name].shape[1] * group_size,
+        )
         if w.shape != (out_features, in_features):
-            raise ValueError(f"{layer}weight has shape {tuple(w.shape)}, expected {(out_features, in_features)}")
-        weights[layer + "weight"], weights[layer + "scales"], weights[layer + "biases"] = mx.quantize(w, group_size, bits)
+            raise ValueError(
+                f"{layer}weight has shape {tuple(w.shape)}, expected {(out_features, in_features)}"
+            )
+        (
+            weights[layer + "weight"],
+            weights[layer + "scales"],
+            weights[layer + "biases"],
+        ) = mx.quantize(w, group_size, bits)
     return weights

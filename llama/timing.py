@@ -6,7 +6,6 @@ import sys
 import time
 
 import mlx.core as mx
-
 from model import sample
 
 START = time.perf_counter()
@@ -14,7 +13,9 @@ START = time.perf_counter()
 
 def say(message):
     """A progress line on stderr (stdout keeps the results), with the seconds since the script started."""
-    print(f"[{time.perf_counter() - START:.0f} s] {message}", file=sys.stderr, flush=True)
+    print(
+        f"[{time.perf_counter() - START:.0f} s] {message}", file=sys.stderr, flush=True
+    )
 
 
 def generate_runs(model, prompt, max_tokens, repeats, after_run=None, label=None):
@@ -35,7 +36,9 @@ def generate_runs(model, prompt, max_tokens, repeats, after_run=None, label=None
             after_run()
         if label and i == 0:
             seconds = time.perf_counter() - tic
-            say(f"{label}: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s")
+            say(
+                f"{label}: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s"
+            )
     return runs[1:]
 
 
@@ -51,11 +54,15 @@ def host_seconds(model, prompt, repeats=20):
     builds, launches = [], []
     for _ in range(repeats):
         tic = time.perf_counter()
-        token = sample(model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0)  # a greedy step, as generate makes
+        token = sample(
+            model(mx.array([[1]]), cache)[:, -1], temp=0.0, top_p=1.0
+        )  # a greedy step, as generate makes
         built = time.perf_counter()
         mx.async_eval(token)
         launched = time.perf_counter()
-        mx.eval(token)  # the device idles now: the next step's host work is not overlapped
+        mx.eval(
+            token
+        )  # the device idles now: the next step's host work is not overlapped
         builds.append(built - tic)
         launches.append(launched - built)
     return statistics.median(builds), statistics.median(launches)

@@ -24,13 +24,28 @@ import re
 from pathlib import Path
 
 # Meta's Llama 3 split pattern (llama_models/llama3/tokenizer.py).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Meta's Llama 3.1 special tokens, ids 128000 to 128255 (Llama 3.0 named 128008 and 128010 reserved).
-LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+LLAMA3_SPECIAL_TOKENS += [
+    f"<|reserved_special_token_{i}|>"
+    for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))
+]
 LLAMA3_STOP_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
 
 
@@ -49,8 +64,14 @@ class SentencePieceTokenizer:
         try:
             self.sp = SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"cannot load {path} as a SentencePiece model ({str(e).splitlines()[0]})") from None
-        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+            raise TokenizerError(
+                f"cannot load {path} as a SentencePiece model ({str(e).splitlines()[0]})"
+            ) from None
+        self.vocab_size, self.bos_id, self.eos_id = (
+            self.sp.vocab_size(),
+            self.sp.bos_id(),
+            self.sp.eos_id(),
+        )
         self.stop_ids, self.encode = {self.eos_id}, self.sp.encode
 
     def prompt(self, text):
@@ -70,13 +91,26 @@ class Llama3Tokenizer:
     def __init__(self, path):
         import tiktoken
 
-        ranks = read_ranks(path)  # {token bytes: id}; the special tokens come after them, from BOS on
-        self.special = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.tiktoken = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                                          special_tokens=self.special)
-        self.vocab_size, self.bos_id = self.tiktoken.n_vocab, self.special["<|begin_of_text|>"]
+        ranks = read_ranks(
+            path
+        )  # {token bytes: id}; the special tokens come after them, from BOS on
+        self.special = {
+            token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)
+        }
+        self.tiktoken = tiktoken.Encoding(
+            path.name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special,
+        )
+        self.vocab_size, self.bos_id = (
+            self.tiktoken.n_vocab,
+            self.special["<|begin_of_text|>"],
+        )
         self.stop_ids = {self.special[token] for token in LLAMA3_STOP_TOKENS}
-        self.encode = self.tiktoken.encode_ordinary  # special tokens' names in the text are plain text
+        self.encode = (
+            self.tiktoken.encode_ordinary
+        )  # special tokens' names in the text are plain text
 
     def token_id(self, token):
         return self.special.get(token)
@@ -84,8 +118,12 @@ class Llama3Tokenizer:
     def prompt(self, text):
         return [self.bos_id] + self.encode(text)
 
-    def decode(self, ids):  # special tokens decode to nothing; an incomplete character to \ufffd
-        return self.tiktoken.decode([i for i in ids if i < self.bos_id], errors="replace")
+    def decode(
+        self, ids
+    ):  # special tokens decode to nothing; an incomplete character to \ufffd
+        return self.tiktoken.decode(
+            [i for i in ids if i < self.bos_id], errors="replace"
+        )
 
 
 def read_ranks(path):
@@ -96,17 +134,25 @@ def read_ranks(path):
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise TokenizerError(f"{path} line {number} is not 'base64 rank': not a Llama 3 tokenizer.model") from None
-    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
-        raise TokenizerError(f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
-                             "among the tokens; is it a Llama 3 tokenizer.model?")
+            raise TokenizerError(
+                f"{path} line {number} is not 'base64 rank': not a Llama 3 tokenizer.model"
+            ) from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(
+        bytes([b]) not in ranks for b in range(256)
+    ):
+        raise TokenizerError(
+            f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
+            "among the tokens; is it a Llama 3 tokenizer.model?"
+        )
     return ranks
 
 
 # ---- Finding the kind ---------------------------------------------------------------------------
 
-KINDS = ("a SentencePiece tokenizer.model (Llama 1 and 2), Meta's Llama 3 tokenizer.model (a base64 token and "
-         "a rank on each line), a Hugging Face tokenizer.json, or a folder holding one")
+KINDS = (
+    "a SentencePiece tokenizer.model (Llama 1 and 2), Meta's Llama 3 tokenizer.model (a base64 token and "
+    "a rank on each line), a Hugging Face tokenizer.json, or a folder holding one"
+)
 
 
 def load_tokenizer(source, vocab_size=None):
@@ -120,9 +166,15 @@ def load_tokenizer(source, vocab_size=None):
             raise TokenizerError(f"{source} does not exist; give {KINDS}")
         path = download(str(source), TOKENIZER_FILES, TokenizerError)
     if path.is_dir():
-        found = [path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()]
+        found = [
+            path / name
+            for name in ("tokenizer.json", "tokenizer.model")
+            if (path / name).is_file()
+        ]
         if not found:
-            raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give {KINDS}")
+            raise TokenizerError(
+                f"{path} has no tokenizer.json or tokenizer.model; give {KINDS}"
+            )
         path = found[0]
     with open(path, "rb") as f:
         head = f.read(256)
@@ -130,15 +182,23 @@ def load_tokenizer(source, vocab_size=None):
         from hf_tokenizer import HFTokenizer
 
         tokenizer = HFTokenizer(path)
-    elif re.match(rb"[A-Za-z0-9+/]+=* 0\r?\n", head):  # tiktoken: "IQ== 0" is byte 0x21 ("!") at rank 0
+    elif re.match(
+        rb"[A-Za-z0-9+/]+=* 0\r?\n", head
+    ):  # tiktoken: "IQ== 0" is byte 0x21 ("!") at rank 0
         tokenizer = Llama3Tokenizer(path)
-    elif head[:1] == b"\n":  # SentencePiece: a protobuf whose first field (the pieces) has tag 0x0a
+    elif (
+        head[:1] == b"\n"
+    ):  # SentencePiece: a protobuf whose first field (the pieces) has tag 0x0a
         tokenizer = SentencePieceTokenizer(path)
     else:
-        raise TokenizerError(f"cannot load {path}: it is not a tokenizer of a known kind; give {KINDS}")
+        raise TokenizerError(
+            f"cannot load {path}: it is not a tokenizer of a known kind; give {KINDS}"
+        )
     if vocab_size is not None and tokenizer.vocab_size != vocab_size:
-        raise TokenizerError(f"{path} has {tokenizer.vocab_size} tokens but the weights expect {vocab_size}; "
-                             "use the tokenizer that came with the checkpoint")
+        raise TokenizerError(
+            f"{path} has {tokenizer.vocab_size} tokens but the weights expect {vocab_size}; "
+            "use the tokenizer that came with the checkpoint"
+        )
     return tokenizer
 
 
@@ -156,7 +216,9 @@ class StreamingDecoder:
 
     def __init__(self, tokenizer, prompt_tokens):
         self.tokenizer, self.tokens = tokenizer, list(prompt_tokens)
-        self.start = max(0, len(self.tokens) - 4)  # the window's first token: context for the new ones
+        self.start = max(
+            0, len(self.tokens) - 4
+        )  # the window's first token: context for the new ones
         self.printed = len(self.tokens)  # tokens whose text has been printed
 
     def add(self, token=None):
@@ -165,8 +227,12 @@ class StreamingDecoder:
         if token is not None:
             self.tokens.append(token)
         window = self.tokenizer.decode(self.tokens[self.start :])
-        if token is not None and window.endswith("\ufffd"):  # wait for the character's next byte token
+        if token is not None and window.endswith(
+            "\ufffd"
+        ):  # wait for the character's next byte token
             return ""
-        new = window[len(self.tokenizer.decode(self.tokens[self.start : self.printed])) :]
+        new = window[
+            len(self.tokenizer.decode(self.tokens[self.start : self.printed])) :
+        ]
         self.start, self.printed = max(self.start, self.printed - 4), len(self.tokens)
         return new

@@ -59,8 +59,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
-
-from model import Attention, FeedForward, WeightsError, check_weights, load_model, stored_model, weights_file
+from model import (
+    Attention,
+    FeedForward,
+    WeightsError,
+    check_weights,
+    load_model,
+    stored_model,
+    weights_file,
+)
 
 
 class ShardingError(Exception):
@@ -108,30 +115,50 @@ def shard(model, group):
                     check_groups(layer, n)
                 axis = 0 if name in ROW_SPLIT else -1
                 # mx.contiguous: a compact copy of the slice, so that no product reads a strided view.
-                layer.update(tree_map(lambda w: mx.contiguous(rank_slice(w, axis, rank, n)), layer.parameters()))
+                layer.update(
+                    tree_map(
+                        lambda w: mx.contiguous(rank_slice(w, axis, rank, n)),
+                        layer.parameters(),
+                    )
+                )
             module.group = group
         block.attention.__class__ = ShardedAttention
         block.feed_forward.__class__ = ShardedFeedForward
-        block.attention.n_heads //= n  # reshapes and the KV cache see this rank's heads only
+        block.attention.n_heads //= (
+            n  # reshapes and the KV cache see this rank's heads only
+        )
         block.attention.n_kv_heads //= n
     return model
 
 
 def check_divisible(args, n):
-    for count, what in ((args.n_heads, "attention heads"), (args.n_kv_heads, "key/value heads"),
-                        (args.hidden_dim, "feed-forward units")):
+    for count, what in (
+        (args.n_heads, "attention heads"),
+        (args.n_kv_heads, "key/value heads"),
+        (args.hidden_dim, "feed-forward units"),
+    ):
         if count % n:
-            divisors = [d for d in range(1, count + 1) if count % d == 0 and args.n_heads % d == 0
-                        and args.n_kv_heads % d == 0 and args.hidden_dim % d == 0]
-            raise ShardingError(f"the model has {count} {what}, which do not split evenly over {n} processes; "
-                                f"use -n {' or '.join(map(str, divisors[:8]))}")
+            divisors = [
+                d
+                for d in range(1, count + 1)
+                if count % d == 0
+                and args.n_heads % d == 0
+                and args.n_kv_heads % d == 0
+                and args.hidden_dim % d == 0
+            ]
+            raise ShardingError(
+                f"the model has {count} {what}, which do not split evenly over {n} processes; "
+                f"use -n {' or '.join(map(str, divisors[:8]))}"
+            )
 
 
 def check_groups(layer, n):
     groups = layer["scales"].shape[-1]  # quantization groups per row
     if groups % n:
-        raise ShardingError(f"a quantized layer has {groups} groups of {layer.group_size} inputs per row, which "
-                            f"do not split evenly over {n} processes; quantize with a smaller group size")
+        raise ShardingError(
+            f"a quantized layer has {groups} groups of {layer.group_size} inputs per row, which "
+            f"do not split evenly over {n} processes; quantize with a smaller group size"
+        )
 
 
 def split_axis(name):
@@ -145,14 +172,16 @@ def split_axis(name):
 
 
 def sharding_summary(model, group):
-    """", split over N processes: layer weights per rank a + b + ... bytes, ..." for llama.py's load line.
+    """ ", split over N processes: layer weights per rank a + b + ... bytes, ..." for llama.py's load line.
     Every rank must call it: it gathers the ranks' byte counts."""
     split, replicated = weight_bytes(model)
     # Two float32 numbers, MB and bytes: a 70B shard's byte count overflows int32, and float32 alone rounds it.
     sizes = gather_rows(np.array([split // 10**6, split % 10**6], np.float32), group)
     sizes = [int(mb) * 10**6 + int(b) for mb, b in sizes.tolist()]
-    return (f", split over {group.size()} processes: layer weights per rank {' + '.join(f'{s:,}' for s in sizes)} "
-            f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} bytes")
+    return (
+        f", split over {group.size()} processes: layer weights per rank {' + '.join(f'{s:,}' for s in sizes)} "
+        f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} bytes"
+    )
 
 
 def weight_bytes(model):
@@ -172,9 +201,21 @@ def weight_bytes(model):
 # of a lazily loaded 134 MB array peaks at 134 MB). So the file is memory-mapped with NumPy, and each
 # rank copies out only its slice: per-rank memory is its share plus the replicated parts.
 
-SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64,
-                      "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-                      "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64, "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "U64": np.uint64,
+    "I64": np.int64,
+    "BOOL": np.bool_,
+}
 
 
 def memmap_safetensors(path):
@@ -192,8 +233,10 @@ def memmap_safetensors(path):
         if start == end:  # np.memmap cannot map zero bytes
             arrays[name] = (np.zeros(shape, dtype), False)
             continue
-        arrays[name] = (np.memmap(path, dtype, "r", offset=8 + header_length + start, shape=shape),
-                        info["dtype"] == "BF16")
+        arrays[name] = (
+            np.memmap(path, dtype, "r", offset=8 + header_length + start, shape=shape),
+            info["dtype"] == "BF16",
+        )
     return arrays
 
 
@@ -204,12 +247,20 @@ def memmap_npz(path):
     with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{info.filename} is compressed; save the weights uncompressed (convert.py does)")
-            f.seek(info.header_offset + 26)  # a zip entry: 30 fixed bytes, then its name and an extra field
+                raise ValueError(
+                    f"{info.filename} is compressed; save the weights uncompressed (convert.py does)"
+                )
+            f.seek(
+                info.header_offset + 26
+            )  # a zip entry: 30 fixed bytes, then its name and an extra field
             name_length, extra_length = struct.unpack("<HH", f.read(4))
             f.seek(info.header_offset + 30 + name_length + extra_length)
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(f)
             if dtype.hasobject:
                 raise ValueError(f"{info.filename} holds Python objects")
@@ -219,8 +270,15 @@ def memmap_npz(path):
             if int(np.prod(shape)) == 0:
                 arrays[name] = (np.zeros(shape, dtype), False)
             else:
-                order = "F" if fortran_order else "C"  # MLX marks 1-D arrays Fortran-ordered
-                arrays[name] = (np.memmap(path, dtype, "r", offset=f.tell(), shape=shape, order=order), is_bfloat16)
+                order = (
+                    "F" if fortran_order else "C"
+                )  # MLX marks 1-D arrays Fortran-ordered
+                arrays[name] = (
+                    np.memmap(
+                        path, dtype, "r", offset=f.tell(), shape=shape, order=order
+                    ),
+                    is_bfloat16,
+                )
     return arrays
 
 
@@ -248,18 +306,27 @@ def load_sharded(path, group):
     """
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"{path} does not exist on this machine; with several machines every one needs "
-                           "the weights at the same path")
+        raise WeightsError(
+            f"{path} does not exist on this machine; with several machines every one needs "
+            "the weights at the same path"
+        )
     path = weights_file(path)
     try:
         arrays = memmap_npz(path) if path.suffix == ".npz" else memmap_safetensors(path)
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
-    model = stored_model(arrays.pop("config", (None,))[0], path)  # unevaluated: no memory yet
+    model = stored_model(
+        arrays.pop("config", (None,))[0], path
+    )  # unevaluated: no memory yet
     n, rank = group.size(), group.rank()
-    check_weights(model, {name: a for name, (a, _) in arrays.items()})  # whole shapes; reads nothing
+    check_weights(
+        model, {name: a for name, (a, _) in arrays.items()}
+    )  # whole shapes; reads nothing
     shard(model, group)
-    weights = {name: to_mlx(rank_slice(a, split_axis(name), rank, n), bf16) for name, (a, bf16) in arrays.items()}
+    weights = {
+        name: to_mlx(rank_slice(a, split_axis(name), rank, n), bf16)
+        for name, (a, bf16) in arrays.items()
+    }
     check_weights(model, weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
@@ -278,7 +345,9 @@ def load_split(weights, finish, errors, timeout=0):
     try:
         group = init_group()
         watchdog = keep_together(group, timeout)
-        model = load_sharded(weights, group) if group is not None else load_model(weights)
+        model = (
+            load_sharded(weights, group) if group is not None else load_model(weights)
+        )
         extra = finish(model)
     except (ShardingError, WeightsError, *errors) as e:
         error = str(e)
@@ -308,16 +377,24 @@ def keep_together(group, timeout):
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end)
-    signal.signal(signal.SIGINT, lambda *_: None)  # not KeyboardInterrupt: the thread below acts on it
+    signal.signal(
+        signal.SIGINT, lambda *_: None
+    )  # not KeyboardInterrupt: the thread below acts on it
     # mlx.launch sends SIGTERM to the others when one process dies: it may come before the lost connection.
     signal.signal(signal.SIGTERM, lambda *_: None)
 
     def on_interrupt():
-        signal_number = os.read(read_end, 1)[0]  # the wakeup fd receives the signal's number
+        signal_number = os.read(read_end, 1)[
+            0
+        ]  # the wakeup fd receives the signal's number
         if group.rank() == 0:
-            print("interrupted" if signal_number == signal.SIGINT else
-                  "error: another process of this run has stopped (mlx.launch ended this one); stopping",
-                  file=STDERR, flush=True)
+            print(
+                "interrupted"
+                if signal_number == signal.SIGINT
+                else "error: another process of this run has stopped (mlx.launch ended this one); stopping",
+                file=STDERR,
+                flush=True,
+            )
         os._exit(130 if signal_number == signal.SIGINT else 143)
 
     threading.Thread(target=on_interrupt, daemon=True).start()
@@ -326,13 +403,19 @@ def keep_together(group, timeout):
         if not issubclass(kind, RuntimeError):  # a bug: its traceback, on every rank
             traceback.print_exception(kind, error, trace, file=STDERR)
         elif group.rank() == 0:
-            print(f"error: another process of this run has stopped ({error}); stopping", file=STDERR, flush=True)
+            print(
+                f"error: another process of this run has stopped ({error}); stopping",
+                file=STDERR,
+                flush=True,
+            )
 
     sys.excepthook = on_error
     return Watchdog(timeout, group.rank())
 
 
-STDERR = sys.stderr  # this process's stderr, whatever sys.stderr becomes (os.devnull on ranks > 0)
+STDERR = (
+    sys.stderr
+)  # this process's stderr, whatever sys.stderr becomes (os.devnull on ranks > 0)
 
 
 def drop_ring_logs():
@@ -371,12 +454,23 @@ class Watchdog:
     def watch(self):
         while time.monotonic() - self.last < self.seconds + self.rank:
             time.sleep(0.5)
-        print(f"error: process {self.rank} made no progress for {self.seconds:g} s; another process of this run "
-              "may have stopped or hung: stopping them all (raise --timeout if a step is that slow)",
-              file=STDERR, flush=True)
-        parent = subprocess.run(["ps", "-o", "command=", "-p", str(os.getppid())], capture_output=True, text=True)
-        if "mlx.launch" in parent.stdout:  # its other processes here are this run's ranks
-            children = subprocess.run(["pgrep", "-P", str(os.getppid())], capture_output=True, text=True).stdout
+        print(
+            f"error: process {self.rank} made no progress for {self.seconds:g} s; another process of this run "
+            "may have stopped or hung: stopping them all (raise --timeout if a step is that slow)",
+            file=STDERR,
+            flush=True,
+        )
+        parent = subprocess.run(
+            ["ps", "-o", "command=", "-p", str(os.getppid())],
+            capture_output=True,
+            text=True,
+        )
+        if (
+            "mlx.launch" in parent.stdout
+        ):  # its other processes here are this run's ranks
+            children = subprocess.run(
+                ["pgrep", "-P", str(os.getppid())], capture_output=True, text=True
+            ).stdout
             for pid in {int(pid) for pid in children.split()} - {os.getpid()}:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
@@ -425,15 +519,19 @@ def launched_rank():
 def init_group():
     """The group of processes that mlx.launch started, or None for a single process."""
     hostfile = os.environ.get("MLX_HOSTFILE", "")
-    if "MLX_RANK" not in os.environ or (os.environ.get("MLX_WORLD_SIZE", "1") == "1"
-                                        and not (hostfile and Path(hostfile).read_text().strip())):
+    if "MLX_RANK" not in os.environ or (
+        os.environ.get("MLX_WORLD_SIZE", "1") == "1"
+        and not (hostfile and Path(hostfile).read_text().strip())
+    ):
         return None  # not started by mlx.launch, or by `mlx.launch -n 1`
     try:
         group = mx.distributed.init(strict=True)
     except RuntimeError as e:
-        raise ShardingError(f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} processes, but they "
-                            f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU per process; "
-                            "--backend ring needs each host's IP address in the --hostfile") from None
+        raise ShardingError(
+            f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} processes, but they "
+            f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU per process; "
+            "--backend ring needs each host's IP address in the --hostfile"
+        ) from None
     return group if group.size() > 1 else None
 
 
@@ -450,12 +548,16 @@ def stop_if_any_failed(group, error):
         row = np.zeros(1001, np.float32)
         row[0] = len(message)
         row[1 : 1 + len(message)] = np.frombuffer(message, np.uint8)
-        rows = gather_rows(row, group)  # (N, 1001): each rank's message length and bytes
+        rows = gather_rows(
+            row, group
+        )  # (N, 1001): each rank's message length and bytes
         failed = [r for r in range(len(rows)) if rows[r, 0] > 0]
         error = None
         if failed:
             r = failed[0]
-            error = bytes(rows[r, 1 : 1 + int(rows[r, 0])].astype(np.uint8)).decode(errors="replace")
+            error = bytes(rows[r, 1 : 1 + int(rows[r, 0])].astype(np.uint8)).decode(
+                errors="replace"
+            )
             error = error if r == 0 else f"rank {r}: {error}"
     if error is None:
         return

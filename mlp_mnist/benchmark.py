@@ -23,7 +23,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import torch
-
 from convert import TorchMLP
 from main import positive_int, seed, warn_if_reference_blas
 from model import MLP, loss_fn
@@ -76,14 +75,21 @@ class Progress:
     """After each timing, a line on stderr with its result and the time left, from the steps so far."""
 
     def __init__(self, steps_total):
-        self.steps_total, self.steps_done, self.start = steps_total, 0, time.perf_counter()
+        self.steps_total, self.steps_done, self.start = (
+            steps_total,
+            0,
+            time.perf_counter(),
+        )
 
     def timed(self, label, ms, steps):
         self.steps_done += steps
         elapsed = time.perf_counter() - self.start
         left = elapsed / self.steps_done * (self.steps_total - self.steps_done)
-        print(f"{label}: median {ms:.3f} ms a step; {elapsed:.0f} s so far, about {left:.0f} s to go",
-              file=sys.stderr, flush=True)
+        print(
+            f"{label}: median {ms:.3f} ms a step; {elapsed:.0f} s so far, about {left:.0f} s to go",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def time_all(name, make_run, data, args, progress):
@@ -98,34 +104,75 @@ def time_all(name, make_run, data, args, progress):
 def torch_in_child(argv):
     """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {batch: ms/step}.
     Its progress lines reach stderr directly."""
-    print("PyTorch, in a child process without LD_PRELOAD:", file=sys.stderr, flush=True)
+    print(
+        "PyTorch, in a child process without LD_PRELOAD:", file=sys.stderr, flush=True
+    )
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    result = subprocess.run([sys.executable, __file__, *argv, "--only", "torch"],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, *argv, "--only", "torch"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
-        sys.exit(f"error: the PyTorch child process failed (exit status {result.returncode}); its message is above")
+        sys.exit(
+            f"error: the PyTorch child process failed (exit status {result.returncode}); its message is above"
+        )
     return {int(k): v for k, v in json.loads(result.stdout.splitlines()[-1]).items()}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description="MLP training-step time, MLX vs PyTorch, on random MNIST-shaped data.")
-    parser.add_argument("--num-layers", type=positive_int, default=2, help="hidden layers (default: 2)")
-    parser.add_argument("--hidden-dim", type=positive_int, default=256, help="hidden width (default: 256)")
-    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[128, 1024],
-                        help="batch sizes to time (default: 128 1024)")
-    parser.add_argument("--steps", type=positive_int, default=50, help="steps per timed run (default: 50)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed runs; the median is reported (default: 5)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                        help="cpu, or gpu (MLX's GPU backend vs PyTorch on CUDA) (default: cpu)")
-    parser.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**32 - 1 (default: 0)")
-    parser.add_argument("--only", choices=["torch"], help=argparse.SUPPRESS)  # used by torch_in_child
+    parser = argparse.ArgumentParser(
+        description="MLP training-step time, MLX vs PyTorch, on random MNIST-shaped data."
+    )
+    parser.add_argument(
+        "--num-layers", type=positive_int, default=2, help="hidden layers (default: 2)"
+    )
+    parser.add_argument(
+        "--hidden-dim",
+        type=positive_int,
+        default=256,
+        help="hidden width (default: 256)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        nargs="+",
+        default=[128, 1024],
+        help="batch sizes to time (default: 128 1024)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=50,
+        help="steps per timed run (default: 50)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed runs; the median is reported (default: 5)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu, or gpu (MLX's GPU backend vs PyTorch on CUDA) (default: cpu)",
+    )
+    parser.add_argument(
+        "--seed", type=seed, default=0, help="random seed, 0 to 2**32 - 1 (default: 0)"
+    )
+    parser.add_argument(
+        "--only", choices=["torch"], help=argparse.SUPPRESS
+    )  # used by torch_in_child
     args = parser.parse_args(argv)
 
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit("error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu")
+            sys.exit(
+                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+            )
         mx.set_default_device(mx.gpu)
         torch_device = "cuda"
     else:
@@ -135,36 +182,61 @@ def main(argv=None):
             warn_if_reference_blas()
 
     rng = np.random.default_rng(args.seed)
-    config = dict(num_layers=args.num_layers, input_dim=784, hidden_dim=args.hidden_dim, output_dim=10)
+    config = dict(
+        num_layers=args.num_layers,
+        input_dim=784,
+        hidden_dim=args.hidden_dim,
+        output_dim=10,
+    )
     data = {}
     for batch_size in args.batch_size:
         X = rng.random((batch_size, 784), dtype=np.float32)
         y = rng.integers(0, 10, batch_size).astype(np.uint32)
         data[batch_size] = X, y
 
-    steps = len(data) * (3 + args.steps * args.repeats)  # of one framework, every batch size
+    steps = len(data) * (
+        3 + args.steps * args.repeats
+    )  # of one framework, every batch size
 
     def time_torch(progress):
-        return time_all("PyTorch", lambda X, y: torch_steps(config, X, y, 1e-3, torch_device), data, args, progress)
+        return time_all(
+            "PyTorch",
+            lambda X, y: torch_steps(config, X, y, 1e-3, torch_device),
+            data,
+            args,
+            progress,
+        )
 
     if args.only == "torch":
         print(json.dumps(time_torch(Progress(steps))))
         return
-    print(f"timing training steps of an MLP of {args.num_layers} x {args.hidden_dim} at batch sizes "
-          f"{' '.join(map(str, data))}: MLX then PyTorch, {args.repeats} runs of {args.steps} steps each (and 3 "
-          "warm-up steps)", file=sys.stderr, flush=True)
+    print(
+        f"timing training steps of an MLP of {args.num_layers} x {args.hidden_dim} at batch sizes "
+        f"{' '.join(map(str, data))}: MLX then PyTorch, {args.repeats} runs of {args.steps} steps each (and 3 "
+        "warm-up steps)",
+        file=sys.stderr,
+        flush=True,
+    )
     progress = Progress(2 * steps)
-    t_mlx = time_all("MLX", lambda X, y: mlx_steps(config, X, y, 1e-3), data, args, progress)
+    t_mlx = time_all(
+        "MLX", lambda X, y: mlx_steps(config, X, y, 1e-3), data, args, progress
+    )
     separate = torch_device == "cpu" and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else time_torch(progress)
 
-    print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device} "
-          f"({torch.get_num_threads()} threads{', in a child process without LD_PRELOAD' if separate else ''})")
+    print(
+        f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device} "
+        f"({torch.get_num_threads()} threads{', in a child process without LD_PRELOAD' if separate else ''})"
+    )
     print(f"MLP {config}; median of {args.repeats} runs of {args.steps} steps")
-    print(f"{'batch':>6} {'MLX ms/step':>12} {'PyTorch ms/step':>16} {'PyTorch/MLX':>12}")
+    print(
+        f"{'batch':>6} {'MLX ms/step':>12} {'PyTorch ms/step':>16} {'PyTorch/MLX':>12}"
+    )
     for b in data:
         # A ratio above 1 means MLX is faster.
-        print(f"{b:>6} {t_mlx[b]:>12.3f} {t_torch[b]:>16.3f} {t_torch[b] / t_mlx[b]:>11.2f}x")
+        print(
+            f"{b:>6} {t_mlx[b]:>12.3f} {t_torch[b]:>16.3f} {t_torch[b] / t_mlx[b]:>11.2f}x"
+        )
 
 
 if __name__ == "__main__":

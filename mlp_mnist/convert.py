@@ -16,7 +16,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import torch
-
 from model import MLP
 from outputs import OutputError, atomic_write
 
@@ -57,18 +56,29 @@ CONFIG_KEYS = ("num_layers", "input_dim", "hidden_dim", "output_dim")
 def check_config(config, source):
     """The stored configuration as a whole: exactly CONFIG_KEYS, each a positive integer."""
     if not isinstance(config, dict) or sorted(config) != sorted(CONFIG_KEYS):
-        raise ConversionError(f"{source}: the stored configuration is {config!r}; expected the keys {', '.join(CONFIG_KEYS)}")
+        raise ConversionError(
+            f"{source}: the stored configuration is {config!r}; expected the keys {', '.join(CONFIG_KEYS)}"
+        )
     wrong = [f"{k}={v!r}" for k, v in config.items() if type(v) is not int or v <= 0]
     if wrong:
-        raise ConversionError(f"{source}: the stored configuration has {', '.join(wrong)}; each must be a positive integer")
+        raise ConversionError(
+            f"{source}: the stored configuration has {', '.join(wrong)}; each must be a positive integer"
+        )
 
 
 def expected_shapes(config):
     """{MLX name: shape} of MLP(**config), computed without building it (a damaged config may be huge)."""
-    sizes = [config["input_dim"]] + [config["hidden_dim"]] * config["num_layers"] + [config["output_dim"]]
+    sizes = (
+        [config["input_dim"]]
+        + [config["hidden_dim"]] * config["num_layers"]
+        + [config["output_dim"]]
+    )
     shapes = {}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (n_out, n_in), (n_out,)
+        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (
+            (n_out, n_in),
+            (n_out,),
+        )
     return shapes
 
 
@@ -78,14 +88,20 @@ def check_weights(found, expected, source):
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ConversionError(f"{source} does not match the configured MLP: "
-                              f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+        raise ConversionError(
+            f"{source} does not match the configured MLP: "
+            f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
+        )
     for name, shape in expected.items():
         if tuple(found[name][0]) != tuple(shape):
-            raise ConversionError(f"{source}: {name} has shape {tuple(found[name][0])}, expected {tuple(shape)}")
+            raise ConversionError(
+                f"{source}: {name} has shape {tuple(found[name][0])}, expected {tuple(shape)}"
+            )
     not_float = sorted(name for name, (_, is_float) in found.items() if not is_float)
     if not_float:
-        raise ConversionError(f"{source}: {', '.join(not_float)} not floating point; the weights of an MLP are floats")
+        raise ConversionError(
+            f"{source}: {', '.join(not_float)} not floating point; the weights of an MLP are floats"
+        )
 
 
 def read_mlx(path):
@@ -93,16 +109,25 @@ def read_mlx(path):
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
-        raise ConversionError(f"cannot read MLX weights from {path}: {' '.join(str(e).split())}") from None
+        raise ConversionError(
+            f"cannot read MLX weights from {path}: {' '.join(str(e).split())}"
+        ) from None
     if "config" not in metadata:
-        raise ConversionError(f"{path} has no model configuration in its metadata; was it written by main.py?")
+        raise ConversionError(
+            f"{path} has no model configuration in its metadata; was it written by main.py?"
+        )
     try:
         config = json.loads(metadata["config"])
     except ValueError as e:
-        raise ConversionError(f"{path}: the stored configuration is not valid JSON ({e})") from None
+        raise ConversionError(
+            f"{path}: the stored configuration is not valid JSON ({e})"
+        ) from None
     check_config(config, path)
-    check_weights({k: (v.shape, mx.issubdtype(v.dtype, mx.floating)) for k, v in arrays.items()},
-                  expected_shapes(config), path)
+    check_weights(
+        {k: (v.shape, mx.issubdtype(v.dtype, mx.floating)) for k, v in arrays.items()},
+        expected_shapes(config),
+        path,
+    )
     # float32 for NumPy, which has no bfloat16
     return config, {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
 
@@ -114,26 +139,43 @@ def read_torch(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, state_dict = checkpoint["config"], checkpoint["state_dict"]
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
-        raise ConversionError(f"{path} is not a PyTorch MLP checkpoint written by convert.py "
-                              f"({type(e).__name__})") from None
+        raise ConversionError(
+            f"{path} is not a PyTorch MLP checkpoint written by convert.py "
+            f"({type(e).__name__})"
+        ) from None
     check_config(config, path)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
         raise ConversionError(f"{path}: its state_dict is not a dictionary of tensors")
-    expected = {mlx_to_torch_name(k): shape for k, shape in expected_shapes(config).items()}
-    check_weights({k: (v.shape, v.is_floating_point()) for k, v in state_dict.items()}, expected, path)
+    expected = {
+        mlx_to_torch_name(k): shape for k, shape in expected_shapes(config).items()
+    }
+    check_weights(
+        {k: (v.shape, v.is_floating_point()) for k, v in state_dict.items()},
+        expected,
+        path,
+    )
     return config, {k: v.float().numpy() for k, v in state_dict.items()}
 
 
 def mlx_to_torch(src, dst):
     config, weights = read_mlx(src)
     state_dict = {mlx_to_torch_name(k): torch.from_numpy(v) for k, v in weights.items()}
-    atomic_write(dst, lambda tmp: torch.save({"config": config, "state_dict": state_dict}, tmp))
+    atomic_write(
+        dst, lambda tmp: torch.save({"config": config, "state_dict": state_dict}, tmp)
+    )
 
 
 def torch_to_mlx(src, dst):
     config, state_dict = read_torch(src)
     weights = {torch_to_mlx_name(k): mx.array(v) for k, v in state_dict.items()}
-    atomic_write(dst, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"config": json.dumps(config)}))
+    atomic_write(
+        dst,
+        lambda tmp: mx.save_safetensors(
+            tmp, weights, metadata={"config": json.dumps(config)}
+        ),
+    )
 
 
 def load_torch_model(path):
@@ -155,22 +197,35 @@ def load_mlx_model(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert the MNIST MLP between MLX (.safetensors) and PyTorch (.pt); "
-                    "the direction follows the file extensions.")
-    parser.add_argument("source", type=Path, help="a .safetensors file from main.py, or a .pt file from this script")
-    parser.add_argument("output", type=Path, help="the file to write: .pt for PyTorch, .safetensors for MLX")
+        "the direction follows the file extensions."
+    )
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="a .safetensors file from main.py, or a .pt file from this script",
+    )
+    parser.add_argument(
+        "output",
+        type=Path,
+        help="the file to write: .pt for PyTorch, .safetensors for MLX",
+    )
     args = parser.parse_args(argv)
 
     suffixes = (args.source.suffix, args.output.suffix)
     try:
         if not args.source.is_file():
-            raise ConversionError(f"{args.source} {'is not a file' if args.source.exists() else 'does not exist'}")
+            raise ConversionError(
+                f"{args.source} {'is not a file' if args.source.exists() else 'does not exist'}"
+            )
         if suffixes == (".safetensors", ".pt"):
             mlx_to_torch(args.source, args.output)
         elif suffixes == (".pt", ".safetensors"):
             torch_to_mlx(args.source, args.output)
         else:
-            raise ConversionError(f"cannot convert {suffixes[0] or 'no extension'} to {suffixes[1] or 'no extension'}; "
-                                  "use .safetensors -> .pt (MLX to PyTorch) or .pt -> .safetensors")
+            raise ConversionError(
+                f"cannot convert {suffixes[0] or 'no extension'} to {suffixes[1] or 'no extension'}; "
+                "use .safetensors -> .pt (MLX to PyTorch) or .pt -> .safetensors"
+            )
     except (ConversionError, OutputError) as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {args.output}")
@@ -179,6 +234,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # the output is written atomically: it is whole or untouched
+    except (
+        KeyboardInterrupt
+    ):  # the output is written atomically: it is whole or untouched
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -20,7 +20,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from outputs import atomic_write
 
 FILES = {
@@ -51,7 +50,9 @@ class DataError(Exception):
 
 
 def default_cache_dir():
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
     return Path(cache) / "mlx-examples" / "mnist"
 
 
@@ -77,7 +78,11 @@ def read_bytes(path):
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; zlib.error: damaged data
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+    ) as e:  # gzip.BadGzipFile is an OSError; zlib.error: damaged data
         raise DataError(f"cannot read {path}: {e}") from None
 
 
@@ -91,12 +96,18 @@ def parse_idx(path, magic):
     found_magic, *shape = struct.unpack(f">{1 + ndim}I", data[:header_size])
     if found_magic != magic:
         kind = "images" if magic == IMAGES_MAGIC else "labels"
-        raise DataError(f"{path} is not an IDX {kind} file: magic number {found_magic}, expected {magic}")
+        raise DataError(
+            f"{path} is not an IDX {kind} file: magic number {found_magic}, expected {magic}"
+        )
     expected = header_size + math.prod(shape)
     if len(data) != expected:
-        raise DataError(f"{path} has {len(data)} bytes, but its header {tuple(shape)} needs {expected}")
+        raise DataError(
+            f"{path} has {len(data)} bytes, but its header {tuple(shape)} needs {expected}"
+        )
     if ndim == 3 and 0 in shape[1:]:
-        raise DataError(f"{path} holds images of {shape[1]}x{shape[2]} pixels; each needs at least one")
+        raise DataError(
+            f"{path} holds images of {shape[1]}x{shape[2]} pixels; each needs at least one"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
@@ -105,7 +116,9 @@ def load_dir(directory):
     train_images (N, rows*cols) float32 in [0, 1], train_labels (N,) uint32, and the same for test."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"{directory} is not a folder; " + expected_files_message("a folder"))
+        raise DataError(
+            f"{directory} is not a folder; " + expected_files_message("a folder")
+        )
     paths = {key: find_file(directory, name) for key, name in FILES.items()}
     missing = [FILES[key] for key, path in paths.items() if path is None]
     if missing:
@@ -116,12 +129,18 @@ def load_dir(directory):
         images = parse_idx(paths[f"{split}_images"], IMAGES_MAGIC)
         labels = parse_idx(paths[f"{split}_labels"], LABELS_MAGIC)
         if len(images) != len(labels):
-            raise DataError(f"{split}: {len(images)} images but {len(labels)} labels in {directory}")
+            raise DataError(
+                f"{split}: {len(images)} images but {len(labels)} labels in {directory}"
+            )
         if len(images) == 0:
             raise DataError(f"{split}: {paths[f'{split}_images']} holds no images")
         if labels.max() > 9:
-            raise DataError(f"{split}: label {labels.max()} in {paths[f'{split}_labels']}; MNIST labels are 0..9")
-        data[f"{split}_images"] = images.reshape(len(images), -1).astype(np.float32) / 255.0
+            raise DataError(
+                f"{split}: label {labels.max()} in {paths[f'{split}_labels']}; MNIST labels are 0..9"
+            )
+        data[f"{split}_images"] = (
+            images.reshape(len(images), -1).astype(np.float32) / 255.0
+        )
         data[f"{split}_labels"] = labels.astype(np.uint32)
     if data["train_images"].shape[1] != data["test_images"].shape[1]:
         raise DataError(f"train and test images differ in size in {directory}")
@@ -144,7 +163,9 @@ def fetch(cache_dir, mirrors=MIRRORS, checksums=MD5):
     """Download whatever of the four gzipped files `cache_dir` lacks, trying each mirror in turn."""
     cache_dir = Path(cache_dir)
     for name, md5 in checksums.items():
-        if find_file(cache_dir, name.removesuffix(".gz")):  # downloaded before, or put there by hand
+        if find_file(
+            cache_dir, name.removesuffix(".gz")
+        ):  # downloaded before, or put there by hand
             continue
         errors = []
         for mirror in mirrors:
@@ -152,7 +173,11 @@ def fetch(cache_dir, mirrors=MIRRORS, checksums=MD5):
                 print(f"Downloading {mirror}{name}", flush=True)
                 download(mirror + name, cache_dir / name, md5)
                 break
-            except (OSError, ValueError, DataError) as e:  # URLError and timeouts are OSErrors
+            except (
+                OSError,
+                ValueError,
+                DataError,
+            ) as e:  # URLError and timeouts are OSErrors
                 errors.append(f"{mirror}{name}: {getattr(e, 'reason', e)}")
         else:
             raise DataError(

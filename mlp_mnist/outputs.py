@@ -30,7 +30,7 @@ def temp_prefix(path, pid):
 def remove_stale_temps(path):
     """Remove the temporary files of earlier writers of `path` that no longer run."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp{path.suffix}"):
-        pid = tmp.name[len(f".{path.name}."):].split(".")[0]
+        pid = tmp.name[len(f".{path.name}.") :].split(".")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -44,6 +44,7 @@ def remove_stale_temps(path):
 @contextmanager
 def sigterm_raises():
     """Within the block, SIGTERM raises SystemExit (status 143), so `finally` clauses run."""
+
     def handler(signum, frame):
         print("terminated (SIGTERM)", file=sys.stderr)
         raise SystemExit(128 + signum)
@@ -69,20 +70,26 @@ def check_writable(path, size=0):
     """Raise OutputError unless `path` can be written with `size` bytes (creating its folder if need be)."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name inside it")
+        raise OutputError(
+            f"cannot write {path}: it is a folder; give a file name inside it"
+        )
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path, os.getpid()), suffix=".tmp")
+        fd, probe = tempfile.mkstemp(
+            dir=path.parent, prefix=temp_prefix(path, os.getpid()), suffix=".tmp"
+        )
         os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     free = shutil.disk_usage(path.parent).free
     if free < size:
-        raise OutputError(f"cannot write {path}: it needs {size / 1e6:.1f} MB, its disk has {free / 1e6:.1f} MB free")
+        raise OutputError(
+            f"cannot write {path}: it needs {size / 1e6:.1f} MB, its disk has {free / 1e6:.1f} MB free"
+        )
 
 
 def atomic_write(path, write):
@@ -90,17 +97,26 @@ def atomic_write(path, write):
     path = Path(path)
     check_writable(path)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path, os.getpid()), suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent,
+        prefix=temp_prefix(path, os.getpid()),
+        suffix=f".tmp{path.suffix}",
+    )
     os.close(fd)
     try:
         with sigterm_raises():
             write(tmp)
             os.chmod(tmp, user_mode())
             os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk (MLX and PyTorch raise RuntimeError for it), ...
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # a full disk (MLX and PyTorch raise RuntimeError for it), ...
         free = shutil.disk_usage(path.parent).free / 1e6
-        raise OutputError(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
-                          f"({free:.1f} MB free on its disk); {path} is as it was") from None
+        raise OutputError(
+            f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
+            f"({free:.1f} MB free on its disk); {path} is as it was"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

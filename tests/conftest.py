@@ -11,15 +11,22 @@ os.environ["MLX_ENABLE_TF32"] = "0"
 
 import mlx.core as mx  # noqa: E402 (after the environment above)
 import pytest  # noqa: E402
-
-from helpers import ROOT  # noqa: E402
+from helpers import drop_example_modules, example_modules  # noqa: E402
 
 
 @pytest.fixture
-def llama_on_path(monkeypatch):
+def llama_on_path():
     """llama/'s modules import each other (quantize.py, batch.py, ...) from llama/, as `python llama/x.py` finds
     them; a test file asks for this with `pytestmark = pytest.mark.usefixtures("llama_on_path")`."""
-    monkeypatch.syspath_prepend(str(ROOT / "llama"))
+    with example_modules("llama"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_example_module_left_behind():
+    """After each test no example module stays importable by a bare name (see example_modules)."""
+    yield
+    drop_example_modules()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Shared test helpers: import an example's modules, run its scripts, make tiny data."""
 
+import contextlib
 import gzip
 import importlib
 import os
@@ -13,29 +14,61 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def import_example(folder, module):
-    """Import FOLDER/MODULE.py as `python FOLDER/script.py` would see it (its folder first on sys.path).
+_LOADED = {}  # folder -> {bare name: module}, the modules import_example loaded from it
 
-    Every example has its own `model.py`, so a module cached from another folder is dropped first.
-    """
+
+@contextlib.contextmanager
+def example_modules(folder):
+    """Run a block as `python FOLDER/script.py` sees the world: FOLDER first on sys.path, and its
+    modules importable by their bare names (`model`, `convert`). Afterwards neither is left behind,
+    so no other test, and no library, finds one (transformers imports a package named `kernels`;
+    every folder has its own `model.py`). Modules loaded here are kept per folder, so a later block
+    sees the same `model` module, and its classes, as the one before."""
     path = ROOT / folder
-    for name in [p.stem for p in path.glob("*.py")]:
-        cached = sys.modules.get(name)
-        if cached is not None and Path(getattr(cached, "__file__", "") or "").parent != path:
-            del sys.modules[name]
+    names = {p.stem for p in path.glob("*.py")}
+    for name in names & set(sys.modules):
+        del sys.modules[name]  # another folder's module of the same name
+    loaded = _LOADED.setdefault(folder, {})
+    sys.modules.update(loaded)
     sys.path.insert(0, str(path))
     try:
-        return importlib.import_module(module)
+        yield
     finally:
         sys.path.remove(str(path))
+        for name in names & set(sys.modules):
+            loaded[name] = sys.modules.pop(name)
+
+
+def import_example(folder, module):
+    """Import FOLDER/MODULE.py as `python FOLDER/script.py` would see it (see example_modules)."""
+    with example_modules(folder):
+        return importlib.import_module(module)
+
+
+def drop_example_modules():
+    """Remove from sys.modules every module that an example folder's file left under a bare name."""
+    folders = {p.parent for p in ROOT.glob("*/*.py") if p.parent.name != "tests"}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." not in name and file and Path(file).parent in folders:
+            del sys.modules[name]
 
 
 def run_script(script, *args, cwd=None, timeout=600, env=None):
     """Run `python ROOT/script args...` offline; return the CompletedProcess (never raises on failure)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -49,8 +82,14 @@ def run_with_unread_stdin(script, *args, timeout=120):
     os.write(write_end, b"a line on stdin\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdin=read_end,
-                                   stdout=out, stderr=err, env=env, text=True)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            stdin=read_end,
+            stdout=out,
+            stderr=err,
+            env=env,
+            text=True,
+        )
         try:
             returncode = process.wait(timeout=timeout)
         finally:
@@ -90,9 +129,13 @@ def tiny_mnist(directory, n_train=300, n_test=100, gz=True, seed=0):
     return directory
 
 
-BERT_WORDS = ("the a is of and to in this that it was for on are as with be at by an example bert working mlx "
-              "second string another capital france paris")
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(BERT_WORDS.split()) | set("abcdefghijklmnopqrstuvwxyz.,"))
+BERT_WORDS = (
+    "the a is of and to in this that it was for on are as with be at by an example bert working mlx "
+    "second string another capital france paris"
+)
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+    set(BERT_WORDS.split()) | set("abcdefghijklmnopqrstuvwxyz.,")
+)
 
 
 def tiny_bert(folder, hf_class=None, seed=0):
@@ -106,8 +149,16 @@ def tiny_bert(folder, hf_class=None, seed=0):
     (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
     tokenizer = BertTokenizer(str(folder / "vocab.txt"))
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12)
+    config = BertConfig(
+        vocab_size=len(BERT_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+    )
     hf_class(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -116,12 +167,21 @@ def tiny_bert(folder, hf_class=None, seed=0):
 def tiny_sentence_transformer(folder, pooling_mode="mean", normalize=True, seed=0):
     """A tiny random BERT (BertModel) saved as a sentence-transformers folder: Transformer, Pooling, [Normalize]."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # version 6
+    from sentence_transformers.sentence_transformer.modules import (
+        Normalize,
+        Pooling,
+        Transformer,
+    )  # version 6
     from transformers import BertModel
 
-    bert = tiny_bert(Path(folder).with_name(Path(folder).name + "-bert"), BertModel, seed=seed)
+    bert = tiny_bert(
+        Path(folder).with_name(Path(folder).name + "-bert"), BertModel, seed=seed
+    )
     transformer = Transformer(str(bert))
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)]
+    modules = [
+        transformer,
+        Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode),
+    ]
     SentenceTransformer(modules=modules + [Normalize()] * normalize).save(str(folder))
     return Path(folder)
 
@@ -141,18 +201,41 @@ def tiny_sentencepiece(path, vocab_size=320):
     import sentencepiece as spm
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(LLAMA_TEXT), model_writer=model, vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LLAMA_TEXT),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+    )
     Path(path).write_bytes(model.getvalue())
     return Path(path)
 
 
-LLAMA_CONFIG = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=192, rope_theta=5000.0, rms_norm_eps=1e-5,
-                    max_position_embeddings=96, tie_word_embeddings=False)
+LLAMA_CONFIG = dict(
+    vocab_size=320,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=192,
+    rope_theta=5000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=96,
+    tie_word_embeddings=False,
+)
 # The same model in Meta's params.json terms: 2/3 * 4 * 64 = 170, rounded up to a multiple of 32 = 192.
-LLAMA_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32,
-                    norm_eps=1e-5, rope_theta=5000.0)
+LLAMA_PARAMS = dict(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=-1,
+    multiple_of=32,
+    norm_eps=1e-5,
+    rope_theta=5000.0,
+)
 
 
 def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
@@ -169,7 +252,9 @@ def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.save_pretrained(
+        folder, **({"max_shard_size": max_shard_size} if max_shard_size else {})
+    )
     tiny_sentencepiece(folder / "tokenizer.model", LLAMA_CONFIG["vocab_size"])
     return folder
 
@@ -180,13 +265,28 @@ def hf_to_meta_state_dict(state_dict, n_heads=4, n_kv_heads=2):
 
     def unpermute(w, heads):  # inverse of convert_llama_weights_to_hf.permute
         out_dim, in_dim = w.shape
-        return w.view(heads, 2, out_dim // heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+        return (
+            w.view(heads, 2, out_dim // heads // 2, in_dim)
+            .transpose(1, 2)
+            .reshape(out_dim, in_dim)
+        )
 
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     meta = {}
     for name, w in state_dict.items():
         if name in names:
@@ -199,7 +299,9 @@ def hf_to_meta_state_dict(state_dict, n_heads=4, n_kv_heads=2):
         elif part == "attention.wk":
             w = unpermute(w, n_kv_heads)
         meta[f"layers.{i}.{part}.weight"] = w.clone()
-    meta["rope.freqs"] = torch.zeros(8)  # Llama 2 checkpoints carry this buffer; the converter drops it
+    meta["rope.freqs"] = torch.zeros(
+        8
+    )  # Llama 2 checkpoints carry this buffer; the converter drops it
     return meta
 
 
@@ -211,7 +313,12 @@ def split_meta_state_dict(meta, n_shards):
         if w.ndim == 1:
             pieces = [w.clone()] * n_shards
         else:
-            axis = 1 if name.endswith(("wo.weight", "w2.weight")) or name.startswith("tok_embeddings") else 0
+            axis = (
+                1
+                if name.endswith(("wo.weight", "w2.weight"))
+                or name.startswith("tok_embeddings")
+                else 0
+            )
             pieces = [p.clone() for p in w.chunk(n_shards, dim=axis)]
         for shard, piece in zip(shards, pieces):
             shard[name] = piece
@@ -229,22 +336,48 @@ def tiny_gpt2(folder, seed=0, tie=True):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map to chr(256 + n).
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
-    table = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+    table = {
+        **{b: chr(b) for b in printable},
+        **{b: chr(256 + n) for n, b in enumerate(others)},
+    }
     symbols = [table[b] for b in range(256)]
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n")]
-    vocab = {s: i for i, s in enumerate(symbols + ["".join(m) for m in merges] + ["<|endoftext|>"])}
+    vocab = {
+        s: i
+        for i, s in enumerate(
+            symbols + ["".join(m) for m in merges] + ["<|endoftext|>"]
+        )
+    }
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    GPT2Tokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt")
+    ).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                        tie_word_embeddings=tie, bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tie,
+        bos_token_id=len(vocab) - 1,
+        eos_token_id=len(vocab) - 1,
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # GPT-2's init (std 0.02) gives near-uniform logits; widen it, and make biases nonzero
         for name, p in model.named_parameters():
-            p.normal_(0, 0.2 if p.ndim == 2 else 0.1).add_(1.0 if "ln_" in name and name.endswith("weight") else 0)
+            p.normal_(0, 0.2 if p.ndim == 2 else 0.1).add_(
+                1.0 if "ln_" in name and name.endswith("weight") else 0
+            )
     model.save_pretrained(folder)
     return folder
 
@@ -266,11 +399,19 @@ def tiny_lora_data(folder, kind="text", n_train=16, n_valid=4, n_test=4):
             return {"text": sentence}
         if kind == "completion":
             return {"prompt": prompt, "completion": " " + rest}
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": rest}]}
+        return {
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": rest},
+            ]
+        }
 
     start = 0
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        lines = [json.dumps(example(sentences[(start + i) % len(sentences)])) for i in range(n)]
+        lines = [
+            json.dumps(example(sentences[(start + i) % len(sentences)]))
+            for i in range(n)
+        ]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
         start += n
     return folder

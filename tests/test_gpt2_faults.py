@@ -11,32 +11,63 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers import ROOT, import_example, run_script, tiny_gpt2
 
-TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-        "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
-TINY_RUN = ["--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16",
-            "--dropout", "0.2", "--max-tokens", "5", "--dtype", "float32"]  # 11 steps per epoch on TEXT
+TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+) * 40
+TINY_RUN = [
+    "--ctx-len",
+    "32",
+    "--n-emb",
+    "32",
+    "--n-heads",
+    "2",
+    "--n-layers",
+    "2",
+    "--batch-size",
+    "16",
+    "--dropout",
+    "0.2",
+    "--max-tokens",
+    "5",
+    "--dtype",
+    "float32",
+]  # 11 steps per epoch on TEXT
 
 
 def one_line_error(result):
     """The failure's single stderr line (the BLAS warning of a Linux CPU aside)."""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    lines = [
+        line
+        for line in result.stderr.strip().splitlines()
+        if not line.startswith("warning: ")
+    ]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
 
 def checkpoint_arrays(folder):
-    return {k: np.array(v) for k, v in mx.load(str(folder / "checkpoint.safetensors")).items()}
+    return {
+        k: np.array(v)
+        for k, v in mx.load(str(folder / "checkpoint.safetensors")).items()
+    }
 
 
 def interrupt_after(command, line_start, **popen):
     """Start `command`, send SIGINT to its process group once a stdout line starts with `line_start`;
     the CompletedProcess-like (returncode, stdout, stderr)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **popen,
+    )
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -44,30 +75,65 @@ def interrupt_after(command, line_start, **popen):
             os.killpg(process.pid, signal.SIGINT)
             break
     out, err = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, "".join(seen) + out, err)
+    return subprocess.CompletedProcess(
+        command, process.returncode, "".join(seen) + out, err
+    )
 
 
-def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run(tmp_path):
+def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run(
+    tmp_path,
+):
     (tmp_path / "text.txt").write_text(TEXT * 3)  # 33 steps per epoch
-    common = [sys.executable, str(ROOT / "gpt2/main.py"), "--data", str(tmp_path / "text.txt"), *TINY_RUN,
-              "--log-every", "1", "--epochs", "2"]
+    common = [
+        sys.executable,
+        str(ROOT / "gpt2/main.py"),
+        "--data",
+        str(tmp_path / "text.txt"),
+        *TINY_RUN,
+        "--log-every",
+        "1",
+        "--epochs",
+        "2",
+    ]
     stopped = interrupt_after([*common, "--out", str(tmp_path / "resumed")], "Step 3/")
-    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, (
+        stopped.stderr
+    )
     line = stopped.stderr.strip().splitlines()[-1]
     step = int(line.split("Interrupted at step ")[1].split(";")[0])
-    assert line == f"Interrupted at step {step}; saved {tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
-    assert 3 <= step < 72 and f"Step {step}/72 |" in stopped.stdout and f"Step {step + 1}/" not in stopped.stdout
-    assert json.loads(checkpoint_arrays(tmp_path / "resumed")["meta"].tobytes())["step"] == step
-    resumed = subprocess.run([*common, "--out", str(tmp_path / "resumed"), "--resume"], capture_output=True, text=True)
-    full = subprocess.run([*common, "--out", str(tmp_path / "full")], capture_output=True, text=True)
+    assert (
+        line
+        == f"Interrupted at step {step}; saved {tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
+    )
+    assert (
+        3 <= step < 72
+        and f"Step {step}/72 |" in stopped.stdout
+        and f"Step {step + 1}/" not in stopped.stdout
+    )
+    assert (
+        json.loads(checkpoint_arrays(tmp_path / "resumed")["meta"].tobytes())["step"]
+        == step
+    )
+    resumed = subprocess.run(
+        [*common, "--out", str(tmp_path / "resumed"), "--resume"],
+        capture_output=True,
+        text=True,
+    )
+    full = subprocess.run(
+        [*common, "--out", str(tmp_path / "full")], capture_output=True, text=True
+    )
     assert resumed.returncode == full.returncode == 0, resumed.stderr + full.stderr
     a, b = checkpoint_arrays(tmp_path / "full"), checkpoint_arrays(tmp_path / "resumed")
     names = sorted(a.keys() - {"meta"})
-    if mx.default_device() == mx.cpu:  # exactly: the same weights, moments and dropout masks
+    if (
+        mx.default_device() == mx.cpu
+    ):  # exactly: the same weights, moments and dropout masks
         for name in names:
             assert np.array_equal(a[name], b[name]), name
     else:  # GPU kernels that sum with atomics make two full runs differ too: within 4x that noise (see test_gpt2.py)
-        again = subprocess.run([*common, "--out", str(tmp_path / "again")], capture_output=True, text=True)
+        again = subprocess.run(
+            [*common, "--out", str(tmp_path / "again")], capture_output=True, text=True
+        )
         assert again.returncode == 0, again.stderr
         c = checkpoint_arrays(tmp_path / "again")
         noise = max(np.abs(a[name] - c[name]).max() for name in names)
@@ -75,33 +141,66 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
             assert np.abs(a[name] - b[name]).max() <= 4 * noise + 1e-6, (name, noise)
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--seed", "-1"),
-                                         ("--seed", str(2**32)), ("--dropout", "1"), ("--max-steps", "0"),
-                                         ("--n-heads", "0"), ("--timeout", "nan"), ("--ctx-len", "x")])
-def test_numeric_flags_out_of_range_or_nan_are_refused_before_anything_runs(flag, value, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--lr", "inf"),
+        ("--seed", "-1"),
+        ("--seed", str(2**32)),
+        ("--dropout", "1"),
+        ("--max-steps", "0"),
+        ("--n-heads", "0"),
+        ("--timeout", "nan"),
+        ("--ctx-len", "x"),
+    ],
+)
+def test_numeric_flags_out_of_range_or_nan_are_refused_before_anything_runs(
+    flag, value, monkeypatch, capsys
+):
     main = import_example("gpt2", "main")
     monkeypatch.setattr(sys, "argv", ["main.py", flag, value])
     with pytest.raises(SystemExit) as stop:
         main.parse_args()
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"main.py: error: argument {flag}: expected ") and error.endswith(f", got {value!r}")
+    assert error.startswith(
+        f"main.py: error: argument {flag}: expected "
+    ) and error.endswith(f", got {value!r}")
 
 
-def test_generate_py_refuses_a_negative_seed_and_a_nan_temperature_in_one_line(tmp_path):
+def test_generate_py_refuses_a_negative_seed_and_a_nan_temperature_in_one_line(
+    tmp_path,
+):
     for flags in (["--seed", "-1"], ["--temp", "nan"]):
         result = run_script("gpt2/generate.py", tmp_path / "missing.npz", *flags)
-        assert result.returncode == 2 and f"argument {flags[0]}: expected " in result.stderr
+        assert (
+            result.returncode == 2
+            and f"argument {flags[0]}: expected " in result.stderr
+        )
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "has no text: it is empty; give a text file"),
-    (b"\0" * 100, "has no text: it is empty but for NUL bytes"),
-    (b"caf\xe9 latin-1", "as UTF-8 text"),
-])
-def test_text_that_is_empty_all_nul_or_not_utf8_is_refused_in_one_line(tmp_path, content, message):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "has no text: it is empty; give a text file"),
+        (b"\0" * 100, "has no text: it is empty but for NUL bytes"),
+        (b"caf\xe9 latin-1", "as UTF-8 text"),
+    ],
+)
+def test_text_that_is_empty_all_nul_or_not_utf8_is_refused_in_one_line(
+    tmp_path, content, message
+):
     (tmp_path / "text.txt").write_bytes(content)
-    result = run_script("gpt2/main.py", "--data", tmp_path / "text.txt", "--out", tmp_path / "out", *TINY_RUN)
+    result = run_script(
+        "gpt2/main.py",
+        "--data",
+        tmp_path / "text.txt",
+        "--out",
+        tmp_path / "out",
+        *TINY_RUN,
+    )
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
 
@@ -110,18 +209,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
     (tmp_path / "a-file").write_text("")
     (tmp_path / "out" / "checkpoint.safetensors").mkdir(parents=True)
-    for out, expected in ((tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a folder"),
-                          (tmp_path / "out", "checkpoint.safetensors: it is a folder")):
-        result = run_script("gpt2/main.py", "--data", tmp_path / "text.txt", "--out", out, *TINY_RUN)
+    for out, expected in (
+        (tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a folder"),
+        (tmp_path / "out", "checkpoint.safetensors: it is a folder"),
+    ):
+        result = run_script(
+            "gpt2/main.py", "--data", tmp_path / "text.txt", "--out", out, *TINY_RUN
+        )
         line = one_line_error(result)
         assert line.startswith("error: cannot write ") and expected in line, line
         assert "Step 1/" not in result.stdout  # refused before the first step
 
 
-def test_a_disk_without_room_for_the_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+def test_a_disk_without_room_for_the_checkpoint_is_refused_before_training(
+    tmp_path, monkeypatch
+):
     save = import_example("gpt2", "save")
-    monkeypatch.setattr(save.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})())
-    with pytest.raises(ValueError, match=r"checkpoint.safetensors: 1 MiB free there, 3 MiB needed"):
+    monkeypatch.setattr(
+        save.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})()
+    )
+    with pytest.raises(
+        ValueError, match=r"checkpoint.safetensors: 1 MiB free there, 3 MiB needed"
+    ):
         save.check_writable(tmp_path / "checkpoint.safetensors", 3 * 2**20)
 
 
@@ -144,21 +253,34 @@ def test_writes_are_atomic_with_the_users_umask_and_leave_no_temporary_file(tmp_
 
     with pytest.raises(OSError, match="No space left"):
         save.write_atomically(path, fails)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]  # the old file whole, no temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "w.npz"
+    ]  # the old file whole, no temporary file
     assert np.array_equal(np.load(path)["a"], [0, 1, 2])
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_a_write_acts_after_the_rename_and_leaves_no_temporary_file(tmp_path, number):
-    script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT / 'gpt2')!r}); import save\n"
-              "def write(tmp):\n"
-              f"    os.kill(os.getpid(), {int(number)})  # arrives in the middle of the write\n"
-              "    open(tmp, 'w').write('whole')\n"
-              f"save.write_atomically({str(tmp_path / 'out.txt')!r}, write)\n"
-              "print('not reached')\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode in (-number, 1) and "not reached" not in result.stdout  # SIGINT: KeyboardInterrupt
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"] and (tmp_path / "out.txt").read_text() == "whole"
+def test_a_signal_during_a_write_acts_after_the_rename_and_leaves_no_temporary_file(
+    tmp_path, number
+):
+    script = (
+        f"import os, signal, sys; sys.path.insert(0, {str(ROOT / 'gpt2')!r}); import save\n"
+        "def write(tmp):\n"
+        f"    os.kill(os.getpid(), {int(number)})  # arrives in the middle of the write\n"
+        "    open(tmp, 'w').write('whole')\n"
+        f"save.write_atomically({str(tmp_path / 'out.txt')!r}, write)\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True
+    )
+    assert (
+        result.returncode in (-number, 1) and "not reached" not in result.stdout
+    )  # SIGINT: KeyboardInterrupt
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+        and (tmp_path / "out.txt").read_text() == "whole"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,23 +295,48 @@ def with_config(converted, tmp_path, config_bytes=None, **changes):
     """A copy of the converted weights with its stored config changed (or replaced by raw bytes)."""
     arrays = dict(np.load(converted))
     config = json.loads(arrays["config"].tobytes())
-    raw = config_bytes if config_bytes is not None else json.dumps({**config, **changes}).encode()
-    np.savez(tmp_path / "damaged.npz", **{**arrays, "config": np.frombuffer(raw, dtype=np.uint8)})
+    raw = (
+        config_bytes
+        if config_bytes is not None
+        else json.dumps({**config, **changes}).encode()
+    )
+    np.savez(
+        tmp_path / "damaged.npz",
+        **{**arrays, "config": np.frombuffer(raw, dtype=np.uint8)},
+    )
     return tmp_path / "damaged.npz"
 
 
-@pytest.mark.parametrize("changes", [dict(n_head=0), dict(n_embd=-32), dict(n_embd=10**12), dict(n_layer=10**9),
-                                     dict(n_head="4"), dict(dropout=float("nan")), dict(bias="yes"),
-                                     dict(config_bytes=b"{not json"), dict(config_bytes=b"[1, 2]")],
-                         ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:12])
-def test_a_damaged_config_in_a_weights_file_is_refused_as_a_whole_before_building(converted, tmp_path, changes):
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(n_head=0),
+        dict(n_embd=-32),
+        dict(n_embd=10**12),
+        dict(n_layer=10**9),
+        dict(n_head="4"),
+        dict(dropout=float("nan")),
+        dict(bias="yes"),
+        dict(config_bytes=b"{not json"),
+        dict(config_bytes=b"[1, 2]"),
+    ],
+    ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:12],
+)
+def test_a_damaged_config_in_a_weights_file_is_refused_as_a_whole_before_building(
+    converted, tmp_path, changes
+):
     generate = import_example("gpt2", "generate")
     with pytest.raises(generate.WeightsError, match="its stored config"):
         generate.load_model(with_config(converted, tmp_path, **changes))
 
 
 def test_generate_py_reports_a_damaged_config_in_one_line(converted, tmp_path):
-    result = run_script("gpt2/generate.py", with_config(converted, tmp_path, n_head=0), "--max-tokens", "2")
+    result = run_script(
+        "gpt2/generate.py",
+        with_config(converted, tmp_path, n_head=0),
+        "--max-tokens",
+        "2",
+    )
     assert "its stored config does not describe its weights" in one_line_error(result)
 
 
@@ -201,35 +348,65 @@ def test_weights_of_a_wrong_dtype_are_refused(converted, tmp_path):
     np.savez(tmp_path / "ints.npz", **arrays)
     with pytest.raises(generate.WeightsError) as refused:
         generate.load_model(tmp_path / "ints.npz")
-    assert "h.0.attn.c_attn.weight int32 (expected a floating-point dtype)" in str(refused.value)
+    assert "h.0.attn.c_attn.weight int32 (expected a floating-point dtype)" in str(
+        refused.value
+    )
     assert "ln_f.bias bool (expected a floating-point dtype)" in str(refused.value)
 
 
-@pytest.mark.parametrize("meta", [b'{"lr": 0.001}', b'{"step": "7"}', b'{"step": -1}', b"[7]", b"{oops"])
+@pytest.mark.parametrize(
+    "meta", [b'{"lr": 0.001}', b'{"step": "7"}', b'{"step": -1}', b"[7]", b"{oops"]
+)
 def test_resume_refuses_a_checkpoint_without_a_valid_step_in_one_line(tmp_path, meta):
     (tmp_path / "text.txt").write_text(TEXT)
-    common = ["--data", tmp_path / "text.txt", "--out", tmp_path, *TINY_RUN, "--max-steps", "2"]
+    common = [
+        "--data",
+        tmp_path / "text.txt",
+        "--out",
+        tmp_path,
+        *TINY_RUN,
+        "--max-steps",
+        "2",
+    ]
     assert run_script("gpt2/main.py", *common).returncode == 0
     arrays = dict(mx.load(str(tmp_path / "checkpoint.safetensors")))
     arrays["meta"] = mx.array(np.frombuffer(meta, dtype=np.uint8))
     mx.save_safetensors(str(tmp_path / "checkpoint.safetensors"), arrays)
-    line = one_line_error(run_script("gpt2/main.py", *common, "--max-steps", "4", "--resume"))
-    assert str(tmp_path / "checkpoint.safetensors") in line and ("no step count" in line or "cannot read" in line)
+    line = one_line_error(
+        run_script("gpt2/main.py", *common, "--max-steps", "4", "--resume")
+    )
+    assert str(tmp_path / "checkpoint.safetensors") in line and (
+        "no step count" in line or "cannot read" in line
+    )
 
 
 def test_convert_refuses_an_output_it_cannot_write_before_converting(tmp_path):
     folder = tiny_gpt2(tmp_path / "hf")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "folder.npz").mkdir()
-    for output, expected in ((tmp_path / "folder.npz", "it is a folder"),
-                             (tmp_path / "a-file" / "w.npz", "is a file, not a folder")):
+    for output, expected in (
+        (tmp_path / "folder.npz", "it is a folder"),
+        (tmp_path / "a-file" / "w.npz", "is a file, not a folder"),
+    ):
         line = one_line_error(run_script("gpt2/convert.py", folder, output))
         assert line.startswith("error: cannot write ") and expected in line, line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder.npz", "hf"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file",
+        "folder.npz",
+        "hf",
+    ]  # nothing written
 
 
-@pytest.mark.parametrize("changes", [dict(n_head=0), dict(n_embd="32"), dict(n_layer=-2), dict(n_positions=10**12),
-                                     dict(n_head=None)])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(n_head=0),
+        dict(n_embd="32"),
+        dict(n_layer=-2),
+        dict(n_positions=10**12),
+        dict(n_head=None),
+    ],
+)
 def test_convert_refuses_a_damaged_hugging_face_config_in_one_line(tmp_path, changes):
     folder = tiny_gpt2(tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())

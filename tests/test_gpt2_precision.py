@@ -8,22 +8,36 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from helpers import example_modules, import_example, run_script
 from mlx.utils import tree_flatten
 
-from helpers import ROOT, import_example, run_script
-
-TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-        "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n") * 40
+TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+) * 40
 # 11 steps per epoch with these flags on TEXT
-TINY_RUN = ["--ctx-len", "32", "--n-emb", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "16",
-            "--max-tokens", "5"]
+TINY_RUN = [
+    "--ctx-len",
+    "32",
+    "--n-emb",
+    "32",
+    "--n-heads",
+    "2",
+    "--n-layers",
+    "2",
+    "--batch-size",
+    "16",
+    "--max-tokens",
+    "5",
+]
 
 
 @pytest.fixture(autouse=True)
-def gpt2_on_the_path(monkeypatch):
+def gpt2_on_the_path():
     """main.py imports its features (float16.py, resume.py, blas.py) when used, as `python gpt2/main.py`
     finds them beside it: the in-process runs here need gpt2/ on sys.path while they run."""
-    monkeypatch.syspath_prepend(str(ROOT / "gpt2"))
+    with example_modules("gpt2"):
+        yield
 
 
 def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
@@ -45,7 +59,9 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_independently():
     first, second = dropout_masks(seed=3, p=p)
     n = first.size
     sigma = np.sqrt(p * (1 - p) / n)
-    assert abs(first.mean() - (1 - p)) < 5 * sigma  # the kept fraction, within 5 standard errors
+    assert (
+        abs(first.mean() - (1 - p)) < 5 * sigma
+    )  # the kept fraction, within 5 standard errors
 
     def correlation(a, b):
         return np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1]
@@ -57,7 +73,9 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_independently():
     # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against independence,
     # chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
     a, b = first[:, 0::2].ravel(), first[:, 1::2].ravel()
-    observed = np.array([np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)])
+    observed = np.array(
+        [np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)]
+    )
     expected = len(a) * np.array([(1 - p) ** 2, (1 - p) * p, p * (1 - p), p * p])
     assert np.sum((observed - expected) ** 2 / expected) < 21.1
 
@@ -76,21 +94,29 @@ def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
     dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
     mx.random.seed(11)
-    x = mx.random.uniform(1.0, 2.0, (64, 96))  # no zeros: out == 0 exactly where dropped
+    x = mx.random.uniform(
+        1.0, 2.0, (64, 96)
+    )  # no zeros: out == 0 exactly where dropped
     w = mx.random.normal((64, 96))
 
     def loss(x):
         out = dropout(x)
         return (out * w).sum(), out
 
-    step = mx.compile(mx.value_and_grad(loss), inputs=mx.random.state, outputs=mx.random.state)
+    step = mx.compile(
+        mx.value_and_grad(loss), inputs=mx.random.state, outputs=mx.random.state
+    )
     masks = []
     for _ in range(2):
         (_, out), grad = step(x)
         kept = np.array(out) != 0
         # d/dx of sum(mask * x / (1 - p) * w) is mask * w / (1 - p)
-        np.testing.assert_allclose(np.array(grad), kept * np.array(w) / (1 - p), rtol=1e-5, atol=1e-7)
-        assert abs(kept.mean() - (1 - p)) < 0.03  # 6,144 elements: the standard error is 0.006
+        np.testing.assert_allclose(
+            np.array(grad), kept * np.array(w) / (1 - p), rtol=1e-5, atol=1e-7
+        )
+        assert (
+            abs(kept.mean() - (1 - p)) < 0.03
+        )  # 6,144 elements: the standard error is 0.006
         masks.append(kept)
     assert not np.array_equal(masks[0], masks[1])  # the second call drew a new mask
 
@@ -98,9 +124,16 @@ def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
 ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are the same code")
-@pytest.mark.parametrize("T", [16, 100, 10])  # 10 is no multiple of 4: mx.softmax, then Dropout, on a GPU too
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.skipif(
+    not ON_CUDA,
+    reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are the same code",
+)
+@pytest.mark.parametrize(
+    "T", [16, 100, 10]
+)  # 10 is no multiple of 4: mx.softmax, then Dropout, on a GPU too
+@pytest.mark.parametrize(
+    "dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"]
+)
 def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
     """attention_dropout.py's AttentionDropout (one kernel forward and one backward) gives what
     mx.softmax followed by dropout.py's Dropout kernel gives after the same seed: the same mask, and
@@ -127,14 +160,23 @@ def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
         return np.array(out.astype(mx.float32)), np.array(grad.astype(mx.float32))
 
     out, grad = run(fused)
-    ref_out, ref_grad = run(lambda s: dropout(mx.softmax(s + causal, axis=-1, precise=True)))
+    ref_out, ref_grad = run(
+        lambda s: dropout(mx.softmax(s + causal, axis=-1, precise=True))
+    )
     kept, lower = out != 0, np.tril(np.ones((T, T), dtype=bool))
     assert np.array_equal(kept, ref_out != 0)
-    assert not kept[..., ~lower].any() and 0.5 < kept[..., lower].mean() < 0.95  # causal; about 1 - p kept
+    assert (
+        not kept[..., ~lower].any() and 0.5 < kept[..., lower].mean() < 0.95
+    )  # causal; about 1 - p kept
     # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits (2^-7 = 0.0078)
     atol = 1e-6 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=atol)
-    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=(1e-5 if dtype == mx.float32 else 3e-2) * np.abs(ref_grad).max())
+    np.testing.assert_allclose(
+        grad,
+        ref_grad,
+        rtol=0,
+        atol=(1e-5 if dtype == mx.float32 else 3e-2) * np.abs(ref_grad).max(),
+    )
 
 
 def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
@@ -157,54 +199,85 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
 
 
 def test_dropout_kernels_take_the_place_of_every_dropout_and_compute_the_same_off_cuda():
-    """kernels.py swaps each of the model's dropouts for its kernel class, with the same p and mode;
+    """cuda_dropout.py swaps each of the model's dropouts for its kernel class, with the same p and mode;
     off an NVIDIA GPU the kernel classes fall back to what the model's own modules compute."""
     import mlx.nn as nn
 
-    kernels = import_example("gpt2", "kernels")
+    kernels = import_example("gpt2", "cuda_dropout")
     Dropout, AttentionDropout = kernels.Dropout, kernels.AttentionDropout
     model = tiny_model(dropout=0.2)
     x = mx.array(np.random.default_rng(0).integers(0, 40, (2, 16)))
     mx.random.seed(3)
     expected = model(x)
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
-    assert len(names) == 1 + 3 * 2  # the embedding's, and per block: attention probabilities, residual, MLP
+    assert (
+        len(names) == 1 + 3 * 2
+    )  # the embedding's, and per block: attention probabilities, residual, MLP
     kernels.use_dropout_kernels(model)
-    swapped = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    swapped = {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)
+    }
     assert sorted(swapped) == sorted(names)
     for name, m in swapped.items():
-        assert type(m) is (AttentionDropout if name.endswith("attn_dropout") else Dropout), name
+        assert type(m) is (
+            AttentionDropout if name.endswith("attn_dropout") else Dropout
+        ), name
         assert m._p_1 == 0.8 and m.training, name
     if not ON_CUDA:
         mx.random.seed(3)
-        assert mx.array_equal(model(x), expected)  # the same masks from the same seed, the same values
+        assert mx.array_equal(
+            model(x), expected
+        )  # the same masks from the same seed, the same values
     kernels.use_dropout_kernels(model)  # a second call changes nothing
     assert {name: type(m) for name, m in model.named_modules() if name in swapped} == {
-        name: type(m) for name, m in swapped.items()}
+        name: type(m) for name, m in swapped.items()
+    }
     evaluating = kernels.use_dropout_kernels(tiny_model(dropout=0.2).eval())
-    assert all(not m.training for _, m in evaluating.named_modules() if isinstance(m, nn.Dropout))
+    assert all(
+        not m.training
+        for _, m in evaluating.named_modules()
+        if isinstance(m, nn.Dropout)
+    )
 
 
 def tiny_model(dropout=0.0):
     model_module = import_example("gpt2", "model")
     mx.random.seed(0)
-    model = model_module.GPT(model_module.GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32,
-                                                    dropout=dropout))
+    model = model_module.GPT(
+        model_module.GPTConfig(
+            vocab_size=40,
+            block_size=16,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            dropout=dropout,
+        )
+    )
     model.train()
     return model
 
 
 def batch():
     rng = np.random.default_rng(0)
-    return mx.array(rng.integers(0, 40, (4, 16))), mx.array(rng.integers(0, 40, (4, 16)))
+    return mx.array(rng.integers(0, 40, (4, 16))), mx.array(
+        rng.integers(0, 40, (4, 16))
+    )
 
 
 def train(dtype, steps, scale=None, good_steps=0):
     """`steps` steps of main.py's training step on one batch; float16 with a LossScale(scale, good_steps)."""
     main, float16 = import_example("gpt2", "main"), import_example("gpt2", "float16")
     model, optimizer = tiny_model(), optim.AdamW(learning_rate=1e-3)
-    loss_scale = float16.LossScale(optimizer, **({"scale": scale} if scale else {}), good_steps=good_steps) if dtype == mx.float16 else None
-    step, state = main.make_train_step(model, optimizer, dtype, grad_clip=1.0, loss_scale=loss_scale)
+    loss_scale = (
+        float16.LossScale(
+            optimizer, **({"scale": scale} if scale else {}), good_steps=good_steps
+        )
+        if dtype == mx.float16
+        else None
+    )
+    step, state = main.make_train_step(
+        model, optimizer, dtype, grad_clip=1.0, loss_scale=loss_scale
+    )
     x, y = batch()
     losses = []
     for _ in range(steps):
@@ -218,7 +291,11 @@ def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtyp
     _, _, reference_losses, _ = train(mx.float32, 5)
     model, optimizer, losses, _ = train(dtype, 5)
     assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
-    assert all(v.dtype == mx.float32 for k, v in tree_flatten(optimizer.state) if k.endswith((".m", ".v")))
+    assert all(
+        v.dtype == mx.float32
+        for k, v in tree_flatten(optimizer.state)
+        if k.endswith((".m", ".v"))
+    )
     # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of mantissa).
     assert reference_losses[-1] < reference_losses[0] - 0.05
     assert np.allclose(losses, reference_losses, atol=0.02), (losses, reference_losses)
@@ -226,35 +303,64 @@ def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtyp
 
 def test_float16_step_that_overflows_changes_nothing_but_halves_the_scale():
     before = dict(tree_flatten(tiny_model().parameters()))
-    model, optimizer, _, loss_scale = train(mx.float16, 1, scale=1e38, good_steps=5)  # scaled gradients overflow
+    model, optimizer, _, loss_scale = train(
+        mx.float16, 1, scale=1e38, good_steps=5
+    )  # scaled gradients overflow
     for name, p in tree_flatten(model.parameters()):
         assert mx.array_equal(p, before[name]), name
-    assert float(loss_scale.state["scale"]) == pytest.approx(0.5e38) and int(loss_scale.state["good_steps"]) == 0
-    assert int(optimizer.state["step"]) == 0  # AdamW's step count did not advance either
+    assert (
+        float(loss_scale.state["scale"]) == pytest.approx(0.5e38)
+        and int(loss_scale.state["good_steps"]) == 0
+    )
+    assert (
+        int(optimizer.state["step"]) == 0
+    )  # AdamW's step count did not advance either
     model, _, _, loss_scale = train(mx.float16, 1)
-    assert any(not mx.array_equal(p, before[name]) for name, p in tree_flatten(model.parameters()))
-    assert float(loss_scale.state["scale"]) == 2.0**15 and int(loss_scale.state["good_steps"]) == 1
+    assert any(
+        not mx.array_equal(p, before[name])
+        for name, p in tree_flatten(model.parameters())
+    )
+    assert (
+        float(loss_scale.state["scale"]) == 2.0**15
+        and int(loss_scale.state["good_steps"]) == 1
+    )
 
 
-def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_so(tmp_path):
+def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_so(
+    tmp_path,
+):
     (tmp_path / "text.txt").write_text(TEXT)
     common = ["--data", tmp_path / "text.txt", "--out", tmp_path, *TINY_RUN]
-    first = run_script("gpt2/main.py", *common, "--dtype", "bfloat16", "--max-steps", "3")
+    first = run_script(
+        "gpt2/main.py", *common, "--dtype", "bfloat16", "--max-steps", "3"
+    )
     assert first.returncode == 0, first.stderr
-    checkpoint = {k: v for k, v in mx.load(str(tmp_path / "checkpoint.safetensors")).items() if k.startswith("model.")}
-    assert checkpoint and all(v.dtype == mx.float32 for v in checkpoint.values())  # master weights, not bfloat16
-    second = run_script("gpt2/main.py", *common, "--dtype", "float32", "--max-steps", "5", "--resume")
+    checkpoint = {
+        k: v
+        for k, v in mx.load(str(tmp_path / "checkpoint.safetensors")).items()
+        if k.startswith("model.")
+    }
+    assert checkpoint and all(
+        v.dtype == mx.float32 for v in checkpoint.values()
+    )  # master weights, not bfloat16
+    second = run_script(
+        "gpt2/main.py", *common, "--dtype", "float32", "--max-steps", "5", "--resume"
+    )
     assert second.returncode == 0, second.stderr
     assert "at step 3 (trained in bfloat16, continuing in float32)" in second.stdout
     assert "Trained 2 steps" in second.stdout
 
 
-def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
     main = import_example("gpt2", "main")
     (tmp_path / "text.txt").write_text(TEXT)
     real = main.make_train_step
 
-    def breaks_at_step_15(*args, **kwargs):  # a step whose loss is nan, as a diverging run would give
+    def breaks_at_step_15(
+        *args, **kwargs
+    ):  # a step whose loss is nan, as a diverging run would give
         step, state = real(*args, **kwargs)
         calls = []
 
@@ -266,26 +372,52 @@ def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_chec
         return train_step, state
 
     monkeypatch.setattr(main, "make_train_step", breaks_at_step_15)
-    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path),
-                                      *TINY_RUN, "--epochs", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "main.py",
+            "--data",
+            str(tmp_path / "text.txt"),
+            "--out",
+            str(tmp_path),
+            *TINY_RUN,
+            "--epochs",
+            "3",
+        ],
+    )
     with pytest.raises(SystemExit) as stop:
         main.main()
     message = str(stop.value.code)
-    assert message.startswith("error: the training loss became inf or nan at step 15;"), message
-    assert f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)" in message
-    meta = import_example("gpt2", "resume").load_checkpoint(tmp_path / "checkpoint.safetensors")[3]
-    assert meta["step"] == 11  # the end of epoch 1; nothing from the failing epoch was saved
+    assert message.startswith(
+        "error: the training loss became inf or nan at step 15;"
+    ), message
+    assert (
+        f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)"
+        in message
+    )
+    meta = import_example("gpt2", "resume").load_checkpoint(
+        tmp_path / "checkpoint.safetensors"
+    )[3]
+    assert (
+        meta["step"] == 11
+    )  # the end of epoch 1; nothing from the failing epoch was saved
     assert not (tmp_path / "completions.txt").exists()
 
 
-@pytest.mark.parametrize("bad_step, kept", [(11, None), (22, 11)])  # an epoch's last step: 11 steps per epoch
-def test_a_weight_that_becomes_nan_is_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, monkeypatch,
-                                                                                        bad_step, kept):
+@pytest.mark.parametrize(
+    "bad_step, kept", [(11, None), (22, 11)]
+)  # an epoch's last step: 11 steps per epoch
+def test_a_weight_that_becomes_nan_is_never_saved_and_the_last_good_checkpoint_is_named(
+    tmp_path, monkeypatch, bad_step, kept
+):
     main = import_example("gpt2", "main")
     (tmp_path / "text.txt").write_text(TEXT)
     real = main.make_train_step
 
-    def update_breaks_a_weight(model, *args, **kwargs):  # as --lr 1e30 would; the step's loss is still finite
+    def update_breaks_a_weight(
+        model, *args, **kwargs
+    ):  # as --lr 1e30 would; the step's loss is still finite
         step, state = real(model, *args, **kwargs)
         calls = []
 
@@ -299,20 +431,42 @@ def test_a_weight_that_becomes_nan_is_never_saved_and_the_last_good_checkpoint_i
         return train_step, state
 
     monkeypatch.setattr(main, "make_train_step", update_breaks_a_weight)
-    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path),
-                                      *TINY_RUN, "--epochs", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "main.py",
+            "--data",
+            str(tmp_path / "text.txt"),
+            "--out",
+            str(tmp_path),
+            *TINY_RUN,
+            "--epochs",
+            "3",
+        ],
+    )
     with pytest.raises(SystemExit) as stop:
         main.main()
     message = str(stop.value.code)
-    assert message.startswith(f"error: a weight became inf or nan at step {bad_step}; stopped, and "), message
+    assert message.startswith(
+        f"error: a weight became inf or nan at step {bad_step}; stopped, and "
+    ), message
     checkpoint = tmp_path / "checkpoint.safetensors"
     if kept is None:
         assert "no checkpoint was written" in message and not checkpoint.exists()
     else:
-        assert f"the last good checkpoint, {checkpoint}, is kept (step {kept})" in message
-        weights, _, _, meta = import_example("gpt2", "resume").load_checkpoint(checkpoint)
-        assert meta["step"] == kept and all(mx.isfinite(w).all().item() for _, w in weights)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["text.txt"] + (["checkpoint.safetensors"] if kept else []))
+        assert (
+            f"the last good checkpoint, {checkpoint}, is kept (step {kept})" in message
+        )
+        weights, _, _, meta = import_example("gpt2", "resume").load_checkpoint(
+            checkpoint
+        )
+        assert meta["step"] == kept and all(
+            mx.isfinite(w).all().item() for _, w in weights
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["text.txt"] + (["checkpoint.safetensors"] if kept else [])
+    )
 
 
 def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(tmp_path, monkeypatch):
@@ -322,11 +476,17 @@ def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(tmp_path, monkeypa
         raise ValueError("float16 is not supported here")
 
     monkeypatch.setattr(main.mx, "eval", no_float16)
-    monkeypatch.setattr(sys, "argv", ["main.py", "--data", str(tmp_path / "text.txt"), "--dtype", "float16"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["main.py", "--data", str(tmp_path / "text.txt"), "--dtype", "float16"],
+    )
     with pytest.raises(SystemExit) as stop:
         main.main()
-    assert re.fullmatch(r"error: --dtype float16: MLX on .* cannot compute in float16 .*; use --dtype float32",
-                        str(stop.value.code)), stop.value.code
+    assert re.fullmatch(
+        r"error: --dtype float16: MLX on .* cannot compute in float16 .*; use --dtype float32",
+        str(stop.value.code),
+    ), stop.value.code
 
 
 def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
@@ -340,11 +500,29 @@ def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
 
 def test_benchmark_ablation_times_each_variant_of_the_step_and_says_so_as_it_goes():
     benchmark = import_example("gpt2", "benchmark")
-    result = run_script("gpt2/benchmark.py", "--ablation", "--tiny", "--config", "walkthrough", "--steps", "1",
-                        "--repeats", "1")
+    result = run_script(
+        "gpt2/benchmark.py",
+        "--ablation",
+        "--tiny",
+        "--config",
+        "walkthrough",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
-    assert "Timing dropout's ablation on cpu" in result.stderr  # at once, then each variant as it goes
-    assert "main.py's model: warm-up (compiles)..." in result.stderr and "main.py's model: warm-up " in result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith(" ms")]
-    assert [row.rsplit(None, 3)[0].strip() for row in rows] == list(benchmark.ABLATIONS), result.stdout
+    assert (
+        "Timing dropout's ablation on cpu" in result.stderr
+    )  # at once, then each variant as it goes
+    assert (
+        "main.py's model: warm-up (compiles)..." in result.stderr
+        and "main.py's model: warm-up " in result.stderr
+    )
+    rows = [
+        line for line in result.stdout.splitlines() if line.rstrip().endswith(" ms")
+    ]
+    assert [row.rsplit(None, 3)[0].strip() for row in rows] == list(
+        benchmark.ABLATIONS
+    ), result.stdout
     assert rows[0].split()[-2] == "+0.00"  # the first row is the reference

@@ -14,18 +14,32 @@ import time
 
 import mlx.core as mx
 import pytest
+from helpers import (
+    ROOT,
+    example_modules,
+    import_example,
+    run_script,
+    tiny_sentencepiece,
+)
 from mlx.utils import tree_flatten
 
-from helpers import ROOT, import_example, run_script, tiny_sentencepiece
-
 SCRIPT = ROOT / "llama" / "llama.py"
-ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=192, max_seq_len=4096)
+ARGS = dict(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=320,
+    hidden_dim=192,
+    max_seq_len=4096,
+)
 
 
 @pytest.fixture(autouse=True)
-def llama_on_path(monkeypatch):
+def llama_on_path():
     """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/llama.py` finds it."""
-    monkeypatch.syspath_prepend(str(ROOT / "llama"))
+    with example_modules("llama"):
+        yield
 
 
 def random_weights(args, seed=0):
@@ -33,8 +47,10 @@ def random_weights(args, seed=0):
     generation runs to --max-tokens."""
     model = import_example("llama", "model")
     mx.random.seed(seed)
-    weights = {name: mx.random.normal(p.shape) * 0.3 if p.ndim == 2 else mx.ones(p.shape)
-               for name, p in tree_flatten(model.Llama(model.ModelArgs(**args)).parameters())}
+    weights = {
+        name: mx.random.normal(p.shape) * 0.3 if p.ndim == 2 else mx.ones(p.shape)
+        for name, p in tree_flatten(model.Llama(model.ModelArgs(**args)).parameters())
+    }
     weights["output.weight"][2] = 0
     return weights
 
@@ -42,7 +58,9 @@ def random_weights(args, seed=0):
 def save_with_config(path, config, weights):
     """A weights file as convert.py writes one, but with `config` (a dict, or raw text) as its configuration."""
     text = config if isinstance(config, str) else json.dumps(config)
-    mx.save_safetensors(str(path), {**weights, "config": mx.array(list(text.encode()), dtype=mx.uint8)})
+    mx.save_safetensors(
+        str(path), {**weights, "config": mx.array(list(text.encode()), dtype=mx.uint8)}
+    )
     return path
 
 
@@ -50,8 +68,13 @@ def save_with_config(path, config, weights):
 def tiny(tmp_path_factory):
     """(weights file, SentencePiece tokenizer) of a tiny Llama with a 4096-token context."""
     folder = tmp_path_factory.mktemp("llama_faults")
-    convert, model = import_example("llama", "convert"), import_example("llama", "model")
-    convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), folder / "w.safetensors")
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
+    convert.save(
+        model.ModelArgs(**ARGS), random_weights(ARGS), folder / "w.safetensors"
+    )
     return folder / "w.safetensors", tiny_sentencepiece(folder / "tokenizer.model")
 
 
@@ -59,32 +82,61 @@ def one_line_error(result, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode not in (0, None), result.stderr
     assert message in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr and (len(lines) == 1 or lines[0].startswith("usage:")), result.stderr
+    assert "Traceback" not in result.stderr and (
+        len(lines) == 1 or lines[0].startswith("usage:")
+    ), result.stderr
 
 
 # ---- A damaged configuration, weights of the wrong dtype ------------------------------------------
 
 
 def stored_config():
-    return {**ARGS, "norm_eps": 1e-5, "rope_theta": 10000.0, "rope_traditional": True, "rope_scaling": None,
-            "tie_word_embeddings": False, "quantization": None}
+    return {
+        **ARGS,
+        "norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_traditional": True,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "quantization": None,
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"n_heads": 0}, "n_heads must be a whole number from 1 to 2**31 - 1, not 0"),
-    ({"dim": -64}, "dim must be a whole number from 1 to 2**31 - 1, not -64"),
-    ({"hidden_dim": 10**12}, "hidden_dim must be a whole number from 1 to 2**31 - 1"),
-    ({"n_layers": 10**6}, "n_layers must be a whole number from 1 to 1024"),
-    ({"n_layers": "2"}, "n_layers must be a whole number from 1 to 1024, not '2'"),
-    ({"norm_eps": float("nan")}, "norm_eps must be a positive number, not nan"),
-    ({"rope_traditional": "yes"}, "rope_traditional must be true or false"),
-    ({"n_heads": 3}, "dim 64, n_heads 3 and n_kv_heads 2 do not divide"),
-    ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}}, "the low factor below the high one"),
-    ({"quantization": {"group_size": 64, "bits": "4"}}, "'4'-bit quantization is not supported"),
-    ("{not json", "Expecting property name"),
-])
-def test_a_damaged_stored_configuration_is_refused_naming_the_field(change, message, tmp_path):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_heads": 0}, "n_heads must be a whole number from 1 to 2**31 - 1, not 0"),
+        ({"dim": -64}, "dim must be a whole number from 1 to 2**31 - 1, not -64"),
+        (
+            {"hidden_dim": 10**12},
+            "hidden_dim must be a whole number from 1 to 2**31 - 1",
+        ),
+        ({"n_layers": 10**6}, "n_layers must be a whole number from 1 to 1024"),
+        ({"n_layers": "2"}, "n_layers must be a whole number from 1 to 1024, not '2'"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a positive number, not nan"),
+        ({"rope_traditional": "yes"}, "rope_traditional must be true or false"),
+        ({"n_heads": 3}, "dim 64, n_heads 3 and n_kv_heads 2 do not divide"),
+        (
+            {
+                "rope_scaling": {
+                    "factor": 8.0,
+                    "low_freq_factor": 4.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "the low factor below the high one",
+        ),
+        (
+            {"quantization": {"group_size": 64, "bits": "4"}},
+            "'4'-bit quantization is not supported",
+        ),
+        ("{not json", "Expecting property name"),
+    ],
+)
+def test_a_damaged_stored_configuration_is_refused_naming_the_field(
+    change, message, tmp_path
+):
     config = change if isinstance(change, str) else {**stored_config(), **change}
     path = save_with_config(tmp_path / "bad.safetensors", config, random_weights(ARGS))
     model = import_example("llama", "model")
@@ -94,45 +146,92 @@ def test_a_damaged_stored_configuration_is_refused_naming_the_field(change, mess
 
 
 def test_llama_py_says_a_damaged_configuration_in_one_line(tiny, tmp_path):
-    path = save_with_config(tmp_path / "bad.safetensors", {**stored_config(), "n_heads": 0}, random_weights(ARGS))
-    one_line_error(run_script("llama/llama.py", path, tiny[1], "call me"), "n_heads must be a whole number")
+    path = save_with_config(
+        tmp_path / "bad.safetensors",
+        {**stored_config(), "n_heads": 0},
+        random_weights(ARGS),
+    )
+    one_line_error(
+        run_script("llama/llama.py", path, tiny[1], "call me"),
+        "n_heads must be a whole number",
+    )
 
 
-@pytest.mark.parametrize("name, dtype", [("layers.0.attention.wq.weight", mx.int32), ("norm.weight", mx.bool_)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("layers.0.attention.wq.weight", mx.int32), ("norm.weight", mx.bool_)],
+)
 def test_float_weights_of_another_dtype_are_refused(name, dtype, tmp_path):
     weights = random_weights(ARGS)
     weights[name] = weights[name].astype(dtype)
     path = save_with_config(tmp_path / "w.safetensors", stored_config(), weights)
     model = import_example("llama", "model")
-    with pytest.raises(model.WeightsError, match=f"{name} is {dtype}, expected a float"):
+    with pytest.raises(
+        model.WeightsError, match=f"{name} is {dtype}, expected a float"
+    ):
         model.load_model(path)
 
 
 def test_quantization_scales_of_an_integer_dtype_are_refused(tmp_path):
-    model, quantize = import_example("llama", "model"), import_example("llama", "quantize")
+    model, quantize = (
+        import_example("llama", "model"),
+        import_example("llama", "quantize"),
+    )
     llama = model.Llama(model.ModelArgs(**ARGS))
     llama.load_weights(list(random_weights(ARGS).items()))
     weights = dict(tree_flatten(quantize.quantize(llama, 32, 4).parameters()))
-    weights["layers.1.feed_forward.w2.scales"] = weights["layers.1.feed_forward.w2.scales"].astype(mx.int32)
-    path = save_with_config(tmp_path / "q.safetensors", {**stored_config(), "quantization": {"group_size": 32, "bits": 4}},
-                            weights)
-    with pytest.raises(model.WeightsError, match="layers.1.feed_forward.w2.scales is mlx.core.int32, expected a float"):
+    weights["layers.1.feed_forward.w2.scales"] = weights[
+        "layers.1.feed_forward.w2.scales"
+    ].astype(mx.int32)
+    path = save_with_config(
+        tmp_path / "q.safetensors",
+        {**stored_config(), "quantization": {"group_size": 32, "bits": 4}},
+        weights,
+    )
+    with pytest.raises(
+        model.WeightsError,
+        match="layers.1.feed_forward.w2.scales is mlx.core.int32, expected a float",
+    ):
         model.load_model(path)
 
 
 # ---- Flags and text at entry ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag, message", [
-    (["--seed", "-1"], "argument --seed: must be a whole number at least 0 and at most 18446744073709551615, not -1"),
-    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
-    (["--temp", "nan"], "argument --temp: must be a finite number at least 0, not nan"),
-    (["--temp", "inf"], "argument --temp: must be a finite number at least 0, not inf"),
-    (["--temp", "-1"], "argument --temp: must be a finite number at least 0, not -1"),
-    (["--top-p", "0"], "argument --top-p: must be a finite number above 0 and at most 1, not 0"),
-    (["--max-tokens", "0"], "argument --max-tokens: must be a whole number at least 1, not 0"),
-    (["--timeout", "-5"], "argument --timeout: must be a finite number at least 0, not -5"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (
+            ["--seed", "-1"],
+            "argument --seed: must be a whole number at least 0 and at most 18446744073709551615, not -1",
+        ),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (
+            ["--temp", "nan"],
+            "argument --temp: must be a finite number at least 0, not nan",
+        ),
+        (
+            ["--temp", "inf"],
+            "argument --temp: must be a finite number at least 0, not inf",
+        ),
+        (
+            ["--temp", "-1"],
+            "argument --temp: must be a finite number at least 0, not -1",
+        ),
+        (
+            ["--top-p", "0"],
+            "argument --top-p: must be a finite number above 0 and at most 1, not 0",
+        ),
+        (
+            ["--max-tokens", "0"],
+            "argument --max-tokens: must be a whole number at least 1, not 0",
+        ),
+        (
+            ["--timeout", "-5"],
+            "argument --timeout: must be a finite number at least 0, not -5",
+        ),
+    ],
+)
 def test_llama_py_refuses_flags_out_of_range(flag, message, tiny):
     one_line_error(run_script("llama/llama.py", *tiny, "call me", *flag), message)
 
@@ -140,18 +239,27 @@ def test_llama_py_refuses_flags_out_of_range(flag, message, tiny):
 @pytest.mark.parametrize("max_tokens", ["0", "-1"])
 def test_main_py_refuses_a_max_tokens_that_would_never_end(max_tokens):
     result = run_script("llama/main.py", "--max-tokens", max_tokens, timeout=60)
-    one_line_error(result, f"argument --max-tokens: must be a whole number at least 1 and at most 2147483647, "
-                           f"not {max_tokens}")
+    one_line_error(
+        result,
+        f"argument --max-tokens: must be a whole number at least 1 and at most 2147483647, "
+        f"not {max_tokens}",
+    )
 
 
 def test_main_py_says_in_one_line_that_the_heads_do_not_divide_the_width():
-    one_line_error(run_script("llama/main.py", "--dim", "100", "--n-heads", "8", timeout=60),
-                   "dim 100, n_heads 8 and n_kv_heads 8 do not divide")
+    one_line_error(
+        run_script("llama/main.py", "--dim", "100", "--n-heads", "8", timeout=60),
+        "dim 100, n_heads 8 and n_kv_heads 8 do not divide",
+    )
 
 
 def test_a_prompt_that_is_not_utf8_is_refused(tiny):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, tiny), b"caf\xe9"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, tiny), b"caf\xe9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     one_line_error(result, "argument prompt: invalid text value")
 
 
@@ -160,7 +268,10 @@ def test_tokenizer_files_that_are_not_utf8_are_refused_with_one_line(tmp_path):
 
     Tokenizer(models.BPE({"a": 0, "b": 1}, [])).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_bytes(b'{"eos_token": "caf\xe9"}')
-    with pytest.raises(import_example("llama", "tokenizer").TokenizerError, match="tokenizer_config.json"):
+    with pytest.raises(
+        import_example("llama", "tokenizer").TokenizerError,
+        match="tokenizer_config.json",
+    ):
         import_example("llama", "tokenizer").load_tokenizer(tmp_path)
 
 
@@ -176,11 +287,19 @@ def test_a_chat_template_that_is_not_utf8_is_refused_with_one_line(tmp_path):
 
 
 def test_a_chat_line_that_is_not_utf8_ends_the_chat_with_one_line(tiny):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, tiny), "--chat", "--max-tokens", "2"],
-                            input=b"call me\ncaf\xe9\n", capture_output=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, tiny), "--chat", "--max-tokens", "2"],
+        input=b"call me\ncaf\xe9\n",
+        capture_output=True,
+        timeout=60,
+    )
     stderr = result.stderr.decode()
     assert result.returncode == 1 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("error: a line on stdin is not UTF-8 text"), stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: a line on stdin is not UTF-8 text")
+    ), stderr
     assert stderr.count("from the cache") == 1  # the first line was answered
 
 
@@ -198,8 +317,18 @@ def wait_for(path, text, process, seconds=60):
 def test_ctrl_c_during_generation_is_one_line_and_exit_130(tiny, tmp_path):
     err = tmp_path / "stderr.txt"
     with open(err, "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, tiny), "call me", "--max-tokens", "4000"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(SCRIPT),
+                *map(str, tiny),
+                "call me",
+                "--max-tokens",
+                "4000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         wait_for(err, "[load ", process)
         time.sleep(1)
@@ -207,7 +336,10 @@ def test_ctrl_c_during_generation_is_one_line_and_exit_130(tiny, tmp_path):
         assert process.wait(timeout=30) == 130
     finally:
         process.kill()
-    assert err.read_text().strip().splitlines()[-1] == "interrupted" and "Traceback" not in err.read_text()
+    assert (
+        err.read_text().strip().splitlines()[-1] == "interrupted"
+        and "Traceback" not in err.read_text()
+    )
 
 
 # ---- Tensor parallelism: the processes end together -------------------------------------------------
@@ -215,15 +347,35 @@ def test_ctrl_c_during_generation_is_one_line_and_exit_130(tiny, tmp_path):
 
 def launch(tmp_path, tiny, *flags):
     """mlx.launch of 2 ring processes generating 4000 tokens, in a session of its own; (process, stderr path)."""
-    launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+    launcher = shutil.which(
+        "mlx.launch", path=os.path.dirname(sys.executable)
+    ) or shutil.which("mlx.launch")
     from test_llama_tp import free_ports
 
     err = tmp_path / "stderr.txt"
     with open(err, "w") as stderr:
-        process = subprocess.Popen([launcher, "-n", "2", "--backend", "ring", "--python", sys.executable,
-                                    "--starting-port", str(free_ports(1)[0]), str(SCRIPT), *map(str, tiny), "call me",
-                                    "--max-tokens", "4000", *flags], stdout=subprocess.DEVNULL, stderr=stderr,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [
+                launcher,
+                "-n",
+                "2",
+                "--backend",
+                "ring",
+                "--python",
+                sys.executable,
+                "--starting-port",
+                str(free_ports(1)[0]),
+                str(SCRIPT),
+                *map(str, tiny),
+                "call me",
+                "--max-tokens",
+                "4000",
+                *flags,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     wait_for(err, "[load ", process)
     time.sleep(1)  # generating
     return process, err
@@ -231,8 +383,12 @@ def launch(tmp_path, tiny, *flags):
 
 def rank(process, r):
     """The pid of the rank-r process that mlx.launch `process` started (its children: Linux /proc)."""
-    for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
-        if f"MLX_RANK={r}".encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+    for pid in subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+    ).stdout.split():
+        if f"MLX_RANK={r}".encode() in open(f"/proc/{pid}/environ", "rb").read().split(
+            b"\0"
+        ):
             return int(pid)
     raise AssertionError(f"no rank {r} among mlx.launch's processes")
 
@@ -246,7 +402,9 @@ def ended(process, seconds):
         return False
 
 
-needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' pids through /proc")
+needs_proc = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds the ranks' pids through /proc"
+)
 
 
 def gone(pid, seconds):
@@ -266,14 +424,18 @@ def gone(pid, seconds):
 def test_ctrl_c_to_a_two_process_run_ends_every_rank_with_one_line(tiny, tmp_path):
     process, err = launch(tmp_path, tiny)
     ranks = [rank(process, r) for r in (0, 1)]
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does: every process of the group
+    os.killpg(
+        process.pid, signal.SIGINT
+    )  # what Ctrl-C at a terminal does: every process of the group
     try:
         assert all(gone(pid, 30) for pid in ranks), err.read_text()
     finally:
         # mlx.launch 0.32 itself prints a KeyboardInterrupt traceback, may lose what the ranks print after it,
         # and now and then keeps waiting (its Ctrl-C can land inside a queue's lock): that is not tested here.
         ended(process, 5)
-    assert err.read_text().count("interrupted") <= 1 and "llama/" not in err.read_text(), err.read_text()
+    assert (
+        err.read_text().count("interrupted") <= 1 and "llama/" not in err.read_text()
+    ), err.read_text()
 
 
 @needs_proc
@@ -285,7 +447,10 @@ def test_killing_a_rank_during_generation_ends_the_run_with_one_line(tiny, tmp_p
     # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that comes first. mlx.launch
     # writes its own "[WARN] Node with rank r exited" lines to the same stderr, and one of them can start on
     # the line of ours (the two processes write at once), so the line is counted in the whole text.
-    assert text.count("error: ") == 1 and "error: another process of this run has stopped (" in text, text
+    assert (
+        text.count("error: ") == 1
+        and "error: another process of this run has stopped (" in text
+    ), text
     assert "Traceback" not in text, text
 
 
@@ -309,44 +474,84 @@ def test_a_stopped_rank_ends_the_run_after_the_timeout(tiny, tmp_path):
 def test_meta_params_without_a_field_are_refused_naming_it(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2}))
     (tmp_path / "consolidated.00.pth").write_bytes(b"never read")
-    one_line_error(run_script("llama/convert.py", tmp_path, tmp_path / "w.npz"), "params.json lacks n_heads")
+    one_line_error(
+        run_script("llama/convert.py", tmp_path, tmp_path / "w.npz"),
+        "params.json lacks n_heads",
+    )
 
 
-@pytest.mark.parametrize("change, message", [({"num_attention_heads": 0}, "n_heads must be a whole number"),
-                                             ({"hidden_size": "64"}, "dim must be a whole number"),
-                                             ({"num_hidden_layers": None}, "n_layers must be a whole number")])
-def test_a_damaged_hugging_face_config_is_refused_naming_the_field(change, message, tmp_path):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, "n_heads must be a whole number"),
+        ({"hidden_size": "64"}, "dim must be a whole number"),
+        ({"num_hidden_layers": None}, "n_layers must be a whole number"),
+    ],
+)
+def test_a_damaged_hugging_face_config_is_refused_naming_the_field(
+    change, message, tmp_path
+):
     from helpers import LLAMA_CONFIG
 
-    folder = tmp_path / "hf"  # the configuration is refused before any weights are looked for
+    folder = (
+        tmp_path / "hf"
+    )  # the configuration is refused before any weights are looked for
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **LLAMA_CONFIG, **change}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", **LLAMA_CONFIG, **change})
+    )
     one_line_error(run_script("llama/convert.py", folder, tmp_path / "w.npz"), message)
 
 
 @pytest.mark.parametrize("case", ["a folder", "a parent that is a file"])
-def test_convert_refuses_an_output_it_cannot_write_before_reading_anything(case, tmp_path):
-    output, message = tmp_path / "out.safetensors", "is a folder; give the file to write"
+def test_convert_refuses_an_output_it_cannot_write_before_reading_anything(
+    case, tmp_path
+):
+    output, message = (
+        tmp_path / "out.safetensors",
+        "is a folder; give the file to write",
+    )
     if case == "a folder":
         output.mkdir()
     else:
         (tmp_path / "file").write_text("")
-        output, message = tmp_path / "file" / "out.safetensors", f"{tmp_path / 'file'} is a file, not a folder"
+        output, message = (
+            tmp_path / "file" / "out.safetensors",
+            f"{tmp_path / 'file'} is a file, not a folder",
+        )
     # A Hub name that cannot be fetched offline: the output is refused first.
-    one_line_error(run_script("llama/convert.py", "meta-llama/Llama-2-7b-hf", output), message)
+    one_line_error(
+        run_script("llama/convert.py", "meta-llama/Llama-2-7b-hf", output), message
+    )
 
 
 def test_convert_refuses_an_output_the_disk_has_no_room_for(tmp_path, monkeypatch):
     convert = import_example("llama", "convert")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000}))
-    with pytest.raises(convert.ConversionError, match="needs about 5.00 MB; .* has 0.00 MB free"):
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})
+    )
+    with pytest.raises(
+        convert.ConversionError, match="needs about 5.00 MB; .* has 0.00 MB free"
+    ):
         convert.check_output(tmp_path / "w.safetensors", 5 * 10**6)
 
 
-@pytest.mark.parametrize("fault", [RuntimeError("[save_safetensors] No space left on device"), KeyboardInterrupt(),
-                                   SystemExit(143)], ids=["full disk", "Ctrl-C", "SIGTERM"])
-def test_a_failed_write_leaves_neither_output_nor_temporary_file(fault, tmp_path, monkeypatch):
-    convert, model = import_example("llama", "convert"), import_example("llama", "model")
+@pytest.mark.parametrize(
+    "fault",
+    [
+        RuntimeError("[save_safetensors] No space left on device"),
+        KeyboardInterrupt(),
+        SystemExit(143),
+    ],
+    ids=["full disk", "Ctrl-C", "SIGTERM"],
+)
+def test_a_failed_write_leaves_neither_output_nor_temporary_file(
+    fault, tmp_path, monkeypatch
+):
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
 
     def fail(path, arrays):
         with open(path, "wb") as f:
@@ -354,8 +559,12 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(fault, tmp_path
         raise fault
 
     monkeypatch.setattr(mx, "save_safetensors", fail)
-    with pytest.raises((convert.ConversionError, KeyboardInterrupt, SystemExit)) as error:
-        convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), tmp_path / "w.safetensors")
+    with pytest.raises(
+        (convert.ConversionError, KeyboardInterrupt, SystemExit)
+    ) as error:
+        convert.save(
+            model.ModelArgs(**ARGS), random_weights(ARGS), tmp_path / "w.safetensors"
+        )
     if isinstance(fault, RuntimeError):
         assert "No space left on device" in str(error.value)
     assert list(tmp_path.iterdir()) == []
@@ -368,19 +577,31 @@ def test_sigterm_stops_convert_as_an_exception():
 
 
 def test_a_temporary_file_of_a_killed_run_is_removed_by_the_next_write(tmp_path):
-    convert, model = import_example("llama", "convert"), import_example("llama", "model")
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f".w.safetensors.{dead.pid}.tmp.safetensors"  # a pid that no longer runs
-    alive = tmp_path / f".w.safetensors.{os.getppid()}.tmp.safetensors"  # a write still going on
+    stale = (
+        tmp_path / f".w.safetensors.{dead.pid}.tmp.safetensors"
+    )  # a pid that no longer runs
+    alive = (
+        tmp_path / f".w.safetensors.{os.getppid()}.tmp.safetensors"
+    )  # a write still going on
     stale.write_bytes(b"left by kill -9")
     alive.write_bytes(b"still being written")
-    convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), tmp_path / "w.safetensors")
+    convert.save(
+        model.ModelArgs(**ARGS), random_weights(ARGS), tmp_path / "w.safetensors"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "w.safetensors"]
 
 
 def test_the_output_gets_the_users_umask(tmp_path):
-    convert, model = import_example("llama", "convert"), import_example("llama", "model")
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
     previous = os.umask(0o027)
     try:
         convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), tmp_path / "w.npz")

@@ -10,7 +10,6 @@ training step. On the CPU and on Apple GPUs the swapped modules compute what the
 """
 
 import mlx.nn as nn
-
 import model
 from attention_dropout import AttentionDropout
 from dropout import Dropout
@@ -23,6 +22,8 @@ def use_dropout_kernels(gpt):
     for _, module in gpt.named_modules():
         for name, child in list(module.items()):
             if type(child) in KERNEL_CLASS:
-                module[name] = KERNEL_CLASS[type(child)](1 - child._p_1)  # nn.Dropout keeps 1 - p as _p_1
+                module[name] = KERNEL_CLASS[type(child)](
+                    1 - child._p_1
+                )  # nn.Dropout keeps 1 - p as _p_1
                 module[name].train(child.training)
     return gpt
