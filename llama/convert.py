@@ -38,7 +38,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from hub import TOKENIZER_FILES, download, is_hub_name
-from model import Llama, ModelArgs, WeightsError, check_weights, in_range
+from model import (
+    Llama,
+    ModelArgs,
+    WeightsError,
+    check_weights,
+    in_range,
+    write_atomically,
+)
 from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
 
 # Hugging Face name -> Meta / MLX name.
@@ -529,27 +536,6 @@ def evaluate(weights):
         progress.add(value.nbytes)
 
 
-def write_atomically(path, write):
-    """write(temporary path) beside `path`, then a rename over it: `path` is the old file or the whole new one.
-    The temporary file is removed on an error, Ctrl-C or SIGTERM (the scripts make that an exception); one
-    that a killed run (SIGKILL) left is removed by the next write of the same path. The file gets the
-    permissions of any new file (the umask). lora.py writes its adapters with it too."""
-    path = Path(path)
-    for stale in path.parent.glob(
-        f".{path.name}.*.tmp{path.suffix}"
-    ):  # .w.npz.<pid>.tmp.npz
-        if not process_exists(int(stale.name.split(".")[-3])):
-            stale.unlink(missing_ok=True)
-    tmp = (
-        path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"
-    )  # MLX adds the suffix if it is missing
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save(args, weights, path):
     """Write weights plus the configuration to `path` atomically (.npz or .safetensors by its suffix)."""
     arrays = {**weights, "config": config_array(args)}
@@ -568,16 +554,6 @@ def save(args, weights, path):
         ValueError,
     ) as e:  # a full disk, say (MLX raises RuntimeError)
         raise ConversionError(f"cannot write {path}: {e}") from None
-
-
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
 
 
 def check_output(path, nbytes=0):

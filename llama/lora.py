@@ -68,9 +68,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from chat import chat_tokens
-from convert import write_atomically
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
-from model import TransformerBlock, WeightsError, load_model, warn_if_reference_blas
+from model import (
+    TransformerBlock,
+    WeightsError,
+    load_model,
+    warn_if_reference_blas,
+    write_atomically,
+)
 from tokenizer import TokenizerError, load_tokenizer
 
 # The linear layers of a block, by the name of the module that holds them.

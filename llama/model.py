@@ -17,6 +17,7 @@ linear layers and embedding for MLX's 4- or 8-bit ones. A float model never read
 import argparse
 import json
 import math
+import os
 import sys
 import zipfile
 from dataclasses import dataclass, fields
@@ -471,6 +472,19 @@ def load_model(path):
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
+
+
+def write_atomically(path, write):
+    """write(temporary path) beside `path`, then a rename over it: `path` is the old file or
+    the whole new one, never half of one. The temporary file is removed on an error or Ctrl-C.
+    convert.py writes weights with it, lora.py its adapters."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp{path.suffix}"  # MLX adds a missing suffix
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---- For the scripts ----------------------------------------------------------------------------
