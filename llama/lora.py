@@ -45,8 +45,14 @@ import os
 import signal
 import sys
 
+
+def interrupted(signum, frame):
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
 if __name__ == "__main__":  # Ctrl-C while MLX loads (tenths of a second): one line
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("interrupted"))
+    signal.signal(signal.SIGINT, interrupted)
 
 # Before MLX starts: its CUDA backend sends work to the GPU in CUDA graphs of up to
 # 1,000 MB of inputs (on an H100 or H200) and keeps those inputs until their graph has
@@ -191,7 +197,7 @@ def add_training_flags(p):
     add("--dropout", type=in_range(float, 0, 0.999), default=0.0, help=D)
     add("--batch-size", type=in_range(int, 1), default=4, help=D)
     add("--iters", type=in_range(int, 1), default=1000, help="steps in all; " + D)
-    add("--learning-rate", type=in_range(float, 0, 1, above=True), default=1e-4, help=D)
+    add("--learning-rate", type=in_range(float, 0, above=True), default=1e-4, help=D)
     add("--steps-per-report", type=in_range(int, 1), default=10, help=D)
     add("--steps-per-eval", type=in_range(int, 0), default=200, help="0: none; " + D)
     add("--val-batches", type=in_range(int, -1), default=25, help="-1: all; " + D)
