@@ -118,7 +118,10 @@ def run(args, stop):
     )
     max_length = min(args.max_seq_length, model.args.max_seq_len)
     if max_length < args.max_seq_length:
-        print(f"examples are cut at {max_length} tokens, the model's context")
+        print(
+            f"the model's context is {max_length} tokens: examples are cut there, not "
+            f"at --max-seq-length {args.max_seq_length}"
+        )
     splits = ["train", "valid"] * args.train + ["test"] * args.test
     data = {}  # all read and checked before any training
     for name in splits:

@@ -321,9 +321,10 @@ def train(model, optimizer, data, args, start_step, stop, settings):
         before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         loss, n, finite = step_fn(*pad(batch))
         mx.eval(loss, n, finite, model.trainable_parameters(), optimizer.state)
-        if math.isfinite(loss.item()) and loss.item() <= worst:
+        sound = math.isfinite(loss.item()) and loss.item() <= worst
+        if sound:  # the adapters before this step's update give a sound loss
             good = (*before, step - 1)
-        if not finite.item() or loss.item() > worst:
+        if not (sound and finite.item()):
             save_adapters(folder, *good, settings)
             print(
                 f"error: step {step} diverged (loss {loss.item():.4g}); stopped before "
