@@ -43,10 +43,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import torch
-from convert import hf_args
 from lora_adapters import linear_to_lora_layers
 from lora_training import checkpoint_blocks, dequantizing_layers, make_step
-from model import Llama, warn_if_reference_blas
+from model import Llama, ModelArgs, warn_if_reference_blas
 from timing import say
 
 # The shapes of transformers' LlamaConfig: a tiny one for the CPU, Llama 2 7B's.
@@ -68,8 +67,7 @@ PRESETS = {
         vocab_size=32000,
     ),
 }
-# lora.py's setting of the size of MLX's CUDA graphs (read when MLX first runs), or the
-# user's
+# lora.py's size of MLX's CUDA graphs (read when MLX first runs), unless the user's
 BUFFER = "MLX_MAX_MB_PER_BUFFER"
 if sys.platform != "darwin":
     os.environ.setdefault(BUFFER, "100")
@@ -79,10 +77,19 @@ def mlx_model(preset, dtype, bits=None):
     """The random-weight Llama of `preset` in `dtype`, quantized to `bits` if given,
     made block by block on the default device (lazily built, so no float32 copy of the
     whole model ever exists)."""
-    from transformers import LlamaConfig
-
-    args = hf_args(
-        LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}).to_dict()
+    c = PRESETS[
+        preset
+    ]  # transformers' LlamaConfig defaults for the rest, as torch_model
+    args = ModelArgs(
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c["num_key_value_heads"],
+        hidden_dim=c["intermediate_size"],
+        vocab_size=c["vocab_size"],
+        norm_eps=1e-6,
+        rope_traditional=False,  # HF's layout
+        max_seq_len=4096,
     )
     model = Llama(args)
     model.set_dtype(dtype)
@@ -267,9 +274,8 @@ def torch_configs(args, layers, device):
                 resident = torch.cuda.memory_allocated()
 
             def step():
-                loss = model(
-                    input_ids=ids, labels=ids, use_cache=False
-                ).loss  # transformers shifts the labels itself
+                # transformers shifts the labels itself
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -344,32 +350,17 @@ def parse_args(argv=None):
         description="LoRA / QLoRA training tokens/s and peak memory, MLX (lora.py) vs "
         "PyTorch + PEFT, random weights"
     )
-    parser.add_argument(
-        "--preset",
-        choices=["7b", "tiny"],
-        default="7b",
-        help="model shape: 7b (Llama 2 7B) or tiny (tests) (default: 7b)",
-    )
-    parser.add_argument(
-        "--device",
-        choices=["gpu", "cpu"],
-        help="default: gpu where MLX has one, else cpu",
-    )
-    parser.add_argument(
-        "--frameworks",
-        nargs="+",
-        choices=["mlx", "torch"],
-        default=["mlx", "torch"],
-        help="which to time (default: both)",
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--preset", choices=["7b", "tiny"], default="7b", help="Llama 2 7B's or tiny")
+    add("--device", choices=["gpu", "cpu"], help="default: gpu where MLX has one")
+    add("--frameworks", nargs="+", choices=["mlx", "torch"], default=["mlx", "torch"])
+    add(
         "--dtype",
         choices=["float16", "bfloat16"],
         default="float16",
-        help="MLX's weights and activations for LoRA, and the scales of QLoRA "
-        "(default: float16)",
+        help="MLX's weights and activations, and QLoRA's scales (default: float16)",
     )
-    parser.add_argument(
+    add(
         "--quantize",
         type=int,
         nargs="*",
@@ -377,30 +368,14 @@ def parse_args(argv=None):
         default=[4],
         help="QLoRA bit widths to time as well; none for no QLoRA (default: 4)",
     )
-    parser.add_argument(
-        "--batch-size", type=int, help="sequences per step (default: 4; tiny: 2)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (default: 512; tiny: 32)"
-    )
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument(
-        "--num-layers",
-        type=int,
-        help="adapted blocks, the last ones (default: 16, or all of a "
-        "smaller model, as lora.py)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps first (default: 2)"
-    )
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the random weights and tokens (default: 0)",
-    )
-    parser.add_argument(
+    add("--batch-size", type=int, help="sequences per step (default: 4; tiny: 2)")
+    add("--seq-len", type=int, help="tokens per sequence (default: 512; tiny: 32)")
+    add("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    add("--num-layers", type=int, help="the last blocks adapted (default: as lora.py)")
+    add("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    add("--steps", type=int, default=5, help="timed steps (default: 5)")
+    add("--seed", type=int, default=0, help="of the weights and tokens (default: 0)")
+    add(
         "--memory-limit",
         type=float,
         metavar="GB",
@@ -408,14 +383,16 @@ def parse_args(argv=None):
         "waits for the work queued ahead on the device to finish and free its buffers "
         "(default: MLX's, 95%% of a GPU's memory)",
     )
-    args = parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
+
+
+def check_args(parser, args):
+    """Defaults that depend on the preset, and the checks of the flags together."""
     args.device = args.device or ("gpu" if mx.is_available(mx.gpu) else "cpu")
     n_layers = PRESETS[args.preset]["num_hidden_layers"]
     tiny = args.preset == "tiny"
-    args.batch_size, args.seq_len = (
-        args.batch_size or (2 if tiny else 4),
-        args.seq_len or (32 if tiny else 512),
-    )
+    args.batch_size = args.batch_size or (2 if tiny else 4)
+    args.seq_len = args.seq_len or (32 if tiny else 512)
     args.num_layers = args.num_layers or min(16, n_layers)
     if args.memory_limit is not None and not 0 < args.memory_limit < float("inf"):
         parser.error("--memory-limit must be a positive number of GB")
@@ -430,11 +407,8 @@ def parse_args(argv=None):
         )
     if args.device == "cpu" and args.preset == "7b":
         parser.error("the 7b preset takes hours on a CPU; use --preset tiny there")
-    if (
-        args.device == "gpu"
-        and "torch" in args.frameworks
-        and not torch.cuda.is_available()
-    ):
+    no_cuda = not torch.cuda.is_available()
+    if args.device == "gpu" and "torch" in args.frameworks and no_cuda:
         parser.error(
             "PyTorch has no CUDA GPU here; add --frameworks mlx, or use --device cpu"
         )
@@ -443,9 +417,8 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    warnings.filterwarnings(
-        "ignore", category=FutureWarning, module="transformers"
-    )  # renamed methods PEFT calls
+    # renamed methods PEFT calls
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.memory_limit:
         mx.set_memory_limit(int(args.memory_limit * 1e9))

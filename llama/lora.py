@@ -131,8 +131,8 @@ def run(args, stop):
     if args.train:
         status = run_training(model, data, args, stop)
     elif (Path(args.adapter_path) / ADAPTERS).is_file():
-        adapters = load_adapters(model, args.adapter_path)
-        print(f"testing with the adapters of {args.adapter_path}{adapters}")
+        described = load_adapters(model, args.adapter_path)
+        print(f"testing with the adapters of {args.adapter_path}{described}")
     else:
         print(f"no adapters in {args.adapter_path}: testing the model as it is")
     if args.test and status == 0:
@@ -153,10 +153,6 @@ def check_flags(p, args):
         p.error("--train and --test need --tokenizer")
     if args.resume_adapter_file and not args.train:
         p.error("--resume-adapter-file needs --train")
-    if args.train and args.fine_tune_type != "lora":
-        p.error(
-            f"--fine-tune-type {args.fine_tune_type}: this example trains lora only"
-        )
     if not args.fuse:
         return
     save = Path(args.save_path or "")
@@ -168,7 +164,7 @@ def check_flags(p, args):
         )
     if save.is_dir():
         p.error(f"--save-path {save} is a folder; give the file to write in it")
-    file = next((p for p in save.parents if p.exists() and not p.is_dir()), None)
+    file = next((f for f in save.parents if f.exists() and not f.is_dir()), None)
     if file:
         p.error(f"--save-path {save}: {file} is a file, not a folder")
 

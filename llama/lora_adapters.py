@@ -300,9 +300,8 @@ def load_with_adapters(weights, adapter_path, tokenizer_for):
     status 1 for anything that does not fit."""
     from tokenizer import TokenizerError
 
-    if (
-        "MLX_RANK" in os.environ
-    ):  # started by mlx.launch: every rank exits, rank 0 says why
+    # Started by mlx.launch: every rank exits, rank 0 says why
+    if "MLX_RANK" in os.environ:
         if os.environ["MLX_RANK"] != "0":
             sys.exit(1)
         sys.exit(
@@ -322,9 +321,10 @@ def save_fused(model, adapter_path, save_path):
     it as it is."""
     load_adapters(model, adapter_path)
     weights = fuse(model)
-    weights["config"] = mx.array(
-        list(json.dumps(asdict(model.args)).encode()), mx.uint8
-    )
+    config = json.dumps(asdict(model.args)).encode()
+    weights["config"] = mx.array(list(config), mx.uint8)
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    # The one place the fused model is written: a branch per format, by the suffix
     if save_path.suffix == ".npz":
         save_atomically(save_path, lambda tmp: mx.savez(str(tmp), **weights))
     else:

@@ -407,15 +407,14 @@ def run_training(model, data, args, stop):
         )
     bits = (model.args.quantization or {}).get("bits")
     total = 0
-    for _, v in tree_flatten(
-        model.parameters()
-    ):  # a packed uint32 holds 32 / bits weights
-        total += v.size * (32 // bits if bits and v.dtype == mx.uint32 else 1)
+    for _, v in tree_flatten(model.parameters()):
+        packed = bits and v.dtype == mx.uint32  # a uint32 holds 32 / bits weights
+        total += v.size * (32 // bits if packed else 1)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    share = f"{100 * trainable / total:.3f}% of the model"
     print(
         f"training steps {start + 1}-{args.iters}, {args.batch_size} examples a step, "
-        f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the "
-        "model)",
+        f"{trainable:,} trainable parameters ({share})",
         flush=True,
     )
     warn_if_reference_blas()

@@ -176,10 +176,8 @@ def test_lora_layer_equals_peft_lora_linear():
         LoraConfig(r=4, lora_alpha=12, target_modules=["0"], lora_dropout=0.0),
     )
     layer = peft_model.base_model.model[0]
-    a, b = (
-        0.1 * torch.randn(4, 64),
-        0.1 * torch.randn(48, 4),
-    )  # a change of the size of the base output
+    # a change of the size of the base output
+    a, b = 0.1 * torch.randn(4, 64), 0.1 * torch.randn(48, 4)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)
@@ -190,9 +188,9 @@ def test_lora_layer_equals_peft_lora_linear():
     linear.weight = mx.array(layer.base_layer.weight.detach().numpy())
     ours = lora_adapters().LoRALinear(linear, rank=4, alpha=12)
     assert ours.scale == layer.scaling["default"] == 3.0
-    assert np.all(np.abs(np.array(ours.lora_a)) <= 1 / 8) and not np.any(
-        np.array(ours.lora_b)
-    )  # PEFT's init
+    # PEFT's init
+    assert np.all(np.abs(np.array(ours.lora_a)) <= 1 / 8)
+    assert not np.any(np.array(ours.lora_b))
     ours.lora_a, ours.lora_b = mx.array(a.numpy()), mx.array(b.numpy())
     np.testing.assert_allclose(
         np.array(ours(mx.array(x.numpy()))), expected, rtol=TOL, atol=TOL
@@ -250,9 +248,8 @@ def test_dequantizing_layers_give_the_quantized_outputs_and_input_gradients(bits
     # function of the input, and the same gradient.
     mx.random.seed(0)
     linear = nn.QuantizedLinear.from_linear(nn.Linear(128, 96), 64, bits)  # with a bias
-    embedding = nn.QuantizedEmbedding.from_embedding(
-        nn.Embedding(96, 128), 64, bits
-    )  # as a tied output layer
+    # as a tied output layer
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 128), 64, bits)
     x, cotangent = mx.random.normal((3, 5, 128)), mx.random.normal((3, 5, 96))
     expected = [mx.vjp(f, [x], [cotangent]) for f in (linear, embedding.as_linear)]
     lora_training().dequantizing_layers(nn.Sequential(linear, embedding))
@@ -317,12 +314,12 @@ def test_a_qlora_step_never_holds_the_float_weights_of_all_blocks(compiled, chec
     )
     if checkpoint:
         lora_training().checkpoint_blocks(model)
-    float_bytes = 4 * sum(
+    float_bytes = 4 * sum(  # float32 (out, in) weights
         m.scales.size * m.group_size
         for block in model.layers
         for m in block.modules()
         if isinstance(m, nn.QuantizedLinear)
-    )  # float32 (out, in) weights
+    )
     optimizer = optim.AdamW(learning_rate=1e-2)
     optimizer.init(model.trainable_parameters())
     step = lora_training().make_step(model, optimizer, compile=compiled)
@@ -434,10 +431,8 @@ def test_the_loss_is_the_mean_cross_entropy_of_the_counted_tokens_only(weights):
         (list(range(7, 19)), [False] * 3 + [True] * 9),
     ]
     inputs, targets, mask = lora_data().pad(batch)
-    assert inputs.shape == (
-        2,
-        32,
-    )  # the longest, 20 tokens, less one, padded to a multiple of 32
+    # the longest, 20 tokens, less one, padded to a multiple of 32
+    assert inputs.shape == (2, 32)
     loss, n = lora_training().loss_fn(model, inputs, targets, mask)
     expected = []
     for t, counted in batch:
@@ -475,9 +470,8 @@ def test_mask_prompt_counts_only_the_completion_and_the_assistant_reply(
         tokenizer, messages[:3]
     )
     replies = [t for t, c in zip(tokens_, counted) if c]
-    assert (
-        tokenizer.decode(replies) == "ishmael never mind"
-    )  # the two replies, each with its EOS
+    # the two replies, each with its EOS
+    assert tokenizer.decode(replies) == "ishmael never mind"
     assert replies.count(tokenizer.eos_id) == 2 and tokens_[-1] == tokenizer.eos_id
 
 
@@ -604,9 +598,8 @@ def test_test_alone_reports_the_base_models_mean_cross_entropy(
         ids = tokenizer.prompt(json.loads(line)["text"]) + [tokenizer.eos_id]
         log_p = log_softmax(np.array(model(mx.array([ids[:-1]])))[0])
         nll += [-log_p[j, ids[j + 1]] for j in range(len(ids) - 1)]
-    words = (
-        result.stdout.strip().splitlines()[-1].split()
-    )  # test loss L, perplexity P (N tokens)
+    # test loss L, perplexity P (N tokens)
+    words = result.stdout.strip().splitlines()[-1].split()
     assert (
         words[:2] == ["test", "loss"]
         and f"{float(words[2].rstrip(',')):.3f}" == f"{np.mean(nll):.3f}"
