@@ -86,6 +86,7 @@ CASES = {
         "--model {llama}.npz --tokenizer {llama}/tokenizer.model --data {lora} --train "
         "--iters 2 --test --adapter-path {tmp}/adapters",
     ),
+    "llama/lora_data": ("llama/lora_data.py", "{tmp}/example_data"),
     "llama/benchmark_lora": (
         "llama/benchmark_lora.py",
         "--preset tiny --device cpu --warmup 1 --steps 1",
