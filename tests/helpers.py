@@ -19,11 +19,12 @@ _LOADED = {}  # folder -> {bare name: module}, the modules import_example loaded
 
 @contextlib.contextmanager
 def example_modules(folder):
-    """Run a block as `python FOLDER/script.py` sees the world: FOLDER first on sys.path, and its
-    modules importable by their bare names (`model`, `convert`). Afterwards neither is left behind,
-    so no other test, and no library, finds one (transformers imports a package named `kernels`;
-    every folder has its own `model.py`). Modules loaded here are kept per folder, so a later block
-    sees the same `model` module, and its classes, as the one before."""
+    """Run a block as `python FOLDER/script.py` sees the world: FOLDER first on
+    sys.path, and its modules importable by their bare names (`model`, `convert`).
+    Afterwards neither is left behind, so no other test, and no library, finds one
+    (transformers imports a package named `kernels`; every folder has its own
+    `model.py`). Modules loaded here are kept per folder, so a later block sees the
+    same `model` module, and its classes, as the one before."""
     path = ROOT / folder
     if str(path) in sys.path:  # inside another block for this folder: it cleans up
         yield
@@ -43,13 +44,15 @@ def example_modules(folder):
 
 
 def import_example(folder, module):
-    """Import FOLDER/MODULE.py as `python FOLDER/script.py` would see it (see example_modules)."""
+    """Import FOLDER/MODULE.py as `python FOLDER/script.py` would see it
+    (see example_modules)."""
     with example_modules(folder):
         return importlib.import_module(module)
 
 
 def drop_example_modules():
-    """Remove from sys.modules every module that an example folder's file left under a bare name."""
+    """Remove from sys.modules every module that an example folder's file left under
+    a bare name."""
     folders = {p.parent for p in ROOT.glob("*/*.py") if p.parent.name != "tests"}
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
@@ -58,7 +61,8 @@ def drop_example_modules():
 
 
 def run_script(script, *args, cwd=None, timeout=600, env=None):
-    """Run `python ROOT/script args...` offline; return the CompletedProcess (never raises on failure)."""
+    """Run `python ROOT/script args...` offline; return the CompletedProcess
+    (never raises on failure)."""
     full_env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -76,9 +80,10 @@ def run_script(script, *args, cwd=None, timeout=600, env=None):
 
 
 def run_with_unread_stdin(script, *args, timeout=120):
-    """Run `python ROOT/script args...` offline with a line waiting on a stdin that never ends (this process
-    holds the pipe's write end), so a script that read stdin would wait or take the line. Returns
-    (returncode, stdout, stderr, what is still unread on stdin)."""
+    """Run `python ROOT/script args...` offline with a line waiting on a stdin that
+    never ends (this process holds the pipe's write end), so a script that read stdin
+    would wait or take the line. Returns (returncode, stdout, stderr, what is still
+    unread on stdin)."""
     import tempfile
 
     read_end, write_end = os.pipe()
@@ -105,7 +110,8 @@ def run_with_unread_stdin(script, *args, timeout=120):
 
 
 def write_idx(path, array, gz=False):
-    """Write a uint8 array as an IDX file: magic 2051 for (N, rows, cols) images, 2049 for (N,) labels."""
+    """Write a uint8 array as an IDX file: magic 2051 for (N, rows, cols) images,
+    2049 for (N,) labels."""
     array = np.asarray(array, dtype=np.uint8)
     magic = {3: 2051, 1: 2049}[array.ndim]
     data = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.tobytes()
@@ -115,8 +121,8 @@ def write_idx(path, array, gz=False):
 
 
 def tiny_mnist(directory, n_train=300, n_test=100, gz=True, seed=0):
-    """Write a learnable MNIST-shaped data set: class k is noise plus a bright 4x4 square at a
-    position that depends on k. Returns the directory."""
+    """Write a learnable MNIST-shaped data set: class k is noise plus a bright 4x4
+    square at a position that depends on k. Returns the directory."""
     rng = np.random.default_rng(seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -133,8 +139,8 @@ def tiny_mnist(directory, n_train=300, n_test=100, gz=True, seed=0):
 
 
 BERT_WORDS = (
-    "the a is of and to in this that it was for on are as with be at by an example bert working mlx "
-    "second string another capital france paris"
+    "the a is of and to in this that it was for on are as with be at by an "
+    "example bert working mlx second string another capital france paris"
 )
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
     set(BERT_WORDS.split()) | set("abcdefghijklmnopqrstuvwxyz.,")
@@ -142,7 +148,8 @@ BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
 
 
 def tiny_bert(folder, hf_class=None, seed=0):
-    """A tiny random BERT (`hf_class`, default BertForPreTraining) with its tokenizer, saved like a Hub folder."""
+    """A tiny random BERT (`hf_class`, default BertForPreTraining) with its
+    tokenizer, saved like a Hub folder."""
     import torch
     from transformers import BertConfig, BertForPreTraining, BertTokenizer
 
@@ -168,7 +175,8 @@ def tiny_bert(folder, hf_class=None, seed=0):
 
 
 def tiny_sentence_transformer(folder, pooling_mode="mean", normalize=True, seed=0):
-    """A tiny random BERT (BertModel) saved as a sentence-transformers folder: Transformer, Pooling, [Normalize]."""
+    """A tiny random BERT (BertModel) saved as a sentence-transformers folder:
+    Transformer, Pooling, [Normalize]."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import (
         Normalize,
@@ -191,14 +199,16 @@ def tiny_sentence_transformer(folder, pooling_mode="mean", normalize=True, seed=
 
 LLAMA_TEXT = [
     "call me ishmael some years ago never mind how long precisely",
-    "having little or no money in my purse and nothing particular to interest me on shore",
+    "having little or no money in my purse and nothing particular to interest me "
+    "on shore",
     "i thought i would sail about a little and see the watery part of the world",
     "the quick brown fox jumps over the lazy dog, café and naïve words too",
 ] * 20
 
 
 def tiny_sentencepiece(path, vocab_size=320):
-    """Train a small BPE SentencePiece model (bos 1, eos 2, byte fallback, as Llama's) and write it to `path`."""
+    """Train a small BPE SentencePiece model (bos 1, eos 2, byte fallback, as
+    Llama's) and write it to `path`."""
     import io
 
     import sentencepiece as spm
@@ -228,7 +238,8 @@ LLAMA_CONFIG = dict(
     max_position_embeddings=96,
     tie_word_embeddings=False,
 )
-# The same model in Meta's params.json terms: 2/3 * 4 * 64 = 170, rounded up to a multiple of 32 = 192.
+# The same model in Meta's params.json terms: 2/3 * 4 * 64 = 170, rounded up to a
+# multiple of 32 = 192.
 LLAMA_PARAMS = dict(
     dim=64,
     n_layers=2,
@@ -242,8 +253,9 @@ LLAMA_PARAMS = dict(
 
 
 def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
-    """A tiny random LlamaForCausalLM (GQA, rope_theta 5000) saved like a Hub folder, with tokenizer.model.
-    `max_shard_size` (e.g. "40KB") splits the weights into several safetensors files, as large models are."""
+    """A tiny random LlamaForCausalLM (GQA, rope_theta 5000) saved like a Hub folder,
+    with tokenizer.model. `max_shard_size` (e.g. "40KB") splits the weights into
+    several safetensors files, as large models are."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -251,7 +263,8 @@ def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_CONFIG, **overrides})).eval()
-    with torch.no_grad():  # the default init (std 0.02) makes near-uniform logits; widen it so tokens differ
+    # The default init (std 0.02) makes near-uniform logits; widen it so tokens differ.
+    with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
@@ -263,7 +276,8 @@ def tiny_llama(folder, seed=0, max_shard_size=None, **overrides):
 
 
 def hf_to_meta_state_dict(state_dict, n_heads=4, n_kv_heads=2):
-    """Undo Hugging Face's Llama conversion: Meta names, and wq/wk rows back in interleaved-RoPE order."""
+    """Undo Hugging Face's Llama conversion: Meta names, and wq/wk rows back in
+    interleaved-RoPE order."""
     import torch
 
     def unpermute(w, heads):  # inverse of convert_llama_weights_to_hf.permute
@@ -302,15 +316,14 @@ def hf_to_meta_state_dict(state_dict, n_heads=4, n_kv_heads=2):
         elif part == "attention.wk":
             w = unpermute(w, n_kv_heads)
         meta[f"layers.{i}.{part}.weight"] = w.clone()
-    meta["rope.freqs"] = torch.zeros(
-        8
-    )  # Llama 2 checkpoints carry this buffer; the converter drops it
+    # Llama 2 checkpoints carry this buffer; the converter drops it.
+    meta["rope.freqs"] = torch.zeros(8)
     return meta
 
 
 def split_meta_state_dict(meta, n_shards):
-    """Llama 2's model-parallel split: column-parallel weights on dim 0, row-parallel (wo, w2) and the
-    embedding on dim 1, norms repeated in every shard."""
+    """Llama 2's model-parallel split: column-parallel weights on dim 0, row-parallel
+    (wo, w2) and the embedding on dim 1, norms repeated in every shard."""
     shards = [{} for _ in range(n_shards)]
     for name, w in meta.items():
         if w.ndim == 1:
@@ -329,8 +342,8 @@ def split_meta_state_dict(meta, n_shards):
 
 
 def tiny_gpt2(folder, seed=0, tie=True):
-    """A tiny random GPT2LMHeadModel saved like a Hub folder, with a byte-level BPE tokenizer
-    (the 256 byte symbols, a few merges, and <|endoftext|>)."""
+    """A tiny random GPT2LMHeadModel saved like a Hub folder, with a byte-level BPE
+    tokenizer (the 256 byte symbols, a few merges, and <|endoftext|>)."""
     import json
 
     import torch
@@ -338,7 +351,8 @@ def tiny_gpt2(folder, seed=0, tie=True):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map to chr(256 + n).
+    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest
+    # map to chr(256 + n).
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -376,7 +390,9 @@ def tiny_gpt2(folder, seed=0, tie=True):
         eos_token_id=len(vocab) - 1,
     )
     model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # GPT-2's init (std 0.02) gives near-uniform logits; widen it, and make biases nonzero
+    # GPT-2's init (std 0.02) gives near-uniform logits; widen it, and make biases
+    # nonzero.
+    with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.2 if p.ndim == 2 else 0.1).add_(
                 1.0 if "ln_" in name and name.endswith("weight") else 0
@@ -386,9 +402,10 @@ def tiny_gpt2(folder, seed=0, tie=True):
 
 
 def tiny_lora_data(folder, kind="text", n_train=16, n_valid=4, n_test=4):
-    """train.jsonl, valid.jsonl and test.jsonl for llama/lora.py from LLAMA_TEXT's sentences, one line per
-    example of `kind`: "text", "completion" (the first three words are the prompt) or "messages" (a user
-    message and the assistant's reply, split the same way). Returns the folder."""
+    """train.jsonl, valid.jsonl and test.jsonl for llama/lora.py from LLAMA_TEXT's
+    sentences, one line per example of `kind`: "text", "completion" (the first three
+    words are the prompt) or "messages" (a user message and the assistant's reply,
+    split the same way). Returns the folder."""
     import json
 
     folder = Path(folder)

@@ -1,4 +1,5 @@
-"""The project's style and layout rules, checked by the README's test command (and so by CI)."""
+"""The project's style and layout rules, checked by the README's test command
+(and so by CI)."""
 
 import subprocess
 import sys
@@ -28,9 +29,9 @@ def test_ruff_check_finds_nothing():
 
 
 def test_no_example_module_takes_the_name_of_an_installed_package():
-    """`python llama/llama.py` puts llama/ first on sys.path: a module there named like an
-    installed package (gpt2/kernels.py once hid Hugging Face's `kernels` from transformers)
-    breaks any library that imports that package."""
+    """`python llama/llama.py` puts llama/ first on sys.path: a module there named
+    like an installed package (gpt2/kernels.py once hid Hugging Face's `kernels` from
+    transformers) breaks any library that imports that package."""
     names = sorted({p.stem for p in EXAMPLES})
     code = (
         "import importlib.util, sys\n"
