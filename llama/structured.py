@@ -167,9 +167,8 @@ class JSONConstraint:
 
     def advance(self, token):
         if not self.matcher.consume_token(token):  # a token mask() did not allow
-            raise ValueError(
-                f"token {token} breaks the JSON document: {self.matcher.get_error()}"
-            )
+            error = self.matcher.get_error().splitlines()[0]
+            raise ValueError(f"token {token} breaks the JSON document: {error}")
 
     @property
     def done(self):

@@ -1,0 +1,277 @@
+"""Structured output's cost: the decoding step constrained to a JSON schema against the step without.
+
+    python llama/benchmark_structured.py --device gpu --preset 7b --dtype float16   # batch 1 and 16
+    python llama/benchmark_structured.py --preset tiny --max-tokens 16 --repeats 1  # seconds, on a CPU
+
+The model has random weights and the shape of --preset; its vocabulary is the tokenizer's. The tokenizer
+is --tokenizer (any tokenizer.py reads, e.g. Meta's Llama 3 tokenizer.model) or, without one, a made-up
+Llama 3-style one of --vocab-size tokens (a tiktoken rank file of word-like byte strings, written to a
+temporary folder): the masks' cost grows with the vocabulary, so it should be real-sized.
+
+For each batch size B, three things are timed, greedy, median of --repeats runs after a warm-up:
+- unconstrained: llama.py's own way, model.generate at batch 1 and batch.generate_batch above;
+- constrained: structured.generate_constrained, every row under SCHEMA below, an array of records that
+  cannot end within --max-tokens, so every row makes every step;
+- the host's mask cost alone: llguidance computing the B masks of a step, replayed on the tokens of a
+  constrained run, without the model (the constrained loop hides it behind the device's step).
+A decoding step's time is (time for --max-tokens tokens - time for 1 token) / (--max-tokens - 1): the
+prompt's pass is left out. Also printed: the seconds to read the tokenizer for llguidance (once per
+tokenizer) and to compile SCHEMA's grammar and compute its first mask (once per request).
+"""
+
+import argparse
+import base64
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import llguidance
+import mlx.core as mx
+import numpy as np
+from batch import generate_batch
+from llguidance.numpy import fill_next_token_bitmask_par
+from model import Llama, ModelArgs, in_range, warn_if_reference_blas
+from structured import engine_tokenizer, generate_constrained, json_constraint
+from timing import say
+from tokenizer import load_tokenizer
+
+PRESETS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336),
+}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.com$"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}},
+    },
+    "required": ["name", "age", "email", "role", "tags"],
+    "additionalProperties": False,
+}
+SCHEMA = {"type": "array", "items": PERSON, "minItems": 10000}
+
+
+def made_up_tokenizer(folder, vocab_size, seed=0):
+    """A Llama 3-style tokenizer.model (tiktoken ranks; tokenizer.py adds 256 special tokens) of
+    vocab_size tokens: the 256 bytes, then words with and without a leading space, runs of JSON
+    punctuation, numbers of up to 3 digits and pieces of accented letters, all distinct."""
+    rng = np.random.default_rng(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = 1 / np.arange(1, 27)
+    tokens = [bytes([b]) for b in range(256)]
+    seen = set(tokens)
+    while len(tokens) < vocab_size - 256:
+        kind = rng.random()
+        if kind < 0.85:
+            n = int(rng.integers(2, 11))
+            word = "".join(rng.choice(list(letters), n, p=weights / weights.sum()))
+            token = (" " * int(rng.random() < 0.6) + word).encode()
+        elif kind < 0.92:
+            token = "".join(rng.choice(list('{}[]",: .'), int(rng.integers(2, 4))))
+            token = token.encode()
+        elif kind < 0.97:
+            token = str(int(rng.integers(0, 1000))).encode()
+        else:
+            token = "".join(rng.choice(list("éèàüöçñ"), 2)).encode()
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+    lines = [f"{base64.b64encode(t).decode()} {rank}" for rank, t in enumerate(tokens)]
+    path = Path(folder) / "tokenizer.model"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def median_range(run, repeats):
+    """(median, min, max) seconds of run() over `repeats` calls after a warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times), min(times), max(times)
+
+
+def step_seconds(generate, max_tokens, repeats):
+    """(median, min, max) seconds of one decoding step: runs of max_tokens tokens less runs of one."""
+    first = median_range(lambda: generate(1), repeats)[0]
+    runs = median_range(lambda: generate(max_tokens), repeats)
+    return tuple((t - first) / (max_tokens - 1) for t in runs)
+
+
+def unconstrained(model, prompts):
+    """generate(n): n greedy tokens per prompt, as llama.py makes them without a schema."""
+    if len(prompts) > 1:
+        return lambda n: generate_batch(model, prompts, n)
+
+    def generate(n):
+        tokens = model.generate(mx.array(prompts[0]))
+        return [next(tokens) for _ in range(n)]
+
+    return generate
+
+
+def constrained(model, tokenizer, prompts):
+    """generate(n): n greedy tokens per prompt, every row under SCHEMA."""
+
+    def generate(n):
+        constraints = [json_constraint(tokenizer, SCHEMA) for _ in prompts]
+        replies = generate_constrained(
+            model, prompts, n, 0.0, 1.0, tokenizer.stop_ids, constraints
+        )
+        assert all(len(reply) == n for reply in replies)
+        return replies
+
+    return generate
+
+
+def mask_seconds(tokenizer, replies):
+    """Median seconds the host spends on one step's masks for len(replies) rows (llguidance's threads),
+    replaying the replies' tokens."""
+    constraints = [json_constraint(tokenizer, SCHEMA) for _ in replies]
+    executor = llguidance.LLExecutor()
+    bitmask = np.full((len(replies), constraints[0].bitmask.shape[1]), -1, np.int32)
+    rows = [(c.matcher, i) for i, c in enumerate(constraints)]
+    times = []
+    for step in range(len(replies[0])):
+        tic = time.perf_counter()
+        fill_next_token_bitmask_par(executor, rows, bitmask)
+        times.append(time.perf_counter() - tic)
+        for constraint, reply in zip(constraints, replies):
+            constraint.advance(reply[step])
+    return statistics.median(times)
+
+
+def compile_seconds(tokenizer, repeats=20):
+    """Median seconds from SCHEMA to the first mask: the grammar compiled, a matcher made, one mask."""
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        constraint = json_constraint(tokenizer, SCHEMA)
+        constraint.mask(mx.zeros((1, tokenizer.vocab_size)))
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description="JSON-schema-constrained decoding step vs unconstrained (structured.py)."
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--tokenizer",
+        help="a tokenizer file or folder (default: a made-up one of --vocab-size tokens)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=in_range(int, 512, 2**20),
+        default=128256,
+        help="tokens of the made-up tokenizer, special ones included (default: 128256, Llama 3's)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=in_range(int, 1, 256),
+        nargs="+",
+        default=[1, 16],
+        help="prompts per batch (default: 1 16)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=in_range(int, 1, 2048),
+        default=32,
+        help="tokens per prompt (default: 32)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=in_range(int, 2, 2048),
+        default=128,
+        help="new tokens per prompt (default: 128)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=in_range(int, 1, 100),
+        default=3,
+        help="timed runs after a warm-up (default: 3)",
+    )
+    args = parser.parse_args()
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        parser.error("--device gpu needs MLX's GPU backend; use --device cpu")
+    return args
+
+
+def load(args, folder):
+    """(model, tokenizer, seconds to read the tokenizer for llguidance)."""
+    source = args.tokenizer or made_up_tokenizer(folder, args.vocab_size)
+    tokenizer = load_tokenizer(source)
+    tic = time.perf_counter()
+    engine_tokenizer(tokenizer)
+    engine = time.perf_counter() - tic
+    shape = dict(PRESETS[args.preset], vocab_size=tokenizer.vocab_size)
+    model = Llama(ModelArgs(**shape, max_seq_len=4096))
+    model.set_dtype(
+        DTYPES[args.dtype]
+    )  # before the random weights are made: no float32 copy
+    mx.eval(model.parameters())
+    return model, tokenizer, engine
+
+
+def main():
+    args = parse_args()
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.device == "cpu":
+        warn_if_reference_blas()
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer, engine = load(args, folder)
+    kind = f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size} tokens"
+    say(f"random {args.preset} {args.dtype} Llama, {kind}")
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in args.batch_sizes:
+        prompts = [rng.integers(0, 256, args.prompt_tokens).tolist() for _ in range(B)]
+        say(f"batch {B}: unconstrained, then constrained")
+        plain = step_seconds(
+            unconstrained(model, prompts), args.max_tokens, args.repeats
+        )
+        generate = constrained(model, tokenizer, prompts)
+        json_steps = step_seconds(generate, args.max_tokens, args.repeats)
+        masks = mask_seconds(tokenizer, generate(args.max_tokens))
+        rows.append((B, plain, json_steps, masks))
+    report(args, kind, rows, engine, compile_seconds(tokenizer))
+
+
+def report(args, kind, rows, engine, compiled):
+    print(
+        f"{args.preset} preset, random {args.dtype} weights, {kind}; decoding step, greedy, "
+        f"median [min-max] of {args.repeats} runs of {args.max_tokens} tokens; MLX "
+        f"{mx.__version__} on {mx.default_device()}; llguidance {llguidance.__version__}"
+    )
+    print(
+        f"{'batch':>5} {'unconstrained ms':>17} {'constrained ms':>17} {'ratio':>6} "
+        f"{'host masks ms':>14}"
+    )
+    for B, plain, json_steps, masks in rows:
+        spans = [
+            f"{t[0] * 1e3:.2f} [{t[1] * 1e3:.2f}-{t[2] * 1e3:.2f}]"
+            for t in (plain, json_steps)
+        ]
+        print(
+            f"{B:>5} {spans[0]:>17} {spans[1]:>17} {json_steps[0] / plain[0]:>5.2f}x "
+            f"{masks * 1e3:>14.3f}"
+        )
+    print(
+        f"llguidance reads the tokenizer in {engine:.2f} s (once); the schema's grammar compiles "
+        f"and gives its first mask in {compiled * 1e3:.2f} ms (once per request)"
+    )
+
+
+if __name__ == "__main__":
+    main()
