@@ -1,22 +1,27 @@
-"""Structured output's cost: the decoding step constrained to a JSON schema against the step without.
+"""Structured output's cost: the decoding step under a JSON schema, and without one.
 
-    python llama/benchmark_structured.py --device gpu --preset 7b --dtype float16   # batch 1 and 16
-    python llama/benchmark_structured.py --preset tiny --max-tokens 16 --repeats 1  # seconds, on a CPU
+    python llama/benchmark_structured.py --device gpu --preset 7b --dtype float16
+    python llama/benchmark_structured.py --preset tiny --vocab-size 2048 \
+        --max-tokens 4 --repeats 1  # seconds, on a CPU
 
-The model has random weights and the shape of --preset; its vocabulary is the tokenizer's. The tokenizer
-is --tokenizer (any tokenizer.py reads, e.g. Meta's Llama 3 tokenizer.model) or, without one, a made-up
-Llama 3-style one of --vocab-size tokens (a tiktoken rank file of word-like byte strings, written to a
-temporary folder): the masks' cost grows with the vocabulary, so it should be real-sized.
+The model has random weights and the shape of --preset; its vocabulary is the
+tokenizer's: --tokenizer (any that tokenizer.py reads, e.g. Meta's Llama 3
+tokenizer.model) or, without one, a made-up Llama 3-style one of --vocab-size tokens (a
+tiktoken rank file of word-like byte strings, in a temporary folder). The masks' cost
+grows with the vocabulary, so it should be real-sized.
 
-For each batch size B, three things are timed, greedy, median of --repeats runs after a warm-up:
-- unconstrained: llama.py's own way, model.generate at batch 1 and batch.generate_batch above;
-- constrained: structured.generate_constrained, every row under SCHEMA below, an array of records that
-  cannot end within --max-tokens, so every row makes every step;
-- the host's mask cost alone: llguidance computing the B masks of a step, replayed on the tokens of a
-  constrained run, without the model (the constrained loop hides it behind the device's step).
-A decoding step's time is (time for --max-tokens tokens - time for 1 token) / (--max-tokens - 1): the
-prompt's pass is left out. Also printed: the seconds to read the tokenizer for llguidance (once per
-tokenizer) and to compile SCHEMA's grammar and compute its first mask (once per request).
+For each batch size B (default 1 and 16), greedy, median of --repeats runs after a
+warm-up:
+- unconstrained: as llama.py runs it, model.generate at batch 1, batch.generate_batch
+  above;
+- constrained: structured.generate_constrained with every row under SCHEMA below, an
+  array of records that cannot end within --max-tokens, so every row makes every step;
+- the host's masks alone: llguidance computing the B masks of each step, each row
+  replaying a realistic document, without the model (the constrained loop hides this
+  behind the device's step). Mean and largest per step.
+A decoding step is (time for --max-tokens tokens - time for 1) / (--max-tokens - 1): the
+prompt's pass is left out. Also printed: the seconds llguidance takes to read the
+tokenizer (once) and to compile SCHEMA and compute its first mask (once per request).
 """
 
 import argparse
@@ -60,9 +65,10 @@ SCHEMA = {"type": "array", "items": PERSON, "minItems": 10000}
 
 
 def made_up_tokenizer(folder, vocab_size, seed=0):
-    """A Llama 3-style tokenizer.model (tiktoken ranks; tokenizer.py adds 256 special tokens) of
-    vocab_size tokens: the 256 bytes, then words with and without a leading space, runs of JSON
-    punctuation, numbers of up to 3 digits and pieces of accented letters, all distinct."""
+    """A Llama 3-style tokenizer.model (tiktoken ranks; tokenizer.py adds 256 special
+    tokens) of vocab_size tokens: the 256 bytes, then words with and without a leading
+    space, runs of JSON punctuation, numbers of up to 3 digits and pieces of accented
+    letters, all distinct."""
     rng = np.random.default_rng(seed)
     letters = "etaoinshrdlcumwfgypbvkjxqz"
     weights = 1 / np.arange(1, 27)
@@ -102,14 +108,14 @@ def median_range(run, repeats):
 
 
 def step_seconds(generate, max_tokens, repeats):
-    """(median, min, max) seconds of one decoding step: runs of max_tokens tokens less runs of one."""
+    """(median, min, max) seconds of a decoding step: runs of max_tokens, less of 1."""
     first = median_range(lambda: generate(1), repeats)[0]
     runs = median_range(lambda: generate(max_tokens), repeats)
     return tuple((t - first) / (max_tokens - 1) for t in runs)
 
 
 def unconstrained(model, prompts):
-    """generate(n): n greedy tokens per prompt, as llama.py makes them without a schema."""
+    """generate(n): n greedy tokens per prompt, as llama.py makes them unconstrained."""
     if len(prompts) > 1:
         return lambda n: generate_batch(model, prompts, n)
 
@@ -135,7 +141,8 @@ def constrained(model, tokenizer, prompts):
 
 
 def people(seed, n=8):
-    """A JSON array of n records valid under PERSON, as a model might write them, without its "]"."""
+    """A JSON array of n records valid under PERSON, as a model might write them,
+    without its closing "]"."""
     rng = np.random.default_rng(seed)
     names = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra", "Zoë"]
     tags = ["ops", "on call", "backend", "ml", "weekend"]
@@ -154,9 +161,10 @@ def people(seed, n=8):
 
 
 def mask_seconds(tokenizer, B):
-    """(mean, max) seconds the host spends on one step's masks for B rows (llguidance's threads), each
-    row replaying its own document of realistic records: the text a model writes decides the cost more
-    than random weights' text does (a string under a pattern costs more than free text)."""
+    """(mean, max) seconds the host spends on one step's masks for B rows (llguidance's
+    threads), each row replaying its own document of realistic records: the text decides
+    the cost (a string under a pattern costs more than free text), and random weights
+    write no realistic text."""
     documents = [tokenizer.encode(people(seed)) for seed in range(B)]
     constraints = [json_constraint(tokenizer, SCHEMA) for _ in documents]
     executor = llguidance.LLExecutor()
@@ -173,7 +181,7 @@ def mask_seconds(tokenizer, B):
 
 
 def compile_seconds(tokenizer, repeats=20):
-    """Median seconds from SCHEMA to the first mask: the grammar compiled, a matcher made, one mask."""
+    """Median seconds from SCHEMA to its first mask: grammar, matcher, one mask."""
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
@@ -185,20 +193,21 @@ def compile_seconds(tokenizer, repeats=20):
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description="JSON-schema-constrained decoding step vs unconstrained (structured.py)."
+        description="Decoding step under a JSON schema (structured.py), and without."
     )
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument(
         "--tokenizer",
-        help="a tokenizer file or folder (default: a made-up one of --vocab-size tokens)",
+        help="a tokenizer file or folder (default: a made-up one, --vocab-size tokens)",
     )
     parser.add_argument(
         "--vocab-size",
         type=in_range(int, 512, 2**20),
         default=128256,
-        help="tokens of the made-up tokenizer, special ones included (default: 128256, Llama 3's)",
+        help="tokens of the made-up tokenizer, special ones included "
+        "(default: 128256, as Llama 3's)",
     )
     parser.add_argument(
         "--batch-sizes",
@@ -273,9 +282,11 @@ def main():
 
 def report(args, kind, rows, engine, compiled):
     print(
-        f"{args.preset} preset, random {args.dtype} weights, {kind}; decoding step, greedy, "
+        f"{args.preset} preset, random {args.dtype} weights, {kind}; decoding step, "
+        "greedy, "
         f"median [min-max] of {args.repeats} runs of {args.max_tokens} tokens; MLX "
-        f"{mx.__version__} on {mx.default_device()}; llguidance {llguidance.__version__}"
+        f"{mx.__version__} on {mx.default_device()}; "
+        f"llguidance {llguidance.__version__}"
     )
     print(
         f"{'batch':>5} {'unconstrained ms':>17} {'constrained ms':>17} {'ratio':>6} "
@@ -291,7 +302,8 @@ def report(args, kind, rows, engine, compiled):
             f"{masks[0] * 1e3:>18.2f} {masks[1] * 1e3:>9.2f}"
         )
     print(
-        f"llguidance reads the tokenizer in {engine:.2f} s (once); the schema's grammar compiles "
+        f"llguidance reads the tokenizer in {engine:.2f} s (once); "
+        "the schema's grammar compiles "
         f"and gives its first mask in {compiled * 1e3:.2f} ms (once per request)"
     )
 

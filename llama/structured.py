@@ -1,10 +1,11 @@
-"""Structured output: generation constrained to a JSON schema (llama.py --json-schema, --json).
+"""Structured output: generation constrained to a JSON schema (llama.py --json-schema).
 
-At every step the grammar engine, llguidance, reads the schema and the text so far and marks the tokens
-that can continue a valid document: a bitmask, one bit per token of the vocabulary. The others get a
-logit of -inf before sampling, so greedy decoding and sampling alike pick only tokens that keep the
-document valid; once it is complete, only a stop token may follow. The mask only removes tokens: where
-the model's own choice is allowed, it stays the choice.
+At every step the grammar engine, llguidance, reads the schema and the text so far and
+marks the tokens that can continue a valid document: a bitmask, one bit per token of the
+vocabulary. The others get a logit of -inf before sampling, so greedy decoding and
+sampling alike pick only tokens that keep the document valid; once it is complete, only
+a stop token may follow. The mask only removes tokens: where the model's own choice is
+allowed, it stays the choice.
 
     from structured import json_constraint
     constraint = json_constraint(tokenizer, schema)  # a dict; None: any JSON object
@@ -28,9 +29,10 @@ from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_pa
 from model import sample
 from tokenizer import StreamingDecoder, TokenizerError
 
-ANY_OBJECT = {"type": "object"}  # --json and response_format {"type": "json_object"}
-# At most one space between tokens of JSON (a model free to add whitespace may add it without end).
-# llguidance 1.9.1's custom separators (", ", ": ") let its masks allow tokens it then refuses.
+ANY_OBJECT = {"type": "object"}  # --json, and response_format {"type": "json_object"}
+# At most one space between the tokens of JSON: a model free to add whitespace may add
+# it without end. (llguidance 1.9.1's custom separators, ", " and ": ", make masks that
+# allow tokens it then refuses.)
 LAYOUT = {"whitespace_pattern": " ?"}
 
 
@@ -39,7 +41,8 @@ class SchemaError(ValueError):
 
 
 def grammar_of(schema, where):
-    """llguidance's grammar for a schema (a dict), checked: a keyword it does not implement is named."""
+    """llguidance's grammar for a schema (a dict), checked: a keyword it does not
+    implement is named."""
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, LAYOUT)
     except ValueError:
@@ -69,8 +72,9 @@ def read_schema(path):
 
 
 def read_schemas(args):
-    """{None: the schema of every prompt (--json-schema; --json: any object) or None; line number: the
-    "json_schema" of that line of a --prompts .jsonl}, checked before the model loads."""
+    """{None: the schema of every prompt (--json-schema; --json: any object) or None,
+    line number: the "json_schema" of that line of a --prompts .jsonl}, all checked
+    before the model loads."""
     schemas = {None: read_schema(args.json_schema) if args.json_schema else None}
     if args.json and not args.json_schema:
         schemas[None] = ANY_OBJECT
@@ -85,12 +89,12 @@ def read_schemas(args):
     return schemas
 
 
-# ---- The tokenizer as llguidance reads it -------------------------------------------------------
+# ---- The tokenizer as llguidance reads it --------------------------------------------
 
 
 class SentencePieceVocabulary:
-    """A SentencePiece model as llguidance.TokenizerWrapper reads it: each token's bytes ("▁" is a space,
-    <0x41> the byte 0x41), the control tokens by name, and the encoder."""
+    """A SentencePiece model as llguidance.TokenizerWrapper reads it: each token's bytes
+    ("▁" is a space, <0x41> the byte 0x41), the control tokens by name, the encoder."""
 
     def __init__(self, sp):
         self.sp, n = sp, sp.vocab_size()
@@ -107,8 +111,8 @@ class SentencePieceVocabulary:
         return piece.replace("\u2581", " ").encode()
 
     def __call__(self, text):
-        """`text` as it continues a sequence: without the "▁" SentencePiece puts in front of a text.
-        (Bytes are refused, so that TokenizerWrapper passes text.)"""
+        """`text` as it continues a sequence: without the "▁" that SentencePiece puts in
+        front of a text. (Bytes are refused, so that TokenizerWrapper passes text.)"""
         if not isinstance(text, str):
             raise TypeError("SentencePieceVocabulary encodes text, not bytes")
         pieces = self.sp.encode(text, out_type=str)
@@ -126,8 +130,9 @@ class SentencePieceVocabulary:
 
 @cache
 def engine_tokenizer(tokenizer):
-    """llguidance's LLTokenizer for one of tokenizer.py's tokenizers (about 1 s for 128k tokens, so
-    built once): every token's bytes, and the stop tokens that may end a complete document."""
+    """llguidance's LLTokenizer for one of tokenizer.py's tokenizers (about 1 s for 128k
+    tokens, so built once): every token's bytes, and the stop tokens that may end a
+    complete document."""
     options = dict(n_vocab=tokenizer.vocab_size, eos_token=sorted(tokenizer.stop_ids))
     try:
         if tokenizer.kind == "Hugging Face":
@@ -142,12 +147,12 @@ def engine_tokenizer(tokenizer):
         )
     except Exception as e:  # the engine's own reasons, one line
         raise TokenizerError(
-            f"llguidance cannot read this {tokenizer.kind} tokenizer for --json-schema "
-            f"({str(e).splitlines()[0]})"
+            f"llguidance cannot read this {tokenizer.kind} tokenizer for "
+            f"--json-schema ({str(e).splitlines()[0]})"
         ) from None
 
 
-# ---- One sequence's constraint ------------------------------------------------------------------
+# ---- One sequence's constraint -------------------------------------------------------
 
 
 class JSONConstraint:
@@ -160,8 +165,9 @@ class JSONConstraint:
         self.bitmask = np.full((1, (engine.vocab_size + 31) // 32), -1, np.int32)
 
     def mask(self, logits):
-        """(1, vocab) logits with -inf for every token that cannot come next. The mask is computed here,
-        on the host: while `logits` is still being computed on the device (mx.async_eval), the two overlap."""
+        """(1, vocab) logits with -inf for every token that cannot come next. The mask
+        is computed here, on the host: while `logits` is still being computed on the
+        device (started by mx.async_eval), the two overlap."""
         fill_next_token_bitmask(self.matcher, self.bitmask)
         return apply_bitmask(logits, self.bitmask)
 
@@ -172,36 +178,38 @@ class JSONConstraint:
 
     @property
     def done(self):
-        """The document is complete and nothing can continue it (only a stop token could follow)."""
+        """The document is complete and nothing can continue it (only a stop token)."""
         return self.matcher.is_stopped()
 
     @property
     def finish_reason(self):
-        """ "stop": the document is complete; "length": the tokens ran out before it was."""
+        """'stop': the document is complete; 'length': the tokens ran out before."""
         return "stop" if self.matcher.is_accepting() else "length"
 
 
 def json_constraint(tokenizer, schema=None):
-    """A fresh constraint for one sequence: `schema` (a dict) or, with None, any JSON object."""
+    """A fresh constraint for one sequence: `schema` (a dict); None: any JSON object."""
     schema = ANY_OBJECT if schema is None else schema
     return JSONConstraint(engine_tokenizer(tokenizer), grammar_of(schema, "the schema"))
 
 
 def apply_bitmask(logits, bitmask):
-    """(B, vocab) logits with -inf where the (B, ceil(vocab / 32)) int32 bitmask has a 0: bit j of word w
-    allows token 32 w + j. Unpacked on the device: 4 bytes of transfer per 32 tokens."""
+    """(B, vocab) logits with -inf where the (B, ceil(vocab / 32)) int32 bitmask has a
+    0: bit j of word w allows token 32 w + j. Unpacked on the device: 4 bytes of
+    transfer per 32 tokens."""
     words = mx.array(bitmask)[:, :, None]  # (B, words, 1)
     bits = (words >> mx.arange(32, dtype=mx.int32)) & 1  # (B, words, 32)
     allowed = bits.reshape(bits.shape[0], -1)[:, : logits.shape[-1]]
     return mx.where(allowed.astype(mx.bool_), logits, -mx.inf)
 
 
-# ---- Generation ---------------------------------------------------------------------------------
+# ---- Generation ----------------------------------------------------------------------
 
 
 def masked(logits, constraints, executor):
-    """The (B, vocab) logits of the rows, each under its constraint (None: unconstrained). The masks are
-    computed on the host by llguidance's threads, one row each, while the device computes the logits."""
+    """The (B, vocab) logits of the rows, each under its constraint (None: none). The
+    masks are computed on the host by llguidance's threads, a row each, while the device
+    computes the logits."""
     rows = [(c.matcher, i) for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return logits
@@ -215,22 +223,22 @@ def masked(logits, constraints, executor):
 def generate_constrained(
     model, prompts, max_tokens, temp, top_p, stop_ids, constraints, on_token=None
 ):
-    """batch.generate_batch with each row under its constraint (or None): the replies, each up to a stop
-    token (not included), its document's end, max_tokens or the end of the context. on_token(row, token)
-    is called as each token comes (llama.py prints it).
+    """batch.generate_batch with each row under its constraint (or None): the replies,
+    each up to a stop token (not included), its document's end, max_tokens or the end of
+    the context. on_token(row, token) is called as each token comes (llama.py prints).
 
-    The mask of step n + 1 needs token n on the host, so the loop starts the model's step n + 1 on token
-    n, still lazy, then reads token n and computes the masks of step n + 1 while the device runs the
-    step; sampling n + 1 and the model's step n + 2 are then built and started in one go."""
+    The masks of step n + 1 need token n on the host. So the loop starts the model's
+    step n + 1 on token n while it is still lazy, then reads token n and computes the
+    masks of step n + 1 while the device runs that step; then it builds sampling n + 1
+    and the model's step n + 2 and starts them together. The device waits only when the
+    host's masks and graph building take longer than a step."""
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))
     executor = llguidance.LLExecutor()
     with batched(model):
         logits = model(tokens, cache, last_only=True)[:, -1]
-        mx.async_eval(
-            logits
-        )  # the prompts' pass runs while the first masks are computed
+        mx.async_eval(logits)  # the prompts' pass runs while the first masks are made
         token = sample(masked(logits, constraints, executor), temp, top_p)
         while True:
             logits = model(token[:, None], cache)[:, -1]
@@ -260,8 +268,8 @@ def generate_constrained(
 
 
 def row_constraints(tokenizer, schemas, numbers):
-    """For the prompts of these line numbers of a --prompts file: each one's constraint (its own
-    "json_schema", else the one of --json-schema or --json), or None."""
+    """For the prompts of these line numbers of a --prompts file: each one's constraint
+    (its own "json_schema", else the one of --json-schema or --json), or None."""
     constraints = []
     for number in numbers:
         schema = schemas.get(number, schemas[None])
@@ -271,8 +279,9 @@ def row_constraints(tokenizer, schemas, numbers):
 
 
 def generate_json(model, tokenizer, args, schema):
-    """llama.py --json-schema / --json with one prompt: the document streamed to stdout, its speed and
-    finish_reason to stderr; a document cut short by --max-tokens or the context is an error."""
+    """llama.py --json-schema / --json with one prompt: the document streamed to stdout,
+    its speed and finish_reason to stderr; a document cut short by --max-tokens or the
+    context is an error."""
     ids = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
     limit = model.args.max_seq_len
     if len(ids) >= limit:
@@ -298,11 +307,12 @@ def generate_json(model, tokenizer, args, schema):
     print(decoder.add(None), flush=True)
     seconds = time.perf_counter() - tic
     print(
-        f"[prompt {len(ids)} tokens | generation {len(reply)} tokens in {seconds:.2f} s | "
-        f"finish_reason {constraint.finish_reason}]",
+        f"[prompt {len(ids)} tokens | generation {len(reply)} tokens in "
+        f"{seconds:.2f} s | finish_reason {constraint.finish_reason}]",
         file=sys.stderr,
     )
     if constraint.finish_reason == "length":
         raise ValueError(
-            f"the JSON document is incomplete after {len(reply)} tokens; raise --max-tokens"
+            f"the JSON document is incomplete after {len(reply)} tokens; "
+            "raise --max-tokens"
         )

@@ -1,6 +1,6 @@
-"""llama/structured.py: generation constrained to a JSON schema. Every complete document validates, greedy
-or sampled; the mask only removes tokens; batch rows keep their own schemas; bad input is refused in one
-line before generating."""
+"""llama/structured.py: generation constrained to a JSON schema. Every complete document
+validates, greedy or sampled; the mask only removes tokens; batch rows keep their own
+schemas; bad input is refused in one line before generating."""
 
 import json
 
@@ -16,7 +16,7 @@ SHORT = {"type": "string", "maxLength": 3}
 
 
 def record(properties, *required):
-    """An object schema with these properties, `required` of them required, no others allowed."""
+    """An object schema: these properties, `required` of them required, no others."""
     return {
         "type": "object",
         "properties": properties,
@@ -91,7 +91,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny Llama (context 256) converted with convert.py, with its SentencePiece tokenizer.model."""
+    """A tiny Llama (context 256) converted by convert.py; its SentencePiece model."""
     folder = tiny_llama(
         tmp_path_factory.mktemp("llama_structured") / "hf", max_position_embeddings=256
     )
@@ -114,7 +114,7 @@ def text_of(tokenizer, prompt, reply):
 
 
 def constrained(model, tokenizer, prompts, schemas, max_tokens=120, temp=0.0):
-    """(replies, constraints) of generate_batch with one constraint per row (None: unconstrained)."""
+    """(replies, constraints) of generate_batch, a constraint per row (None: none)."""
     structured = import_example("llama", "structured")
     constraints = [
         None if s is None else structured.json_constraint(tokenizer, s) for s in schemas
@@ -140,9 +140,9 @@ def test_every_document_of_20_schemas_is_complete_and_validates(loaded, temp):
 
 
 def test_the_mask_only_removes_tokens(loaded):
-    """At each step of a greedy constrained run, the token is the unconstrained greedy one wherever that
-    one is allowed, and the most likely allowed one otherwise. The logits of every step come from one
-    pass over the whole sequence, without the cache."""
+    """At each step of a greedy constrained run, the token is the unconstrained greedy
+    one wherever that one is allowed, and the most likely allowed one otherwise. The
+    logits of every step come from one pass over the whole sequence, without cache."""
     model, tokenizer = loaded
     structured = import_example("llama", "structured")
     prompt = tokenizer.prompt("call me ishmael")
@@ -166,9 +166,10 @@ def test_the_mask_only_removes_tokens(loaded):
 
 
 def test_an_unconstrained_text_allowed_at_every_step_is_unchanged(converted):
-    """Inside a JSON string most tokens are allowed: after the opening quote the constrained greedy text
-    is the model's own greedy text for as long as that text is allowed. (The random model is made to
-    prefer SentencePiece's text pieces to its byte tokens, which rarely form whole characters.)"""
+    """Inside a JSON string most tokens are allowed: after the opening quote the
+    constrained greedy text is the model's own greedy text for as long as that text is
+    allowed. (The random model is made to prefer SentencePiece's text pieces to its byte
+    tokens, which rarely form whole characters.)"""
     model = import_example("llama", "model").load_model(converted[0])
     tokenizer = import_example("llama", "tokenizer").load_tokenizer(converted[1])
     bytes_ = [i for i in range(320) if tokenizer.sp.is_byte(i)]
