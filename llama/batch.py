@@ -146,7 +146,7 @@ def generate_batch(
     """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of them, or the end of the
     context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
     context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone.
-    `constraints`: one structured.JSONConstraint or None per prompt, for JSON replies (structured.py)."""
+    `constraints`: a structured.JSONConstraint or None per prompt (structured.py)."""
     if constraints is not None and any(constraints):
         from structured import generate_constrained
 
@@ -291,7 +291,7 @@ def run_prompts(model, tokenizer, args, prompts, blank, schemas=None):
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
         constraints = None
-        if schemas:  # llama.py --json-schema, --json or "json_schema" lines (structured.py)
+        if schemas:  # --json-schema, --json, "json_schema" lines: structured.py
             from structured import row_constraints
 
             constraints = row_constraints(tokenizer, schemas, [n for n, _, _ in batch])

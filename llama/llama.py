@@ -171,10 +171,12 @@ def parse_args():
     )
     parser.add_argument(
         "--json-schema",
-        help="a JSON schema file: the output is a JSON document valid under it (structured.py)",
+        help="a JSON schema file: the output is JSON valid under it (structured.py)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="the output is a JSON object (structured.py)"
+        "--json",
+        action="store_true",
+        help="the output is a JSON object (structured.py)",
     )
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
@@ -189,6 +191,8 @@ def parse_args():
         parser.error("--system needs --chat")
     if (args.json_schema or args.json) and args.prompt is None and not args.prompts:
         parser.error("--json-schema and --json need a prompt or --prompts")
+    if (args.json_schema or args.json) and "MLX_RANK" in os.environ:
+        parser.error("--json-schema and --json run in one process")
     return args
 
 
