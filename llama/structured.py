@@ -314,5 +314,5 @@ def generate_json(model, tokenizer, args, schema):
     if constraint.finish_reason == "length":
         raise ValueError(
             f"the JSON document is incomplete after {len(reply)} tokens; "
-            "raise --max-tokens"
+            "raise --max-tokens (or shorten the prompt, if the context is full)"
         )
