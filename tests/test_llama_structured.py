@@ -212,6 +212,28 @@ def test_batch_rows_with_different_schemas_equal_their_single_runs(loaded):
     assert replies[2] == alone[0]  # the unconstrained row is untouched
 
 
+def test_the_per_request_api_gives_the_batch_reply(loaded):
+    """The server's way, a request at a time: mask(logits), sample, advance(token)."""
+    model, tokenizer = loaded
+    structured = import_example("llama", "structured")
+    sample = import_example("llama", "model").sample
+    prompt = tokenizer.prompt("call me ishmael")
+    (expected,), _ = constrained(model, tokenizer, [prompt], [SCHEMAS[17]])
+    constraint = structured.json_constraint(tokenizer, SCHEMAS[17])
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1]
+    reply = []
+    while not constraint.done:
+        mx.async_eval(logits)  # the device runs the step while the host makes the mask
+        token = sample(constraint.mask(logits), 0.0, 1.0)
+        if token.item() in tokenizer.stop_ids:
+            break
+        reply.append(token.item())
+        constraint.advance(reply[-1])
+        logits = model(token[:, None], cache)[:, -1]
+    assert reply == expected and constraint.finish_reason == "stop"
+
+
 def test_a_byte_level_bpe_tokenizer_json_works_too(loaded, tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
