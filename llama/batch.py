@@ -140,10 +140,19 @@ def batched(model):
             module.__class__ = cls
 
 
-def generate_batch(model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=()):
+def generate_batch(
+    model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=(), constraints=None
+):
     """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of them, or the end of the
     context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
-    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone."""
+    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone.
+    `constraints`: a structured.JSONConstraint or None per prompt (structured.py)."""
+    if constraints is not None and any(constraints):
+        from structured import generate_constrained
+
+        return generate_constrained(
+            model, prompts, max_tokens, temp, top_p, stop_ids, constraints
+        )
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
     replies, rows = (
@@ -244,7 +253,7 @@ def prompt_tokens(tokenizer, prompt, chat, system):
     )
 
 
-def run_prompts(model, tokenizer, args, prompts, blank):
+def run_prompts(model, tokenizer, args, prompts, blank, schemas=None):
     """llama.py --prompts: one JSON line per prompt of read_prompts on stdout, in input order, `--batch-size`
     prompts at a time; progress, then the total tokens/s and peak memory, on stderr. A prompt too long for the
     context gets {"prompt", "error"} in its place, and the others still run."""
@@ -281,6 +290,11 @@ def run_prompts(model, tokenizer, args, prompts, blank):
     )
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
+        constraints = None
+        if schemas:  # --json-schema, --json, "json_schema" lines: structured.py
+            from structured import row_constraints
+
+            constraints = row_constraints(tokenizer, schemas, [n for n, _, _ in batch])
         replies = generate_batch(
             model,
             [ids for _, _, ids in batch],
@@ -288,8 +302,9 @@ def run_prompts(model, tokenizer, args, prompts, blank):
             args.temp,
             args.top_p,
             tokenizer.stop_ids,
+            constraints,
         )
-        for (number, prompt, ids), reply in zip(batch, replies):
+        for i, ((number, prompt, ids), reply) in enumerate(zip(batch, replies)):
             decoder = StreamingDecoder(
                 tokenizer, ids
             )  # the text exactly as llama.py prints it for this prompt
@@ -299,6 +314,8 @@ def run_prompts(model, tokenizer, args, prompts, blank):
                 "text": text,
                 "generated_tokens": len(reply),
             }
+            if constraints and constraints[i]:
+                results[number]["finish_reason"] = constraints[i].finish_reason
         while (
             order and order[0] in results
         ):  # every line whose turn has come, in input order

@@ -169,6 +169,15 @@ def parse_args():
         default=16,
         help="prompts generated at once with --prompts (default: 16)",
     )
+    parser.add_argument(
+        "--json-schema",
+        help="a JSON schema file: the output is JSON valid under it (structured.py)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="the output is a JSON object (structured.py)",
+    )
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
@@ -180,6 +189,10 @@ def parse_args():
         parser.error("the prompt is empty; give some text to continue")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
+    if (args.json_schema or args.json) and args.prompt is None and not args.prompts:
+        parser.error("--json-schema and --json need a prompt or --prompts")
+    if (args.json_schema or args.json) and "MLX_RANK" in os.environ:
+        parser.error("--json-schema and --json run in one process")
     return args
 
 
@@ -192,6 +205,11 @@ def main():
         from batch import read_prompts
 
         prompts = read_prompts(args.prompts)
+    schemas = {}  # structured output: checked before the model loads
+    if args.json_schema or args.json or str(args.prompts).endswith(".jsonl"):
+        from structured import read_schemas
+
+        schemas = read_schemas(args)
     tic = time.perf_counter()
     model, tokenizer, split = load(args)
     q = (
@@ -206,7 +224,11 @@ def main():
     if args.prompts:
         from batch import run_prompts
 
-        run_prompts(model, tokenizer, args, *prompts)
+        run_prompts(model, tokenizer, args, *prompts, schemas)
+    elif schemas:
+        from structured import generate_json
+
+        generate_json(model, tokenizer, args, schemas[None])
     elif args.chat:
         from chat import chat
 
