@@ -223,22 +223,25 @@ class Engine:
             self.lock.notify()
 
     def run(self):
-        """The loop: admit, prefill a chunk, decode a step, read; until stop()."""
+        """The loop, until stop()."""
         with batched(self.model):
-            while True:
-                with self.lock:
-                    while not (
-                        self.rows or self.group or self.waiting or self.stopping
-                    ):
-                        self.lock.wait()
-                    if self.stopping:
-                        return
-                    if self.group is None:
-                        self.group = self.admit()
-                if self.group:
-                    self.prefill()
-                if self.rows:
-                    self.step()
+            while self.iterate():
+                pass
+
+    def iterate(self):
+        """Admit, prefill a chunk, decode a step, read; False once stop() was called."""
+        with self.lock:
+            while not (self.rows or self.group or self.waiting or self.stopping):
+                self.lock.wait()
+            if self.stopping:
+                return False
+            if self.group is None:
+                self.group = self.admit()
+        if self.group:
+            self.prefill()
+        if self.rows:
+            self.step()
+        return True
 
     def admit(self):
         """A Group of the waiting rows that fit the batch (called under the lock), or None."""
@@ -409,8 +412,9 @@ async def invalid_request(request, error):
     if first["type"] == "json_invalid":
         message = f"We could not parse the JSON body of your request: {first['msg']}"
         return APIError(400, message).response()
+    # The field at fault (its nested location may name union members: "stop.str").
     where = [str(part) for part in first["loc"] if part != "body"]
-    param = ".".join(where) or None
+    param = where[0] if where else None
     message = f"Invalid value for '{param}': {first['msg']}" if param else first["msg"]
     return APIError(400, message, param, first["type"]).response()
 
