@@ -725,7 +725,10 @@ def serve(args, engine, sock):
 
 def main():
     args = parse_args()
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    # IPPROTO_TCP named: asyncio then turns Nagle's algorithm off (TCP_NODELAY) on each
+    # connection; without it every small event waits some 40 ms for the client's ACK.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))

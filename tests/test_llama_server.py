@@ -2,6 +2,7 @@
 prints for its prompt alone, whoever else is in the batch; bad requests get OpenAI's errors."""
 
 import asyncio
+import importlib.util
 import json
 import signal
 import subprocess
@@ -309,3 +310,19 @@ def test_bad_command_lines_get_one_line(converted, tmp_path):
     assert len(result.stderr.splitlines()) == 1
     result = run_script("llama/server.py", *converted, "--max-batch", "0")
     assert result.returncode == 2 and "--max-batch" in result.stderr
+
+
+def test_benchmark_tiny_preset_measures_the_server_and_skips_a_missing_mlx_lm(tmp_path):
+    flags = "--preset tiny --max-tokens 4 --clients 1 3 --requests 1 --repeats 1"
+    result = run_script(
+        "llama/benchmark_server.py", *flags.split(), "--work-dir", tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [row[:2] for row in rows if row[0] == "server.py"] == [
+        ["server.py", "1"],
+        ["server.py", "3"],
+    ]
+    assert all(row[-1] == "0" for row in rows)  # no failed requests
+    if importlib.util.find_spec("mlx_lm") is None:
+        assert "mlx_lm is not installed" in result.stderr
