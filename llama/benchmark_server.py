@@ -1,28 +1,31 @@
 """Serving speed: llama/server.py against mlx_lm.server, N streaming clients at once.
 
-    python llama/benchmark_server.py --preset 7b --dtype float16              # on a GPU
-    python llama/benchmark_server.py --preset 7b --dtype float16 --quantize 4
-    python llama/benchmark_server.py --preset 7b --duration 300               # the soak run
-    python llama/benchmark_server.py --preset tiny --max-tokens 8             # seconds, on a CPU
+    python llama/benchmark_server.py --preset 7b --dtype float16       # on a GPU
+    python llama/benchmark_server.py --preset 7b --quantize 4
+    python llama/benchmark_server.py --preset 7b --duration 300        # the soak run
+    python llama/benchmark_server.py --preset tiny --max-tokens 8      # on a CPU
 
-Both servers serve the same random weights, written once into --work-dir in the two layouts:
-a Hugging Face folder (config.json, model.safetensors in Hugging Face's names, tokenizer.json:
-what mlx_lm reads; with --quantize, quantized as mlx_lm quantizes, config "quantization") and
-that folder converted by convert.py (what server.py reads). The tokenizer is a word-level one
-with a word per token, so a prompt of n words is n tokens (plus BOS) for both; the output
-layer's row of EOS is zero, so random weights never pick it and every reply is --max-tokens.
+Both servers serve the same random weights, written once into --work-dir in the two
+layouts: a Hugging Face folder (config.json, model.safetensors in Hugging Face's names,
+tokenizer.json: what mlx_lm reads; with --quantize, quantized as mlx_lm quantizes,
+config "quantization") and that folder converted by convert.py (what server.py reads).
+The tokenizer is a word-level one with a word per token, so a prompt of n words is n
+tokens (plus BOS) for both; the output layer's row of EOS is zero, so random weights
+never pick it and every reply is --max-tokens.
 
 For each number of clients (--clients, default 1 4 16 64), each client sends --requests
-streaming /v1/completions requests one after another, greedy, prompts of mixed lengths (from
---min-prompt-tokens to --prompt-tokens, each prompt different). Measured per request: time to
-first token (TTFT) and time per output token after it (TPOT); per run: total tokens/s (all
-generated tokens over the wall time), median and range of --repeats runs; failed requests.
-Both servers may run --max-batch rows at once (mlx_lm: --decode-concurrency).
+streaming /v1/completions requests one after another, greedy, prompts of mixed lengths
+(from --min-prompt-tokens to --prompt-tokens, each prompt different). Measured per
+request: time to first token (TTFT) and time per output token after it (TPOT); per run:
+total tokens/s (all generated tokens over the wall time), median and range of --repeats
+runs; failed requests. Both servers may run --max-batch rows at once (mlx_lm:
+--decode-concurrency).
 
---duration S instead runs this server alone for S seconds with --soak-clients clients that
-stream, stop reading and disconnect, wait for whole answers, or send bad requests (malformed
-JSON, wrong types, a prompt longer than the context), and counts what did not get the answer it
-should. mlx_lm.server is skipped, saying so, when mlx_lm is not installed.
+--duration S instead runs this server alone for S seconds with --soak-clients clients
+that stream, stop reading and disconnect, wait for whole answers, or send bad requests
+(malformed JSON, wrong types, a prompt longer than the context), and counts what did not
+get the answer it should. mlx_lm.server is skipped, saying so, when mlx_lm is not
+installed.
 """
 
 import argparse
@@ -68,7 +71,7 @@ def say(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# ---- The weights, in both layouts -----------------------------------------------------------
+# ---- The weights, in both layouts ----------------------------------------------------
 
 
 def hf_shapes(config):
@@ -100,8 +103,8 @@ def hf_shapes(config):
 
 
 def random_weights(config, dtype, quantize, seed):
-    """{name: array} of random weights (std 0.02, norms 1), the 2-D ones quantized as mlx_lm
-    quantizes them (affine, groups of 64) with --quantize."""
+    """{name: array} of random weights (std 0.02, norms 1), the 2-D ones quantized as
+    mlx_lm quantizes them (affine, groups of 64) with --quantize."""
     mx.random.seed(seed)
     weights = {}
     for name, shape in hf_shapes(config).items():
@@ -109,12 +112,16 @@ def random_weights(config, dtype, quantize, seed):
             weights[name] = mx.ones(shape, dtype)
             continue
         w = (mx.random.normal(shape) * 0.02).astype(dtype)
-        if name == "lm_head.weight":  # EOS (id 2) never wins: every reply is full length
+        if (
+            name == "lm_head.weight"
+        ):  # EOS (id 2) never wins: every reply is full length
             w[2] = 0
         if quantize:
             base = name.removesuffix(".weight")
             q, scales, biases = mx.quantize(w, group_size=64, bits=quantize)
-            weights.update({name: q, f"{base}.scales": scales, f"{base}.biases": biases})
+            weights.update(
+                {name: q, f"{base}.scales": scales, f"{base}.biases": biases}
+            )
         else:
             weights[name] = w
         mx.eval(weights)
@@ -122,7 +129,7 @@ def random_weights(config, dtype, quantize, seed):
 
 
 def write_tokenizer(folder, vocab_size):
-    """A word-level tokenizer.json: "<unk>", "<s>", "</s>", then the words w3, w4, ..."""
+    """A word-level tokenizer.json: "<unk>", "<s>", "</s>", then the words w3, w4..."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -146,7 +153,7 @@ def write_tokenizer(folder, vocab_size):
 
 
 def write_weights(args):
-    """(Hugging Face folder, converted file) in --work-dir, written unless already there."""
+    """(Hugging Face folder, converted file) in --work-dir, written unless there."""
     quantized = f"-{args.quantize}bit" if args.quantize else ""
     folder = args.work_dir / f"{args.preset}-{args.dtype}{quantized}-seed{args.seed}"
     converted = folder.with_suffix(".safetensors")
@@ -183,7 +190,7 @@ def write_weights(args):
     return folder, converted
 
 
-# ---- The servers ------------------------------------------------------------------------------
+# ---- The servers ---------------------------------------------------------------------
 
 
 def start(name, command, port, log):
@@ -229,11 +236,12 @@ def commands(args, folder, converted, port):
     return servers
 
 
-# ---- The clients ------------------------------------------------------------------------------
+# ---- The clients ---------------------------------------------------------------------
 
 
 def prompts(n, args, vocab_size, seed):
-    """n prompts of random words, lengths spread from --min-prompt-tokens to --prompt-tokens."""
+    """n prompts of random words, lengths spread from --min-prompt-tokens to
+    --prompt-tokens."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(args.min_prompt_tokens, args.prompt_tokens + 1, n)
     return [" ".join(f"w{i}" for i in rng.integers(3, vocab_size, k)) for k in lengths]
@@ -268,7 +276,8 @@ async def stream_one(http, prompt, max_tokens):
 
 
 async def run_clients(port, texts, clients, max_tokens):
-    """Each client sends its share of `texts` one after another. (seconds, results, failed)."""
+    """Each client sends its share of `texts` one after another. (seconds, results,
+    failed)."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 8)
@@ -310,7 +319,7 @@ def measure(port, args, vocab_size):
     return levels
 
 
-# ---- The soak run -----------------------------------------------------------------------------
+# ---- The soak run --------------------------------------------------------------------
 
 
 BAD_BODIES = [
@@ -350,7 +359,7 @@ async def soak_request(http, rng, text, args):
 
 
 async def soak(port, args, vocab_size):
-    """--soak-clients clients sending random kinds of requests for --duration seconds."""
+    """--soak-clients clients sending requests of random kinds for --duration s."""
     import httpx
 
     base = f"http://127.0.0.1:{port}"
@@ -374,7 +383,7 @@ async def soak(port, args, vocab_size):
     return counts, healthy
 
 
-# ---- Report -----------------------------------------------------------------------------------
+# ---- Report --------------------------------------------------------------------------
 
 
 def percentile(values, q):
@@ -382,13 +391,14 @@ def percentile(values, q):
 
 
 def report(results, args):
-    """One row per server and number of clients; the ratio to mlx_lm.server where it ran."""
+    """A row per server and number of clients; the ratio to mlx_lm.server if it ran."""
     weights = f"{args.quantize}-bit" if args.quantize else args.dtype
+    lengths = f"{args.min_prompt_tokens}-{args.prompt_tokens}"
     print(
         f"{args.preset} preset, {weights} random weights, MLX {mx.__version__} on "
-        f"{mx.default_device()}; {args.requests} streaming requests per client, prompts of "
-        f"{args.min_prompt_tokens}-{args.prompt_tokens} tokens, {args.max_tokens} new tokens "
-        f"each, greedy; tokens/s median [min-max] of {args.repeats}; times in ms"
+        f"{mx.default_device()}; {args.requests} streaming requests per client, "
+        f"prompts of {lengths} tokens, {args.max_tokens} new tokens each, greedy; "
+        f"tokens/s median [min-max] of {args.repeats}; times in ms"
     )
     print(
         f"{'server':>14} {'clients':>7} {'tokens/s':>9} {'range':>13} {'vs mlx_lm':>9} "
@@ -402,10 +412,11 @@ def report(results, args):
             if name != "mlx_lm.server" and "mlx_lm.server" in results:
                 peer = statistics.median(results["mlx_lm.server"][clients][0])
                 versus = f"{speed / peer:.2f}x"
+            ttft = f"{percentile(ttfts, 50):>8.1f} {percentile(ttfts, 99):>7.1f}"
+            tpot = f"{percentile(tpots, 50):>8.2f} {percentile(tpots, 99):>6.2f}"
             print(
                 f"{name:>14} {clients:>7} {speed:>9.1f} {span:>13} {versus:>9} "
-                f"{percentile(ttfts, 50):>8.1f} {percentile(ttfts, 99):>7.1f} "
-                f"{percentile(tpots, 50):>8.2f} {percentile(tpots, 99):>6.2f} {failed:>6}"
+                f"{ttft} {tpot} {failed:>6}"
             )
 
 
@@ -418,7 +429,10 @@ def parse_args():
         "--dtype", choices=["float16", "bfloat16", "float32"], default="float16"
     )
     parser.add_argument(
-        "--quantize", type=int, choices=[4, 8], help="quantize the weights to 4 or 8 bits"
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="quantize the weights to 4 or 8 bits",
     )
     parser.add_argument(
         "--clients",

@@ -1,34 +1,36 @@
-"""An OpenAI-compatible HTTP server for a converted Llama, answering many clients at once.
+"""An OpenAI-compatible HTTP server for a converted Llama, serving many clients at once.
 
     python llama/server.py weights.safetensors path/to/tokenizer --port 8080
     curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "weights", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Any OpenAI client works against http://HOST:PORT/v1: POST /v1/chat/completions (messages in the
-model's chat format, chat.py), POST /v1/completions (a text or a list of token ids), GET /v1/models
-and GET /health. Replies stream as server-sent events with "stream": true. Greedy text is exactly
-what `llama.py` prints for the same prompt alone.
+Any OpenAI client works against http://HOST:PORT/v1: POST /v1/chat/completions (messages
+in the model's chat format, chat.py), POST /v1/completions (a text or a list of token
+ids), GET /v1/models and GET /health. Replies stream as server-sent events with
+"stream": true. Greedy text is exactly what `llama.py` prints for the same prompt alone.
 
-Continuous batching. One thread, the engine, owns the model; the HTTP side (FastAPI on uvicorn)
-only tokenizes, queues a request as a Row and streams the text of the tokens the engine sends back.
-The engine's loop, one iteration at a time:
+Continuous batching. One thread, the engine, owns the model; the HTTP side (FastAPI on
+uvicorn) only tokenizes, queues a request as a Row and streams the text of the tokens
+the engine sends back. The engine's loop, one iteration at a time:
 
-1. admit: when there is room (--max-batch rows), the waiting requests form a group; the group's
-   prompts, left-padded as batch.py pads them, run through the model in chunks of at most
-   --prefill-step prompt tokens, one chunk per iteration. So a long prompt never stalls the
-   running rows for longer than one chunk: each chunk is followed by a decoding step for them.
-   After its last chunk the group samples its first tokens and joins: its key/value cache rows
-   are appended to the batch's (the shorter side padded on the left, see `join`);
-2. step: one decoding step for every row at once (batch.py's BatchAttention: each row its own
-   positions and a padding mask), each row sampled with its own settings (`sample_rows`, where a
-   row's `logits_processor` may mask its logits: a grammar, say);
-3. read: each row's token goes to its client; a row that reached a stop token or its limit, or
-   whose client went away, leaves the batch at once, and the cache columns that only padding
-   uses any more are cut off (`trim`).
+1. admit: when there is room (--max-batch rows), the waiting requests form a group; the
+   group's prompts, left-padded as batch.py pads them, run through the model in chunks
+   of at most --prefill-step prompt tokens, one chunk per iteration. So a long prompt
+   never stalls the running rows for longer than one chunk: each chunk is followed by a
+   decoding step for them. After its last chunk the group samples its first tokens and
+   joins: its key/value cache rows are appended to the batch's (the shorter side padded
+   on the left, see `join`);
+2. step: one decoding step for every row at once (batch.py's BatchAttention: each row
+   its own positions and a padding mask), each row sampled with its own settings
+   (`sample_rows`, where a row's `logits_processor` may mask its logits: a grammar,
+   say);
+3. read: each row's token goes to its client; a row that reached a stop token or its
+   limit, or whose client went away, leaves the batch at once, and the cache columns
+   that only padding uses any more are cut off (`trim`).
 
-Requests beyond --max-batch wait, at most --max-queue of them; past that the server answers 503 at
-once. Ctrl-C or SIGTERM stops accepting, lets what runs finish (--shutdown-timeout seconds, then
-cancels it) and exits with one line.
+Requests beyond --max-batch wait, at most --max-queue of them; past that the server
+answers 503 at once. Ctrl-C or SIGTERM stops accepting, lets what runs finish
+(--shutdown-timeout seconds, then cancels it) and exits with one line.
 """
 
 import argparse
@@ -60,18 +62,19 @@ from tokenizer import StreamingDecoder, TokenizerError
 
 from llama import load
 
-# ---- A request in the batch ----------------------------------------------------------------------
+# ---- A request in the batch ----------------------------------------------------------
 
 
 class Row:
-    """One request's place in the batch: its prompt, its sampling settings, the tokens it has
-    generated, and the queue its client reads them from. `logits_processor(tokens, logits)`, when
-    set, returns the (vocab,) logits of this row's next token changed (a mask, a bias)."""
+    """One request's place in the batch: its prompt, its sampling settings, the tokens
+    it has generated, and the queue its client reads them from.
+    `logits_processor(tokens, logits)`, when set, returns the (vocab,) logits of this
+    row's next token changed (a mask, a bias)."""
 
     def __init__(self, prompt, limit, temperature, top_p, seed, stop_ids):
         self.prompt, self.limit, self.stop_ids = prompt, limit, stop_ids
         self.temperature, self.top_p = temperature, top_p
-        # This row's own random stream, made on the engine's thread: a seed reproduces it.
+        # Its own random stream (made on the engine's thread): a seed reproduces it.
         self.seed = random.getrandbits(63) if seed is None else seed % 2**63
         self.key = None
         self.logits_processor = None
@@ -96,9 +99,10 @@ class Row:
 
 
 def sample_rows(logits, rows):
-    """(B, vocab) logits -> (B,) tokens, row b sampled with rows[b]'s settings: greedy at
-    temperature 0, else from softmax(logits / temperature) restricted to the smallest set of tokens
-    whose probabilities add up to top_p (model.sample's rule, with each row's own random key)."""
+    """(B, vocab) logits -> (B,) tokens, row b sampled with rows[b]'s settings: greedy
+    at temperature 0, else from softmax(logits / temperature) restricted to the smallest
+    set of tokens whose probabilities add up to top_p (model.sample's rule, with each
+    row's own random key)."""
     if any(row.logits_processor for row in rows):
         logits = mx.stack(
             [
@@ -128,7 +132,7 @@ def sample_rows(logits, rows):
     return mx.where(temperature[:, 0] == 0, greedy, sampled)
 
 
-# ---- The batch's key/value cache -----------------------------------------------------------------
+# ---- The batch's key/value cache -----------------------------------------------------
 
 
 def pad_left(array, columns):
@@ -137,8 +141,9 @@ def pad_left(array, columns):
 
 
 def join(cache, group_cache):
-    """The caches of two batches as one, rows of `cache` first. Both are left-padded; the shorter
-    one gets more padding on the left, so every row's last position stays in the last column."""
+    """The caches of two batches as one, rows of `cache` first. Both are left-padded;
+    the shorter one gets more padding on the left, so every row's last position stays in
+    the last column."""
     S, L = cache[0].offset, group_cache[0].offset
     width = max(S, L)
     padding = Padding(
@@ -163,8 +168,9 @@ def join(cache, group_cache):
 
 
 def trim(cache):
-    """Cut off the leading columns that are padding in every row (after the rows that needed them
-    left), so the cache is as wide as its longest row, however long the batch runs."""
+    """Cut off the leading columns that are padding in every row (after the rows that
+    needed them left), so the cache is as wide as its longest row, however long the
+    batch runs."""
     padding = cache[0].padding
     columns = min(padding.host_pads)
     if columns == 0:
@@ -177,7 +183,7 @@ def trim(cache):
         layer.offset -= columns
 
 
-# ---- The engine: one thread owns the model --------------------------------------------------------
+# ---- The engine: one thread owns the model -------------------------------------------
 
 
 class QueueFull(Exception):
@@ -185,7 +191,7 @@ class QueueFull(Exception):
 
 
 class Group:
-    """Rows being admitted: their left-padded prompts, their cache, how many columns are done."""
+    """Rows being admitted: their left-padded prompts, their cache, the columns done."""
 
     def __init__(self, model, rows):
         self.rows = rows
@@ -210,7 +216,7 @@ class Engine:
         self.loop = None  # the event loop of the HTTP side, set when it starts
 
     def submit(self, row):
-        """Queue a row; QueueFull when --max-batch rows run and --max-queue rows wait."""
+        """Queue a row; QueueFull if --max-batch rows run and --max-queue rows wait."""
         with self.lock:
             if self.admitted + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull
@@ -244,7 +250,7 @@ class Engine:
         return True
 
     def admit(self):
-        """A Group of the waiting rows that fit the batch (called under the lock), or None."""
+        """Under the lock: a Group of the waiting rows that fit the batch, or None."""
         rows = []
         while self.waiting and self.admitted + len(rows) < self.max_batch:
             row = self.waiting.popleft()
@@ -254,8 +260,9 @@ class Engine:
         return Group(self.model, rows) if rows else None
 
     def prefill(self):
-        """One chunk of the group's prompts: --prefill-step prompt tokens in all, at least one
-        column. After the last chunk the group's first tokens are sampled and the group joins."""
+        """One chunk of the group's prompts: --prefill-step prompt tokens in all, at
+        least one column. After the last chunk the group's first tokens are sampled and
+        the group joins."""
         group = self.group
         columns = max(1, self.prefill_step // len(group.rows))
         chunk = group.tokens[:, group.done : group.done + columns]
@@ -276,11 +283,12 @@ class Engine:
         self.group = None
 
     def step(self):
-        """Feed every row's newest token, sample the next, send the newest to the clients.
+        """Feed each row's newest token, sample the next; send the newest to clients.
 
-        As model.generate does, the next step is built and started before the newest tokens are
-        read, so the host's work overlaps the device's; a row with a logits_processor needs its
-        newest token on the host before its next logits are masked, so then the read comes first."""
+        As model.generate does, the next step is built and started before the newest
+        tokens are read, so the host's work overlaps the device's; a row with a
+        logits_processor needs its newest token on the host before its next logits are
+        masked, so then the read comes first."""
         pending = self.token
         overlap = not any(row.logits_processor for row in self.rows)
         if overlap:
@@ -329,11 +337,11 @@ def deliver(events):
         row.queue.put_nowait((token, finish))
 
 
-# ---- The HTTP side --------------------------------------------------------------------------------
+# ---- The HTTP side -------------------------------------------------------------------
 
 
 class APIError(Exception):
-    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+    """An error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status, message, param=None, code=None, kind=None):
         super().__init__(message)
@@ -350,7 +358,7 @@ class APIError(Exception):
 
 
 class Strict(BaseModel):
-    # Strict types ("5" is not a number), and fields this server does not use are ignored.
+    # Strict types ("5" is not a number); fields this server does not use are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -407,7 +415,7 @@ async def api_error(request, error):
 
 @app.exception_handler(RequestValidationError)
 async def invalid_request(request, error):
-    """Malformed JSON, a field of the wrong type or out of range: 400, as OpenAI answers."""
+    """Malformed JSON, a wrong type or out of range: 400, as at OpenAI."""
     first = error.errors()[0]
     if first["type"] == "json_invalid":
         message = f"We could not parse the JSON body of your request: {first['msg']}"
@@ -466,8 +474,8 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def make_row(body, prompt, prompt_param):
-    """The Row for a request, its fields checked against the model: 404 for another model's name,
-    400 for a prompt that leaves no room in the context."""
+    """The Row for a request, its fields checked against the model: 404 for another
+    model's name, 400 for a prompt that leaves no room in the context."""
     state = app.state
     if body.model is not None and body.model != state.name:
         message = (
@@ -515,7 +523,7 @@ async def complete(body, prompt, prompt_param, request, kind):
 
 
 async def watch(request, row):
-    """Cancel the row when the client disconnects: the engine drops it at its next step."""
+    """Cancel the row when its client disconnects: the engine drops it next step."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
     row.cancelled = True
@@ -538,8 +546,8 @@ class Reply:
         self.generated = 0  # tokens received
 
     async def pieces(self, request):
-        """Yield (text, finish reason or None) as the row's tokens arrive. Text that may be the
-        start of a stop string is held back until the next tokens tell."""
+        """Yield (text, finish reason or None) as the row's tokens arrive. Text that may
+        be the start of a stop string is held back until the next tokens tell."""
         watcher = asyncio.create_task(watch(request, self.row))
         held = ""
         try:
@@ -602,7 +610,7 @@ class Reply:
         return self.body(choices, stream=False, usage=self.usage_of())
 
     async def events(self, request):
-        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked."""
+        """Server-sent events: a chunk per piece of text, the finish, usage if asked."""
         extra = {"usage": None} if self.usage else {}
         if self.kind == "chat.completion":
             choice = {**self.choice("", None, True), "delta": {"role": "assistant"}}
@@ -631,7 +639,7 @@ def sse(data):
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-# ---- Running it ----------------------------------------------------------------------------------
+# ---- Running it ----------------------------------------------------------------------
 
 
 def parse_args():
@@ -691,14 +699,15 @@ def parse_args():
         "--shutdown-timeout",
         type=in_range(float, 0),
         default=30.0,
-        help="on Ctrl-C or SIGTERM, seconds to let running requests finish (default: 30)",
+        help="on Ctrl-C or SIGTERM, seconds to let running requests finish "
+        "(default: 30)",
     )
     return parser.parse_args()
 
 
 def serve(args, engine, sock):
-    """uvicorn on `sock` in a thread of its own; the engine's loop in this one, the thread that
-    loaded the model, until Ctrl-C or SIGTERM has stopped uvicorn."""
+    """uvicorn on `sock` in a thread of its own; the engine's loop in this one, the
+    thread that loaded the model, until Ctrl-C or SIGTERM has stopped uvicorn."""
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -712,8 +721,8 @@ def serve(args, engine, sock):
         engine.stop()
 
     def stop(number, frame):
-        # uvicorn stops accepting and lets the running requests finish; a second signal, or
-        # --shutdown-timeout seconds, cancel them.
+        # uvicorn stops accepting and lets the running requests finish; a second signal,
+        # or --shutdown-timeout seconds, cancel them.
         server.force_exit = server.should_exit
         server.should_exit = True
 

@@ -1,5 +1,6 @@
-"""llama/server.py: OpenAI's API over continuous batching. Each client gets the text llama.py
-prints for its prompt alone, whoever else is in the batch; bad requests get OpenAI's errors."""
+"""llama/server.py: OpenAI's API over continuous batching. Each client gets the text
+llama.py prints for its prompt alone, whoever else is in the batch; bad requests get
+OpenAI's errors."""
 
 import asyncio
 import importlib.util
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("llama_on_path")
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny Hugging Face Llama (GQA, context 96) converted with convert.py, with its tokenizer."""
+    """A tiny Hugging Face Llama (GQA, context 96) converted by convert.py, and its
+    tokenizer.model."""
     folder = tiny_llama(tmp_path_factory.mktemp("llama_server") / "hf")
     result = run_script("llama/convert.py", folder, folder.parent / "hf.npz")
     assert result.returncode == 0, result.stderr
@@ -28,7 +30,7 @@ def converted(tmp_path_factory):
 
 
 class Server:
-    """llama/server.py in a subprocess on a free port (--port 0; its first line says which)."""
+    """llama/server.py in a subprocess, --port 0: its first line names the port."""
 
     def __init__(self, weights, tokenizer, *flags):
         command = [sys.executable, str(ROOT / "llama/server.py"), weights, tokenizer]
@@ -114,8 +116,8 @@ PROMPTS = [" ".join(LLAMA_TEXT[i % 4].split()[: 2 + i]) for i in range(16)]
 
 
 def test_16_concurrent_clients_each_get_their_single_run_text(server):
-    """Half stream, half do not; each asks a different number of tokens, so rows leave at
-    different steps and the 8 waiting requests join a running batch."""
+    """Half stream, half do not; each asks a different number of tokens, so rows leave
+    at different steps and the 8 waiting requests join a running batch."""
     alone = [complete(server, p, 6 + i) for i, p in enumerate(PROMPTS)]
     with ThreadPoolExecutor(16) as pool:
         at_once = pool.map(
@@ -165,8 +167,9 @@ def alone(model, prompt, max_tokens):
 def test_a_request_arriving_mid_batch_joins_without_changing_the_others_tokens(
     converted, prefill_step
 ):
-    """Rows join a batch that has run for some steps, with prompts shorter and longer than its
-    cache (the batch or the newcomers get padded); with --prefill-step 5, in chunks."""
+    """Rows join a batch that has run for some steps, with prompts shorter and longer
+    than its cache (the batch or the newcomers get padded); --prefill-step 5: in chunks.
+    """
     model = import_example("llama", "model").load_model(converted[0])
     server, engine = engine_for(model, prefill_step)
     prompts = [[1, *range(5, 5 + n)] for n in (6, 3, 40, 12)]
@@ -293,7 +296,8 @@ def test_a_full_queue_answers_503_at_once_and_sigterm_lets_running_requests_fini
     assert all(r.json()["error"]["code"] == "queue_full" for r, _ in refused)
     served = [r for r, _ in answers if r.status_code == 200]
     assert served and all(r.text.endswith("data: [DONE]\n\n") for r in served)
-    # SIGTERM in the middle of a stream: the stream still finishes, then the server exits 0.
+    # SIGTERM in the middle of a stream: the stream still finishes, then the server
+    # exits 0.
     with httpx.stream("POST", f"{small.url}/completions", json=body) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data:"))
