@@ -115,6 +115,7 @@ def sample_rows(logits, rows):
     greedy = mx.argmax(logits, axis=-1)
     if all(row.temperature == 0 for row in rows):
         return greedy
+    greedy_rows = mx.array([row.temperature == 0 for row in rows])
     temperature = mx.array([row.temperature or 1.0 for row in rows])[:, None]
     top_p = mx.array([row.top_p for row in rows])[:, None]
     logits = logits.astype(mx.float32) / temperature
@@ -129,7 +130,7 @@ def sample_rows(logits, rows):
     )
     choice = mx.argmax(mx.where(keep, sorted_logits, -mx.inf) + noise, axis=-1)
     sampled = mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return mx.where(temperature[:, 0] == 0, greedy, sampled)
+    return mx.where(greedy_rows, greedy, sampled)
 
 
 # ---- The batch's key/value cache -----------------------------------------------------
@@ -497,14 +498,11 @@ def make_row(body, prompt, prompt_param):
             f"{len(prompt)}, so {param} can be at most {room}, not {max_tokens}."
         )
         raise APIError(400, message, param, "context_length_exceeded")
-    defaults = state.defaults
-    temperature = body.temperature
-    if temperature is None:
-        temperature = defaults.temp
-    top_p = defaults.top_p if body.top_p is None else body.top_p
-    limit = max_tokens or min(defaults.max_tokens, room)
-    tokenizer = state.tokenizer
-    return Row(prompt, limit, temperature, top_p, body.seed, tokenizer.stop_ids)
+    limit = max_tokens or min(state.max_tokens, room)
+    stop_ids = state.tokenizer.stop_ids
+    temperature = body.temperature or 0.0  # greedy unless asked, as llama.py
+    top_p = 1.0 if body.top_p is None else body.top_p
+    return Row(prompt, limit, temperature, top_p, body.seed, stop_ids)
 
 
 async def complete(body, prompt, prompt_param, request, kind):
@@ -684,18 +682,6 @@ def parse_args():
         help="new tokens of a request that gives no max_tokens (default: 512)",
     )
     parser.add_argument(
-        "--temp",
-        type=in_range(float, 0, 2),
-        default=0.0,
-        help="temperature of a request that gives none; 0: greedy (default)",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=in_range(float, 0, 1, above=True),
-        default=1.0,
-        help="top_p of a request that gives none (default: 1)",
-    )
-    parser.add_argument(
         "--shutdown-timeout",
         type=in_range(float, 0),
         default=30.0,
@@ -746,7 +732,7 @@ def main():
     load_args = argparse.Namespace(chat=False, timeout=0, **vars(args))
     model, tokenizer, _ = load(load_args)
     state = app.state
-    state.tokenizer, state.defaults = tokenizer, args
+    state.tokenizer, state.max_tokens = tokenizer, args.max_tokens
     state.name = args.model_name or Path(args.weights).stem
     state.context, state.vocab_size = model.args.max_seq_len, model.args.vocab_size
     state.created = int(time.time())

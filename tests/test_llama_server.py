@@ -169,11 +169,13 @@ def test_a_request_arriving_mid_batch_joins_without_changing_the_others_tokens(
 ):
     """Rows join a batch that has run for some steps, with prompts shorter and longer
     than its cache (the batch or the newcomers get padded); --prefill-step 5: in chunks.
-    """
+    A row that samples beside them changes nothing either."""
     model = import_example("llama", "model").load_model(converted[0])
     server, engine = engine_for(model, prefill_step)
     prompts = [[1, *range(5, 5 + n)] for n in (6, 3, 40, 12)]
     rows = [row_for(server, p, 24) for p in prompts]
+    sampled = server.Row(prompts[1], 24, 1.0, 0.9, 7, stop_ids=set())
+    engine.submit(sampled)  # a row that samples, in the batch from the start
     engine.submit(rows[0])
     with server.batched(model):
         for i, row in enumerate(rows[1:]):
