@@ -201,6 +201,8 @@ class Group:
 
 
 class Engine:
+    """The loop that owns the model: the batch's rows, their cache, the waiting rows."""
+
     def __init__(self, model, max_batch, max_queue, prefill_step):
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.prefill_step = prefill_step
@@ -208,10 +210,8 @@ class Engine:
         self.waiting = deque()  # rows not yet admitted
         self.admitted = 0  # rows decoding or being prefilled
         self.stopping = False
-        self.rows, self.cache = (
-            [],
-            None,
-        )  # the rows decoding and their BatchKVCache per layer
+        self.rows = []  # the rows decoding, in the batch's order
+        self.cache = None  # their BatchKVCache per layer
         self.token = None  # (B,) each row's newest token: sampled, not yet read or fed
         self.group = None  # the Group being prefilled
         self.loop = None  # the event loop of the HTTP side, set when it starts
@@ -428,6 +428,12 @@ async def invalid_request(request, error):
     return APIError(400, message, param, first["type"]).response()
 
 
+@app.exception_handler(Exception)
+async def server_error(request, error):
+    """A bug: 500 with OpenAI's body (uvicorn prints the traceback)."""
+    return APIError(500, f"{type(error).__name__}: {error}").response()
+
+
 @app.exception_handler(HTTPException)
 async def http_error(request, error):
     """An unknown path (404) or method (405), with OpenAI's body."""
@@ -455,6 +461,11 @@ async def chat_completions(body: ChatRequest, request: Request):
             content = "".join(part.text for part in content)
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
+    # chat.py's formats take the roles (system,) user, assistant, user, ..., user.
+    roles = [m["role"] for m in messages[messages[0]["role"] == "system" :]]
+    if not roles or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        message = "The roles must go (system,) user, assistant, user, ..., user."
+        raise APIError(400, message, "messages")
     try:
         prompt = chat_tokens(app.state.tokenizer, messages)
     except TokenizerError as e:  # no chat format; roles the template refuses
@@ -714,8 +725,14 @@ def serve(args, engine, sock):
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    threading.Thread(target=http).start()
-    engine.run()
+    thread = threading.Thread(target=http)
+    thread.start()
+    try:
+        engine.run()
+    except Exception as e:  # a bug, or the device out of memory: stop, saying why
+        server.should_exit = server.force_exit = True
+        thread.join()
+        sys.exit(f"error: the model loop stopped: {type(e).__name__}: {e}")
 
 
 def main():

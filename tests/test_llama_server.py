@@ -244,6 +244,8 @@ BAD = [
         "messages",
         None,
     ),
+    ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, "messages", None),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages", None),
 ]
 
 
