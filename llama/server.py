@@ -13,13 +13,14 @@ Continuous batching. One thread, the engine, owns the model; the HTTP side (Fast
 uvicorn) only tokenizes, queues a request as a Row and streams the text of the tokens
 the engine sends back. The engine's loop, one iteration at a time:
 
-1. admit: when there is room (--max-batch rows), the waiting requests form a group; the
-   group's prompts, left-padded as batch.py pads them, run through the model in chunks
-   of at most --prefill-step prompt tokens, one chunk per iteration. So a long prompt
-   never stalls the running rows for longer than one chunk: each chunk is followed by a
-   decoding step for them. After its last chunk the group samples its first tokens and
-   joins: its key/value cache rows are appended to the batch's (the shorter side padded
-   on the left, see `join`);
+1. admit: when there is room (--max-batch rows), the first waiting requests form a
+   group, as many as fit --prefill-step prompt tokens once left-padded as batch.py pads
+   them (at least one). The group's prompts run through the model in chunks of at most
+   --prefill-step tokens (one chunk unless a prompt is that long), a chunk per
+   iteration: a long prompt never stalls the running rows for longer than one chunk,
+   as each chunk is followed by a decoding step for them. After its last chunk the
+   group samples its first tokens and joins: its key/value cache rows are appended to
+   the batch's (the shorter side padded on the left, see `join`);
 2. step: one decoding step for every row at once (batch.py's BatchAttention: each row
    its own positions and a padding mask), each row sampled with its own settings
    (`sample_rows`, where a row's `logits_processor` may mask its logits: a grammar,
@@ -251,10 +252,16 @@ class Engine:
         return True
 
     def admit(self):
-        """Under the lock: a Group of the waiting rows that fit the batch, or None."""
-        rows = []
+        """Under the lock: a Group of the first waiting rows, or None. A group fits the
+        batch, and its padded prompts fit one --prefill-step chunk unless it is one row:
+        of many requests that arrive together, the first ones start sooner."""
+        rows, longest = [], 0
         while self.waiting and self.admitted + len(rows) < self.max_batch:
-            row = self.waiting.popleft()
+            row = self.waiting[0]
+            longest = max(longest, len(row.prompt))
+            if rows and (len(rows) + 1) * longest > self.prefill_step:
+                break
+            self.waiting.popleft()
             if not row.cancelled:  # a client that left while waiting frees its place
                 rows.append(row)
         self.admitted += len(rows)

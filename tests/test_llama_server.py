@@ -188,23 +188,24 @@ def test_a_request_arriving_mid_batch_joins_without_changing_the_others_tokens(
 
 
 @pytest.mark.usefixtures("on_cpu")
-def test_rows_that_end_or_are_cancelled_leave_and_the_cache_shrinks_to_the_longest(
+def test_long_prompts_go_in_chunks_and_rows_that_leave_shrink_the_cache_to_the_longest(
     converted,
 ):
     model = import_example("llama", "model").load_model(converted[0])
-    server, engine = engine_for(model)
+    server, engine = engine_for(model, prefill_step=32)
     long, short = [1, *range(5, 45)], [1, 7, 8]
     rows = [row_for(server, long, 30), row_for(server, short, 3)]
     for row in rows:
         engine.submit(row)
     with server.batched(model):
-        engine.iterate()  # 64 prompt tokens per chunk: 32 columns of the two prompts
-        assert engine.group.done == 32 and not engine.rows
-        engine.iterate()  # the last 9 columns; the rows join, and a step
-        assert len(engine.rows) == 2
+        engine.iterate()  # 41 + 3 tokens padded are more than 32: the long one alone
+        assert engine.group.rows == rows[:1] and engine.group.done == 32
+        engine.iterate()  # its last 9 columns; it joins, and a step
+        assert engine.rows == rows[:1] and not engine.group
+        engine.iterate()  # the short one joins, padded on the left
+        assert engine.rows == rows and engine.cache[0].padding.host_pads[0] == 0
         rows[0].cancelled = True
-        while len(engine.rows) == 2:
-            engine.iterate()
+        engine.iterate()
         assert engine.rows == [rows[1]]
         # the short row's prompt and tokens so far; the one in flight is fed next
         assert engine.cache[0].offset == len(short) + len(rows[1].tokens)
