@@ -14,8 +14,9 @@ tokens (plus BOS) for both; the output layer's row of EOS is zero, so random wei
 never pick it and every reply is --max-tokens.
 
 For each number of clients (--clients, default 1 4 16 64), each client sends --requests
-streaming /v1/completions requests one after another, greedy, prompts of mixed lengths
-(from --min-prompt-tokens to --prompt-tokens, each prompt different). Measured per
+streaming /v1/completions requests one after another (each after a random pause of up
+to --arrival-ms), greedy, prompts of mixed lengths (from --min-prompt-tokens to
+--prompt-tokens, each prompt different). Measured per
 request: time to first token (TTFT) and time per output token after it (TPOT); per run:
 total tokens/s (all generated tokens over the wall time), median and range of --repeats
 runs; failed requests. Both servers may run --max-batch rows at once (mlx_lm:
@@ -194,23 +195,22 @@ def write_weights(args):
 
 
 def start(name, command, port, log):
-    """Start a server; return its process once GET /v1/models answers."""
+    """Start a server: its process once GET /v1/models answers, or None if never."""
     import httpx
 
     say(f"starting {name}: {' '.join(map(str, command))}")
     process = subprocess.Popen(list(map(str, command)), stdout=log, stderr=log)
     deadline = time.time() + 1800  # 7B weights take a while to read
-    while time.time() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"error: {name} exited with {process.returncode}; see {log.name}")
+    while time.time() < deadline and process.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200:
                 return process
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    process.kill()
-    sys.exit(f"error: {name} did not start within 30 minutes; see {log.name}")
+    say(f"{name} did not start (exit code {process.poll()}); see {log.name}")
+    stop(process)
+    return None
 
 
 def stop(process):
@@ -275,7 +275,7 @@ async def stream_one(http, prompt, max_tokens):
     return first - tic, (last - first) / max(1, tokens - 1), tokens
 
 
-async def run_clients(port, texts, clients, max_tokens):
+async def run_clients(port, texts, clients, max_tokens, arrival):
     """Each client sends its share of `texts` one after another. (seconds, results,
     failed)."""
     import httpx
@@ -288,7 +288,11 @@ async def run_clients(port, texts, clients, max_tokens):
 
         async def client(share):
             nonlocal failed
+            rng = random.Random(len(share[0]))
             for text in share:
+                # Requests arrive spread over `arrival` seconds, not all in one instant:
+                # mlx_lm.server's listening socket holds 5 connections not yet accepted.
+                await asyncio.sleep(rng.uniform(0, arrival))
                 try:
                     results.append(await stream_one(http, text, max_tokens))
                 except (httpx.HTTPError, RuntimeError, ValueError, KeyError):
@@ -301,14 +305,16 @@ async def run_clients(port, texts, clients, max_tokens):
 
 def measure(port, args, vocab_size):
     """{clients: (tokens/s of each repeat, TTFTs, TPOTs, failed)} against one server."""
-    asyncio.run(run_clients(port, prompts(2, args, vocab_size, 0), 1, args.max_tokens))
+    warm_up = prompts(2, args, vocab_size, 0)
+    asyncio.run(run_clients(port, warm_up, 1, args.max_tokens, 0))
     levels = {}
     for clients in args.clients:
         speeds, ttfts, tpots, failed = [], [], [], 0
         for repeat in range(args.repeats):
             seed = 1000 * clients + repeat
             texts = prompts(clients * args.requests, args, vocab_size, seed)
-            run = run_clients(port, texts, clients, args.max_tokens)
+            arrival = args.arrival_ms / 1e3
+            run = run_clients(port, texts, clients, args.max_tokens, arrival)
             seconds, results, lost = asyncio.run(run)
             speeds.append(sum(r[2] for r in results) / seconds)
             ttfts += [r[0] for r in results]
@@ -470,6 +476,13 @@ def parse_args():
         help="rows decoded at once by either server (default: 64)",
     )
     parser.add_argument(
+        "--arrival-ms",
+        type=in_range(float, 0),
+        default=100,
+        help="each request waits a random 0 to this many ms before it is sent "
+        "(default: 100)",
+    )
+    parser.add_argument(
         "--repeats",
         type=in_range(int, 1),
         default=3,
@@ -516,6 +529,8 @@ def main():
     for name, command in commands(args, folder, converted, args.port).items():
         log = open(args.work_dir / f"{name}.log", "w")
         process = start(name, command, args.port, log)
+        if process is None:
+            continue
         try:
             if args.duration:
                 counts, healthy = asyncio.run(soak(args.port, args, vocab_size))
