@@ -16,11 +16,10 @@ never pick it and every reply is --max-tokens.
 For each number of clients (--clients, default 1 4 16 64), each client sends --requests
 streaming /v1/completions requests one after another (each after a random pause of up
 to --arrival-ms), greedy, prompts of mixed lengths (from --min-prompt-tokens to
---prompt-tokens, each prompt different). Measured per
-request: time to first token (TTFT) and time per output token after it (TPOT); per run:
-total tokens/s (all generated tokens over the wall time), median and range of --repeats
-runs; failed requests. Both servers may run --max-batch rows at once (mlx_lm:
---decode-concurrency).
+--prompt-tokens, each prompt different). Measured per request: time to first token
+(TTFT) and time per output token after it (TPOT); per run: total tokens/s (all tokens
+generated over the wall time), median and range of --repeats runs; failed requests.
+Both servers may run --max-batch rows at once (mlx_lm: --decode-concurrency).
 
 --duration S instead runs this server alone for S seconds with --soak-clients clients
 that stream, stop reading and disconnect, wait for whole answers, or send bad requests
