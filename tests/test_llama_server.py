@@ -214,6 +214,31 @@ def test_long_prompts_go_in_chunks_and_rows_that_leave_shrink_the_cache_to_the_l
     assert rows[1].tokens == alone(model, short, 3) and engine.admitted == 0
 
 
+@pytest.mark.usefixtures("on_cpu")
+def test_a_rows_logits_processor_sees_its_tokens_and_masks_only_its_logits(converted):
+    """The hook structured output will use: called with the row's tokens so far, it
+    forces token 10, 11, 12, ... in its row; the greedy row beside it is unchanged."""
+    model = import_example("llama", "model").load_model(converted[0])
+    server, engine = engine_for(model)
+    forced, free = row_for(server, [1, 5, 6], 8), row_for(server, [1, 9, 9, 9], 8)
+    seen = []
+
+    def force_next(tokens, logits):
+        seen.append(list(tokens))
+        allowed = mx.arange(logits.shape[-1]) == 10 + len(tokens)
+        return mx.where(allowed, logits, -mx.inf)
+
+    forced.logits_processor = force_next
+    engine.submit(forced)
+    engine.submit(free)
+    with server.batched(model):
+        while engine.rows or engine.group or engine.waiting:
+            engine.iterate()
+    assert forced.tokens == list(range(10, 18))
+    assert seen[:3] == [[], [10], [10, 11]]
+    assert free.tokens == alone(model, [1, 9, 9, 9], 8)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     body = {"prompt": PROMPTS[0], "max_tokens": 80, "stream": True}
     with httpx.stream("POST", f"{server.url}/completions", json=body) as response:
