@@ -744,6 +744,9 @@ def serve(args, engine, sock):
 
 def main():
     args = parse_args()
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # while loading: as Ctrl-C
     # IPPROTO_TCP named: asyncio then turns Nagle's algorithm off (TCP_NODELAY) on each
     # connection; without it every small event waits some 40 ms for the client's ACK.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
