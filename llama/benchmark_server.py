@@ -425,20 +425,8 @@ def report(results, args):
             )
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(
-        description="Serving speed of server.py against mlx_lm.server, same weights."
-    )
-    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
-    parser.add_argument(
-        "--dtype", choices=["float16", "bfloat16", "float32"], default="float16"
-    )
-    parser.add_argument(
-        "--quantize",
-        type=int,
-        choices=[4, 8],
-        help="quantize the weights to 4 or 8 bits",
-    )
+def workload_flags(parser):
+    """The flags of what the clients send."""
     parser.add_argument(
         "--clients",
         type=in_range(int, 1, 1024),
@@ -487,6 +475,23 @@ def parse_args():
         default=3,
         help="runs per number of clients (default: 3)",
     )
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description="Serving speed of server.py against mlx_lm.server, same weights."
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    parser.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], default="float16"
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="quantize the weights to 4 or 8 bits",
+    )
+    workload_flags(parser)
     parser.add_argument(
         "--duration",
         type=in_range(float, 1),
