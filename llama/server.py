@@ -37,6 +37,7 @@ answers 503 at once. Ctrl-C or SIGTERM stops accepting, lets what runs finish
 import argparse
 import asyncio
 import json
+import math
 import random
 import signal
 import socket
@@ -56,7 +57,7 @@ from chat import chat_tokens
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from model import WeightsError, in_range
+from model import KVCache, WeightsError, in_range
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from tokenizer import StreamingDecoder, TokenizerError
@@ -137,9 +138,11 @@ def sample_rows(logits, rows):
 # ---- The batch's key/value cache -----------------------------------------------------
 
 
-def pad_left(array, columns):
-    """(B, H, S, D) -> (B, H, columns + S, D), zeros first."""
-    return mx.pad(array, [(0, 0), (0, 0), (columns, 0), (0, 0)])
+def padded(array, width, capacity):
+    """(B, H, S, D) -> (B, H, capacity, D): zeros first, so that its S positions end at
+    column `width`, and zeros after, room for the next steps to write in place."""
+    S = array.shape[2]
+    return mx.pad(array, [(0, 0), (0, 0), (width - S, capacity - width), (0, 0)])
 
 
 def join(cache, group_cache):
@@ -148,6 +151,7 @@ def join(cache, group_cache):
     the last column."""
     S, L = cache[0].offset, group_cache[0].offset
     width = max(S, L)
+    capacity = KVCache.step * math.ceil((width + 1) / KVCache.step)
     padding = Padding(
         [pad + width - S for pad in cache[0].padding.host_pads]
         + [pad + width - L for pad in group_cache[0].padding.host_pads]
@@ -158,8 +162,8 @@ def join(cache, group_cache):
         both.keys, both.values = (
             mx.concatenate(
                 [
-                    pad_left(getattr(layer, name)[:, :, :S], width - S),
-                    pad_left(getattr(group_layer, name)[:, :, :L], width - L),
+                    padded(getattr(layer, name)[:, :, :S], width, capacity),
+                    padded(getattr(group_layer, name)[:, :, :L], width, capacity),
                 ]
             )
             for name in ("keys", "values")
@@ -179,9 +183,11 @@ def trim(cache):
         return
     padding.host_pads = [pad - columns for pad in padding.host_pads]
     padding.pads, padding.masks = padding.pads - columns, {}
-    for layer in cache:
-        layer.keys = layer.keys[:, :, columns : layer.offset]
-        layer.values = layer.values[:, :, columns : layer.offset]
+    for layer in cache:  # the room after the last position stays
+        layer.keys, layer.values = (
+            layer.keys[:, :, columns:],
+            layer.values[:, :, columns:],
+        )
         layer.offset -= columns
 
 
