@@ -23,8 +23,8 @@ the engine sends back. The engine's loop, one iteration at a time:
    the batch's (the shorter side padded on the left, see `join`);
 2. step: one decoding step for every row at once (batch.py's BatchAttention: each row
    its own positions and a padding mask), each row sampled with its own settings
-   (`sample_rows`, where a row's `logits_processor` may mask its logits: a grammar,
-   say);
+   (`sample_rows`; a row asked for JSON by `response_format` has the tokens that
+   cannot continue its document masked out first, by structured.py);
 3. read: each row's token goes to its client; a row that reached a stop token or its
    limit, or whose client went away, leaves the batch at once, and the cache columns
    that only padding uses any more are cut off (`trim`).
@@ -69,9 +69,9 @@ from llama import load
 
 class Row:
     """One request's place in the batch: its prompt, its sampling settings, the tokens
-    it has generated, and the queue its client reads them from.
-    `logits_processor(tokens, logits)`, when set, returns the (vocab,) logits of this
-    row's next token changed (a mask, a bias)."""
+    it has generated, and the queue its client reads them from. Its `constraint`, when
+    set (structured.py's, from `response_format`), masks its logits and ends it once
+    its JSON document is complete."""
 
     def __init__(self, prompt, limit, temperature, top_p, seed, stop_ids):
         self.prompt, self.limit, self.stop_ids = prompt, limit, stop_ids
@@ -79,7 +79,7 @@ class Row:
         # Its own random stream (made on the engine's thread): a seed reproduces it.
         self.seed = random.getrandbits(63) if seed is None else seed % 2**63
         self.key = None
-        self.logits_processor = None
+        self.constraint = None
         self.tokens = []  # generated so far, stop token excluded
         self.cancelled = False  # set by the HTTP side: the client went away
         self.queue = asyncio.Queue()  # (token or None, finish reason or None) per step
@@ -97,6 +97,10 @@ class Row:
         if token in self.stop_ids:
             return None, "stop"
         self.tokens.append(token)
+        if self.constraint:
+            self.constraint.advance(token)
+            if self.constraint.done:  # the document is complete: nothing may follow
+                return token, "stop"
         return token, "length" if len(self.tokens) == self.limit else None
 
 
@@ -104,16 +108,13 @@ def sample_rows(logits, rows):
     """(B, vocab) logits -> (B,) tokens, row b sampled with rows[b]'s settings: greedy
     at temperature 0, else from softmax(logits / temperature) restricted to the smallest
     set of tokens whose probabilities add up to top_p (model.sample's rule, with each
-    row's own random key)."""
-    if any(row.logits_processor for row in rows):
-        logits = mx.stack(
-            [
-                row.logits_processor(row.tokens, row_logits)
-                if row.logits_processor
-                else row_logits
-                for row, row_logits in zip(rows, logits)
-            ]
-        )
+    row's own random key). A row's constraint first sets the logits of the tokens that
+    cannot continue its document to -inf."""
+    constraints = [row.constraint for row in rows]
+    if any(constraints):
+        from structured import masked
+
+        logits = masked(logits, constraints)  # each row's mask, made on the host
     greedy = mx.argmax(logits, axis=-1)
     if all(row.temperature == 0 for row in rows):
         return greedy
@@ -286,7 +287,9 @@ class Engine:
         if not last:  # start computing this chunk now, not with the next one
             mx.async_eval([(layer.keys, layer.values) for layer in group.cache])
             return
-        first = sample_rows(logits[:, -1], group.rows)
+        logits = logits[:, -1]
+        mx.async_eval(logits)  # the device runs it while the host makes masks, if any
+        first = sample_rows(logits, group.rows)
         mx.async_eval(first)
         if self.rows:
             self.cache = join(self.cache, group.cache)
@@ -300,25 +303,28 @@ class Engine:
         """Feed each row's newest token, sample the next; send the newest to clients.
 
         As model.generate does, the next step is built and started before the newest
-        tokens are read, so the host's work overlaps the device's; a row with a
-        logits_processor needs its newest token on the host before its next logits are
-        masked, so then the read comes first."""
+        tokens are read, so the host's work overlaps the device's. A constrained row's
+        mask needs its newest token on the host, so then only the model's pass is
+        started before the read: the device runs it while the host reads the tokens,
+        advances the constraints and makes the masks; sampling follows. (The device
+        waits only if the host takes longer than a pass.)"""
         pending = self.token
-        overlap = not any(row.logits_processor for row in self.rows)
-        if overlap:
-            self.token = self.next_tokens()
-        self.read(pending)
-        if not overlap and self.rows:
-            self.token = self.next_tokens()
+        logits = self.model(pending[:, None], self.cache)[:, -1]
+        if any(row.constraint for row in self.rows):
+            mx.async_eval(logits)
+            logits = self.read(pending, logits)
+            self.token = None
+            if self.rows:
+                self.token = sample_rows(logits, self.rows)
+                mx.async_eval(self.token)
+            return
+        self.token = sample_rows(logits, self.rows)
+        mx.async_eval(self.token)
+        self.token = self.read(pending, self.token)
 
-    def next_tokens(self):
-        logits = self.model(self.token[:, None], self.cache)[:, -1]
-        token = sample_rows(logits, self.rows)
-        mx.async_eval(token)
-        return token
-
-    def read(self, pending):
-        """Send each row its token; drop the rows that are done from the batch."""
+    def read(self, pending, following):
+        """Send each row its token; drop the rows that are done from the batch, and
+        their rows of `following` (the next step's logits or tokens), returned."""
         events, going = [], []
         for i, (row, token) in enumerate(zip(self.rows, pending.tolist())):
             sent, finish = row.add(token)
@@ -330,19 +336,19 @@ class Engine:
         except RuntimeError:  # the HTTP side has stopped: nobody is listening any more
             pass
         if len(going) == len(self.rows):
-            return
+            return following
         with self.lock:
             self.admitted -= len(self.rows) - len(going)
         self.rows = [self.rows[i] for i in going]
         if not going:
-            self.cache = self.token = None
-            return
+            self.cache = None
+            return None
         keep = mx.array(going)
         self.cache[0].padding.keep(going)
         for layer in self.cache:
             layer.keep(keep)
-        self.token = self.token[keep]
         trim(self.cache)
+        return following[keep]
 
 
 def deliver(events):
@@ -380,6 +386,17 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JSONSchema(Strict):
+    name: str  # a label only; the schema is enforced whether `strict` or not
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+
 class Sampling(Strict):
     """The fields both endpoints share, with OpenAI's ranges."""
 
@@ -393,6 +410,7 @@ class Sampling(Strict):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TextPart(Strict):
@@ -529,9 +547,31 @@ def make_row(body, prompt, prompt_param):
     return Row(prompt, limit, temperature, top_p, body.seed, stop_ids)
 
 
+async def constraint_for(response_format):
+    """structured.py's constraint for a JSON `response_format`, else None; 400 for a
+    schema or a tokenizer that llguidance cannot take. Loaded at the first such request
+    (the engine's copy of the tokenizer is built then, once), in a thread: the event
+    loop streams the other replies meanwhile."""
+    if response_format is None or response_format.type == "text":
+        return None
+    schema = None  # "json_object": any JSON object
+    if response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            message = 'A "json_schema" response_format needs a "json_schema" field.'
+            raise APIError(400, message, "response_format")
+        schema = response_format.json_schema.schema_
+    from structured import SchemaError, json_constraint
+
+    try:
+        return await asyncio.to_thread(json_constraint, app.state.tokenizer, schema)
+    except (SchemaError, TokenizerError) as e:
+        raise APIError(400, str(e), "response_format") from None
+
+
 async def complete(body, prompt, prompt_param, request, kind):
     """Queue the request's row and answer: a stream of events, or one JSON body."""
     row = make_row(body, prompt, prompt_param)
+    row.constraint = await constraint_for(body.response_format)
     try:
         app.state.engine.submit(row)
     except QueueFull:

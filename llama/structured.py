@@ -148,7 +148,7 @@ def engine_tokenizer(tokenizer):
     except Exception as e:  # the engine's own reasons, one line
         raise TokenizerError(
             f"llguidance cannot read this {tokenizer.kind} tokenizer for "
-            f"--json-schema ({str(e).splitlines()[0]})"
+            f"JSON output ({str(e).splitlines()[0]})"
         ) from None
 
 
@@ -206,7 +206,13 @@ def apply_bitmask(logits, bitmask):
 # ---- Generation ----------------------------------------------------------------------
 
 
-def masked(logits, constraints, executor):
+@cache
+def executor():
+    """llguidance's threads, which fill the masks of a batch's rows in parallel."""
+    return llguidance.LLExecutor()
+
+
+def masked(logits, constraints):
     """The (B, vocab) logits of the rows, each under its constraint (None: none). The
     masks are computed on the host by llguidance's threads, a row each, while the device
     computes the logits."""
@@ -216,7 +222,7 @@ def masked(logits, constraints, executor):
     bitmask = np.full(
         (len(constraints), constraints[rows[0][1]].bitmask.shape[1]), -1, np.int32
     )
-    fill_next_token_bitmask_par(executor, rows, bitmask)
+    fill_next_token_bitmask_par(executor(), rows, bitmask)
     return apply_bitmask(logits, bitmask)
 
 
@@ -235,11 +241,10 @@ def generate_constrained(
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))
-    executor = llguidance.LLExecutor()
     with batched(model):
         logits = model(tokens, cache, last_only=True)[:, -1]
         mx.async_eval(logits)  # the prompts' pass runs while the first masks are made
-        token = sample(masked(logits, constraints, executor), temp, top_p)
+        token = sample(masked(logits, constraints), temp, top_p)
         while True:
             logits = model(token[:, None], cache)[:, -1]
             mx.async_eval(logits)  # samples token n, then runs step n + 1 on it
@@ -264,7 +269,7 @@ def generate_constrained(
                     layer_cache.keep(keep)
                 logits, rows = logits[keep], [rows[i] for i in going]
             row_constraints = [constraints[row] for row in rows]
-            token = sample(masked(logits, row_constraints, executor), temp, top_p)
+            token = sample(masked(logits, row_constraints), temp, top_p)
 
 
 def row_constraints(tokenizer, schemas, numbers):

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import mlx.core as mx
 import pytest
 from helpers import LLAMA_TEXT, ROOT, import_example, run_script, tiny_llama
@@ -214,29 +215,96 @@ def test_long_prompts_go_in_chunks_and_rows_that_leave_shrink_the_cache_to_the_l
     assert rows[1].tokens == alone(model, short, 3) and engine.admitted == 0
 
 
+SWITCH = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z][0-9]$"},
+        "on": {"type": "boolean"},
+    },
+    "required": ["id", "on"],
+    "additionalProperties": False,
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 3},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+DIGITS = {"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 2, "maxItems": 4}
+
+
+def json_schema(schema):
+    """OpenAI's response_format for a JSON schema."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "reply", "schema": schema, "strict": True},
+    }
+
+
+def test_response_format_json_schema_replies_validate_streaming_and_not(server):
+    chat = client(server).chat.completions
+    messages = [{"role": "user", "content": "call me ishmael"}]
+    asked = dict(model="hf", messages=messages, max_tokens=40)
+    reply = chat.create(**asked, response_format=json_schema(SWITCH))
+    text = reply.choices[0].message.content
+    jsonschema.validate(json.loads(text), SWITCH)
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(
+        chat.create(**asked, response_format=json_schema(SWITCH), stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # /v1/completions too (an extra field for the openai client); cut by max_tokens
+    for stream in (False, True):
+        extra_body = {"response_format": json_schema(PERSON)}
+        text, finish = complete(server, PROMPTS[5], 40, stream, extra_body=extra_body)
+        jsonschema.validate(json.loads(text), PERSON)
+        cut = complete(server, PROMPTS[5], 3, stream, extra_body=extra_body)
+        assert cut == (text[: len(cut[0])], "length")
+    extra_body = {"response_format": {"type": "json_object"}}
+    text, finish = complete(server, PROMPTS[2], 60, extra_body=extra_body)
+    assert text.startswith("{") and (finish == "length" or json.loads(text) != [])
+
+
 @pytest.mark.usefixtures("on_cpu")
-def test_a_rows_logits_processor_sees_its_tokens_and_masks_only_its_logits(converted):
-    """The hook structured output will use: called with the row's tokens so far, it
-    forces token 10, 11, 12, ... in its row; the greedy row beside it is unchanged."""
+def test_rows_with_different_schemas_and_a_free_row_each_equal_their_single_runs(
+    converted,
+):
+    """Greedy rows under three schemas and an unconstrained row join a batch at
+    different steps; each gets the tokens it gets alone (structured.py's own loop for
+    the constrained ones, model.generate for the free one)."""
     model = import_example("llama", "model").load_model(converted[0])
+    tokenizer = import_example("llama", "tokenizer").load_tokenizer(converted[1], 320)
+    structured = import_example("llama", "structured")
     server, engine = engine_for(model)
-    forced, free = row_for(server, [1, 5, 6], 8), row_for(server, [1, 9, 9, 9], 8)
-    seen = []
-
-    def force_next(tokens, logits):
-        seen.append(list(tokens))
-        allowed = mx.arange(logits.shape[-1]) == 10 + len(tokens)
-        return mx.where(allowed, logits, -mx.inf)
-
-    forced.logits_processor = force_next
-    engine.submit(forced)
-    engine.submit(free)
+    prompts = [[1, *range(5, 5 + n)] for n in (6, 3, 20, 12)]
+    schemas = [SWITCH, None, PERSON, DIGITS]
+    rows = []
+    for prompt, schema in zip(prompts, schemas):
+        stop_ids = set() if schema is None else tokenizer.stop_ids
+        row = server.Row(prompt, 30, 0.0, 1.0, None, stop_ids)
+        if schema:
+            row.constraint = structured.json_constraint(tokenizer, schema)
+        rows.append(row)
     with server.batched(model):
-        while engine.rows or engine.group or engine.waiting:
+        for row in rows:
+            engine.submit(row)
+            for _ in range(3):
+                engine.iterate()
+        while engine.rows or engine.group:
             engine.iterate()
-    assert forced.tokens == list(range(10, 18))
-    assert seen[:3] == [[], [10], [10, 11]]
-    assert free.tokens == alone(model, [1, 9, 9, 9], 8)
+    for prompt, schema, row in zip(prompts, schemas, rows):
+        if schema is None:
+            assert row.tokens == alone(model, prompt, 30)
+            continue
+        constraint = structured.json_constraint(tokenizer, schema)
+        (single,) = structured.generate_constrained(
+            model, [prompt], 30, 0.0, 1.0, tokenizer.stop_ids, [constraint]
+        )
+        assert row.tokens == single and row.constraint.finish_reason == "stop"
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
@@ -272,6 +340,19 @@ BAD = [
     ),
     ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, "messages", None),
     ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages", None),
+    ({"prompt": "a", "response_format": {"type": "xml"}}, 400, "response_format", None),
+    (
+        {"prompt": "a", "response_format": {"type": "json_schema"}},
+        400,
+        "response_format",
+        None,
+    ),
+    (
+        {"prompt": "a", "response_format": json_schema({"uniqueItems": True})},
+        400,
+        "response_format",
+        None,
+    ),
 ]
 
 
@@ -294,6 +375,35 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(
     if code:
         assert error["code"] == code
     assert httpx.get(server.url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_bad_schema_or_a_tokenizer_llguidance_cannot_read_gets_400(
+    converted, server, tmp_path
+):
+    from openai import BadRequestError
+    from tokenizers import Tokenizer, models
+
+    def refusal(server, schema):
+        with pytest.raises(BadRequestError) as refused:
+            client(server).completions.create(
+                model="hf",
+                prompt="a",
+                max_tokens=4,
+                extra_body={"response_format": json_schema(schema)},
+            )
+        assert refused.value.body["param"] == "response_format"
+        return refused.value.body["message"]
+
+    assert "uniqueItems" in refusal(server, {"type": "array", "uniqueItems": True})
+    words = {f"w{i}": i for i in range(320)}
+    word_level = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    word_level.save(str(tmp_path / "tokenizer.json"))
+    unreadable = Server(converted[0], tmp_path / "tokenizer.json")
+    try:
+        assert "llguidance cannot read" in refusal(unreadable, SWITCH)
+        assert complete(unreadable, "w1 w2", 3)[1] == "length"  # the rest still works
+    finally:
+        assert unreadable.stop()[0] == 0
 
 
 def test_models_lists_the_served_model_and_unknown_paths_get_404(server):
