@@ -363,12 +363,10 @@ def deliver(events):
 class APIError(Exception):
     """An error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status, message, param=None, code=None, kind=None):
+    def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
-        self.kind = kind or (
-            "invalid_request_error" if status < 500 else "server_error"
-        )
+        self.kind = "invalid_request_error" if status < 500 else "server_error"
 
     def response(self):
         error = dict(
@@ -549,9 +547,10 @@ def make_row(body, prompt, prompt_param):
 
 async def constraint_for(response_format):
     """structured.py's constraint for a JSON `response_format`, else None; 400 for a
-    schema or a tokenizer that llguidance cannot take. Loaded at the first such request
-    (the engine's copy of the tokenizer is built then, once), in a thread: the event
-    loop streams the other replies meanwhile."""
+    schema or a tokenizer that llguidance cannot take. The first such request loads
+    structured.py and builds llguidance's copy of the tokenizer, once (1-2 s for 128k
+    tokens, holding Python's lock: every stream pauses that once); a schema compiles
+    in a thread, while the event loop streams the other replies."""
     if response_format is None or response_format.type == "text":
         return None
     schema = None  # "json_object": any JSON object
@@ -560,9 +559,10 @@ async def constraint_for(response_format):
             message = 'A "json_schema" response_format needs a "json_schema" field.'
             raise APIError(400, message, "response_format")
         schema = response_format.json_schema.schema_
-    from structured import SchemaError, json_constraint
+    from structured import SchemaError, engine_tokenizer, json_constraint
 
     try:
+        engine_tokenizer(app.state.tokenizer)  # here: built once however many ask
         return await asyncio.to_thread(json_constraint, app.state.tokenizer, schema)
     except (SchemaError, TokenizerError) as e:
         raise APIError(400, str(e), "response_format") from None
@@ -601,9 +601,8 @@ class Reply:
         self.stops = [stop for stop in self.stops if stop]
         self.usage = body.stream_options and body.stream_options.include_usage
         self.decoder = StreamingDecoder(app.state.tokenizer, row.prompt)
-        self.id = (
-            f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        )
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.generated = 0  # tokens received
 
@@ -654,11 +653,9 @@ class Reply:
         return {**choice, "delta": delta}
 
     def body(self, choices, stream, **fields):
-        kind = (
-            f"{self.kind}.chunk"
-            if stream and self.kind != "text_completion"
-            else self.kind
-        )
+        kind = self.kind
+        if stream and kind != "text_completion":
+            kind += ".chunk"
         head = dict(id=self.id, object=kind, created=self.created, model=app.state.name)
         return {**head, "choices": choices, **fields}
 
@@ -790,9 +787,8 @@ def serve(args, engine, sock):
 
 def main():
     args = parse_args()
-    signal.signal(
-        signal.SIGTERM, signal.default_int_handler
-    )  # while loading: as Ctrl-C
+    # SIGTERM while loading stops it as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # IPPROTO_TCP named: asyncio then turns Nagle's algorithm off (TCP_NODELAY) on each
     # connection; without it every small event waits some 40 ms for the client's ACK.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

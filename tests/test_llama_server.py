@@ -257,6 +257,10 @@ def test_response_format_json_schema_replies_validate_streaming_and_not(server):
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == "stop"
+    sampled = chat.create(
+        **asked, response_format=json_schema(SWITCH), temperature=1.0, seed=3
+    )
+    jsonschema.validate(json.loads(sampled.choices[0].message.content), SWITCH)
     # /v1/completions too (an extra field for the openai client); cut by max_tokens
     for stream in (False, True):
         extra_body = {"response_format": json_schema(PERSON)}
