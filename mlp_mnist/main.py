@@ -32,6 +32,7 @@ except KeyboardInterrupt:
 def write_atomically(path, write):
     """write(binary file) fills a temporary file, renamed to `path` when whole: a
     reader finds the old file or the new one, never half of one. Also for convert.py."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:

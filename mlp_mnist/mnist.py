@@ -30,7 +30,10 @@ MD5 = {
 
 
 def read_idx(path):
-    """The uint8 array of an IDX file: (count, rows, cols) images or (count,) labels."""
+    """The uint8 array of the IDX file `path` or `path`.gz: (count, rows, cols) images
+    or (count,) labels."""
+    if not path.is_file():
+        path = path.with_name(f"{path.name}.gz")
     try:
         data = path.read_bytes()
         data = gzip.decompress(data) if path.suffix == ".gz" else data
@@ -48,10 +51,7 @@ def read_idx(path):
 def load_dir(folder):
     """train_images, train_labels, test_images, test_labels: images (N, rows * cols)
     float32 in [0, 1], labels (N,) uint32."""
-    data = []
-    for name in MD5:
-        path = Path(folder) / name
-        data.append(read_idx(path if path.is_file() else path.with_name(f"{name}.gz")))
+    data = [read_idx(Path(folder) / name) for name in MD5]
     for images, labels in (data[:2], data[2:]):
         n = len(labels)
         if images.ndim != 3 or len(images) != n or not n or labels.max() > 9:

@@ -163,6 +163,11 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp
     assert os.listdir(tmp_path) == ["o.npy"]
 
 
+def test_an_output_can_be_written_into_a_new_folder(tmp_path):
+    embed.write_atomically(tmp_path / "weights" / "o.npz", lambda f: f.write(b"x"))
+    assert (tmp_path / "weights" / "o.npz").read_bytes() == b"x"
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
 def test_outputs_get_the_users_umask(tmp_path, umask, mode):
     previous = os.umask(umask)

@@ -298,6 +298,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     ]
 
 
+def test_the_weights_can_be_saved_into_a_new_folder(tmp_path):
+    main.write_atomically(tmp_path / "new" / "w.safetensors", lambda f: f.write(b"x"))
+    assert (tmp_path / "new" / "w.safetensors").read_bytes() == b"x"
+
+
 def test_the_saved_weights_get_the_users_umask(tmp_path):
     path = tmp_path / "w.safetensors"
     old = os.umask(0o027)
@@ -445,7 +450,7 @@ def test_convert_refuses_damaged_or_foreign_pytorch_files_in_one_line(
         ("missing.safetensors", "out.pt", "does not exist"),
         ("folder.safetensors", "out.pt", "is not a file"),
         ("in.safetensors", "folder.pt", "Is a directory"),
-        ("in.safetensors", "a_file/out.pt", "a_file/"),
+        ("in.safetensors", "a_file/out.pt", "a_file"),
         ("in.safetensors", "out.npz", "cannot convert .safetensors to .npz"),
     ],
 )
