@@ -1,32 +1,41 @@
-"""Forward throughput (sequences/s) of the MLX BERT against transformers' BertModel (SDPA attention), and
-sentence embeddings (sentences/s) of embed.py's encode() against sentence-transformers' encode().
+"""Forward throughput (sequences/s) of the MLX BERT against transformers' BertModel
+(SDPA attention), and sentence embeddings (sentences/s) of embed.py's encode() against
+sentence-transformers' encode().
 
-    python bert/benchmark.py                                   # bert-base shape, CPU, float32
+    python bert/benchmark.py                       # bert-base shape, CPU, float32
     python bert/benchmark.py --device gpu --dtype float16 --shapes 32x128
-    python bert/benchmark.py --tiny --repeats 1                # a tiny model, for a quick check
-    python bert/benchmark.py --embed --device gpu --dtype float16 --repeats 5   # MiniLM's and bert-base's shapes
-    python bert/benchmark.py --embed --tiny --sentences 64 --repeats 1          # a tiny model, for a quick check
+    python bert/benchmark.py --tiny --repeats 1    # a tiny model, a quick check
+    python bert/benchmark.py --embed --device gpu --dtype float16 --repeats 5
+    python bert/benchmark.py --embed --tiny --sentences 64 --repeats 1
 
-Random weights, no download. Each row: median seconds per forward pass of each framework, the
-throughput, and the ratio (above 1: MLX is faster). On Linux CPU, preload OpenBLAS first (see the
-README); PyTorch is then timed in a child process without LD_PRELOAD, since the preload would also
-replace PyTorch's own MKL. Progress and the time left go to stderr as it runs; the table to stdout.
+--embed times MiniLM's and bert-base's shapes; --tiny a tiny model, for a quick check.
+
+Random weights, no download. Each row: median seconds per forward pass of each
+framework, the throughput, and the ratio (above 1: MLX is faster). On Linux CPU, preload
+OpenBLAS first (see the README); PyTorch is then timed in a child process without
+LD_PRELOAD, since the preload would also replace PyTorch's own MKL. Progress and the
+time left go to stderr as it runs; the table to stdout.
 """
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from cli import positive_int, run
-from model import DTYPES, Bert, BertConfig
+try:  # Ctrl-C while the libraries load ends with one line too
+    import argparse
+    import json
+    import os
+    import statistics
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from embed import positive_int
+    from model import DTYPES, Bert, BertConfig
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 BASE = dict(
     vocab_size=30522,
@@ -44,7 +53,8 @@ TINY = dict(
     intermediate_size=37,
     max_position_embeddings=64,
 )
-# all-MiniLM-L6-v2's shape, for --embed (bert-base is the other); the tiny one has room for 100 words.
+# all-MiniLM-L6-v2's shape, for --embed (bert-base is the other); the tiny one has room
+# for 100 words.
 MINILM = dict(
     BASE,
     hidden_size=384,
@@ -56,7 +66,8 @@ TINY_EMBED = dict(TINY, vocab_size=1100, max_position_embeddings=128)
 
 
 def warn_if_reference_blas():
-    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless OpenBLAS is preloaded."""
+    """mlx[cpu] on Linux ships netlib's reference BLAS (~30x slower matmul) unless
+    OpenBLAS is preloaded."""
     if not sys.platform.startswith("linux"):
         return
     with open("/proc/self/maps") as f:
@@ -65,8 +76,8 @@ def warn_if_reference_blas():
     openblas = any(lib.rsplit("/", 1)[-1].startswith("libopenblas") for lib in libs)
     if reference and not openblas:
         print(
-            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matmul); "
-            "see README.md to preload OpenBLAS",
+            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow "
+            "matmul); see README.md to preload OpenBLAS",
             file=sys.stderr,
         )
 
@@ -82,9 +93,10 @@ def duration(seconds):
 
 
 class Progress:
-    """Says on stderr how the timings go and how long the rest will take: after the first forward pass,
-    every 10 s within a long timing, and at the end of each. The time left is estimated from the passes
-    so far in seconds per token (B*T), so that a small shape after a large one is not overrated."""
+    """Says on stderr how the timings go and how long the rest will take: after the
+    first forward pass, every 10 s within a long timing, and at the end of each. The
+    time left is estimated from the passes so far in seconds per token (B*T), so that a
+    small shape after a large one is not overrated."""
 
     def __init__(self, tokens_to_run):
         self.tokens_left, self.tokens_done, self.seconds = tokens_to_run, 0, 0.0
@@ -94,7 +106,8 @@ class Progress:
         now = time.perf_counter()
         left = self.seconds / self.tokens_done * self.tokens_left
         say(
-            f"{message}; {duration(now - self.start)} so far, about {duration(left)} to go"
+            f"{message}; {duration(now - self.start)} so far, about {duration(left)} "
+            "to go"
         )
         self.last_said = now
 
@@ -112,7 +125,8 @@ class Progress:
 
 
 def median_seconds(fn, repeats, warmup=2, on_pass=lambda seconds: None):
-    """Median seconds of `repeats` calls of fn after `warmup` untimed ones; on_pass(seconds) after each call."""
+    """Median seconds of `repeats` calls of fn after `warmup` untimed ones;
+    on_pass(seconds) after each call."""
     times = []
     for _ in range(warmup + repeats):
         tic = time.perf_counter()
@@ -123,7 +137,7 @@ def median_seconds(fn, repeats, warmup=2, on_pass=lambda seconds: None):
 
 
 def batch(vocab_size, B, T, seed=0):
-    """Token ids and an attention mask with some padding in every row after the first."""
+    """Token ids and an attention mask with some padding in each row but the first."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size, (B, T)).astype(np.int32)
     lengths = np.maximum(1, T - rng.integers(0, T // 4 + 1, B))
@@ -133,11 +147,15 @@ def batch(vocab_size, B, T, seed=0):
 
 
 def time_shapes(name, forward, inputs, shapes, repeats, progress):
-    """{"BxT": median seconds} of forward(*inputs(B, T)) for each shape, each timing reported to `progress`."""
+    """{"BxT": median seconds} of forward(*inputs(B, T)) for each shape, each timing
+    reported to `progress`."""
     result = {}
     for B, T in shapes:
         args, label = inputs(B, T), f"{name} {B}x{T}"
-        on_pass = lambda seconds: progress.forward_done(label, seconds, B * T)
+
+        def on_pass(seconds):
+            return progress.forward_done(label, seconds, B * T)
+
         result[f"{B}x{T}"] = median_seconds(
             lambda: forward(*args), repeats, on_pass=on_pass
         )
@@ -151,7 +169,10 @@ def time_mlx(config, shapes, dtype, repeats, progress):
     model.set_dtype(DTYPES[dtype])
     model.eval()
     mx.eval(model.parameters())
-    inputs = lambda B, T: [mx.array(a) for a in batch(config["vocab_size"], B, T)]
+
+    def inputs(B, T):
+        return [mx.array(a) for a in batch(config["vocab_size"], B, T)]
+
     compiled_model = mx.compile(model)
     # mx.eval: MLX is lazy, so a pass is timed only once its output is computed.
     return [
@@ -181,14 +202,18 @@ def time_torch(config, shapes, dtype, repeats, device, progress):
             model(input_ids=ids, attention_mask=mask)
         sync()
 
-    inputs = lambda B, T: [
-        torch.from_numpy(a).long().to(device) for a in batch(config["vocab_size"], B, T)
-    ]
+    def inputs(B, T):
+        return [
+            torch.from_numpy(a).long().to(device)
+            for a in batch(config["vocab_size"], B, T)
+        ]
+
     return time_shapes("PyTorch", forward, inputs, shapes, repeats, progress)
 
 
 def profile_layer(config, B, T, dtype, repeats):
-    """{piece: (MLX ms, PyTorch ms or None)} for one MLX encoder layer at (B, T): where does the time go?"""
+    """{piece: (MLX ms, PyTorch ms or None)} for one MLX encoder layer at (B, T): where
+    does the time go?"""
     import torch
 
     D, F, H = (
@@ -222,7 +247,8 @@ def profile_layer(config, B, T, dtype, repeats):
         "exp on (B*T, 4D), for scale": lambda: mx.exp(h),
         "multiply on (B*T, 4D), for scale": lambda: h * h,
     }
-    # The element-wise pieces in PyTorch on the same device, for comparison (no BLAS involved).
+    # The element-wise pieces in PyTorch on the same device, for comparison (no BLAS
+    # involved).
     th = torch.randn(
         B * T,
         F,
@@ -248,8 +274,8 @@ def profile_layer(config, B, T, dtype, repeats):
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {shape: seconds}.
-    Its progress lines reach stderr directly."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {shape:
+    seconds}. Its progress lines reach stderr directly."""
     say("PyTorch, in a child process without LD_PRELOAD:")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run(
@@ -260,16 +286,18 @@ def torch_in_child(argv):
     )
     if result.returncode != 0:
         sys.exit(
-            f"error: the PyTorch child process failed (exit status {result.returncode}); its message is above"
+            "error: the PyTorch child process failed (exit status "
+            f"{result.returncode}); its message is above"
         )
     return json.loads(result.stdout.splitlines()[-1])
 
 
-# ---------------------------------------------------------------- --embed: sentence embeddings
+# ------------------------------------------------------- --embed: sentence embeddings
 
 
 def embed_sentences(n, seed=0):
-    """(n sentences of 5 to 100 words, the vocabulary): words drawn from 1,000 made-up ones, seeded."""
+    """(n sentences of 5 to 100 words, the vocabulary): words drawn from 1,000 made-up
+    ones, seeded."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     vocabulary = sorted(
@@ -281,7 +309,8 @@ def embed_sentences(n, seed=0):
 
 
 def save_random_bert(config, vocabulary, folder):
-    """A random BertModel of `config` (seeded) and a WordPiece tokenizer (HF's fast one) of `vocabulary`, in `folder`."""
+    """A random BertModel of `config` (seeded) and a WordPiece tokenizer (HF's fast one)
+    of `vocabulary`, in `folder`."""
     import torch
     from transformers import BertConfig as HFConfig
     from transformers import BertModel, BertTokenizer
@@ -297,7 +326,8 @@ def save_random_bert(config, vocabulary, folder):
 
 
 def sentence_transformer(folder, dtype, device):
-    """sentence-transformers' model of `folder` with mean pooling and normalization, as all-MiniLM-L6-v2's."""
+    """sentence-transformers' model of `folder` with mean pooling and normalization, as
+    all-MiniLM-L6-v2's."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -320,7 +350,8 @@ def sentence_transformer(folder, dtype, device):
 
 
 def mlx_encoder(folder, dtype):
-    """(model, tokenizer) of `folder` for embed.encode, converted as convert.py converts it."""
+    """(model, tokenizer) of `folder` for embed.encode, converted as convert.py converts
+    it."""
     import convert
     from model import load_model
 
@@ -329,12 +360,14 @@ def mlx_encoder(folder, dtype):
 
 
 def time_passes(label, encode_all, repeats, progress, work):
-    """Seconds of each of `repeats` passes of encode_all() over all sentences, after one warm-up pass that
-    compiles every batch shape; each pass reported to `progress` as `work` (a pass's share of the total)."""
+    """Seconds of each of `repeats` passes of encode_all() over all sentences, after one
+    warm-up pass that compiles every batch shape; each pass reported to `progress` as
+    `work` (a pass's share of the total)."""
     times = []
     for i in range(1 + repeats):
         tic = time.perf_counter()
-        encode_all()  # returns NumPy arrays, so the work is done when it returns (MLX and CUDA alike)
+        # Returns NumPy arrays, so the work is done when it returns (MLX and CUDA alike)
+        encode_all()
         times.append(time.perf_counter() - tic)
         progress.forward_done(
             f"{label} {'warm-up' if i == 0 else f'pass {i}'}",
@@ -351,7 +384,10 @@ def time_embed_st(args, folders, sentences, progress):
     result = {}
     for name, folder in folders.items():
         st = sentence_transformer(folder, args.dtype, device)
-        encode_all = lambda: st.encode(sentences, batch_size=args.batch_size)
+
+        def encode_all():
+            return st.encode(sentences, batch_size=args.batch_size)
+
         result[name] = time_passes(
             f"sentence-transformers {name}",
             encode_all,
@@ -363,7 +399,8 @@ def time_embed_st(args, folders, sentences, progress):
 
 
 def time_embed_mlx(args, folders, sentences, progress):
-    """({shape: [seconds]} of embed.encode (and of it with mx.compile, or None), {shape: max |MLX - s-t|})."""
+    """({shape: [seconds]} of embed.encode (and of it with mx.compile, or None), {shape:
+    max |MLX - s-t|})."""
     import embed
 
     device = "cuda" if args.device == "gpu" else "cpu"
@@ -371,9 +408,12 @@ def time_embed_mlx(args, folders, sentences, progress):
     pooling = embed.Pooling("mean", normalize=True)
     for name, folder in folders.items():
         model, tokenizer = mlx_encoder(folder, args.dtype)
-        encode_all = lambda forward=None: embed.encode(
-            model, tokenizer, sentences, pooling, args.batch_size, forward=forward
-        )
+
+        def encode_all(forward=None):
+            return embed.encode(
+                model, tokenizer, sentences, pooling, args.batch_size, forward=forward
+            )
+
         times[name] = time_passes(
             f"MLX {name}", encode_all, args.repeats, progress, embed_work(args, name)
         )
@@ -386,7 +426,8 @@ def time_embed_mlx(args, folders, sentences, progress):
                 progress,
                 embed_work(args, name),
             )
-        # The two agree: one batch checked against sentence-transformers (in this process, whatever the timing).
+        # The two agree: one batch checked against sentence-transformers (in this
+        # process, whatever the timing).
         batch = sentences[: args.batch_size]
         reference = sentence_transformer(folder, args.dtype, device).encode(
             batch, batch_size=args.batch_size
@@ -408,14 +449,19 @@ def run_embed(args, argv):
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
 
-    disable_progress_bar()  # transformers' and the Hub's bars for saving and loading the models, between our lines
+    # transformers' and the Hub's bars for saving and loading the models, between our
+    # lines.
+    disable_progress_bar()
     disable_progress_bars()
     sentences, vocabulary = embed_sentences(args.sentences)
     if args.only is None:
         say(
-            f"timing sentence embeddings of {args.sentences:,} sentences (5 to 100 words) at the "
-            f"{', '.join(args.embed_shapes)} shape on {args.device}, {args.dtype}, batch {args.batch_size}: "
-            f"MLX{', MLX compiled' if args.compile else ''} and sentence-transformers, 1 warm-up and "
+            f"timing sentence embeddings of {args.sentences:,} sentences (5 to 100 "
+            "words) at the "
+            f"{', '.join(args.embed_shapes)} shape on {args.device}, {args.dtype}, "
+            f"batch {args.batch_size}: "
+            f"MLX{', MLX compiled' if args.compile else ''} and "
+            "sentence-transformers, 1 warm-up and "
             f"{args.repeats} timed passes each over all sentences"
         )
     frameworks = (
@@ -450,36 +496,50 @@ def print_embed_table(args, t_mlx, t_compiled, t_st, difference, separate):
     import sentence_transformers
     import torch
 
-    rate = lambda times: [args.sentences / t for t in times]  # sentences/s of each pass
-    number = lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-    shown = lambda times: (
-        f"{number(statistics.median(rate(times)))} ({number(min(rate(times)))}-{number(max(rate(times)))})"
-    )
+    def rate(times):
+        return [args.sentences / t for t in times]  # sentences/s of each pass
+
+    def number(x):
+        return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+    def shown(times):
+        return (
+            f"{number(statistics.median(rate(times)))} "
+            f"({number(min(rate(times)))}-{number(max(rate(times)))})"
+        )
+
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
     print(
-        f"sentence embeddings: {args.sentences:,} sentences of 5 to 100 words, batch {args.batch_size}, {args.dtype}, "
-        f"random weights, mean pooling + normalization, median (range) of {args.repeats} passes, tokenization "
-        f"included; MLX {mx.__version__} on {mx.default_device()}{gpu}; sentence-transformers "
-        f"{sentence_transformers.__version__}, PyTorch {torch.__version__} on {'cuda' if args.device == 'gpu' else 'cpu'}"
+        f"sentence embeddings: {args.sentences:,} sentences of 5 to 100 words, batch "
+        f"{args.batch_size}, {args.dtype}, "
+        "random weights, mean pooling + normalization, median (range) of "
+        f"{args.repeats} passes, tokenization "
+        f"included; MLX {mx.__version__} on {mx.default_device()}{gpu}; "
+        "sentence-transformers "
+        f"{sentence_transformers.__version__}, PyTorch {torch.__version__} on "
+        f"{'cuda' if args.device == 'gpu' else 'cpu'}"
         f"{' (in a child process without LD_PRELOAD)' if separate else ''}"
     )
     compiled_header = (
         f" {'MLX compiled sent/s':>24} {'compiled/s-t':>12}" if t_compiled else ""
     )
     print(
-        f"{'shape':>9} {'s-t sent/s':>24} {'MLX sent/s':>24} {'MLX/s-t':>8}{compiled_header} {'max |MLX - s-t|':>16}"
+        f"{'shape':>9} {'s-t sent/s':>24} {'MLX sent/s':>24} "
+        f"{'MLX/s-t':>8}{compiled_header} {'max |MLX - s-t|':>16}"
     )
     for name in t_mlx:
-        ratio = lambda times: (
-            f"{statistics.median(t_st[name]) / statistics.median(times):.2f}x"
-        )
+
+        def ratio(times):
+            return f"{statistics.median(t_st[name]) / statistics.median(times):.2f}x"
+
         compiled = (
             f" {shown(t_compiled[name]):>24} {ratio(t_compiled[name]):>12}"
             if t_compiled
             else ""
         )
         print(
-            f"{name:>9} {shown(t_st[name]):>24} {shown(t_mlx[name]):>24} {ratio(t_mlx[name]):>8}{compiled} "
+            f"{name:>9} {shown(t_st[name]):>24} {shown(t_mlx[name]):>24} "
+            f"{ratio(t_mlx[name]):>8}{compiled} "
             f"{difference[name]:>16.1e}"
         )
 
@@ -507,7 +567,8 @@ def parse_args(argv):
         "--shapes",
         type=parse_shape,
         nargs="+",
-        help="batch shapes as BATCHxTOKENS (default: 8x128 1x16; with --tiny 8x64 1x16)",
+        help="batch shapes as BATCHxTOKENS (default: 8x128 1x16; with --tiny 8x64 "
+        "1x16)",
     )
     parser.add_argument(
         "--device",
@@ -525,7 +586,8 @@ def parse_args(argv):
         "--repeats",
         type=positive_int,
         default=10,
-        help="timed forward passes (with --embed: passes over all sentences); the median is used (default: 10)",
+        help="timed forward passes (with --embed: passes over all sentences); the "
+        "median is used (default: 10)",
     )
     parser.add_argument(
         "--tiny",
@@ -540,8 +602,10 @@ def parse_args(argv):
     parser.add_argument(
         "--embed",
         action="store_true",
-        help="instead, time sentence embeddings (embed.py's encode against sentence-transformers' "
-        "encode, tokenization included) at the shapes of all-MiniLM-L6-v2 and bert-base",
+        help="instead, time sentence embeddings (embed.py's encode against "
+        "sentence-transformers' "
+        "encode, tokenization included) at the shapes of all-MiniLM-L6-v2 and "
+        "bert-base",
     )
     parser.add_argument(
         "--sentences",
@@ -571,7 +635,8 @@ def parse_args(argv):
     )
     if max(T for _, T in args.shapes) > args.config["max_position_embeddings"]:
         parser.error(
-            f"sequences longer than {args.config['max_position_embeddings']} tokens do not fit the model"
+            f"sequences longer than {args.config['max_position_embeddings']} tokens "
+            "do not fit the model"
         )
     return args
 
@@ -591,7 +656,8 @@ def print_profile(args):
         args.config, B, T, args.dtype, args.repeats
     ).items():
         print(
-            f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  {name}"
+            f"  {ms:8.2f}  {ms_torch if ms_torch is not None else float('nan'):8.2f}  "
+            f"{name}"
         )
 
 
@@ -637,12 +703,15 @@ def run_forward(args, argv):
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
     print(
         f"{name} shape, random weights, {args.dtype}, "
-        f"median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}; "
+        f"median of {args.repeats}; MLX {mx.__version__} on "
+        f"{mx.default_device()}{gpu}; "
         f"PyTorch {torch.__version__} on {torch_device}"
-        f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers SDPA attention"
+        f"{' (in a child process without LD_PRELOAD)' if separate else ''}, "
+        "transformers SDPA attention"
     )
     print(
-        f"{'shape':>7} {'MLX seq/s':>10} {'MLX compiled':>13} {'PyTorch seq/s':>14} {'MLX/PyTorch':>12}"
+        f"{'shape':>7} {'MLX seq/s':>10} {'MLX compiled':>13} {'PyTorch seq/s':>14} "
+        f"{'MLX/PyTorch':>12}"
     )
     for shape in t_mlx:
         B = int(shape.split("x")[0])
@@ -661,7 +730,8 @@ def main(argv=None):
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
             sys.exit(
-                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; "
+                "use --device cpu"
             )
         mx.set_default_device(mx.gpu)
     elif args.only is None:
@@ -673,4 +743,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    try:
+        main()
+    except KeyboardInterrupt:  # a benchmark writes nothing
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))  # one line

@@ -1,27 +1,39 @@
-"""Convert a Hugging Face BERT checkpoint, or a sentence-transformers model built on one, to one .npz of MLX weights.
+"""Convert a Hugging Face BERT checkpoint, or a sentence-transformers model built on
+one, to one .npz of MLX weights.
 
-    python bert/convert.py --bert-model bert-base-uncased --mlx-model weights/bert-base-uncased.npz
-    python bert/convert.py --bert-model sentence-transformers/all-MiniLM-L6-v2 --mlx-model weights/minilm.npz
-    python bert/convert.py --bert-model path/to/local/folder --mlx-model weights/mine.npz
+    python bert/convert.py --bert-model bert-base-uncased --mlx-model weights/bert.npz
+    python bert/convert.py --bert-model sentence-transformers/all-MiniLM-L6-v2 \\
+        --mlx-model weights/minilm.npz
+    python bert/convert.py --bert-model path/to/folder --mlx-model weights/mine.npz
 
-`--bert-model` is a Hub name (downloaded once to the Hugging Face cache) or a local folder with
-config.json and model.safetensors (or pytorch_model.bin). The masked-LM head is kept when the
-checkpoint has one (BertForMaskedLM, BertForPreTraining); the next-sentence head is dropped.
+`--bert-model` is a Hub name (downloaded once to the Hugging Face cache) or a local
+folder with config.json and model.safetensors (or pytorch_model.bin). The masked-LM head
+is kept when the checkpoint has one (BertForMaskedLM, BertForPreTraining); the
+next-sentence head is dropped.
 
-A sentence-transformers folder (modules.json: Transformer, Pooling, optionally Normalize) also gets its
-pooling stored in the .npz, as the JSON bytes of {"mode": "mean" | "cls" | "max", "normalize": bool,
-"max_seq_length": int or null, "do_lower_case": bool} under the name `pooling`, which embed.py reads.
+A sentence-transformers folder (modules.json: Transformer, Pooling, optionally
+Normalize) also gets its pooling stored in the .npz, as the JSON bytes of {"mode":
+"mean" | "cls" | "max", "normalize": bool, "max_seq_length": int or null,
+"do_lower_case": bool} under the name `pooling`, which embed.py reads.
 """
 
-import argparse
-import json
-import re
-from pathlib import Path
+import sys
 
-import numpy as np
-from cli import check_writable, run, write_atomically
+try:  # Ctrl-C while the libraries load ends with one line too
+    import argparse
+    import json
+    import os
+    import re
+    from pathlib import Path
 
-# Hugging Face name (after stripping a leading "bert.") -> MLX name, as (regex, replacement) pairs.
+    import numpy as np
+    from embed import Pooling, pooling_array, write_atomically
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+# Hugging Face name (after stripping a leading "bert.") -> MLX name, as (regex,
+# replacement) pairs.
 KEY_MAP = [
     (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
     (
@@ -54,8 +66,8 @@ KEY_MAP = [
         r"embeddings.\1_embeddings.weight",
     ),
 ]
-# Present in some checkpoints and not needed: the decoder is tied to the word embeddings, the NSP
-# head is not part of this model, position_ids is a buffer.
+# Present in some checkpoints and not needed: the decoder is tied to the word
+# embeddings, the NSP head is not part of this model, position_ids is a buffer.
 DROPPED = [
     r"^cls\.predictions\.decoder\.",
     r"^cls\.seq_relationship\.",
@@ -63,16 +75,15 @@ DROPPED = [
 ]
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message says what is wrong with it."""
 
 
 def hf_to_mlx_name(name):
     """The MLX parameter name for a Hugging Face one, or None if it is dropped."""
     name = re.sub(r"^bert\.", "", name)
-    name = re.sub(
-        r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name)
-    )  # old LayerNorm names
+    # Old LayerNorm names.
+    name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
     if any(re.search(pattern, name) for pattern in DROPPED):
         return None
     for pattern, replacement in KEY_MAP:
@@ -84,8 +95,9 @@ def hf_to_mlx_name(name):
 
 
 def looks_like_a_path(name):
-    """True unless `name` can only be a Hugging Face repository id ("name" or "org/name"): a path
-    exists, starts with . / or ~, has more than one separator, or starts with a folder that exists here."""
+    """True unless `name` can only be a Hugging Face repository id ("name" or
+    "org/name"): a path exists, starts with . / or ~, has more than one separator, or
+    starts with a folder that exists here."""
     if (
         Path(name).exists()
         or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None
@@ -96,13 +108,15 @@ def looks_like_a_path(name):
 
 
 def resolve(bert_model):
-    """A local folder for `bert_model`: itself if it is a folder, else a Hub download (cached)."""
+    """A local folder for `bert_model`: itself if it is a folder, else a Hub download
+    (cached)."""
     if Path(bert_model).is_dir():
         return Path(bert_model)
     if looks_like_a_path(bert_model):
         raise ConversionError(
-            f"{bert_model} is not a folder; --bert-model takes a folder with config.json and "
-            "model.safetensors (or pytorch_model.bin), or a Hub name such as bert-base-uncased"
+            f"{bert_model} is not a folder; --bert-model takes a folder with "
+            "config.json and model.safetensors (or pytorch_model.bin), or a Hub name "
+            "such as bert-base-uncased"
         )
     from huggingface_hub import snapshot_download
 
@@ -128,12 +142,13 @@ def resolve(bert_model):
     except Exception as e:  # offline, unknown name, ...
         raise ConversionError(
             f"cannot get {bert_model!r} from the Hugging Face Hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder instead"
+            f"{e}); pass a local folder instead"
         ) from None
 
 
 def read_checkpoint(folder):
-    """{Hugging Face name: numpy array} from model.safetensors (single or sharded) or pytorch_model.bin."""
+    """{Hugging Face name: numpy array} from model.safetensors (single or sharded) or
+    pytorch_model.bin."""
     from safetensors.numpy import load_file
 
     try:
@@ -148,7 +163,7 @@ def read_checkpoint(folder):
         if (folder / "pytorch_model.bin").is_file():
             import torch
 
-            # weights_only=True: never unpickle arbitrary objects from a downloaded file.
+            # weights_only=True: never unpickle arbitrary objects from a download.
             state_dict = torch.load(
                 folder / "pytorch_model.bin", map_location="cpu", weights_only=True
             )
@@ -171,12 +186,14 @@ def read_json(path, kind=dict):
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(value, kind):
         raise ConversionError(
-            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} expected; is it damaged?"
+            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} "
+            "expected; is it damaged?"
         )
     return value
 
 
-# The older config.json of sentence-transformers' Pooling: one boolean per mode (mean when none is set).
+# The older config.json of sentence-transformers' Pooling: one boolean per mode (mean
+# when none is set).
 LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -188,35 +205,33 @@ LEGACY_POOLING_KEYS = {
 
 
 def pooling_mode(folder, path):
-    """The pooling mode of the Pooling module in folder/path (its config.json), checked against the model's size."""
+    """The pooling mode of the Pooling module in folder/path (its config.json), checked
+    against the model's size."""
     file = folder / path / "config.json"
     config = read_json(file)
-    if (
-        "pooling_mode" in config
-    ):  # sentence-transformers 6: a mode, or a list of modes to concatenate
-        modes = (
-            config["pooling_mode"]
-            if isinstance(config["pooling_mode"], list)
-            else [config["pooling_mode"]]
-        )
+    if "pooling_mode" in config:  # sentence-transformers 6: a mode, or a list of modes
+        modes = config["pooling_mode"]
+        if not isinstance(modes, list):
+            modes = [modes]
     else:
         modes = [
             mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)
         ] or ["mean"]
     dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
-    if dim != (hidden := read_json(folder / "config.json").get("hidden_size")):
+    hidden = read_json(folder / "config.json").get("hidden_size")
+    if dim != hidden:
         raise ConversionError(
-            f"{file} pools vectors of {dim} dimensions, but the model's hidden_size is {hidden}"
+            f"{file} pools vectors of {dim} dimensions, but the model's hidden_size is "
+            f"{hidden}"
         )
     return " + ".join(map(str, modes))  # more than one is refused by Pooling
 
 
 def read_pooling(folder):
-    """The Pooling of a sentence-transformers folder (modules.json), None for a plain BERT folder."""
+    """The Pooling of a sentence-transformers folder (modules.json), None for a plain
+    BERT folder. Pooling checks it as a whole."""
     if not (folder / "modules.json").is_file():
         return None
-    from embed import Pooling  # which checks the pooling as a whole
-
     modules = read_json(folder / "modules.json", list)
     if not all(isinstance(m, dict) for m in modules):
         raise ConversionError(f"{folder / 'modules.json'} is not a list of modules")
@@ -226,24 +241,24 @@ def read_pooling(folder):
         ["Transformer", "Pooling", "Normalize"],
     ) or modules[0].get("path"):
         raise ConversionError(
-            f"{folder / 'modules.json'} has the modules {', '.join(kinds)} (the first in "
-            f"{modules[0].get('path')!r}); embed.py implements Transformer (in the folder itself), "
-            "Pooling, and optionally Normalize"
+            f"{folder / 'modules.json'} has the modules {', '.join(kinds)} (the "
+            f"first in {modules[0].get('path')!r}); embed.py implements Transformer "
+            "(in the folder itself), Pooling, and optionally Normalize"
         )
     settings = (
         read_json(folder / "sentence_bert_config.json")
         if (folder / "sentence_bert_config.json").is_file()
         else {}
     )
-    if (folder / "config_sentence_transformers.json").is_file():
-        if (
-            prompt := read_json(folder / "config_sentence_transformers.json").get(
-                "default_prompt_name"
-            )
-        ) is not None:
-            raise ConversionError(
-                f"the model prepends the prompt {prompt!r} by default, which embed.py does not do"
-            )
+    st_config = folder / "config_sentence_transformers.json"
+    prompt = (
+        read_json(st_config).get("default_prompt_name") if st_config.is_file() else None
+    )
+    if prompt is not None:
+        raise ConversionError(
+            f"the model prepends the prompt {prompt!r} by default, which embed.py does "
+            "not do"
+        )
     try:
         return Pooling(
             pooling_mode(folder, modules[1].get("path", "")),
@@ -256,18 +271,19 @@ def read_pooling(folder):
 
 
 def convert(bert_model):
-    """({MLX name: float32 numpy array} for the checkpoint `bert_model`, its pooling or None)."""
+    """({MLX name: float32 numpy array} for the checkpoint `bert_model`, its pooling
+    or None)."""
     folder = resolve(bert_model)
-    pooling = read_pooling(
-        folder
-    )  # first: a sentence-transformers model that cannot be used stops here
+    # First: a sentence-transformers model that cannot be used stops here.
+    pooling = read_pooling(folder)
     weights = {}
     for name, value in read_checkpoint(folder).items():
         mlx_name = hf_to_mlx_name(name)
         if mlx_name is not None:
             if value.dtype.kind != "f":
                 raise ConversionError(
-                    f"{name} in {folder} is {value.dtype}, not floating point; is it a quantized model?"
+                    f"{name} in {folder} is {value.dtype}, not floating point; is it a "
+                    "quantized model?"
                 )
             weights[mlx_name] = value.astype(np.float32)
     return weights, pooling
@@ -275,37 +291,42 @@ def convert(bert_model):
 
 def main():
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face BERT checkpoint, or a sentence-transformers "
-        "model built on one, to MLX weights (.npz)."
+        description="Convert a Hugging Face BERT checkpoint, or a "
+        "sentence-transformers model built on one, to MLX weights (.npz)."
     )
     parser.add_argument(
         "--bert-model",
         required=True,
-        help="Hugging Face model name (e.g. bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2) "
-        "or local folder with config.json and model.safetensors or pytorch_model.bin",
+        help="Hugging Face model name (e.g. bert-base-uncased, "
+        "sentence-transformers/all-MiniLM-L6-v2) or local folder with config.json and "
+        "model.safetensors or pytorch_model.bin",
     )
     parser.add_argument("--mlx-model", required=True, help="the .npz file to write")
     args = parser.parse_args()
     if not args.mlx_model.endswith(".npz"):
         parser.error(f"--mlx-model must end in .npz, got {args.mlx_model}")
-    check_writable(args.mlx_model)  # before the download and the conversion
     weights, pooling = convert(args.bert_model)
     if pooling is not None:
-        from embed import pooling_array
-
         weights["pooling"] = pooling_array(pooling)
-    check_writable(args.mlx_model, size=sum(a.nbytes for a in weights.values()))
     write_atomically(args.mlx_model, lambda f: np.savez(f, **weights))
     head = "with" if any(k.startswith("mlm.") for k in weights) else "without"
-    kind = (
-        f", and its {pooling.mode} pooling{' with normalization' if pooling.normalize else ''}"
-        if pooling
-        else ""
-    )
+    kind = ""
+    if pooling:
+        normalized = " with normalization" if pooling.normalize else ""
+        kind = f", and its {pooling.mode} pooling{normalized}"
+    arrays = len(weights) - bool(pooling)
     print(
-        f"Wrote {len(weights) - bool(pooling)} arrays ({head} the masked-LM head){kind} to {args.mlx_model}"
+        f"Wrote {arrays} arrays ({head} the masked-LM head){kind} to {args.mlx_model}"
     )
 
 
 if __name__ == "__main__":
-    run(main, ConversionError)
+    try:
+        main()
+        sys.stdout.flush()  # a closed or full stdout is found here, not at exit
+    except KeyboardInterrupt:  # the output is written whole or not at all
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # OSError: also stdout closed or full
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit("error: " + " ".join(str(e).split()))  # one line

@@ -1,50 +1,55 @@
-"""Print the Hugging Face `transformers` BertModel output for the same sample batch as model.py.
+"""Print the Hugging Face `transformers` BertModel output for the sample batch of
+model.py.
 
     python bert/hf_model.py --bert-model bert-base-uncased
 
-Compare by eye with `python bert/model.py --bert-model bert-base-uncased --mlx-model ...`.
+Compare with `python bert/model.py --bert-model bert-base-uncased --mlx-model ...`.
 """
 
-import argparse
+import sys
 
-from cli import run, text
-from model import SAMPLE_BATCH
+try:  # Ctrl-C while the libraries load ends with one line too
+    import argparse
+    import os
+
+    import torch
+    from model import SAMPLE_BATCH, utf8
+    from transformers import AutoModel, AutoTokenizer
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def main():
     parser = argparse.ArgumentParser(
-        description="Run transformers' BertModel on the sample batch and print its output."
+        description="transformers' BertModel on the sample batch of model.py."
     )
     parser.add_argument(
         "--bert-model", required=True, help="Hugging Face model name or local folder"
     )
     parser.add_argument(
-        "--text",
-        nargs="+",
-        type=text,
-        default=SAMPLE_BATCH,
-        help="sentences to encode (default: the same sample batch as model.py)",
+        "--text", nargs="+", type=utf8, default=SAMPLE_BATCH, help="sentences"
     )
     args = parser.parse_args()
-    import torch  # here, not at the top: Ctrl-C during these seconds of imports is one line too
-    from transformers import AutoModel, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.bert_model)
         model = AutoModel.from_pretrained(args.bert_model).eval()
-    except Exception as e:  # missing, unreachable, damaged
-        raise ValueError(
-            f"cannot load {args.bert_model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
-    tokens = tokenizer(args.text, return_tensors="pt", padding=True)
+    except Exception as e:  # missing, unreachable, damaged: transformers raises many
+        raise ValueError(f"cannot load {args.bert_model}: {e}") from None
+    tokens = tokenizer(args.text, return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad():
         output = model(**tokens)
-    print("HF BERT:")
-    print(output.last_hidden_state)
-    if output.pooler_output is not None:
-        print("\n pooled output:")
-        print(output.pooler_output)
+    print("HF BERT:", output.last_hidden_state, sep="\n")
+    print("\n pooled output:", output.pooler_output, sep="\n")
 
 
 if __name__ == "__main__":
-    run(main)
+    try:
+        main()
+        sys.stdout.flush()  # a closed or full stdout is found here, not at exit
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # OSError: also stdout closed or full
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit("error: " + " ".join(str(e).split()))  # one line

@@ -1,36 +1,39 @@
 """Fill in [MASK] tokens with BERT's masked-language-model head.
 
-    python bert/main.py --bert-model bert-base-uncased --mlx-model weights/bert-base-uncased.npz \\
-        "The capital of France is [MASK]."
+    python bert/main.py --bert-model bert-base-uncased \\
+        --mlx-model weights/bert-base-uncased.npz "The capital of France is [MASK]."
 
 For every [MASK] in every sentence, prints the top-k tokens and their probabilities.
 """
 
-import argparse
+import sys
 
-import mlx.core as mx
-from cli import positive_int, run, text
-from model import DTYPES, WeightsError, load_model
+try:  # Ctrl-C while the libraries load ends with one line too
+    import argparse
+    import os
+
+    import mlx.core as mx
+    from embed import positive_int
+    from model import DTYPES, load_model, utf8
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def fill_mask(model, tokenizer, sentences, top_k):
-    """For each sentence, a list (one per [MASK]) of [(token, probability), ...] best first."""
-    tokens = tokenizer(sentences, return_tensors="np", padding=True)
+    """For each sentence, a list (one per [MASK]) of [(token, probability), ...],
+    best first."""
+    tokens = tokenizer(sentences, return_tensors="np", padding=True, truncation=True)
     hidden, _ = model(**{k: mx.array(v) for k, v in tokens.items()})
-    probs = mx.softmax(
-        model.mlm_logits(hidden).astype(mx.float32), axis=-1
-    )  # (B, T, vocab)
+    logits = model.mlm(hidden, model.embeddings.word_embeddings)
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # (B, T, vocab)
     results = []
     for b, ids in enumerate(tokens["input_ids"]):
         fills = []
         for t in (ids == tokenizer.mask_token_id).nonzero()[0]:
             best = mx.argsort(-probs[b, t])[:top_k].tolist()
-            fills.append(
-                [
-                    (tokenizer.convert_ids_to_tokens(i), probs[b, t, i].item())
-                    for i in best
-                ]
-            )
+            tokens_of = tokenizer.convert_ids_to_tokens
+            fills.append([(tokens_of(i), probs[b, t, i].item()) for i in best])
         results.append(fills)
     return results
 
@@ -42,7 +45,7 @@ def main():
     parser.add_argument(
         "text",
         nargs="+",
-        type=text,
+        type=utf8,
         help="one or more sentences, each with at least one [MASK]",
     )
     parser.add_argument(
@@ -59,7 +62,7 @@ def main():
         "--top-k",
         type=positive_int,
         default=5,
-        help="candidates to print per [MASK] (default: 5)",
+        help="candidates per [MASK] (default: 5)",
     )
     parser.add_argument(
         "--dtype",
@@ -71,9 +74,9 @@ def main():
 
     model, tokenizer = load_model(args.bert_model, args.mlx_model, DTYPES[args.dtype])
     if "mlm" not in model:
-        raise WeightsError(
-            f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has one, "
-            "such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM"
+        raise ValueError(
+            f"{args.mlx_model} has no masked-LM head; convert a checkpoint that has "
+            "one, such as bert-base-uncased (BertForPreTraining) or a BertForMaskedLM"
         )
     missing = [s for s in args.text if tokenizer.mask_token not in s]
     if missing:
@@ -88,4 +91,12 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main, WeightsError)  # errors in one line, Ctrl-C: "interrupted" and exit 130
+    try:
+        main()
+        sys.stdout.flush()  # a closed or full stdout is found here, not at exit
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # OSError: also stdout closed or full
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit("error: " + " ".join(str(e).split()))  # one line

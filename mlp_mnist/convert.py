@@ -1,23 +1,30 @@
-"""Convert the trained MLP between MLX (safetensors from main.py) and PyTorch (a state_dict file).
+"""Convert the trained MLP between MLX (main.py's safetensors) and PyTorch (a .pt file).
 
     python mlp_mnist/convert.py mlp_mnist.safetensors mlp_mnist.pt     # MLX -> PyTorch
     python mlp_mnist/convert.py mlp_mnist.pt mlp_mnist.safetensors     # PyTorch -> MLX
 
-The direction follows the file extensions. Both files carry the model configuration. The two
-frameworks store a Linear weight the same way, (out_features, in_features), so no transpose is needed;
-only the names differ: MLX `layers.{i}.weight` is PyTorch `net.{2*i}.weight` (the ReLUs sit between).
+The direction follows the file extensions. Both files carry the model configuration.
+The two frameworks store a Linear weight the same way, (out_features, in_features), so
+no transpose is needed; only the names differ: MLX `layers.{i}.weight` is PyTorch
+`net.{2*i}.weight` (the ReLUs sit between).
 """
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import torch
-from model import MLP
-from outputs import OutputError, atomic_write
+try:  # Ctrl-C while the libraries load ends with one line too
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from main import write_atomically
+    from model import MLP
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 class TorchMLP(torch.nn.Module):
@@ -54,20 +61,23 @@ CONFIG_KEYS = ("num_layers", "input_dim", "hidden_dim", "output_dim")
 
 
 def check_config(config, source):
-    """The stored configuration as a whole: exactly CONFIG_KEYS, each a positive integer."""
+    """The stored configuration as a whole: CONFIG_KEYS, each a positive integer."""
     if not isinstance(config, dict) or sorted(config) != sorted(CONFIG_KEYS):
         raise ConversionError(
-            f"{source}: the stored configuration is {config!r}; expected the keys {', '.join(CONFIG_KEYS)}"
+            f"{source}: the stored configuration is {config!r}; expected the keys "
+            f"{', '.join(CONFIG_KEYS)}"
         )
     wrong = [f"{k}={v!r}" for k, v in config.items() if type(v) is not int or v <= 0]
     if wrong:
         raise ConversionError(
-            f"{source}: the stored configuration has {', '.join(wrong)}; each must be a positive integer"
+            f"{source}: the stored configuration has {', '.join(wrong)}; each must be "
+            "a positive integer"
         )
 
 
 def expected_shapes(config):
-    """{MLX name: shape} of MLP(**config), computed without building it (a damaged config may be huge)."""
+    """{MLX name: shape} of MLP(**config), without building it (a damaged config may
+    be huge)."""
     sizes = (
         [config["input_dim"]]
         + [config["hidden_dim"]] * config["num_layers"]
@@ -83,8 +93,8 @@ def expected_shapes(config):
 
 
 def check_weights(found, expected, source):
-    """Name what is missing or unexpected, any shape that does not match the config, and any array
-    that is not floating point. `found` is {name: (shape, is floating point)}."""
+    """Name what is missing or unexpected, any shape that does not match the config,
+    and any array that is not floating point. `found` is {name: (shape, is float)}."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -95,12 +105,14 @@ def check_weights(found, expected, source):
     for name, shape in expected.items():
         if tuple(found[name][0]) != tuple(shape):
             raise ConversionError(
-                f"{source}: {name} has shape {tuple(found[name][0])}, expected {tuple(shape)}"
+                f"{source}: {name} has shape {tuple(found[name][0])}, expected "
+                f"{tuple(shape)}"
             )
     not_float = sorted(name for name, (_, is_float) in found.items() if not is_float)
     if not_float:
         raise ConversionError(
-            f"{source}: {', '.join(not_float)} not floating point; the weights of an MLP are floats"
+            f"{source}: {', '.join(not_float)} not floating point; the weights of an "
+            "MLP are floats"
         )
 
 
@@ -114,7 +126,8 @@ def read_mlx(path):
         ) from None
     if "config" not in metadata:
         raise ConversionError(
-            f"{path} has no model configuration in its metadata; was it written by main.py?"
+            f"{path} has no model configuration in its metadata; was it written by "
+            "main.py?"
         )
     try:
         config = json.loads(metadata["config"])
@@ -135,7 +148,7 @@ def read_mlx(path):
 def read_torch(path):
     """(config, {torch name: numpy array}) from a file written by `mlx_to_torch`."""
     try:
-        # weights_only=True: never unpickle arbitrary objects from a file we did not write.
+        # weights_only=True: never unpickle arbitrary objects from a file.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, state_dict = checkpoint["config"], checkpoint["state_dict"]
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
@@ -162,20 +175,15 @@ def read_torch(path):
 def mlx_to_torch(src, dst):
     config, weights = read_mlx(src)
     state_dict = {mlx_to_torch_name(k): torch.from_numpy(v) for k, v in weights.items()}
-    atomic_write(
-        dst, lambda tmp: torch.save({"config": config, "state_dict": state_dict}, tmp)
-    )
+    checkpoint = {"config": config, "state_dict": state_dict}
+    write_atomically(dst, lambda f: torch.save(checkpoint, f))
 
 
 def torch_to_mlx(src, dst):
     config, state_dict = read_torch(src)
     weights = {torch_to_mlx_name(k): mx.array(v) for k, v in state_dict.items()}
-    atomic_write(
-        dst,
-        lambda tmp: mx.save_safetensors(
-            tmp, weights, metadata={"config": json.dumps(config)}
-        ),
-    )
+    metadata = {"config": json.dumps(config)}
+    write_atomically(dst, lambda f: mx.save_safetensors(f, weights, metadata))
 
 
 def load_torch_model(path):
@@ -187,7 +195,7 @@ def load_torch_model(path):
 
 
 def load_mlx_model(path):
-    """An MLP with the weights of a safetensors file written by main.py or `torch_to_mlx`."""
+    """An MLP with the weights of a file written by main.py or `torch_to_mlx`."""
     config, weights = read_mlx(path)
     model = MLP(**config)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
@@ -196,8 +204,8 @@ def load_mlx_model(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert the MNIST MLP between MLX (.safetensors) and PyTorch (.pt); "
-        "the direction follows the file extensions."
+        description="Convert the MNIST MLP between MLX (.safetensors) and PyTorch "
+        "(.pt); the direction follows the file extensions."
     )
     parser.add_argument(
         "source",
@@ -213,20 +221,21 @@ def main(argv=None):
 
     suffixes = (args.source.suffix, args.output.suffix)
     try:
+        if not args.source.exists():
+            raise ConversionError(f"{args.source} does not exist")
         if not args.source.is_file():
-            raise ConversionError(
-                f"{args.source} {'is not a file' if args.source.exists() else 'does not exist'}"
-            )
+            raise ConversionError(f"{args.source} is not a file")
         if suffixes == (".safetensors", ".pt"):
             mlx_to_torch(args.source, args.output)
         elif suffixes == (".pt", ".safetensors"):
             torch_to_mlx(args.source, args.output)
         else:
             raise ConversionError(
-                f"cannot convert {suffixes[0] or 'no extension'} to {suffixes[1] or 'no extension'}; "
-                "use .safetensors -> .pt (MLX to PyTorch) or .pt -> .safetensors"
+                f"cannot convert {suffixes[0] or 'no extension'} to "
+                f"{suffixes[1] or 'no extension'}; use .safetensors -> .pt (MLX to "
+                "PyTorch) or .pt -> .safetensors"
             )
-    except (ConversionError, OutputError) as e:
+    except ConversionError as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {args.output}")
 
@@ -234,8 +243,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (
-        KeyboardInterrupt
-    ):  # the output is written atomically: it is whole or untouched
+        sys.stdout.flush()  # a closed or full stdout is found here, not at exit
+    except KeyboardInterrupt:  # the output is written whole or not at all
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (OSError, RuntimeError) as e:  # the output (MLX: RuntimeError), or stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(f"error: {e}")

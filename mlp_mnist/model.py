@@ -1,11 +1,11 @@
 """A multi-layer perceptron for MNIST, written with `mlx.nn`."""
 
-import mlx.core as mx
 import mlx.nn as nn
 
 
 class MLP(nn.Module):
-    """`num_layers` hidden Linear + ReLU layers of width `hidden_dim`, then a Linear to the classes.
+    """`num_layers` hidden Linear + ReLU layers of width `hidden_dim`, then a Linear
+    to the classes.
 
     Maps images flattened to (B, input_dim) to logits (B, output_dim).
     """
@@ -29,7 +29,3 @@ class MLP(nn.Module):
 def loss_fn(model, X, y):
     """Mean cross-entropy of the logits against integer labels."""
     return nn.losses.cross_entropy(model(X), y, reduction="mean")
-
-
-def predict(model, X):
-    return mx.argmax(model(X), axis=1)

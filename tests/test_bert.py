@@ -1,4 +1,7 @@
-"""BERT in MLX against transformers, on tiny random checkpoints saved to local folders by the test."""
+"""BERT in MLX against transformers, on tiny random checkpoints saved to local folders
+by the test."""
+
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -32,7 +35,8 @@ PAIRS = (
 
 @pytest.fixture(scope="module")
 def pretraining(tmp_path_factory):
-    """A BertForPreTraining checkpoint (encoder, pooler, MLM head, NSP head), like bert-base-uncased, converted."""
+    """A BertForPreTraining checkpoint (encoder, pooler, MLM head, NSP head), like
+    bert-base-uncased, converted."""
     folder = save_checkpoint(tmp_path_factory.mktemp("bert") / "hf", BertForPreTraining)
     npz = folder.parent / "bert.npz"
     result = run_script("bert/convert.py", "--bert-model", folder, "--mlx-model", npz)
@@ -105,7 +109,7 @@ def test_masked_lm_logits_equal_transformers(tmp_path, hf_class):
         padding=True,
     )
     hidden, _ = model(**{k: mx.array(v) for k, v in tokens.items()})
-    logits = np.array(model.mlm_logits(hidden))
+    logits = np.array(model.mlm(hidden, model.embeddings.word_embeddings))
     with torch.no_grad():
         reference = BertForMaskedLM.from_pretrained(folder).eval()(
             **{k: torch.from_numpy(v) for k, v in tokens.items()}
@@ -155,7 +159,8 @@ def test_old_gamma_beta_names_and_bert_prefix_are_mapped():
         ("missing", r"Missing 1 parameters: encoder.layers.1.ffn_norm.bias"),
         (
             "shape",
-            r"shape \(32, 32\) but received shape \(32, 16\) for parameter encoder.layers.0.attention.query.weight",
+            r"shape \(32, 32\) but received shape \(32, 16\) for parameter "
+            r"encoder.layers.0.attention.query.weight",
         ),
     ],
 )
@@ -171,10 +176,9 @@ def test_weights_that_do_not_fit_are_named(pretraining, tmp_path, damage, named)
             "encoder.layers.0.attention.query.weight"
         ][:, :16]
     np.savez(tmp_path / "bad.npz", **weights)
-    with pytest.raises(
-        model_py.WeightsError, match=r"bad.npz does not fit the model: .*" + named
-    ):
+    with pytest.raises(ValueError, match=r"cannot load .*bad.npz: ") as error:
         model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
+    assert re.search(named, " ".join(str(error.value).split()))
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(pretraining, tmp_path):
@@ -187,7 +191,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(pretraining, tmp_path
         "\n".join(VOCAB + [f"extra{i}" for i in range(10)]) + "\n"
     )
     BertTokenizer(str(other / "vocab.txt")).save_pretrained(other)
-    with pytest.raises(model_py.WeightsError, match="tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer"):
         model_py.load_model(str(other), str(npz))
 
 
@@ -199,7 +203,7 @@ def test_corrupt_weights_give_one_line(pretraining, tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "bad.npz" in result.stderr.strip().splitlines()[-1]
-    assert "not a .npz (zip) archive" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_convert_refuses_a_missing_folder_and_writes_nothing(tmp_path):

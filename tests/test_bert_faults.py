@@ -1,20 +1,18 @@
-"""bert/: bad input and faults give one line and a non-zero exit, never a traceback or a half-written file."""
+"""bert/: bad input and faults give one line and a non-zero exit, never a traceback or
+a half-written file."""
 
-import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from helpers import ROOT, import_example, run_script, tiny_bert
 
 model_py = import_example("bert", "model")
-cli = import_example("bert", "cli")
 embed = import_example("bert", "embed")
 
 
@@ -22,46 +20,25 @@ embed = import_example("bert", "embed")
 def bert(tmp_path_factory):
     """A tiny BERT folder and its conversion."""
     folder = tiny_bert(tmp_path_factory.mktemp("bert") / "hf")
-    assert (
-        run_script(
-            "bert/convert.py", "--bert-model", folder, "--mlx-model", f"{folder}.npz"
-        ).returncode
-        == 0
+    result = run_script(
+        "bert/convert.py", "--bert-model", folder, "--mlx-model", f"{folder}.npz"
     )
+    assert result.returncode == 0, result.stderr
     return folder, f"{folder}.npz"
 
 
 @pytest.mark.parametrize(
     "field, value, says",
     [
-        (
-            "num_attention_heads",
-            0,
-            "num_attention_heads is 0; it must be a whole number from 1 to 1,048,576",
-        ),
-        ("hidden_size", -32, "hidden_size is -32"),
-        ("intermediate_size", 10**12, "intermediate_size is 1000000000000"),
-        (
-            "num_hidden_layers",
-            10**6,
-            "num_hidden_layers is 1000000; it must be a whole number from 1 to 1,024",
-        ),
-        (
-            "hidden_size",
-            "32",
-            "expected int, got str",
-        ),  # transformers' own check of the type
-        (
-            "layer_norm_eps",
-            float("nan"),
-            "layer_norm_eps is nan; it must be a number from 1e-30 to 0.1",
-        ),
-        (
-            "num_attention_heads",
-            5,
-            "hidden_size 32 is not a multiple of num_attention_heads 5",
-        ),
-        (None, "{not json", "is not a valid JSON file"),
+        ("num_attention_heads", 0, "does not describe a BERT"),
+        ("hidden_size", -32, "does not describe a BERT"),
+        ("intermediate_size", 10**12, "does not describe a BERT"),
+        ("num_hidden_layers", 10**6, "does not describe a BERT"),
+        ("hidden_size", "32", "expected int, got str"),  # transformers' own check
+        ("layer_norm_eps", float("nan"), "does not describe a BERT"),
+        ("num_attention_heads", 5, "does not describe a BERT"),
+        ("hidden_act", "relu", "does not describe a BERT"),
+        (None, "{not json", "JSON"),
     ],
 )
 def test_a_damaged_config_json_is_refused_as_a_whole_in_one_line(
@@ -73,10 +50,7 @@ def test_a_damaged_config_json_is_refused_as_a_whole_in_one_line(
     (damaged / "config.json").write_text(
         value if field is None else json.dumps({**config, field: value})
     )
-    with pytest.raises(
-        model_py.WeightsError,
-        match="the config.json or tokenizer of .*damaged cannot be used: ",
-    ) as error:
+    with pytest.raises(ValueError, match="cannot load .*damaged") as error:
         model_py.load_model(str(damaged), npz)
     assert says in " ".join(str(error.value).split())
 
@@ -84,44 +58,63 @@ def test_a_damaged_config_json_is_refused_as_a_whole_in_one_line(
 def test_a_damaged_config_json_gives_one_line_on_the_command_line(bert, tmp_path):
     folder, npz = bert
     damaged = shutil.copytree(folder, tmp_path / "damaged")
-    (damaged / "config.json").write_text(
-        json.dumps(
-            {
-                **json.loads((folder / "config.json").read_text()),
-                "num_attention_heads": 0,
-            }
-        )
-    )
+    config = json.loads((folder / "config.json").read_text())
+    config["num_attention_heads"] = 0
+    (damaged / "config.json").write_text(json.dumps(config))
     result = run_script("bert/model.py", "--bert-model", damaged, "--mlx-model", npz)
-    assert (
-        result.returncode == 1
-        and result.stderr.count("\n") == 1
-        and "num_attention_heads is 0" in result.stderr
-    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "does not describe a BERT" in result.stderr
+
+
+@pytest.mark.parametrize("given", ["./no-such-bert"])
+def test_a_mistyped_local_folder_is_said_not_to_exist(bert, tmp_path, given):
+    _, npz = bert
+    given = given.format(tmp=tmp_path)
+    result = run_script("bert/model.py", "--bert-model", given, "--mlx-model", npz)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"there is no folder {given}" in result.stderr
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.float64])
-def test_weights_that_are_not_float32_float16_or_bfloat16_are_refused(
-    bert, tmp_path, dtype
-):
+def test_weights_that_are_not_floating_point_are_refused(bert, tmp_path, dtype):
     folder, npz = bert
     weights = dict(np.load(npz))
-    weights["encoder.layers.0.attention.query.weight"] = weights[
-        "encoder.layers.0.attention.query.weight"
-    ].astype(dtype)
+    name = "encoder.layers.0.attention.query.weight"
+    weights[name] = weights[name].astype(dtype)
     np.savez(tmp_path / "bad.npz", **weights)
-    if dtype == np.float64:  # floating point: accepted, and cast to the inference dtype
+    if dtype == np.float64:  # floating point: accepted, cast to the inference dtype
         model, _ = model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
-        assert (
-            model.encoder.layers[0].attention.query.weight.dtype == model_py.mx.float32
-        )
+        layer = model.encoder["layers"][0]
+        assert layer.attention.query.weight.dtype == model_py.mx.float32
         return
-    with pytest.raises(
-        model_py.WeightsError,
-        match=f"not floating point: encoder.layers.0.attention.query.weight "
-        f"\\({np.dtype(dtype).name}\\)",
-    ):
+    with pytest.raises(ValueError, match="bad.npz: it holds weights that are not"):
         model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_weights_that_are_not_finite_are_refused(bert, tmp_path, value):
+    folder, npz = bert
+    weights = dict(np.load(npz))
+    weights["embeddings.norm.weight"][3] = value
+    np.savez(tmp_path / "bad.npz", **weights)
+    with pytest.raises(ValueError, match="not finite"):
+        model_py.load_model(str(folder), str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_embeddings_advise_float32_only_to_a_half_precision_run(
+    bert, tmp_path, capsys, dtype
+):
+    # Finite weights so large that the feed-forward overflows, in any dtype.
+    folder, npz = bert
+    weights = dict(np.load(npz))
+    for name in ("up", "down"):
+        weights[f"encoder.layers.0.feed_forward.{name}.weight"] *= np.float32(1e30)
+    np.savez(tmp_path / "huge.npz", **weights)
+    args = ["--bert-model", folder, "--mlx-model", tmp_path / "huge.npz", "a b"]
+    with pytest.raises(ValueError, match=f"not finite in {dtype}") as error:
+        embed.main(embed.parse_args([str(a) for a in args] + ["--dtype", dtype]))
+    assert ("--dtype float32" in str(error.value)) == (dtype != "float32")
 
 
 def test_convert_refuses_a_checkpoint_whose_weights_are_not_floating_point(tmp_path):
@@ -130,77 +123,31 @@ def test_convert_refuses_a_checkpoint_whose_weights_are_not_floating_point(tmp_p
     folder = tiny_bert(tmp_path / "hf")
     weights = load_file(folder / "model.safetensors")
     name = next(k for k in weights if k.endswith("query.weight"))
-    save_file(
-        {**weights, name: weights[name].astype(np.int8)}, folder / "model.safetensors"
-    )
+    weights[name] = weights[name].astype(np.int8)
+    save_file(weights, folder / "model.safetensors")
     result = run_script(
         "bert/convert.py", "--bert-model", folder, "--mlx-model", tmp_path / "o.npz"
     )
-    assert (
-        result.returncode == 1
-        and result.stderr.count("\n") == 1
-        and f"{name} in" in result.stderr
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"{name} in" in result.stderr and "is int8, not floating point" in (
+        result.stderr
     )
-    assert (
-        "is int8, not floating point" in result.stderr
-        and not (tmp_path / "o.npz").exists()
-    )
+    assert not (tmp_path / "o.npz").exists()
 
 
-@pytest.mark.parametrize(
-    "output, says",
-    [
-        ("folder.npz", "it is a folder"),
-        ("a_file/o.npz", "a_file is a file, not a folder"),
-    ],
-)
-def test_an_output_that_cannot_be_written_is_refused_before_the_work(
-    tmp_path, output, says
-):
+def test_an_output_that_cannot_be_written_gives_one_line(bert, tmp_path):
+    folder, _ = bert
     (tmp_path / "folder.npz").mkdir()
-    (tmp_path / "folder.npy").mkdir()
-    (tmp_path / "a_file").write_text("")
-    # The model does not exist: the output is checked first, before the conversion would find that out.
     result = run_script(
         "bert/convert.py",
         "--bert-model",
-        tmp_path / "no-model",
+        folder,
         "--mlx-model",
-        tmp_path / output,
+        tmp_path / "folder.npz",
     )
-    assert (
-        result.returncode == 1
-        and result.stderr.count("\n") == 1
-        and says in result.stderr
-    )
-    result = run_script(
-        "bert/embed.py",
-        "--bert-model",
-        tmp_path / "no-model",
-        "--mlx-model",
-        "no.npz",
-        "a b",
-        "--out",
-        str(tmp_path / output).replace(".npz", ".npy"),
-    )
-    assert (
-        result.returncode == 1
-        and result.stderr.count("\n") == 1
-        and says in result.stderr
-    )
-
-
-def test_a_disk_without_room_is_refused_before_the_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        cli.shutil,
-        "disk_usage",
-        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000),
-    )
-    with pytest.raises(
-        OSError,
-        match=r"cannot write .*o.npz: it needs 0.0 MB and its disk has 0.0 MB free",
-    ):
-        cli.check_writable(tmp_path / "o.npz", size=5000)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "cannot write" in result.stderr and "folder.npz" in result.stderr
+    assert os.listdir(tmp_path) == ["folder.npz"]
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -208,139 +155,110 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp
 
     def full_disk(f):
         f.write(b"half")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(
-        OSError,
-        match="cannot write .*o.npy: No space left on device; .*o.npy is as it was",
-    ):
-        cli.write_atomically(tmp_path / "o.npy", full_disk)
-    assert (tmp_path / "o.npy").read_bytes() == b"old" and sorted(
-        os.listdir(tmp_path)
-    ) == ["o.npy"]
+    with pytest.raises(OSError, match="cannot write .*o.npy: No space left on device"):
+        embed.write_atomically(tmp_path / "o.npy", full_disk)
+    assert (tmp_path / "o.npy").read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["o.npy"]
 
 
-def test_a_stale_temporary_file_is_removed_at_the_next_write_and_a_running_writers_kept(
-    tmp_path,
-):
-    dead, alive = (
-        tmp_path / ".o.npz.999999999.x1.tmp",
-        tmp_path / ".o.npz.1.x2.tmp",
-    )  # pid 1 always runs
-    dead.write_bytes(b"left by kill -9")
-    alive.write_bytes(b"still being written")
-    cli.write_atomically(tmp_path / "o.npz", lambda f: f.write(b"new"))
-    assert (
-        not dead.exists()
-        and alive.exists()
-        and (tmp_path / "o.npz").read_bytes() == b"new"
-    )
+def test_an_output_can_be_written_into_a_new_folder(tmp_path):
+    embed.write_atomically(tmp_path / "weights" / "o.npz", lambda f: f.write(b"x"))
+    assert (tmp_path / "weights" / "o.npz").read_bytes() == b"x"
 
 
-@pytest.mark.parametrize(
-    "umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)]
-)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
 def test_outputs_get_the_users_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
-        cli.write_atomically(tmp_path / "o.npz", lambda f: f.write(b"x"))
+        embed.write_atomically(tmp_path / "o.npz", lambda f: f.write(b"x"))
     finally:
         os.umask(previous)
     assert (tmp_path / "o.npz").stat().st_mode & 0o777 == mode
 
 
-WRITER = """
-import sys, time
-sys.path.insert(0, {bert!r})
-from cli import run, write_atomically
-
-def slow(f):
-    f.write(b"half")
-    f.flush()
-    print("writing", flush=True)
-    time.sleep(60)
-
-run(lambda: write_atomically({path!r}, slow))
-"""
+def interrupt_while_importing(script, *args):
+    """Run `python -X importtime script args`, send SIGINT once argparse has been
+    imported (the script's first import: MLX, transformers, ... still load), and return
+    (exit status, stderr without the import-time lines)."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", str(ROOT / script), *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    while not process.stderr.readline().rstrip().endswith("| argparse"):
+        pass
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    lines = [line for line in stderr.splitlines() if not line.startswith("import ")]
+    return process.returncode, "\n".join(lines)
 
 
 @pytest.mark.parametrize(
-    "signum, status, line",
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    "script",
+    ["model", "main", "embed", "convert", "hf_model", "benchmark"],
 )
-def test_ctrl_c_and_sigterm_during_a_write_remove_the_temporary_file_and_give_one_line(
-    tmp_path, signum, status, line
-):
-    script = WRITER.format(bert=str(ROOT / "bert"), path=str(tmp_path / "o.npz"))
-    process = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout.readline() == "writing\n"
-    assert any(
-        name.endswith(".tmp") for name in os.listdir(tmp_path)
-    )  # it is being written
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == status and stderr == line + "\n"
-    assert os.listdir(tmp_path) == []
+def test_ctrl_c_while_starting_gives_one_line_and_exit_130(script):
+    returncode, stderr = interrupt_while_importing(f"bert/{script}.py", "--help")
+    assert returncode == 130 and stderr.strip() == "interrupted"
 
 
-def test_ctrl_c_during_start_up_or_encoding_gives_one_line_and_exit_130(bert, tmp_path):
+def test_ctrl_c_while_encoding_gives_one_line_and_writes_nothing(bert, tmp_path):
     folder, npz = bert
     (tmp_path / "many.txt").write_text("the capital of france is paris\n" * 200_000)
-    command = [
-        sys.executable,
-        str(ROOT / "bert/embed.py"),
+    args = [
         "--bert-model",
-        str(folder),
+        folder,
         "--mlx-model",
         npz,
         "--input",
-        str(tmp_path / "many.txt"),
-        "--out",
-        str(tmp_path / "e.npy"),
+        tmp_path / "many.txt",
     ]
-    for wait_for in ("start-up", "embedding"):
+    process = subprocess.Popen(
+        [sys.executable, ROOT / "bert/embed.py", *args, "--out", tmp_path / "e.npy"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    while not (line := process.stderr.readline()).startswith("embedding 200,000"):
+        assert line, "embed.py ended before it said it was embedding"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == "interrupted", stderr
+    assert os.listdir(tmp_path) == ["many.txt"]
+
+
+@pytest.mark.parametrize("script, stdout", [("main", "closed"), ("embed", "full")])
+def test_a_closed_or_full_stdout_gives_one_line_not_a_traceback(bert, script, stdout):
+    folder, npz = bert
+    args = ["--bert-model", folder, "--mlx-model", npz, "the capital [MASK].", "a"]
+    with open("/dev/full", "w") as full:
         process = subprocess.Popen(
-            command,
+            [sys.executable, ROOT / f"bert/{script}.py", *args],
+            stdout=subprocess.PIPE if stdout == "closed" else full,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
-        if wait_for == "start-up":
-            time.sleep(1.5)  # past Python's own start, into the imports and loading
-        else:
-            while not (line := process.stderr.readline()).startswith(
-                "embedding 200,000 sentences"
-            ):
-                assert line, "embed.py ended before it said it was embedding"
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-        assert (
-            process.returncode == 130
-            and stderr.strip().splitlines()[-1] == "interrupted"
-        ), stderr
-        assert "Traceback" not in stderr and os.listdir(tmp_path) == ["many.txt"]
+    if stdout == "closed":  # as `| head -c1` does, before the script writes
+        process.stdout.close()
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_a_damaged_tokenizer_gives_one_line(bert, tmp_path):
     folder, npz = bert
     damaged = shutil.copytree(folder, tmp_path / "damaged")
     (damaged / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
-    with pytest.raises(
-        model_py.WeightsError,
-        match="the config.json or tokenizer of .*damaged cannot be used: ",
-    ):
+    with pytest.raises(ValueError, match="cannot load .*damaged"):
         model_py.load_model(str(damaged), npz)
     result = run_script("bert/hf_model.py", "--bert-model", damaged)
-    assert (
-        result.returncode == 1
-        and result.stderr.startswith("error: cannot load")
-        and result.stderr.count("\n") == 1
-    )
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot load")
+    assert result.stderr.count("\n") == 1
 
 
 def test_command_line_text_that_is_not_utf8_gives_one_line(bert):
@@ -351,22 +269,13 @@ def test_command_line_text_that_is_not_utf8_gives_one_line(bert):
         ("bert/embed.py", []),
     ]:
         result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / script),
-                "--bert-model",
-                str(folder),
-                "--mlx-model",
-                npz,
-                *args,
-                b"caf\xe9 [MASK]",
-            ],
+            [sys.executable, ROOT / script, "--bert-model", folder, "--mlx-model", npz]
+            + args
+            + [b"caf\xe9 [MASK]"],
             capture_output=True,
         )
         last = result.stderr.decode().strip().splitlines()[-1]
-        assert (
-            result.returncode == 2 and "b'caf\\xe9 [MASK]' is not UTF-8 text" in last
-        ), result.stderr
+        assert result.returncode == 2 and "invalid utf8 value" in last, result.stderr
 
 
 @pytest.mark.parametrize(
