@@ -39,7 +39,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import torch
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, in_range, load_model, warn_if_reference_blas
+from llama import in_range
+from model import Llama, load_model, warn_if_reference_blas
 from quantize import quantize
 from timing import generate_runs, host_seconds, say
 

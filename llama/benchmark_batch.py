@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from batch import batched, generate_batch, left_padded
 from benchmark import DTYPES, PRESETS, mlx_model, quantized_copy, torch_model
-from model import in_range, warn_if_reference_blas
+from llama import in_range
+from model import warn_if_reference_blas
 from timing import say
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from model import Llama, ModelArgs, in_range, warn_if_reference_blas
+from llama import in_range
+from model import Llama, ModelArgs, warn_if_reference_blas
 from timing import generate_runs, host_seconds, say
 from tp import (
     ShardingError,

@@ -38,15 +38,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from hub import TOKENIZER_FILES, download, is_hub_name
-from model import (
-    Llama,
-    ModelArgs,
-    WeightsError,
-    check_weights,
-    in_range,
-    write_atomically,
-)
+from model import Llama, ModelArgs, WeightsError, check_weights, write_atomically
 from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
+
+from llama import in_range
 
 # Hugging Face name -> Meta / MLX name.
 HF_KEY_MAP = [
@@ -505,7 +500,7 @@ def convert(
         }
     try:
         if args.quantization is not None:
-            weights = quantize_weights(args, weights)
+            weights = quantize_weights(model_for(args), weights)
         check_weights(model_for(args), weights)
     except (ValueError, WeightsError) as e:
         raise ConversionError(str(e)) from None

@@ -13,7 +13,9 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from model import Llama, ModelArgs, in_range
+from model import Llama, ModelArgs
+
+from llama import in_range
 
 
 def main():

@@ -10,13 +10,13 @@ The model in model.py is unchanged: a file's configuration says {"group_size", "
 ones (`quantize`) before reading the packed arrays into them. Every product is MLX's own
 mx.quantized_matmul. (A CUDA decode kernel of our own was measured slower end to end: see README.md.)
 
-    from quantize import quantize_weights          # convert.py: float weights -> packed ones
-    weights = quantize_weights(args, weights)      # args.quantization = {"group_size": 64, "bits": 4}
+    from quantize import quantize, quantize_weights
+    model = quantize(Llama(args), group_size=64, bits=4)  # shapes only, no memory yet
+    weights = quantize_weights(model, weights)  # float weights -> packed ones
 """
 
 import mlx.core as mx
 import mlx.nn as nn
-from model import Llama
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -54,14 +54,13 @@ def quantize(model, group_size, bits):
     return model
 
 
-def quantize_weights(args, weights):
+def quantize_weights(model, weights):
     """`weights` with each floating-point weight of a layer that args.quantization quantizes replaced by
     mx.quantize's packed weight, scales and biases. Layers already quantized (mlx-lm) are kept as they are.
     Raises ValueError for a weight whose shape does not fit."""
-    group_size, bits = args.quantization["group_size"], args.quantization["bits"]
-    expected = dict(
-        nn.utils.tree_flatten(quantize(Llama(args), group_size, bits).parameters())
-    )  # lazy: shapes only
+    group_size = model.args.quantization["group_size"]
+    bits = model.args.quantization["bits"]
+    expected = dict(nn.utils.tree_flatten(model.parameters()))  # lazy: shapes only
     weights = dict(weights)
     for name in expected:
         if not name.endswith(".scales"):
