@@ -201,12 +201,12 @@ def read_prompts(path):
             continue
         try:
             record = json.loads(line)
-            prompt = (
-                record.get("prompt", record.get("messages"))
-                if isinstance(record, dict)
-                else None
-            )
-        except ValueError:
+            # "\ud800" in JSON is a lone surrogate, which no tokenizer can encode.
+            json.dumps(record, ensure_ascii=False).encode()
+            prompt = None
+            if isinstance(record, dict):
+                prompt = record.get("prompt", record.get("messages"))
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested deep
             prompt = None
         if not (
             isinstance(prompt, str)
@@ -279,45 +279,52 @@ def run_prompts(model, tokenizer, args, prompts, blank):
         time.perf_counter(),
         0,
     )
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start : start + args.batch_size]
-        replies = generate_batch(
-            model,
-            [ids for _, _, ids in batch],
-            args.max_tokens,
-            args.temp,
-            args.top_p,
-            tokenizer.stop_ids,
-        )
-        for (number, prompt, ids), reply in zip(batch, replies):
-            decoder = StreamingDecoder(
-                tokenizer, ids
-            )  # the text exactly as llama.py prints it for this prompt
-            text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
-            results[number] = {
-                "prompt": prompt,
-                "text": text,
-                "generated_tokens": len(reply),
-            }
-        while (
-            order and order[0] in results
-        ):  # every line whose turn has come, in input order
-            print(
-                json.dumps(results.pop(order.popleft()), ensure_ascii=False), flush=True
+    try:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            replies = generate_batch(
+                model,
+                [ids for _, _, ids in batch],
+                args.max_tokens,
+                args.temp,
+                args.top_p,
+                tokenizer.stop_ids,
             )
-        generated, seconds, done = (
-            generated + sum(map(len, replies)),
-            time.perf_counter() - tic,
-            start + len(batch),
-        )
-        print(
-            f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
-            f"about {seconds / done * (len(todo) - done):.0f} s left]",
-            file=sys.stderr,
-            flush=True,
-        )
-    for number in order:  # skipped prompts after the last one that ran
-        print(json.dumps(results.pop(number), ensure_ascii=False), flush=True)
+            for (number, prompt, ids), reply in zip(batch, replies):
+                decoder = StreamingDecoder(
+                    tokenizer, ids
+                )  # the text exactly as llama.py prints it for this prompt
+                text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
+                results[number] = {
+                    "prompt": prompt,
+                    "text": text,
+                    "generated_tokens": len(reply),
+                }
+            while (
+                order and order[0] in results
+            ):  # every line whose turn has come, in input order
+                print(
+                    json.dumps(results.pop(order.popleft()), ensure_ascii=False),
+                    flush=True,
+                )
+            generated, seconds, done = (
+                generated + sum(map(len, replies)),
+                time.perf_counter() - tic,
+                start + len(batch),
+            )
+            print(
+                f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
+                f"about {seconds / done * (len(todo) - done):.0f} s left]",
+                file=sys.stderr,
+                flush=True,
+            )
+        for number in order:  # skipped prompts after the last one that ran
+            print(json.dumps(results.pop(number), ensure_ascii=False), flush=True)
+    except KeyboardInterrupt:
+        written = len(encoded) - len(order)
+        raise KeyboardInterrupt(
+            f"after {written} of {len(encoded)} replies (JSON lines) were written"
+        ) from None
     print(
         f"[generated {generated} tokens in {seconds:.1f} s, {generated / seconds:.1f} tokens/s | "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",

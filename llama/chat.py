@@ -27,7 +27,16 @@ class ChatFormatError(TokenizerError):
 
 
 def llama2_chat(tokenizer, messages):
-    """Meta's Llama 2 chat_completion: the roles must go (system,) user, assistant, user, ..., user."""
+    """Meta's Llama 2 chat_completion: the roles must go (system,) user, assistant,
+    user, ..., user."""
+    roles = [m["role"] for m in messages]
+    if roles[:1] == ["system"]:
+        roles = roles[1:]
+    if not roles or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise ChatFormatError(
+            "Llama 2's chat format needs the roles (system,) user, assistant, user, "
+            f"..., user, not {', '.join(m['role'] for m in messages)}"
+        )
     if messages[0]["role"] == "system":
         first = (
             f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
@@ -74,8 +83,17 @@ def hf_template(tokenizer):
     except (OSError, ValueError) as e:  # not UTF-8 text, say
         raise ChatFormatError(f"cannot read {jinja}: {e}") from None
     if isinstance(template, list):  # several named templates: the default one
-        template = next(
-            (t["template"] for t in template if t.get("name") == "default"), None
+        named = [t for t in template if isinstance(t, dict)]
+        default = [t.get("template") for t in named if t.get("name") == "default"]
+        if not default:
+            raise ChatFormatError(
+                f"the chat_template of {tokenizer.folder} is a list without a "
+                'template named "default"'
+            )
+        template = default[0]
+    if template is not None and not isinstance(template, str):
+        raise ChatFormatError(
+            f"the chat_template of {tokenizer.folder} must be text, not {template!r}"
         )
     return template
 
@@ -89,8 +107,25 @@ def render_template(template, messages, special_tokens_map):
     def raise_exception(message):
         raise ChatFormatError(f"the chat template refuses this conversation: {message}")
 
+    class AssistantTracker(jinja2.ext.Extension):
+        """transformers' {% generation %} ... {% endgeneration %}, which marks the
+        assistant's text for training: rendered as its body, as transformers does."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            call = self.call_method("_body")
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[AssistantTracker, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: (
         json.dumps(
@@ -109,8 +144,10 @@ def render_template(template, messages, special_tokens_map):
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=True, **special_tokens_map
         )
-    except jinja2.TemplateError as e:
-        raise ChatFormatError(f"cannot render the chat template: {e}") from None
+    except ChatFormatError:
+        raise
+    except Exception as e:  # a template's own error: 1/0, range(10**8), a bad tag
+        raise ChatFormatError(f"cannot render the chat template: {e!r}") from None
 
 
 def chat_tokens(tokenizer, messages):
@@ -120,15 +157,19 @@ def chat_tokens(tokenizer, messages):
         return llama2_chat(tokenizer, messages)
     template = hf_template(tokenizer) if tokenizer.kind == "Hugging Face" else None
     if template:
-        return tokenizer.encode(
-            render_template(template, messages, tokenizer.special_tokens_map),
-            special_tokens=True,
-        )
+        text = render_template(template, messages, tokenizer.special_tokens_map)
+        ids = tokenizer.encode(text, special_tokens=True)
+        if not ids:
+            raise ChatFormatError(
+                "the chat template renders this conversation to no tokens"
+            )
+        return ids
     if all(tokenizer.token_id(t) is not None for t in LLAMA3_HEADER_TOKENS):
         return llama3_chat(tokenizer, messages)
     raise ChatFormatError(
-        f"this {tokenizer.kind} tokenizer has no known chat format (no chat_template in "
-        "tokenizer_config.json or chat_template.jinja beside it); use it without --chat"
+        f"this {tokenizer.kind} tokenizer has no known chat format (no chat_template "
+        "in tokenizer_config.json or chat_template.jinja beside it); give it plain "
+        "text, not --chat or messages"
     )
 
 

@@ -23,13 +23,26 @@ Models that mlx-lm quantized (config.json with "quantization", `.scales`/`.biase
 `.weight`, as MLX models on the Hugging Face Hub are) keep their quantized arrays as they are.
 """
 
+import os
+import signal
+
+
+def stop_at_once(signum, frame):
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C while the imports below run ends the process with one line (as llama.py);
+    # main() then restores Python's KeyboardInterrupt.
+    signal.signal(signal.SIGINT, stop_at_once)
+
+# ruff: noqa: E402 (the imports below come after that guard)
 import argparse
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -163,6 +176,10 @@ def meta_args(
     if params.get("ffn_dim_multiplier") is not None:
         hidden_dim = int(params["ffn_dim_multiplier"] * hidden_dim)
     multiple_of = params.get("multiple_of", 256)
+    if type(multiple_of) is not int or multiple_of < 1:
+        raise ValueError(
+            f"multiple_of must be a whole number from 1, not {multiple_of!r}"
+        )
     known = ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta")
     return ModelArgs(
         **{k: params[k] for k in known if params.get(k) is not None},
@@ -385,6 +402,27 @@ def hf_to_mlx_name(name):
 def resolve_hf(source):
     if Path(source).is_dir():
         return Path(source)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        raise ConversionError(
+            f"{source} is one weights file; give the Hugging Face folder that holds it "
+            "with its config.json (or, if convert.py wrote it, use it with llama.py)"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        raise ConversionError(
+            f"{source} is a GGUF file, which convert.py does not read; give the "
+            "Hugging Face folder or Meta checkpoint it was made from"
+        )
+    if path.is_file() and path.name == "params.json":
+        raise ConversionError(
+            f"{source} is Meta's configuration; give the folder that holds it with "
+            f"the consolidated.*.pth files: python llama/convert.py {path.parent} ..."
+        )
+    if path.is_file():
+        raise ConversionError(
+            f"{source} is not a checkpoint convert.py reads; give a Hugging Face "
+            "folder or Hub name, a Meta folder, or a Meta .pth file"
+        )
     if not is_hub_name(source) or source.endswith((".pth", ".json")):
         raise ConversionError(f"{source} does not exist")
     # The weights, and the tokenizer files llama.py reads from the same Hub name.
@@ -638,6 +676,7 @@ def parse_args():
 
 
 def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     quantization = None
     if args.quantize:  # the model's widths are checked against the group size with its shapes, in convert
@@ -667,7 +706,12 @@ def main():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    print(summary(model_args, weights, args.output))
+    try:
+        print(summary(model_args, weights, args.output), flush=True)
+    except OSError as e:  # stdout closed (`| head -c1`) or full: the file is written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(e, BrokenPipeError):
+            sys.exit(f"error: wrote {args.output}, but cannot print: {e.strerror}")
 
 
 def stopped(number, frame):

@@ -27,15 +27,16 @@ if __name__ == "__main__":
     # Python's KeyboardInterrupt, handled once at the bottom of this file.
     signal.signal(signal.SIGINT, stop_at_once)
 
-import argparse  # noqa: E402 (after the guard above)
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from functools import partial  # noqa: E402
+# ruff: noqa: E402 (the imports below come after that guard)
+import argparse
+import math
+import sys
+import time
+from functools import partial
 
-import mlx.core as mx  # noqa: E402
-from model import WeightsError, load_model, warn_if_reference_blas  # noqa: E402
-from tokenizer import StreamingDecoder, TokenizerError, load_tokenizer  # noqa: E402
+import mlx.core as mx
+from model import WeightsError, load_model, warn_if_reference_blas
+from tokenizer import StreamingDecoder, TokenizerError, load_tokenizer
 
 
 def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
@@ -204,8 +205,8 @@ if __name__ == "__main__":
     # context, a template's refusal.
     except (WeightsError, TokenizerError, ValueError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # under mlx.launch, tp.py ends the run
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # under mlx.launch, tp.py ends the run
+        print(f"\ninterrupted {e}".rstrip(), file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # stdout closed (`| head -c1`) or full (`> /dev/full`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

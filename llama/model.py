@@ -334,42 +334,44 @@ class WeightsError(Exception):
 
 
 def check_weights(model, weights):
-    """Raise WeightsError naming the missing, unexpected, misshapen and non-finite
-    arrays of `weights` for `model`."""
+    """Raise WeightsError naming the missing, unexpected and misshapen arrays of
+    `weights` for `model`."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
     problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
     problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
-    largest = {}
     for k in sorted(weights.keys() & expected.keys()):
         have, want = weights[k], expected[k]
         if tuple(have.shape) != tuple(want.shape):
             problems.append(f"{k} is {tuple(have.shape)}, expected {tuple(want.shape)}")
-        # Packed quantized weights are uint32, the others floats. (tp.py also checks
-        # the shapes of NumPy views, where bfloat16 is uint16: dtypes of MLX arrays.)
-        if not isinstance(have, mx.array):
-            continue
-        if want.dtype == mx.uint32 and have.dtype != mx.uint32:
-            problems.append(f"{k} is {have.dtype}, expected {mx.uint32}")
-        elif want.dtype != mx.uint32 and not mx.issubdtype(have.dtype, mx.floating):
-            problems.append(f"{k} is {have.dtype}, expected a float")
-        elif want.dtype != mx.uint32:
-            largest[k] = mx.abs(have).max()
-    # One pass over the weights: NaN, inf or beyond float16's range is no trained
-    # Llama, and would give NaN logits.
-    if largest and not problems:
-        values = mx.stack(list(largest.values())).tolist()
-        for k, value in zip(largest, values):
-            if not value <= 65504:
-                problems.append(f"{k} holds {value} (non-finite or too large)")
+        # Packed quantized weights are uint32, the others floats (MLX arrays only:
+        # tp.py also checks the shapes of NumPy views, where bfloat16 is uint16).
+        packed = want.dtype == mx.uint32
+        kind = mx.uint32 if packed else mx.floating
+        if isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind):
+            problems.append(
+                f"{k} is {have.dtype}, expected {kind if packed else 'a float'}"
+            )
     if problems:
         q = model.args.quantization
         hint = ""
         if q:
-            hint = f" ({q['bits']}-bit weights in groups of {q['group_size']})"
+            hint = f" (the configuration says {q['bits']}-bit weights in groups"
+            hint += f" of {q['group_size']})"
         more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
         raise WeightsError(
             f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}"
         )
+
+
+def check_finite(weights):
+    """Raise WeightsError naming a float array that holds NaN, inf or a value beyond
+    float16's range: no trained Llama has one, and it would make the logits NaN."""
+    floats = {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    # One pass over the weights, one wait for all the maxima.
+    largest = [mx.abs(v).max().astype(mx.float32) for v in floats.values()]
+    for name, value in zip(floats, mx.stack(largest).tolist()):
+        if not value <= 65504:
+            raise WeightsError(f"{name} holds {value}: the weights are damaged")
 
 
 def weights_file(path):
@@ -456,6 +458,7 @@ def load_model(path):
         raise WeightsError(f"cannot read {path}: {e}") from None
     model = stored_model(weights.pop("config", None), path)
     check_weights(model, weights)
+    check_finite(weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model

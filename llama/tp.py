@@ -63,6 +63,7 @@ from model import (
     Attention,
     FeedForward,
     WeightsError,
+    check_finite,
     check_weights,
     load_model,
     stored_model,
@@ -328,6 +329,7 @@ def load_sharded(path, group):
         for name, (a, bf16) in arrays.items()
     }
     check_weights(model, weights)
+    check_finite(weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model

@@ -17,6 +17,7 @@ import torch
 from helpers import (
     LLAMA_PARAMS,
     ROOT,
+    example_modules,
     hf_to_meta_state_dict,
     import_example,
     run_script,
@@ -127,7 +128,8 @@ def bpe_tokenizer(ranks, special_tokens=None):
     )
 
     special_tokens = (
-        special_tokens or import_example("llama", "tokenizer").LLAMA3_SPECIAL_TOKENS
+        special_tokens
+        or import_example("llama", "llama3_tokenizer").LLAMA3_SPECIAL_TOKENS
     )
     table = bytes_to_unicode()
     symbol = {token: token.decode("latin-1").translate(table) for token in ranks}
@@ -182,7 +184,8 @@ def rank_file(ranks, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(rank_file):
-    return import_example("llama", "tokenizer").load_tokenizer(rank_file)
+    with example_modules("llama"):  # it reads llama3_tokenizer.py
+        return import_example("llama", "tokenizer").load_tokenizer(rank_file)
 
 
 def test_llama3_rank_file_encodes_as_metas_tokenizer(tokenizer, ranks):

@@ -599,3 +599,306 @@ def test_the_output_gets_the_users_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "w.npz").stat().st_mode & 0o777 == 0o640
+
+
+# ---- Issue 32: output, Ctrl-C at start-up, damaged tokenizer folders, odd prompts ----------
+
+
+def ends_with_one_error_line(result, message):
+    """A run that fails after loading: its status lines, then one line with `message`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode not in (0, None), result.stderr
+    assert message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("error: "), result.stderr
+
+
+def word_tokenizer(folder, config=None, generation_config=None):
+    """A Hugging Face tokenizer folder with ARGS' 320 tokens (a word each: t0 ... t319,
+    split on spaces), with `config` as tokenizer_config.json (raw text if a str) and
+    `generation_config` as generation_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(exist_ok=True)
+    vocab = {f"t{i}": i for i in range(ARGS["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    for name, value in (
+        ("tokenizer_config.json", config),
+        ("generation_config.json", generation_config),
+    ):
+        if value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)
+            (folder / name).write_text(text)
+    return folder
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tiny):
+    result = subprocess.run(
+        f"{sys.executable} {SCRIPT} {tiny[0]} {tiny[1]} 'call me' --max-tokens 500"
+        " | head -c1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(result.stdout) == 1 and "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_output_to_a_full_disk_is_one_line(prompts, tiny, tmp_path):
+    arguments = ["call me"]
+    if prompts:
+        (tmp_path / "p.txt").write_text("call me\nsome years ago\n")
+        arguments = ["--prompts", tmp_path / "p.txt"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, SCRIPT, *tiny, *arguments],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    ends_with_one_error_line(result, "No space left on device")
+
+
+def test_convert_summary_to_a_full_disk_is_one_line_and_the_file_is_written(
+    tmp_path,
+):
+    from helpers import tiny_llama
+
+    folder = tiny_llama(tmp_path / "hf")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, ROOT / "llama" / "convert.py", folder, tmp_path / "w.npz"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    ends_with_one_error_line(result, "No space left on device")
+    assert (tmp_path / "w.npz").is_file()
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.22, 0.3])
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(delay, tiny):
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *tiny, "call me", "--max-tokens", "2000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted", stderr
+    assert "Traceback" not in stderr and "generation" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "config, generation_config, message",
+    [
+        ("[1, 2]", None, "tokenizer_config.json must hold a JSON object"),
+        ({"eos_token": {"foo": 1}}, None, None),
+        ({}, {"eos_token_id": {"a": 1}}, "eos_token_id must be a token id"),
+        ({}, {"eos_token_id": [[1, 2]]}, "eos_token_id must be a token id"),
+    ],
+)
+def test_tokenizer_configs_of_the_wrong_shape_are_one_line_or_ignored(
+    config, generation_config, message, tiny, tmp_path
+):
+    folder = word_tokenizer(tmp_path / "tok", config, generation_config)
+    result = run_script("llama/llama.py", tiny[0], folder, "t5 t6", "--max-tokens", 3)
+    if message is None:  # an EOS token without a name: no stop token from it
+        assert result.returncode == 0 and "Traceback" not in result.stderr
+    else:
+        ends_with_one_error_line(result, message)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (42, "must be text, not 42"),
+        (["x"], 'without a template named "default"'),
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{% for i in range(100000000) %}x{% endfor %}", "Range too big"),
+    ],
+)
+def test_a_chat_template_that_is_not_text_or_fails_is_one_line(
+    template, message, tiny, tmp_path
+):
+    folder = word_tokenizer(tmp_path / "tok", {"chat_template": template})
+    result = run_script("llama/llama.py", tiny[0], folder, "--chat", "t5")
+    ends_with_one_error_line(result, message)
+
+
+def test_the_generation_tag_renders_as_transformers_renders_it(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    folder = word_tokenizer(tmp_path / "tok", {"chat_template": template})
+    conversation = [
+        {"role": "user", "content": "t1 t2"},
+        {"role": "assistant", "content": "t3"},
+        {"role": "user", "content": "t4"},
+    ]
+    chat = import_example("llama", "chat")
+    tokenizer = import_example("llama", "tokenizer").load_tokenizer(folder)
+    ours = chat.render_template(template, conversation, tokenizer.special_tokens_map)
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json")
+    ).apply_chat_template(
+        conversation,
+        chat_template=template,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert ours == reference and "t3" in ours
+
+
+@pytest.mark.parametrize("chat_flag", [True, False])
+def test_a_chat_that_renders_to_no_tokens_is_one_line(chat_flag, tiny, tmp_path):
+    folder = word_tokenizer(
+        tmp_path / "tok", {"chat_template": "{% if false %}x{% endif %}"}
+    )
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "user", "content": "t5"}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    flags = ["--chat"] if chat_flag else []
+    result = run_script("llama/llama.py", tiny[0], folder, "--prompts", prompts, *flags)
+    ends_with_one_error_line(result, "renders this conversation to no tokens")
+
+
+def test_a_system_only_conversation_on_llama_2_is_one_line(tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "system", "content": "Be brief."}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    result = run_script("llama/llama.py", *tiny, "--prompts", prompts)
+    ends_with_one_error_line(result, "Llama 2's chat format needs the roles")
+
+
+@pytest.mark.parametrize(
+    "line", ['{"prompt": "a \\ud800 b"}', "[" * 100_000, '{"prompt": "ok"}']
+)
+def test_a_jsonl_line_that_no_tokenizer_can_take_is_one_line(line, tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "call me"}\n' + line + "\n")
+    result = run_script("llama/llama.py", *tiny, "--prompts", prompts)
+    if line == '{"prompt": "ok"}':  # the well-formed case still runs
+        assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
+    else:
+        ends_with_one_error_line(result, "line 2 is not")
+
+
+def test_messages_without_a_chat_format_get_advice_that_applies(tiny, tmp_path):
+    folder = word_tokenizer(tmp_path / "tok", {})
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "user", "content": "t5"}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    result = run_script("llama/llama.py", tiny[0], folder, "--prompts", prompts)
+    ends_with_one_error_line(result, "no known chat format")
+    assert "without --chat" not in result.stderr
+
+
+def test_ctrl_c_during_prompts_says_how_many_replies_were_written(tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("call me\n" * 40)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, *tiny, "--prompts", prompts]
+            + ["--batch-size", "1", "--max-tokens", "300"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        wait_for(err, "1/40 prompts", process)
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    last = err.read_text().strip().splitlines()[-1]
+    written = len(stdout.splitlines())
+    assert process.returncode == 130 and "Traceback" not in err.read_text()
+    assert (
+        last == f"interrupted after {written} of 40 replies (JSON lines) were written"
+    )
+
+
+def quantized_weights(scale):
+    """Weights of ARGS quantized to 4 bits in groups of 32, one scale set to `scale`."""
+    model, quantize = (
+        import_example("llama", "model"),
+        import_example("llama", "quantize"),
+    )
+    llama = model.Llama(model.ModelArgs(**ARGS))
+    llama.load_weights(list(random_weights(ARGS).items()))
+    weights = dict(tree_flatten(quantize.quantize(llama, 32, 4).parameters()))
+    weights["layers.0.attention.wq.scales"][3, 0] = scale
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["nan weight", "nan scale", "huge scale"])
+def test_non_finite_weights_are_refused_naming_the_array(kind, tmp_path):
+    config = stored_config()
+    if kind == "nan weight":
+        weights = random_weights(ARGS)
+        weights["layers.1.feed_forward.w2.weight"][0, 0] = float("nan")
+        name = "layers.1.feed_forward.w2.weight"
+    else:
+        weights = quantized_weights(float("nan") if kind == "nan scale" else 1e30)
+        config["quantization"] = {"group_size": 32, "bits": 4}
+        name = "layers.0.attention.wq.scales"
+    path = save_with_config(tmp_path / "w.safetensors", config, weights)
+    model = import_example("llama", "model")
+    with pytest.raises(model.WeightsError, match=f"{name} holds"):
+        model.load_model(path)
+
+
+def test_meta_params_with_multiple_of_zero_are_refused_naming_it(tmp_path):
+    convert = import_example("llama", "convert")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 0}
+    with pytest.raises(ValueError, match="multiple_of must be a whole number"):
+        convert.meta_args(params, vocab_size=320)
+
+
+def test_files_written_get_the_users_umask_002(tmp_path):
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
+    previous = os.umask(0o002)
+    try:
+        output = tmp_path / "w.safetensors"
+        convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), output)
+    finally:
+        os.umask(previous)
+    assert output.stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("w.safetensors", "is one weights file"),
+        ("w.gguf", "is a GGUF file"),
+        ("params.json", "is Meta's configuration"),
+    ],
+)
+def test_convert_says_what_an_existing_file_is(name, message, tmp_path):
+    (tmp_path / name).write_bytes(b"{}")
+    result = run_script("llama/convert.py", tmp_path / name, tmp_path / "out.npz")
+    ends_with_one_error_line(result, message)
+    assert "does not exist" not in result.stderr
+
+
+def test_llama_py_says_a_gguf_file_is_one(tiny, tmp_path):
+    (tmp_path / "w.gguf").write_bytes(b"GGUF")
+    result = run_script("llama/llama.py", tmp_path / "w.gguf", tiny[1], "call me")
+    ends_with_one_error_line(result, "is a GGUF file")
+    assert "order" not in result.stderr
