@@ -1,15 +1,19 @@
-"""`llama.py --chat`: a conversation (a list of {"role", "content"} messages) as the token ids a model was
-tuned on, ending where the assistant's reply begins, and the loop that keeps one key/value cache for it.
+"""`llama.py --chat`: a conversation (a list of {"role", "content"} messages) as the
+token ids a model was tuned on, ending where the assistant's reply begins, and the loop
+that keeps one key/value cache for it.
 
-- Llama 2 (SentencePiece): Meta's `[INST] ... [/INST]`, the system message inside the first one
-  between <<SYS>> and <</SYS>>, each finished exchange wrapped in BOS ... EOS.
-- Llama 3: Meta's header tokens, <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>.
-- Hugging Face folders: the chat template (chat_template.jinja, or tokenizer_config.json's
-  chat_template), rendered as transformers renders it, then tokenized reading the special tokens in it;
-  a Llama 3 tokenizer.json without one gets Meta's format.
+- Llama 2 (SentencePiece): Meta's `[INST] ... [/INST]`, the system message inside the
+  first one between <<SYS>> and <</SYS>>, each finished exchange wrapped in BOS ... EOS.
+- Llama 3: Meta's header tokens,
+  <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>.
+- Hugging Face folders: the chat template (chat_template.jinja, or
+  tokenizer_config.json's chat_template), rendered as transformers renders it, then
+  tokenized reading the special tokens in it; a Llama 3 tokenizer.json without one gets
+  Meta's format.
 
     from chat import chat_tokens
-    ids = chat_tokens(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    system = {"role": "system", "content": "Be brief."}
+    ids = chat_tokens(tokenizer, [system, {"role": "user", "content": "Hi"}])
 """
 
 import json
@@ -23,7 +27,8 @@ LLAMA3_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 
 
 class ChatFormatError(TokenizerError):
-    """A tokenizer without a known chat format, or a template that refuses the conversation."""
+    """A tokenizer without a known chat format, or a template that refuses the
+    conversation."""
 
 
 def llama2_chat(tokenizer, messages):
@@ -71,8 +76,8 @@ def llama3_chat(tokenizer, messages):
 
 
 def hf_template(tokenizer):
-    """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart), or None; read again for
-    each turn, as a file of a few kilobytes."""
+    """A Hugging Face tokenizer's chat template (transformers >= 4.43 saves it apart),
+    or None; read again for each turn, as a file of a few kilobytes."""
     jinja = tokenizer.folder / "chat_template.jinja"
     try:
         template = (
@@ -99,8 +104,9 @@ def hf_template(tokenizer):
 
 
 def render_template(template, messages, special_tokens_map):
-    """A Hugging Face chat template rendered as transformers' apply_chat_template renders it (a sandboxed
-    Jinja environment that trims blocks, with its tojson, raise_exception and strftime_now)."""
+    """A Hugging Face chat template rendered as transformers' apply_chat_template
+    renders it (a sandboxed Jinja environment that trims blocks, with its tojson,
+    raise_exception and strftime_now)."""
     import jinja2.ext  # a submodule: `import jinja2` alone does not load it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -151,8 +157,8 @@ def render_template(template, messages, special_tokens_map):
 
 
 def chat_tokens(tokenizer, messages):
-    """The conversation's token ids in the tokenizer's chat format, ready for the assistant's reply. The
-    roles go (system,) user, assistant, user, ..., user."""
+    """The conversation's token ids in the tokenizer's chat format, ready for the
+    assistant's reply. The roles go (system,) user, assistant, user, ..., user."""
     if tokenizer.kind == "SentencePiece":
         return llama2_chat(tokenizer, messages)
     template = hf_template(tokenizer) if tokenizer.kind == "Hugging Face" else None
@@ -174,13 +180,15 @@ def chat_tokens(tokenizer, messages):
 
 
 def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
-    """A conversation in the tokenizer's chat format: one reply to `prompt`, or, without one, a reply to
-    each line read from `lines` (stdin) until its end (Ctrl-D at a terminal). reply(tokens, cache, context) is
-    llama.py's generate: it streams the reply to `tokens`, which continue `context`, the tokens in `cache`.
+    """A conversation in the tokenizer's chat format: one reply to `prompt`, or, without
+    one, a reply to each line read from `lines` (stdin) until its end (Ctrl-D at a
+    terminal). reply(tokens, cache, context) is llama.py's generate: it streams the
+    reply to `tokens`, which continue `context`, the tokens in `cache`.
 
-    The key/value cache stays between turns. Each turn formats the whole conversation again, keeps the
-    cached positions that agree with it (normally everything so far), and runs the model on the rest:
-    a turn costs its new tokens, and the model always sees exactly the format's tokens."""
+    The key/value cache stays between turns. Each turn formats the whole conversation
+    again, keeps the cached positions that agree with it (normally everything so far),
+    and runs the model on the rest: a turn costs its new tokens, and the model always
+    sees exactly the format's tokens."""
     messages = [{"role": "system", "content": system}] if system else []
     cache, cached = (
         model.make_cache(),
@@ -204,12 +212,14 @@ def chat(model, tokenizer, reply, prompt=None, system=None, lines=None):
 
 
 def user_lines(lines):
-    """The lines of `lines` that are not blank, each asked for by "> " on stderr; UTF-8 text only."""
+    """The lines of `lines` that are not blank, each asked for by "> " on stderr; UTF-8
+    text only."""
     print("> ", end="", file=sys.stderr, flush=True)
     try:
         for line in lines:
-            # Bytes are decoded line by line (a text stdin decodes ahead, so a bad line would spoil those before
-            # it); a text line that was not UTF-8 holds lone surrogates, which cannot be encoded.
+            # Bytes are decoded line by line (a text stdin decodes ahead, so a bad line
+            # would spoil those before it); a text line that was not UTF-8 holds lone
+            # surrogates, which cannot be encoded.
             line = line.decode() if isinstance(line, bytes) else line
             line.encode()
             if line.strip():

@@ -10,10 +10,12 @@ from pathlib import Path
 
 # Meta's Llama 3 split pattern (llama_models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
+    r"?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Meta's Llama 3.1 special tokens, ids 128000 to 128255 (Llama 3.0 named 128008 and 128010 reserved).
+# Meta's Llama 3.1 special tokens, ids 128000 to 128255 (Llama 3.0 named 128008 and
+# 128010 reserved).
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -35,9 +37,10 @@ LLAMA3_STOP_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
 
 
 class Llama3Tokenizer:
-    """Meta's Llama 3 tokenizer.model, run by tiktoken as Meta's reference runs it: split the text with Meta's
-    pattern; a piece that is a token is that token; otherwise start from its bytes and join the adjacent pair
-    whose concatenation has the lowest rank, again and again, until no adjacent pair joins into a token."""
+    """Meta's Llama 3 tokenizer.model, run by tiktoken as Meta's reference runs it:
+    split the text with Meta's pattern; a piece that is a token is that token; otherwise
+    start from its bytes and join the adjacent pair whose concatenation has the lowest
+    rank, again and again, until no adjacent pair joins into a token."""
 
     kind = "Llama 3"
 
@@ -80,7 +83,8 @@ class Llama3Tokenizer:
 
 
 def read_ranks(path):
-    """{token bytes: rank} from a tiktoken-format file, checked: ranks 0..n-1, every single byte present."""
+    """{token bytes: rank} from a tiktoken-format file, checked: ranks 0..n-1, every
+    single byte present."""
     ranks = {}
     for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         try:
@@ -88,13 +92,15 @@ def read_ranks(path):
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise ValueError(
-                f"{path} line {number} is not 'base64 rank': not a Llama 3 tokenizer.model"
+                f"{path} line {number} is not 'base64 rank': not a Llama 3 "
+                "tokenizer.model"
             ) from None
     if sorted(ranks.values()) != list(range(len(ranks))) or any(
         bytes([b]) not in ranks for b in range(256)
     ):
         raise ValueError(
-            f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 single bytes "
+            f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 "
+            "single bytes "
             "among the tokens; is it a Llama 3 tokenizer.model?"
         )
     return ranks

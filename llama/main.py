@@ -2,9 +2,10 @@
 
     python llama/main.py
 
-Builds the model (12 layers, vocabulary 8192, dims 512, feed-forward 1024, 8 heads), shows that
-nothing is computed until it is evaluated, processes a 6-token prompt and generates 10 tokens,
-timing each stage. The tokens are meaningless (the weights are random); the timings are not.
+Builds the model (12 layers, vocabulary 8192, dims 512, feed-forward 1024, 8 heads),
+shows that nothing is computed until it is evaluated, processes a 6-token prompt and
+generates 10 tokens, timing each stage. The tokens are meaningless (the weights are
+random); the timings are not.
 """
 
 import argparse
@@ -82,11 +83,13 @@ def main():
     model = Llama(model_args)
     n_params = sum(p.size for _, p in nn.utils.tree_flatten(model.parameters()))
     print(
-        f"Built a {n_params / 1e6:.1f}M-parameter model in {1e3 * (time.perf_counter() - tic):.1f} ms; "
+        f"Built a {n_params / 1e6:.1f}M-parameter model in "
+        f"{1e3 * (time.perf_counter() - tic):.1f} ms; "
         f"memory in use: {mx.get_active_memory() / 2**20:.1f} MiB"
     )
     print(
-        "  Nothing is computed yet: the weights are a graph of random-number operations, not numbers."
+        "  Nothing is computed yet: the weights are a graph of random-number "
+        "operations, not numbers."
     )
 
     tic = time.perf_counter()
@@ -110,7 +113,8 @@ def main():
     if len(times) > 1:
         per_token = sorted(times[1:])[len(times[1:]) // 2]
         print(
-            f"  each further token (median): {1e3 * per_token:.1f} ms, {1 / per_token:.0f} tokens/s"
+            f"  each further token (median): {1e3 * per_token:.1f} ms, "
+            f"{1 / per_token:.0f} tokens/s"
         )
 
 

@@ -68,26 +68,21 @@ class ModelArgs:
         the first field that is wrong."""
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in "dim n_heads n_kv_heads vocab_size hidden_dim max_seq_len".split():
-            value = getattr(self, name)
-            if type(value) is not int or not 0 < value < 2**31:  # MLX's int32 shapes
-                raise ValueError(
-                    f"{name} must be a whole number from 1 to 2**31 - 1, not {value!r}"
-                )
-        if type(self.n_layers) is not int or not 0 < self.n_layers <= 1024:
-            raise ValueError(
-                f"n_layers must be a whole number from 1 to 1024, not {self.n_layers!r}"
-            )
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
-        for name in ("rope_traditional", "tie_word_embeddings"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"{name} must be true or false")
-        for name in ("rope_scaling", "quantization"):
-            if not isinstance(getattr(self, name), (dict, type(None))):
-                raise ValueError(f"{name} must be an object or null")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type is bool:
+                ok, kind = type(value) is bool, "true or false"
+            elif field.type is float:
+                ok = type(value) in (int, float) and 0 < value < math.inf
+                kind = "a positive number"
+            elif field.type == dict | None:
+                ok, kind = value is None or type(value) is dict, "an object or null"
+            else:  # a width or a count: MLX's shapes are int32
+                most = 1024 if field.name == "n_layers" else 2**31 - 1
+                ok = type(value) is int and 0 < value <= most
+                kind = f"a whole number from 1 to {most}"
+            if not ok:
+                raise ValueError(f"{field.name} must be {kind}, not {value!r}")
         if (
             self.dim % self.n_heads
             or self.n_heads % self.n_kv_heads
@@ -99,18 +94,18 @@ class ModelArgs:
                 "groups of query heads"
             )
         scaling = self.rope_scaling
-        if scaling is not None and not (
-            sorted(scaling) == sorted(ROPE_SCALING_KEYS)
-            and all(
-                type(v) in (int, float) and 0 < v < math.inf for v in scaling.values()
-            )
-            and scaling["low_freq_factor"] < scaling["high_freq_factor"]
-        ):
-            raise ValueError(
-                "rope_scaling must hold positive factor, low_freq_factor, "
-                "high_freq_factor and original_max_position_embeddings, the low factor "
-                f"below the high one, not {scaling!r}"
-            )
+        if scaling is not None:
+            numbers = [scaling.get(key) for key in ROPE_SCALING_KEYS]
+            if not (
+                len(scaling) == 4
+                and all(type(v) in (int, float) and 0 < v < math.inf for v in numbers)
+                and scaling["low_freq_factor"] < scaling["high_freq_factor"]
+            ):
+                raise ValueError(
+                    "rope_scaling must hold positive factor, low_freq_factor, "
+                    "high_freq_factor and original_max_position_embeddings, the low "
+                    f"factor below the high one, not {scaling!r}"
+                )
 
     @property
     def head_dim(self):
@@ -489,7 +484,8 @@ def warn_if_reference_blas():
     maps = Path("/proc/self/maps").read_text()
     if "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
         print(
-            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix "
+            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow "
+            "matrix "
             "products); the top-level README.md shows how to preload OpenBLAS",
             file=sys.stderr,
         )

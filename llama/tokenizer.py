@@ -43,7 +43,8 @@ class SentencePieceTokenizer:
             self.sp = SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
             raise ValueError(
-                f"cannot load {path} as a SentencePiece model ({str(e).splitlines()[0]})"
+                f"cannot load {path} as a SentencePiece model "
+                f"({str(e).splitlines()[0]})"
             ) from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
