@@ -62,8 +62,6 @@ from hub import TOKENIZER_FILES, download, is_hub_name
 from model import Llama, ModelArgs, WeightsError, check_weights, write_atomically
 from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
 
-from llama import in_range
-
 # Hugging Face name -> Meta / MLX name.
 HF_KEY_MAP = [
     (r"^model\.embed_tokens\.", "tok_embeddings."),
@@ -665,6 +663,21 @@ def file_size(nbytes):
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
+def positive(kind):
+    """An argparse type: a finite `kind` (int or float) above 0, an int below 2**31."""
+
+    def parse(text):
+        value = kind(text)
+        if kind is int and not 0 < value < 2**31:
+            raise argparse.ArgumentTypeError(f"must be from 1 to 2**31 - 1, not {text}")
+        if not 0 < value < math.inf:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 def parse_args():
     parser = argparse.ArgumentParser(
         description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights."
@@ -679,8 +692,7 @@ def parse_args():
         "--dtype",
         choices=list(DTYPES),
         help="store floating-point weights in this dtype; with --quantize, the scales, "
-        "biases and "
-        "norms (default: as in the checkpoint)",
+        "biases and norms (default: as in the checkpoint)",
     )
     parser.add_argument(
         "--quantize",
@@ -701,7 +713,7 @@ def parse_args():
     )
     parser.add_argument(
         "--max-seq-len",
-        type=in_range(int, 1, 2**31 - 1),
+        type=positive(int),
         help="context length for Meta checkpoints, whose params.json omits it "
         "(default: the family's: "
         "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging "
@@ -710,7 +722,7 @@ def parse_args():
     )
     parser.add_argument(
         "--rope-scaling-factor",
-        type=in_range(float, 0, above=True),
+        type=positive(float),
         help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: "
         "32 for Llama 3.2 "
         "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)",

@@ -8,6 +8,20 @@ generates 10 tokens, timing each stage. The tokens are meaningless (the weights 
 random); the timings are not.
 """
 
+import os
+import signal
+
+
+def stop_at_once(signum, frame):
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C while the imports below run ends the process with one line (as llama.py).
+    signal.signal(signal.SIGINT, stop_at_once)
+
+# ruff: noqa: E402 (the imports below come after that guard)
 import argparse
 import sys
 import time
@@ -20,6 +34,7 @@ from llama import in_range
 
 
 def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(
         description="Run a small random-weight Llama: lazy evaluation and generation."
     )
@@ -124,3 +139,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # stdout closed (`| head -c1`) or full (`> /dev/full`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e, BrokenPipeError):
+            sys.exit(1)  # the reader is gone: nobody to tell
+        sys.exit(f"error: cannot write the output: {e.strerror}")

@@ -920,3 +920,24 @@ def test_llama_py_says_a_gguf_file_is_one(tiny, tmp_path):
     result = run_script("llama/llama.py", tmp_path / "w.gguf", tiny[1], "call me")
     ends_with_one_error_line(result, "is a GGUF file")
     assert "order" not in result.stderr
+
+
+def test_main_py_output_to_a_closed_pipe_or_a_full_disk(tmp_path):
+    closed = subprocess.run(
+        f"{sys.executable} {ROOT / 'llama' / 'main.py'} | head -c1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(closed.stdout) == 1 and "Traceback" not in closed.stderr
+    assert "Exception ignored" not in closed.stderr, closed.stderr
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, ROOT / "llama" / "main.py"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    one_line_error(result, "No space left on device")
