@@ -7,6 +7,7 @@ interrupted, killed or stopped."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -726,14 +727,22 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(delay, tiny):
     ],
 )
 def test_tokenizer_configs_of_the_wrong_shape_are_one_line_or_ignored(
-    config, generation_config, message, tiny, tmp_path
+    config, generation_config, message, tmp_path
 ):
     folder = word_tokenizer(tmp_path / "tok", config, generation_config)
-    result = run_script("llama/llama.py", tiny[0], folder, "t5 t6", "--max-tokens", 3)
+    tokenizer = import_example("llama", "tokenizer")
     if message is None:  # an EOS token without a name: no stop token from it
-        assert result.returncode == 0 and "Traceback" not in result.stderr
-    else:
-        ends_with_one_error_line(result, message)
+        assert tokenizer.load_tokenizer(folder).stop_ids == set()
+        return
+    # llama.py prints a TokenizerError as one line (test_..._one_line_error_in_llama_py)
+    with pytest.raises(tokenizer.TokenizerError, match=message):
+        tokenizer.load_tokenizer(folder)
+
+
+def test_a_damaged_tokenizer_folder_is_one_line_error_in_llama_py(tiny, tmp_path):
+    folder = word_tokenizer(tmp_path / "tok", "[1, 2]")
+    result = run_script("llama/llama.py", tiny[0], folder, "t5 t6")
+    one_line_error(result, "must hold a JSON object")
 
 
 @pytest.mark.parametrize(
@@ -749,8 +758,14 @@ def test_a_chat_template_that_is_not_text_or_fails_is_one_line(
     template, message, tiny, tmp_path
 ):
     folder = word_tokenizer(tmp_path / "tok", {"chat_template": template})
-    result = run_script("llama/llama.py", tiny[0], folder, "--chat", "t5")
-    ends_with_one_error_line(result, message)
+    tokenizer = import_example("llama", "tokenizer").load_tokenizer(folder)
+    chat = import_example("llama", "chat")
+    # llama.py prints a ChatFormatError as one line (the case of 1/0 below)
+    with pytest.raises(chat.ChatFormatError, match=re.escape(message)):
+        chat.chat_tokens(tokenizer, [{"role": "user", "content": "t5"}])
+    if template == "{{ 1/0 }}":
+        result = run_script("llama/llama.py", tiny[0], folder, "--chat", "t5")
+        one_line_error(result, message)
 
 
 def test_the_generation_tag_renders_as_transformers_renders_it(tmp_path):
