@@ -389,8 +389,7 @@ def print_quantized(rows, args, bandwidth):
         f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX "
         f"affine, groups of {args.q_group_size}), "
         f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, "
-        f"median of {args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()}{gpu}"
+        f"median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
     )
     print(
         f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. "
@@ -429,8 +428,7 @@ def print_quantized(rows, args, bandwidth):
             f"{first_token / token_seconds:>5.2f}x "
             f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
             f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} "
-            f"{build * 1e3:>6.2f} "
-            f"{launch * 1e3:>6.2f} {kl:>8} {same:>6}"
+            f"{build * 1e3:>6.2f} {launch * 1e3:>6.2f} {kl:>8} {same:>6}"
         )
 
 
@@ -463,84 +461,43 @@ def torch_in_child(argv):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch)."
+        description="Llama prompt and decoding tokens/s, MLX vs transformers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--preset",
         choices=list(PRESETS),
         default="small",
-        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b "
-        "(Llama 3.1 8B) "
-        "(default: small)",
+        help="tiny (tests), small (~125M, a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B)",
     )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="weights and activations (default: float32)",
-    )
-    parser.add_argument(
-        "--prompt-tokens",
-        type=in_range(int, 1, 4094),
-        default=128,
-        help="prompt length (default: 128)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=in_range(int, 2, 4095),
-        default=64,
-        help="tokens to generate per run, at least 2 (default: 64)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=in_range(int, 1, 1000),
-        default=3,
-        help="timed runs after one warm-up; medians are used (default: 3)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=in_range(int, 0, 2**63 - 1),
-        default=0,
-        help="seed for the random weights and prompt (default: 0)",
-    )
-    parser.add_argument(
+    add("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: against CUDA")
+    add("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    add("--prompt-tokens", type=in_range(int, 1, 4094), default=128, help="length")
+    add("--max-tokens", type=in_range(int, 2, 4095), default=64, help="per run")
+    add("--repeats", type=in_range(int, 1, 1000), default=3, help="after a warm-up")
+    add("--seed", type=in_range(int, 0, 2**63 - 1), default=0, help="weights, prompt")
+    add(
         "--time-load",
         action="store_true",
-        help="also save the MLX weights to a temporary file and time load_model from "
-        "the page cache, "
-        "alone and with the first token",
+        help="also time load_model of the weights saved to a temporary file (page "
+        "cache), alone and with the first token",
     )
-    parser.add_argument(
+    add(
         "--profile",
         action="store_true",
-        help="instead: GB/s of one-token matrix-vector products for each weight shape, "
-        "MLX vs PyTorch",
+        help="instead: GB/s of one-token matrix-vector products per weight shape",
     )
-    parser.add_argument(
+    add(
         "--quantize",
         type=int,
         nargs="+",
         choices=[4, 8],
-        help="instead of PyTorch, compare with the model quantized to 4 and/or 8 bits "
-        "(as convert.py "
-        "--quantize does): speed, peak memory, and the KL divergence of its logits",
+        help="instead of PyTorch, compare with the model quantized to these bits (as "
+        "convert.py --quantize does): speed, peak memory, KL divergence of the logits",
     )
-    parser.add_argument(
-        "--q-group-size",
-        type=int,
-        choices=[32, 64, 128],
-        default=64,
-        help="weights per scale and bias with --quantize (default: 64)",
-    )
-    parser.add_argument(
-        "--only", choices=["torch"], help=argparse.SUPPRESS
-    )  # used by torch_in_child
+    add("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    add("--only", choices=["torch"], help=argparse.SUPPRESS)  # for torch_in_child
     args = parser.parse_args(argv)
     if args.quantize and args.profile:
         parser.error("--profile and --quantize are separate measurements; give one")
@@ -602,8 +559,7 @@ def main(argv=None):
         f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then "
         f"MLX), then timing MLX and {versus}: "
         f"{args.repeats} timed run{'s' * (args.repeats > 1)} each after a warm-up run, "
-        f"{args.prompt_tokens} prompt tokens "
-        f"and {args.max_tokens} new ones"
+        f"{args.prompt_tokens} prompt tokens and {args.max_tokens} new ones"
     )
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
@@ -643,8 +599,7 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
         f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), "
         "random weights, prompt "
         f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of "
-        f"{args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch "
+        f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch "
         f"{torch.__version__} on {torch_device}"
         f"{' (in a child process without LD_PRELOAD)' if separate else ''}, "
         "transformers generate()"
@@ -666,8 +621,7 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
     for name, seconds in (("MLX", t_mlx[1]), ("PyTorch", t_torch[1])):
         print(
             f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of "
-            "weights, "
-            f"{100 / seconds / ceiling:.0f}% of the ceiling"
+            f"weights, {100 / seconds / ceiling:.0f}% of the ceiling"
         )
     build, launch = host_seconds(model, prompt)
     on_cpu = (
@@ -677,8 +631,7 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
         f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph "
         f"(Python) + {launch * 1e3:.2f} "
         f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: "
-        "the host sets the pace when "
-        f"the sum comes near the time per token{on_cpu}"
+        f"the host sets the pace when the sum comes near the time per token{on_cpu}"
     )
     if args.time_load:
         say("timing load_model from .npz and .safetensors files")

@@ -222,79 +222,34 @@ def host_step(model, prompts, repeats=20):
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description="Batched generation tokens/s, MLX (batch.py) vs transformers."
+        description="Batched generation tokens/s, MLX (batch.py) vs transformers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--preset",
         choices=list(PRESETS),
         default="small",
-        help="model shape: tiny (tests), small (~125M), 7b (Llama 2 7B), 8b (Llama 3.1 "
-        "8B) "
-        "(default: small)",
+        help="tiny (tests), small (~125M), 7b (Llama 2 7B), 8b (Llama 3.1 8B)",
     )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="weights and activations (default: float32)",
-    )
-    parser.add_argument(
+    add("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: against CUDA")
+    add("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    add(
         "--quantize",
         type=int,
         choices=[4, 8],
-        help="also time MLX with the model quantized to "
-        "this many bits (as convert.py --quantize does it)",
+        help="also time MLX with the model quantized to this many bits",
     )
-    parser.add_argument(
-        "--batch-sizes",
-        type=in_range(int, 1, 256),
-        nargs="+",
-        default=[1, 4, 16],
-        help="prompts per batch (default: 1 4 16)",
-    )
-    parser.add_argument(
-        "--prompt-tokens",
-        type=in_range(int, 1, 2048),
-        default=128,
-        help="prompt length; the longest with mixed lengths (default: 128)",
-    )
-    parser.add_argument(
-        "--min-prompt-tokens",
-        type=in_range(int, 1, 2048),
-        default=16,
-        help="the shortest prompt of a mixed batch (default: 16)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=in_range(int, 1, 2048),
-        default=128,
-        help="new tokens per prompt (default: 128)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=in_range(int, 1, 100),
-        default=3,
-        help="timed runs after one warm-up run; medians are used (default: 3)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=in_range(int, 0, 2**63 - 1),
-        default=0,
-        help="seed for the random weights and prompts (default: 0)",
-    )
-    parser.add_argument(
-        "--frameworks",
-        nargs="+",
-        choices=["mlx", "torch"],
-        default=["mlx", "torch"],
-        help="which to time (default: both)",
-    )
+    batch = in_range(int, 1, 256)
+    add("--batch-sizes", type=batch, nargs="+", default=[1, 4, 16], help="prompts")
+    length = in_range(int, 1, 2048)
+    add("--prompt-tokens", type=length, default=128, help="the longest prompt")
+    add("--min-prompt-tokens", type=length, default=16, help="the shortest, if mixed")
+    add("--max-tokens", type=length, default=128, help="new tokens per prompt")
+    add("--repeats", type=in_range(int, 1, 100), default=3, help="after a warm-up")
+    add("--seed", type=in_range(int, 0, 2**63 - 1), default=0, help="weights, prompts")
+    frameworks = ["mlx", "torch"]
+    add("--frameworks", nargs="+", choices=frameworks, default=frameworks)
     args = parser.parse_args()
     if args.min_prompt_tokens > args.prompt_tokens:
         parser.error("--min-prompt-tokens must not be above --prompt-tokens")

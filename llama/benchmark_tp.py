@@ -233,8 +233,7 @@ def report(
     )
     print(
         f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | "
-        f"{min(rates):.1f}-{max(rates):.1f} | "
-        f"{median * per_rank / 1e12:.2f} |",
+        f"{min(rates):.1f}-{max(rates):.1f} | {median * per_rank / 1e12:.2f} |",
         flush=True,
     )
 
@@ -460,8 +459,7 @@ def main():
         type=in_range(float, 0),
         default=600,
         help="MLX with several processes: stop them all when the run makes no progress "
-        "for this many "
-        "seconds; 0: never (default: 600)",
+        "for this many seconds; 0: never (default: 600)",
     )
     options = parser.parse_args()
     if options.framework == "mlx":

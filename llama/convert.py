@@ -59,7 +59,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from hub import TOKENIZER_FILES, download, is_hub_name
-from model import Llama, ModelArgs, WeightsError, check_weights, write_atomically
+from model import (
+    ROPE_SCALING_KEYS,
+    Llama,
+    ModelArgs,
+    WeightsError,
+    check_weights,
+    write_atomically,
+)
 from quantize import BITS, GROUP_SIZES, check_quantization, quantize, quantize_weights
 
 # Hugging Face name -> Meta / MLX name.
@@ -231,11 +238,9 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
         raise ConversionError(
             f"cannot read params.json beside the checkpoint: {e}"
         ) from None
-    missing = (
-        [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-        if isinstance(params, dict)
-        else ["all"]
-    )
+    if not isinstance(params, dict):
+        params = {}
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise ConversionError(
             f"{folder / 'params.json'} lacks {', '.join(missing)}; is it a Meta "
@@ -259,9 +264,8 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
         args = meta_args(params, vocab_size, max_seq_len, rope_scaling_factor, tied)
     except (TypeError, ValueError) as e:  # a string where a number belongs, say
         raise ConversionError(f"{folder / 'params.json'}: {e}") from None
-    expected = {
-        k: v.shape for k, v in nn.utils.tree_flatten(Llama(args).parameters())
-    }  # lazy: no memory
+    parameters = nn.utils.tree_flatten(Llama(args).parameters())  # lazy: no memory
+    expected = {k: v.shape for k, v in parameters}
     progress = Progress(
         f"reading {len(files)} file{'s' * (len(files) > 1)} of {folder}",
         sum(t.nbytes for sd in state_dicts for t in sd.values()),
@@ -280,9 +284,8 @@ def read_meta(path, max_seq_len=None, rope_scaling_factor=None):
         weights[name] = merge_shards(
             [torch_to_mx(sd[name]) for sd in state_dicts], expected[name]
         )
-        progress.add(
-            sum(sd[name].nbytes for sd in state_dicts)
-        )  # torch_to_mx has copied them out of the files
+        # torch_to_mx has copied them out of the files
+        progress.add(sum(sd[name].nbytes for sd in state_dicts))
     return args, weights
 
 
@@ -303,8 +306,7 @@ def mlx_lm_quantization(config):
         if method is not None:
             raise ConversionError(
                 f"{method!r}-quantized checkpoints are not supported; convert the "
-                "unquantized "
-                "model with --quantize, or an MLX (mlx-lm) quantized one"
+                "unquantized model with --quantize, or an MLX (mlx-lm) quantized one"
             )
         return None
     if q.get("mode", "affine") != "affine":
@@ -323,10 +325,28 @@ def mlx_lm_quantization(config):
         ):
             raise ConversionError(
                 f"per-layer quantization ({layer}: {setting}) is not supported; every "
-                "layer "
-                f"must use the model's {bits} bits and group size {group_size}"
+                f"layer must use the model's {bits} bits and group size {group_size}"
             )
     return {"group_size": group_size, "bits": bits}
+
+
+def hf_rope_scaling(rope):
+    """ModelArgs.rope_scaling from a config.json's RoPE settings: None, or Llama 3.1's
+    four numbers; other kinds are refused."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ConversionError(
+            f"RoPE scaling {rope_type!r} is not supported by this example "
+            "(supported: none, and 'llama3' as in Llama 3.1)"
+        )
+    missing = [k for k in ROPE_SCALING_KEYS if k not in rope]
+    if missing:
+        raise ConversionError(
+            f"llama3 RoPE scaling without {', '.join(missing)} in config.json"
+        )
+    return {k: rope[k] for k in ROPE_SCALING_KEYS}
 
 
 def hf_args(config):
@@ -337,39 +357,16 @@ def hf_args(config):
     if model_type not in ("llama", "mistral"):
         raise ConversionError(
             f"model_type {model_type!r} is not supported: this example runs "
-            "LlamaForCausalLM "
-            "and MistralForCausalLM checkpoints"
+            "LlamaForCausalLM and MistralForCausalLM checkpoints"
         )
     if model_type == "mistral" and config.get("sliding_window") is not None:
         raise ConversionError(
             f"sliding_window {config['sliding_window']} (Mistral 7B v0.1) is not "
-            "supported; "
-            "Mistral 7B v0.2 and v0.3 have none"
+            "supported; Mistral 7B v0.2 and v0.3 have none"
         )
-    # transformers 5 writes rope_parameters (with rope_theta inside); older configs
-    # rope_scaling.
+    # transformers 5: rope_parameters (with rope_theta); before: rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        names = (
-            "factor",
-            "low_freq_factor",
-            "high_freq_factor",
-            "original_max_position_embeddings",
-        )
-        missing = [k for k in names if k not in rope]
-        if missing:
-            raise ConversionError(
-                f"llama3 RoPE scaling without {', '.join(missing)} in config.json"
-            )
-        rope_scaling = {k: rope[k] for k in names}
-    elif rope_type == "default":
-        rope_scaling = None
-    else:
-        raise ConversionError(
-            f"RoPE scaling {rope_type!r} is not supported by this example "
-            "(supported: none, and 'llama3' as in Llama 3.1)"
-        )
+    rope_scaling = hf_rope_scaling(rope)
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ConversionError(
             "Llama variants with attention or MLP biases are not supported"
@@ -403,10 +400,8 @@ def hf_args(config):
         raise ConversionError(
             f"config.json has no {e.args[0]!r}; is it a Llama's?"
         ) from None
-    except (
-        TypeError,
-        ValueError,
-    ) as e:  # a damaged field, shapes that do not divide, an unsupported quantization
+    # A damaged field, shapes that do not divide, an unsupported quantization:
+    except (TypeError, ValueError) as e:
         raise ConversionError(f"config.json: {e}") from None
     if config.get("head_dim") not in (None, args.head_dim):
         raise ConversionError(
@@ -717,8 +712,7 @@ def parse_args():
         help="context length for Meta checkpoints, whose params.json omits it "
         "(default: the family's: "
         "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging "
-        "Face configs "
-        "carry their own)",
+        "Face configs carry their own)",
     )
     parser.add_argument(
         "--rope-scaling-factor",
@@ -803,8 +797,7 @@ def summary(model_args, weights, output):
         f"Wrote {size} parameters ({len(weights)} arrays, "
         f"{weights['norm.weight'].dtype}{quantized}), "
         f"{model_args.n_layers} layers, RoPE {layout}{scaling}{tied}, context "
-        f"{model_args.max_seq_len}, "
-        f"to {output} ({file_size(os.path.getsize(output))})"
+        f"{model_args.max_seq_len}, to {output} ({file_size(os.path.getsize(output))})"
     )
 
 

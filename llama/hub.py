@@ -42,6 +42,5 @@ def download(name, patterns, error, ignore=None):
         first = str(e).splitlines()[0] if str(e) else ""
         raise error(
             f"cannot get {name!r} from the Hugging Face Hub ({type(e).__name__}: "
-            f"{first}); "
-            "pass a local folder or file instead"
+            f"{first}); pass a local folder or file instead"
         ) from None

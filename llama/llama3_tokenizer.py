@@ -100,7 +100,6 @@ def read_ranks(path):
     ):
         raise ValueError(
             f"{path}: the ranks are not 0 to {len(ranks) - 1} each once, with all 256 "
-            "single bytes "
-            "among the tokens; is it a Llama 3 tokenizer.model?"
+            "single bytes among the tokens; is it a Llama 3 tokenizer.model?"
         )
     return ranks

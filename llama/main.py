@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 # ruff: noqa: E402 (the imports below come after that guard)
 import argparse
+import math
 import sys
 import time
 
@@ -30,59 +31,40 @@ import mlx.core as mx
 import mlx.nn as nn
 from model import Llama, ModelArgs
 
-from llama import in_range
+
+def in_range(kind, low, high=math.inf):
+    """An argparse type: a finite `kind` (int or float) from `low` to `high` (as
+    llama.py's)."""
+    bounds = f"at least {low}" + (f" and at most {high}" if high < math.inf else "")
+
+    def parse(text):
+        value = kind(text)
+        if not low <= value <= high or abs(value) == math.inf:  # NaN fails too
+            number = "a whole number" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {number} {bounds}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
 
 
-def main():
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def parse_args():
+    """The flags, and the ModelArgs they describe."""
     parser = argparse.ArgumentParser(
-        description="Run a small random-weight Llama: lazy evaluation and generation."
+        description="Run a small random-weight Llama: lazy evaluation and generation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add = parser.add_argument
     positive = in_range(int, 1, 2**31 - 1)
-    parser.add_argument(
-        "--n-layers",
-        type=in_range(int, 1, 1024),
-        default=12,
-        help="transformer blocks (default: 12)",
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=positive,
-        default=8192,
-        help="vocabulary size (default: 8192)",
-    )
-    parser.add_argument(
-        "--dim", type=positive, default=512, help="model width (default: 512)"
-    )
-    parser.add_argument(
-        "--hidden-dim",
-        type=positive,
-        default=1024,
-        help="feed-forward width (default: 1024)",
-    )
-    parser.add_argument(
-        "--n-heads", type=positive, default=8, help="attention heads (default: 8)"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=positive,
-        default=10,
-        help="tokens to generate (default: 10)",
-    )
-    parser.add_argument(
-        "--temp",
-        type=in_range(float, 0),
-        default=0.0,
-        help="sampling temperature; 0 is greedy (default: 0)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=in_range(int, 0, 2**64 - 1),
-        default=0,
-        help="random seed for weights and sampling (default: 0)",
-    )
+    add("--n-layers", type=in_range(int, 1, 1024), default=12, help="blocks")
+    add("--vocab-size", type=positive, default=8192, help="vocabulary size")
+    add("--dim", type=positive, default=512, help="model width")
+    add("--hidden-dim", type=positive, default=1024, help="feed-forward width")
+    add("--n-heads", type=positive, default=8, help="attention heads")
+    add("--max-tokens", type=positive, default=10, help="tokens to generate")
+    add("--temp", type=in_range(float, 0), default=0.0, help="0 is greedy")
+    add("--seed", type=in_range(int, 0, 2**64 - 1), default=0, help="random seed")
     args = parser.parse_args()
-    mx.random.seed(args.seed)
     try:
         model_args = ModelArgs(
             dim=args.dim,
@@ -93,6 +75,13 @@ def main():
         )
     except ValueError as e:  # say, a width that the heads do not divide
         parser.error(str(e))
+    return args, model_args
+
+
+def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args, model_args = parse_args()
+    mx.random.seed(args.seed)
 
     tic = time.perf_counter()
     model = Llama(model_args)

@@ -485,7 +485,6 @@ def warn_if_reference_blas():
     if "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
         print(
             "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow "
-            "matrix "
-            "products); the top-level README.md shows how to preload OpenBLAS",
+            "matrix products); the top-level README.md shows how to preload OpenBLAS",
             file=sys.stderr,
         )

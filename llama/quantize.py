@@ -42,8 +42,7 @@ def check_quantization(quantization, dim, hidden_dim):
             fits = [g for g in GROUP_SIZES if dim % g == 0 and hidden_dim % g == 0]
             raise ValueError(
                 f"the model's {name} {width} is not a multiple of the quantization "
-                "group size "
-                f"{group_size}; use a group size of "
+                f"group size {group_size}; use a group size of "
                 f"{' or '.join(map(str, fits)) or 'none of 32, 64, 128'}"
             )
     return {"group_size": group_size, "bits": bits}

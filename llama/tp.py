@@ -162,8 +162,7 @@ def check_divisible(args, n):
             ]
             raise ShardingError(
                 f"the model has {count} {what}, which do not split evenly over {n} "
-                "processes; "
-                f"use -n {' or '.join(map(str, divisors[:8]))}"
+                f"processes; use -n {' or '.join(map(str, divisors[:8]))}"
             )
 
 
@@ -336,8 +335,7 @@ def load_sharded(path, group):
     if not path.exists():
         raise WeightsError(
             f"{path} does not exist on this machine; with several machines every one "
-            "needs "
-            "the weights at the same path"
+            "needs the weights at the same path"
         )
     path = weights_file(path)
     try:
@@ -573,8 +571,7 @@ def init_group():
             f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} "
             "processes, but they "
             f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU "
-            "per process; "
-            "--backend ring needs each host's IP address in the --hostfile"
+            "per process; --backend ring needs each host's IP address in the --hostfile"
         ) from None
     return group if group.size() > 1 else None
 

@@ -438,8 +438,7 @@ def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_fol
         "os.path.dirname(sys.argv[0])); "
         "runpy.run_path(sys.argv[0], run_name='__main__'); "
         "print(sorted({'tp', 'quantize', 'chat', 'hub', 'hf_tokenizer', 'batch', "
-        "'llama3_tokenizer', "
-        "'lora', 'model'} & set(sys.modules)), file=sys.stderr)"
+        "'llama3_tokenizer', 'lora', 'model'} & set(sys.modules)), file=sys.stderr)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     result = subprocess.run(

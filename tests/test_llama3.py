@@ -42,8 +42,7 @@ TRAINING_TEXT = (
     "Call me Ishmael. Some years ago, never mind how long precisely, having little or "
     "no money in my "
     "purse, I thought I would sail about. It's 1851; we'll see 2024 and 12345 too.\n\n "
-    " Indented   "
-    "spaces, café, naïve, 日本語 and ÿ. "
+    " Indented   spaces, café, naïve, 日本語 and ÿ. "
 ) * 3
 TRICKY = [
     "Hello world",
@@ -260,12 +259,10 @@ CONVERSATION = [
 # Meta-Llama-3-8B-Instruct's chat_template.
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set "
-    "content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ "
+    "content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ "
     "message['content'] | trim + "
     "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% "
-    "endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 

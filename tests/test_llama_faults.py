@@ -248,8 +248,7 @@ def test_main_py_refuses_a_max_tokens_that_would_never_end(max_tokens):
     one_line_error(
         result,
         "argument --max-tokens: must be a whole number at least 1 and at most "
-        "2147483647, "
-        f"not {max_tokens}",
+        f"2147483647, not {max_tokens}",
     )
 
 

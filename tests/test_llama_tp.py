@@ -320,8 +320,7 @@ def test_weights_missing_on_one_rank_stop_every_rank(tiny, tmp_path):
     assert [r[0] for r in ranks] == [1, 1], ranks
     assert ranks[0][2].strip().splitlines() == [
         f"error: rank 1: {missing} does not exist on this machine; with several "
-        "machines every one needs "
-        "the weights at the same path"
+        "machines every one needs the weights at the same path"
     ]
     assert ranks[1][2] == ""
 
