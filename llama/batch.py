@@ -210,12 +210,12 @@ def read_prompts(path):
             continue
         try:
             record = json.loads(line)
-            prompt = (
-                record.get("prompt", record.get("messages"))
-                if isinstance(record, dict)
-                else None
-            )
-        except ValueError:
+            # "\ud800" in JSON is a lone surrogate, which no tokenizer can encode.
+            json.dumps(record, ensure_ascii=False).encode()
+            prompt = None
+            if isinstance(record, dict):
+                prompt = record.get("prompt", record.get("messages"))
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested deep
             prompt = None
         if not (
             isinstance(prompt, str)
@@ -254,89 +254,90 @@ def prompt_tokens(tokenizer, prompt, chat, system):
 
 
 def run_prompts(model, tokenizer, args, prompts, blank, schemas=None):
-    """llama.py --prompts: one JSON line per prompt of read_prompts on stdout, in input order, `--batch-size`
-    prompts at a time; progress, then the total tokens/s and peak memory, on stderr. A prompt too long for the
-    context gets {"prompt", "error"} in its place, and the others still run."""
+    """llama.py --prompts: one JSON line per prompt of read_prompts on stdout, in input
+    order, `--batch-size` prompts at a time; progress, then the total tokens/s and peak
+    memory, on stderr. A prompt too long for the context gets {"prompt", "error"} in its
+    place, and the others still run. `schemas` (structured.py) constrain some rows."""
     encoded = [
         (number, prompt, prompt_tokens(tokenizer, prompt, args.chat, args.system))
         for number, prompt in prompts
     ]
-    todo, results, limit = (
-        [],
-        {},
-        model.args.max_seq_len,
-    )  # results: {line number: the JSON line}
+    todo, results, limit = [], {}, model.args.max_seq_len  # results: {line: JSON}
     for number, prompt, ids in encoded:
         if len(ids) < limit:
             todo.append((number, prompt, ids))
             continue
-        error = f"the prompt is {len(ids)} tokens; the model's context is {limit}, reply included"
-        print(
-            f"error: {args.prompts} line {number}: {error}; it is skipped",
-            file=sys.stderr,
+        error = (
+            f"the prompt is {len(ids)} tokens; the model's context is {limit}, "
+            "reply included"
         )
+        print(f"error: {args.prompts} line {number}: {error}; skipped", file=sys.stderr)
         results[number] = {"prompt": prompt, "error": error}
     if not todo:
         raise PromptsError(f"every prompt of {args.prompts} is longer than the context")
     skipped = f"; {blank} blank line{'s' * (blank > 1)} skipped" if blank else ""
     print(
-        f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time{skipped}]",
+        f"[{len(todo)} prompt{'s' * (len(todo) > 1)}, {args.batch_size} at a time"
+        f"{skipped}]",
         file=sys.stderr,
     )
-    order, tic, generated = (
-        deque(number for number, _, _ in encoded),
-        time.perf_counter(),
-        0,
-    )
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start : start + args.batch_size]
-        constraints = None
-        if schemas:  # --json-schema, --json, "json_schema" lines: structured.py
-            from structured import row_constraints
-
-            constraints = row_constraints(tokenizer, schemas, [n for n, _, _ in batch])
-        replies = generate_batch(
-            model,
-            [ids for _, _, ids in batch],
-            args.max_tokens,
-            args.temp,
-            args.top_p,
-            tokenizer.stop_ids,
-            constraints,
-        )
-        for i, ((number, prompt, ids), reply) in enumerate(zip(batch, replies)):
-            decoder = StreamingDecoder(
-                tokenizer, ids
-            )  # the text exactly as llama.py prints it for this prompt
-            text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
-            results[number] = {
-                "prompt": prompt,
-                "text": text,
-                "generated_tokens": len(reply),
-            }
-            if constraints and constraints[i]:
-                results[number]["finish_reason"] = constraints[i].finish_reason
-        while (
-            order and order[0] in results
-        ):  # every line whose turn has come, in input order
+    order, tic, generated = deque(n for n, _, _ in encoded), time.perf_counter(), 0
+    try:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            results.update(batch_results(model, tokenizer, args, batch, schemas))
+            while order and order[0] in results:  # each line whose turn has come
+                line = results.pop(order.popleft())
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                generated += line.get("generated_tokens", 0)
+            done, seconds = start + len(batch), time.perf_counter() - tic
             print(
-                json.dumps(results.pop(order.popleft()), ensure_ascii=False), flush=True
+                f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
+                f"about {seconds / done * (len(todo) - done):.0f} s left]",
+                file=sys.stderr,
+                flush=True,
             )
-        generated, seconds, done = (
-            generated + sum(map(len, replies)),
-            time.perf_counter() - tic,
-            start + len(batch),
-        )
-        print(
-            f"[{done}/{len(todo)} prompts, {generated / seconds:.1f} tokens/s, "
-            f"about {seconds / done * (len(todo) - done):.0f} s left]",
-            file=sys.stderr,
-            flush=True,
-        )
-    for number in order:  # skipped prompts after the last one that ran
-        print(json.dumps(results.pop(number), ensure_ascii=False), flush=True)
+        for number in order:  # skipped prompts after the last one that ran
+            print(json.dumps(results.pop(number), ensure_ascii=False), flush=True)
+    except KeyboardInterrupt:
+        written = len(encoded) - len(order)
+        raise KeyboardInterrupt(
+            f"after {written} of {len(encoded)} replies (JSON lines) were written"
+        ) from None
     print(
-        f"[generated {generated} tokens in {seconds:.1f} s, {generated / seconds:.1f} tokens/s | "
+        f"[generated {generated} tokens in {seconds:.1f} s, "
+        f"{generated / seconds:.1f} tokens/s | "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
         file=sys.stderr,
     )
+
+
+def batch_results(model, tokenizer, args, batch, schemas):
+    """{line number: its JSON line} for one batch of (number, prompt, ids)."""
+    constraints = None
+    if schemas:  # --json-schema, --json, "json_schema" lines: structured.py
+        from structured import row_constraints
+
+        constraints = row_constraints(tokenizer, schemas, [n for n, _, _ in batch])
+    replies = generate_batch(
+        model,
+        [ids for _, _, ids in batch],
+        args.max_tokens,
+        args.temp,
+        args.top_p,
+        tokenizer.stop_ids,
+        constraints,
+    )
+    results = {}
+    for i, ((number, prompt, ids), reply) in enumerate(zip(batch, replies)):
+        # The text exactly as llama.py prints it for this prompt alone.
+        decoder = StreamingDecoder(tokenizer, ids)
+        text = "".join(decoder.add(t) for t in reply) + decoder.add(None)
+        results[number] = {
+            "prompt": prompt,
+            "text": text,
+            "generated_tokens": len(reply),
+        }
+        if constraints and constraints[i]:
+            results[number]["finish_reason"] = constraints[i].finish_reason
+    return results

@@ -1,26 +1,33 @@
-"""Prompt and decoding speed of this MLX Llama against transformers' LlamaForCausalLM.generate.
+"""Prompt and decoding speed of this MLX Llama against transformers'
+LlamaForCausalLM.generate.
 
-    python llama/benchmark.py                                              # --preset small, CPU, float32
-    python llama/benchmark.py --device gpu --preset 7b --dtype float16     # a 7B-shaped model on a GPU
-    python llama/benchmark.py --device gpu --preset 8b --dtype float16     # Llama 3.1 8B's shape
-    python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1     # a quick check
-    python llama/benchmark.py --profile --device gpu --preset 7b --dtype float16   # matrix-vector GB/s
-    python llama/benchmark.py --device gpu --preset 7b --dtype float16 --quantize 4 --time-load   # 4-bit vs float16
+    python llama/benchmark.py  # --preset small, CPU, float32
+    # A 7B-shaped model on a GPU; Llama 3.1 8B's shape:
+    python llama/benchmark.py --device gpu --preset 7b --dtype float16
+    python llama/benchmark.py --device gpu --preset 8b --dtype float16
+    python llama/benchmark.py --preset tiny --max-tokens 8 --repeats 1  # a quick check
+    # Matrix-vector GB/s; 4-bit against float16:
+    python llama/benchmark.py --profile --device gpu --preset 7b --dtype float16
+    python llama/benchmark.py --device gpu --preset 7b --dtype float16 --quantize 4 \
+        --time-load
 
-Both frameworks run the same random weights (made by PyTorch with --seed, then converted; nothing
-is downloaded). For each: prompt tokens/s (one pass over a --prompt-tokens prompt, computing the last
-position's logits only, as generation does) and decoding
-tokens/s (one sequence, greedy, --max-tokens new tokens, after the first), medians of --repeats.
+Both frameworks run the same random weights (made by PyTorch with --seed, then
+converted; nothing is downloaded). For each: prompt tokens/s (one pass over a
+--prompt-tokens prompt, computing the last position's logits only, as generation does)
+and decoding tokens/s (one sequence, greedy, --max-tokens new tokens, after the first),
+medians of --repeats.
 
-Decoding one sequence reads every weight once per token, so decode tokens/s x weight bytes is the
-memory bandwidth achieved. The script measures the device's copy bandwidth (PyTorch) and reports
-the fraction of that ceiling (copy bandwidth / weight bytes tokens/s) that decoding reaches.
+Decoding one sequence reads every weight once per token, so decode tokens/s x weight
+bytes is the memory bandwidth achieved. The script measures the device's copy bandwidth
+(PyTorch) and reports the fraction of that ceiling (copy bandwidth / weight bytes
+tokens/s) that decoding reaches.
 
-With --quantize 4 or 8 the comparison is MLX against MLX instead (PyTorch only makes the weights and
-measures the copy bandwidth): the --dtype model, then the same model quantized as convert.py --quantize
-does it (--q-group-size), each timed as above, with the bytes of the quantized weights for the bandwidth,
-the peak memory while generating (mx.get_peak_memory), and how far the quantized model's logits over the
-prompt are from the --dtype model's: mean KL divergence and how often the most likely token is the same.
+With --quantize 4 or 8 the comparison is MLX against MLX instead (PyTorch only makes the
+weights and measures the copy bandwidth): the --dtype model, then the same model
+quantized as convert.py --quantize does it (--q-group-size), each timed as above, with
+the bytes of the quantized weights for the bandwidth, the peak memory while generating
+(mx.get_peak_memory), and how far the quantized model's logits over the prompt are from
+the --dtype model's: mean KL divergence and how often the most likely token is the same.
 """
 
 import argparse
@@ -39,12 +46,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import torch
 from convert import hf_args, hf_to_mlx_name, save, torch_to_mx
-from model import Llama, in_range, load_model, warn_if_reference_blas
+from model import Llama, load_model, warn_if_reference_blas
 from quantize import quantize
 from timing import generate_runs, host_seconds, say
 
-# Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA with 8 key/value heads,
-# a 128,256-token vocabulary, and scaled RoPE.
+from llama import in_range
+
+# Hugging Face LlamaConfig fields. "7b" is Llama 2 7B's shape; "8b" Llama 3.1 8B's: GQA
+# with 8 key/value heads, a 128,256-token vocabulary, and scaled RoPE.
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -94,7 +103,8 @@ DTYPES_MX = {name: getattr(mx, name) for name in DTYPES}
 
 
 def torch_model(preset, dtype, device, seed):
-    """The random-weight transformers Llama for `preset`, built directly in `dtype` on `device`."""
+    """The random-weight transformers Llama for `preset`, built directly in `dtype` on
+    `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -113,7 +123,8 @@ def torch_model(preset, dtype, device, seed):
 
 
 def mlx_model(hf_model):
-    """The same weights in this example's Llama, configured and named as convert.py does it."""
+    """The same weights in this example's Llama, configured and named as convert.py does
+    it."""
     model = Llama(hf_args(hf_model.config.to_dict()))
     weights = []
     for name, tensor in hf_model.state_dict().items():
@@ -134,14 +145,16 @@ def prompt_ids(vocab_size, n, seed):
 
 
 def time_mlx(model, prompt, max_tokens, repeats, label="MLX"):
-    """Median (prompt seconds, seconds per decoded token) of model.generate, as llama.py runs it."""
+    """Median (prompt seconds, seconds per decoded token) of model.generate, as llama.py
+    runs it."""
     runs = generate_runs(model, prompt, max_tokens, repeats, label=label)
     return [statistics.median(r[i] for r in runs) for i in (0, 1)]
 
 
 def time_torch(hf_model, prompt, max_tokens, repeats, device):
-    """Median (prompt seconds, seconds per decoded token) of transformers: a forward pass over the
-    prompt, and generate() for max_tokens greedy tokens, minus that prompt pass."""
+    """Median (prompt seconds, seconds per decoded token) of transformers: a forward
+    pass over the prompt, and generate() for max_tokens greedy tokens, minus that prompt
+    pass."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ids = torch.tensor([prompt], device=device)
     prefill, decode = [], []
@@ -168,13 +181,15 @@ def time_torch(hf_model, prompt, max_tokens, repeats, device):
         if i == 0:
             seconds = time.perf_counter() - start
             say(
-                f"PyTorch: warm-up run {seconds:.1f} s; {repeats} timed run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s"
+                f"PyTorch: warm-up run {seconds:.1f} s; {repeats} timed "
+                f"run{'s' * (repeats > 1)}, about {repeats * seconds:.0f} s"
             )
     return statistics.median(prefill[1:]), statistics.median(decode[1:])
 
 
 def median_seconds(fn, repeats):
-    """Median seconds of fn() over `repeats` calls, after one warm-up call. fn must wait for its work."""
+    """Median seconds of fn() over `repeats` calls, after one warm-up call. fn must wait
+    for its work."""
     fn()
     times = []
     for _ in range(repeats):
@@ -185,7 +200,8 @@ def median_seconds(fn, repeats):
 
 
 def copy_bandwidth(device, repeats=5):
-    """Bytes per second read plus written by a 1 GiB copy (PyTorch's copy_, multithreaded on a CPU)."""
+    """Bytes per second read plus written by a 1 GiB copy (PyTorch's copy_,
+    multithreaded on a CPU)."""
     x = torch.ones(2**28, device=device)
     y = torch.empty_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -194,9 +210,10 @@ def copy_bandwidth(device, repeats=5):
 
 
 def profile_matvec(preset, dtype, device, repeats):
-    """[(what, MLX GB/s, PyTorch GB/s)] for each weight shape of the preset: one token through many
-    different matrices of that shape (more than a GPU's cache holds), and a plain read (a sum, 1 GiB on a
-    GPU) for the bandwidth the memory gives each framework."""
+    """[(what, MLX GB/s, PyTorch GB/s)] for each weight shape of the preset: one token
+    through many different matrices of that shape (more than a GPU's cache holds), and a
+    plain read (a sum, 1 GiB on a GPU) for the bandwidth the memory gives each
+    framework."""
     c = PRESETS[preset]
     D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     KV = D // c["num_attention_heads"] * c["num_key_value_heads"]
@@ -246,10 +263,11 @@ def profile_matvec(preset, dtype, device, repeats):
 
 
 def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
-    """{suffix: (median seconds of load_model, median seconds of load_model plus one token, file bytes,
-    peak memory of load_model plus one token beyond what was in use before)} for the model saved in each
-    format, read from the page cache. The token counts because a GPU may only fetch the weights when it
-    first uses them (MLX's CUDA backend keeps arrays in managed memory)."""
+    """{suffix: (median seconds of load_model, median seconds of load_model plus one
+    token, file bytes, peak memory of load_model plus one token beyond what was in use
+    before)} for the model saved in each format, read from the page cache. The token
+    counts because a GPU may only fetch the weights when it first uses them (MLX's CUDA
+    backend keeps arrays in managed memory)."""
     weights = dict(nn.utils.tree_flatten(model.parameters()))
     result = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
@@ -284,8 +302,9 @@ def time_load(model, repeats=3, suffixes=(".npz", ".safetensors")):
 
 
 def logit_distance(reference, logits):
-    """(mean KL(p_reference || p), fraction of positions whose most likely token is the same) for
-    (..., vocab) logits, computed in float32: how far a quantized model's predictions are from the original's."""
+    """(mean KL(p_reference || p), fraction of positions whose most likely token is the
+    same) for (..., vocab) logits, computed in float32: how far a quantized model's
+    predictions are from the original's."""
     reference, logits = reference.astype(mx.float32), logits.astype(mx.float32)
     log_p = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
     log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -299,7 +318,8 @@ def parameter_bytes(model):
 
 
 def quantized_copy(model, group_size, bits):
-    """A copy of `model` quantized as convert.py --quantize does it, evaluated; `model` is unchanged."""
+    """A copy of `model` quantized as convert.py --quantize does it, evaluated; `model`
+    is unchanged."""
     copy = Llama(replace(model.args, quantization=None))
     copy.update(model.parameters())  # the same arrays, not copies
     quantize(copy, group_size, bits)
@@ -311,15 +331,17 @@ def quantized_copy(model, group_size, bits):
 
 
 def compare_quantized(model, prompt, args, torch_device):
-    """Time `model` (args.dtype), then copies quantized to each of args.quantize bits (groups of
-    args.q_group_size), as this example runs them. Prints speed, bandwidth, peak memory while generating
-    and the logit distance from `model` over the prompt."""
+    """Time `model` (args.dtype), then copies quantized to each of args.quantize bits
+    (groups of args.q_group_size), as this example runs them. Prints speed, bandwidth,
+    peak memory while generating and the logit distance from `model` over the prompt."""
     group_size = args.q_group_size
     reference = model(
         mx.array([prompt])
     )  # (1, T, vocab): every prompt position's logits
     mx.eval(reference)
-    rows = []  # (name, prompt seconds, seconds per token, weight bytes, peak bytes, (build, launch) seconds, quality)
+    # (name, prompt seconds, seconds per token, weight bytes, peak bytes, (build,
+    # launch) seconds, quality)
+    rows = []
 
     def measure(name, model, in_use=0, quality=None):
         mx.clear_cache()
@@ -327,8 +349,9 @@ def compare_quantized(model, prompt, args, torch_device):
         prompt_seconds, token_seconds = time_mlx(
             model, prompt, args.max_tokens, args.repeats, f"MLX {name}"
         )
-        # The quantized models' peak is counted beyond what was in use before they were made (the
-        # float model kept for comparison): their weights, KV cache and activations.
+        # The quantized models' peak is counted beyond what was in use before they were
+        # made (the float model kept for comparison): their weights, KV cache and
+        # activations.
         rows.append(
             (
                 name,
@@ -348,7 +371,9 @@ def compare_quantized(model, prompt, args, torch_device):
         quantized = quantized_copy(model, group_size, bits)
         quality = logit_distance(reference, quantized(mx.array([prompt])))
         measure(f"{bits}-bit", quantized, in_use, quality)
-        if args.time_load:  # the file convert.py --quantize would write, in the format this README recommends
+        # the file convert.py --quantize would write, in the format this README
+        # recommends
+        if args.time_load:
             report_load(
                 quantized, 1, suffixes=(".safetensors",), label=f"{bits}-bit: "
             )  # one timed load
@@ -357,26 +382,35 @@ def compare_quantized(model, prompt, args, torch_device):
 
 
 def print_quantized(rows, args, bandwidth):
-    """compare_quantized's table: one row per model, the first (args.dtype) the reference of the ratios."""
+    """compare_quantized's table: one row per model, the first (args.dtype) the
+    reference of the ratios."""
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
     print(
-        f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX affine, groups of {args.q_group_size}), "
-        f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()}{gpu}"
+        f"{args.preset} preset, random weights, {args.dtype} and quantized (MLX "
+        f"affine, groups of {args.q_group_size}), "
+        f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, "
+        f"median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}"
     )
     print(
-        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. Peak memory: "
-        f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} model kept for comparison). "
-        f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: the host's time per decoding "
-        "step to make its graph (Python) and to turn it into kernels for the device (mx.async_eval), overlapped "
-        "with the device's previous step; when their sum exceeds the step time, the host sets the pace."
+        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s. "
+        "Peak memory: "
+        f"mx.get_peak_memory while generating (quantized: beyond the {args.dtype} "
+        "model kept for comparison). "
+        f"Quality: the logits over the prompt against {args.dtype}'s. Build, launch: "
+        "the host's time per decoding "
+        "step to make its graph (Python) and to turn it into kernels for the device "
+        "(mx.async_eval), overlapped "
+        "with the device's previous step; when their sum exceeds the step time, the "
+        "host sets the pace."
     )
     print(
-        f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} {'':>7} {'ceiling':>8} {'':>5} "
+        f"{'':>18} {'weights':>8} {'prompt':>9} {'':>6} {'decoding':>9} {'':>6} "
+        f"{'':>7} {'ceiling':>8} {'':>5} "
         f"{'peak':>6} {'build':>6} {'launch':>6} {'mean KL':>8} {'same':>6}"
     )
     print(
-        f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} {'GB/s':>7} {'tokens/s':>8} {'':>5} "
+        f"{'':>18} {'GB':>8} {'tokens/s':>9} {'':>6} {'tokens/s':>9} {'':>6} "
+        f"{'GB/s':>7} {'tokens/s':>8} {'':>5} "
         f"{'GB':>6} {'ms':>6} {'ms':>6} {'nats':>8} {'top-1':>6}"
     )
     first_prompt, first_token = rows[0][1], rows[0][2]
@@ -388,11 +422,13 @@ def print_quantized(rows, args, bandwidth):
             (f"{quality[0]:.4f}", f"{100 * quality[1]:.1f}%") if quality else ("", "")
         )
         print(
-            f"{name:>18} {nbytes / 1e9:>8.2f} {args.prompt_tokens / prompt_seconds:>9.1f} "
-            f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} {first_token / token_seconds:>5.2f}x "
+            f"{name:>18} {nbytes / 1e9:>8.2f} "
+            f"{args.prompt_tokens / prompt_seconds:>9.1f} "
+            f"{first_prompt / prompt_seconds:>5.2f}x {1 / token_seconds:>9.1f} "
+            f"{first_token / token_seconds:>5.2f}x "
             f"{nbytes / token_seconds / 1e9:>7.1f} {bandwidth / nbytes:>8.0f} "
-            f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} {build * 1e3:>6.2f} "
-            f"{launch * 1e3:>6.2f} {kl:>8} {same:>6}"
+            f"{100 * nbytes / token_seconds / bandwidth:>4.0f}% {peak / 1e9:>6.2f} "
+            f"{build * 1e3:>6.2f} {launch * 1e3:>6.2f} {kl:>8} {same:>6}"
         )
 
 
@@ -401,14 +437,16 @@ def report_load(model, repeats, suffixes=(".npz", ".safetensors"), label=""):
         model, repeats, suffixes
     ).items():
         print(
-            f"{label}load_model from {suffix} in the page cache: {load:.2f} s; with the first token: {first:.2f} s; "
-            f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token {peak / 1e9:.2f} GB"
+            f"{label}load_model from {suffix} in the page cache: {load:.2f} s; with "
+            f"the first token: {first:.2f} s; "
+            f"file {nbytes / 1e9:.2f} GB; peak memory of loading and the first token "
+            f"{peak / 1e9:.2f} GB"
         )
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings. Its progress lines
-    and errors go to this process's stderr."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its timings. Its
+    progress lines and errors go to this process's stderr."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run(
         [sys.executable, __file__, *argv, "--only", "torch"],
@@ -423,80 +461,43 @@ def torch_in_child(argv):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Llama prompt and decoding tokens/s, MLX vs transformers (PyTorch)."
+        description="Llama prompt and decoding tokens/s, MLX vs transformers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--preset",
         choices=list(PRESETS),
         default="small",
-        help="model shape: tiny (tests), small (~125M, for a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B) "
-        "(default: small)",
+        help="tiny (tests), small (~125M, a CPU), 7b (Llama 2 7B), 8b (Llama 3.1 8B)",
     )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="cpu, or gpu: MLX's GPU backend against PyTorch on CUDA (default: cpu)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="weights and activations (default: float32)",
-    )
-    parser.add_argument(
-        "--prompt-tokens",
-        type=in_range(int, 1, 4094),
-        default=128,
-        help="prompt length (default: 128)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=in_range(int, 2, 4095),
-        default=64,
-        help="tokens to generate per run, at least 2 (default: 64)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=in_range(int, 1, 1000),
-        default=3,
-        help="timed runs after one warm-up; medians are used (default: 3)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=in_range(int, 0, 2**63 - 1),
-        default=0,
-        help="seed for the random weights and prompt (default: 0)",
-    )
-    parser.add_argument(
+    add("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: against CUDA")
+    add("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    add("--prompt-tokens", type=in_range(int, 1, 4094), default=128, help="length")
+    add("--max-tokens", type=in_range(int, 2, 4095), default=64, help="per run")
+    add("--repeats", type=in_range(int, 1, 1000), default=3, help="after a warm-up")
+    add("--seed", type=in_range(int, 0, 2**63 - 1), default=0, help="weights, prompt")
+    add(
         "--time-load",
         action="store_true",
-        help="also save the MLX weights to a temporary file and time load_model from the page cache, "
-        "alone and with the first token",
+        help="also time load_model of the weights saved to a temporary file (page "
+        "cache), alone and with the first token",
     )
-    parser.add_argument(
+    add(
         "--profile",
         action="store_true",
-        help="instead: GB/s of one-token matrix-vector products for each weight shape, MLX vs PyTorch",
+        help="instead: GB/s of one-token matrix-vector products per weight shape",
     )
-    parser.add_argument(
+    add(
         "--quantize",
         type=int,
         nargs="+",
         choices=[4, 8],
-        help="instead of PyTorch, compare with the model quantized to 4 and/or 8 bits (as convert.py "
-        "--quantize does): speed, peak memory, and the KL divergence of its logits",
+        help="instead of PyTorch, compare with the model quantized to these bits (as "
+        "convert.py --quantize does): speed, peak memory, KL divergence of the logits",
     )
-    parser.add_argument(
-        "--q-group-size",
-        type=int,
-        choices=[32, 64, 128],
-        default=64,
-        help="weights per scale and bias with --quantize (default: 64)",
-    )
-    parser.add_argument(
-        "--only", choices=["torch"], help=argparse.SUPPRESS
-    )  # used by torch_in_child
+    add("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    add("--only", choices=["torch"], help=argparse.SUPPRESS)  # for torch_in_child
     args = parser.parse_args(argv)
     if args.quantize and args.profile:
         parser.error("--profile and --quantize are separate measurements; give one")
@@ -525,7 +526,8 @@ def main(argv=None):
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
             sys.exit(
-                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; "
+                "use --device cpu"
             )
         mx.set_default_device(mx.gpu)
     else:
@@ -533,11 +535,14 @@ def main(argv=None):
         warn_if_reference_blas()
     if args.profile:
         say(
-            f"timing one-token products with each {args.preset}-preset weight shape, MLX then PyTorch"
+            f"timing one-token products with each {args.preset}-preset weight shape, "
+            "MLX then PyTorch"
         )
         print(
-            f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s of weights read, median of "
-            f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} on {torch_device}"
+            f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s "
+            "of weights read, median of "
+            f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch "
+            f"{torch.__version__} on {torch_device}"
         )
         print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
         for name, plain, ref in profile_matvec(
@@ -551,15 +556,15 @@ def main(argv=None):
         else "transformers"
     )
     say(
-        f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then MLX), then timing MLX and {versus}: "
-        f"{args.repeats} timed run{'s' * (args.repeats > 1)} each after a warm-up run, {args.prompt_tokens} prompt tokens "
-        f"and {args.max_tokens} new ones"
+        f"building a random {args.preset}-preset {args.dtype} Llama (PyTorch, then "
+        f"MLX), then timing MLX and {versus}: "
+        f"{args.repeats} timed run{'s' * (args.repeats > 1)} each after a warm-up run, "
+        f"{args.prompt_tokens} prompt tokens and {args.max_tokens} new ones"
     )
     hf = torch_model(args.preset, args.dtype, torch_device, args.seed)
     model = mlx_model(hf)
-    say(
-        f"built the model, {sum(p.size for _, p in nn.utils.tree_flatten(model.parameters())) / 1e6:.2f}M parameters"
-    )
+    n_parameters = sum(p.size for _, p in nn.utils.tree_flatten(model.parameters()))
+    say(f"built the model, {n_parameters / 1e6:.2f}M parameters")
     if args.quantize:
         del hf
         if torch_device == "cuda":
@@ -570,7 +575,8 @@ def main(argv=None):
 
 
 def compare_frameworks(model, hf, prompt, args, argv, torch_device):
-    """Time PyTorch (here, or in a child process without LD_PRELOAD), then MLX, and print the comparison."""
+    """Time PyTorch (here, or in a child process without LD_PRELOAD), then MLX, and
+    print the comparison."""
     separate = args.device == "cpu" and "LD_PRELOAD" in os.environ
     if (
         separate
@@ -590,35 +596,42 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
     ceiling = bandwidth / weight_bytes
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else ""
     print(
-        f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), random weights, prompt "
-        f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of {args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch {torch.__version__} on {torch_device}"
-        f"{' (in a child process without LD_PRELOAD)' if separate else ''}, transformers generate()"
+        f"{args.preset} preset ({weight_bytes / 1e9:.2f} GB of {args.dtype} weights), "
+        "random weights, prompt "
+        f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, median of "
+        f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}{gpu}; PyTorch "
+        f"{torch.__version__} on {torch_device}"
+        f"{' (in a child process without LD_PRELOAD)' if separate else ''}, "
+        "transformers generate()"
     )
     print(
-        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s -> decoding ceiling {ceiling:.1f} tokens/s"
+        f"copy bandwidth (PyTorch copy_, read + write): {bandwidth / 1e9:.1f} GB/s -> "
+        f"decoding ceiling {ceiling:.1f} tokens/s"
     )
     print(f"{'':>10} {'MLX':>10} {'PyTorch':>10} {'MLX/PyTorch':>12}")
     print(
-        f"{'prompt':>10} {args.prompt_tokens / t_mlx[0]:>10.1f} {args.prompt_tokens / t_torch[0]:>10.1f} "
+        f"{'prompt':>10} {args.prompt_tokens / t_mlx[0]:>10.1f} "
+        f"{args.prompt_tokens / t_torch[0]:>10.1f} "
         f"{t_torch[0] / t_mlx[0]:>11.2f}x   tokens/s"
     )
     print(
-        f"{'decoding':>10} {1 / t_mlx[1]:>10.1f} {1 / t_torch[1]:>10.1f} {t_torch[1] / t_mlx[1]:>11.2f}x   tokens/s"
+        f"{'decoding':>10} {1 / t_mlx[1]:>10.1f} {1 / t_torch[1]:>10.1f} "
+        f"{t_torch[1] / t_mlx[1]:>11.2f}x   tokens/s"
     )
     for name, seconds in (("MLX", t_mlx[1]), ("PyTorch", t_torch[1])):
         print(
-            f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
-            f"{100 / seconds / ceiling:.0f}% of the ceiling"
+            f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of "
+            f"weights, {100 / seconds / ceiling:.0f}% of the ceiling"
         )
     build, launch = host_seconds(model, prompt)
     on_cpu = (
         " (on a CPU, launching includes the computing)" if args.device == "cpu" else ""
     )
     print(
-        f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph (Python) + {launch * 1e3:.2f} "
-        f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: the host sets the pace when "
-        f"the sum comes near the time per token{on_cpu}"
+        f"MLX host time per decoding step: {build * 1e3:.2f} ms building the graph "
+        f"(Python) + {launch * 1e3:.2f} "
+        f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: "
+        f"the host sets the pace when the sum comes near the time per token{on_cpu}"
     )
     if args.time_load:
         say("timing load_model from .npz and .safetensors files")

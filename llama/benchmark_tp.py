@@ -1,26 +1,33 @@
-"""Decoding speed of a tensor-parallel Llama: MLX (tp.py, under mlx.launch) and transformers' own tensor
-parallelism (tp_plan="auto", under torchrun), on random float16 weights.
+"""Decoding speed of a tensor-parallel Llama: MLX (tp.py, under mlx.launch) and
+transformers' own tensor parallelism (tp_plan="auto", under torchrun), on random float16
+weights.
 
-    python3 llama/benchmark_tp.py --preset 13b                                          # MLX, one GPU
-    mlx.launch -n 2 --backend nccl --python python3 llama/benchmark_tp.py --preset 13b  # MLX, two GPUs
-    mlx.launch -n 4 --backend nccl --python python3 llama/benchmark_tp.py --preset 70b  # MLX, four GPUs
-    torchrun --nproc-per-node 2 llama/benchmark_tp.py --preset 13b --framework transformers
-    mlx.launch -n 2 --backend ring --python python llama/benchmark_tp.py --preset tiny  # a quick check on a CPU
+    python3 llama/benchmark_tp.py --preset 13b  # MLX, one GPU
+    # MLX, two GPUs; four GPUs; PyTorch (transformers) on two:
+    mlx.launch -n 2 --backend nccl --python python3 llama/benchmark_tp.py --preset 13b
+    mlx.launch -n 4 --backend nccl --python python3 llama/benchmark_tp.py --preset 70b
+    torchrun --nproc-per-node 2 llama/benchmark_tp.py --preset 13b \
+        --framework transformers
+    # A quick check on a CPU:
+    mlx.launch -n 2 --backend ring --python python llama/benchmark_tp.py --preset tiny
 
-MLX builds the model directly sharded: every rank draws only its own slices of the split weights
-(and the same replicated ones, from a seed shared by all ranks), so no file is read and no process ever
-holds the whole model: a 70B-shaped model needs 138 GB in float16, a quarter of it per GPU on four.
+MLX builds the model directly sharded: every rank draws only its own slices of the split
+weights (and the same replicated ones, from a seed shared by all ranks), so no file is
+read and no process ever holds the whole model: a 70B-shaped model needs 138 GB in
+float16, a quarter of it per GPU on four.
 
-transformers builds a model with tp_plan="auto" only in from_pretrained: rank 0 builds the random model
-on its GPU and saves it to a temporary folder, and every rank loads its shards from there (needs the
-`accelerate` package). A 70B-shaped model does not fit on one GPU to be built that way (and its 138 GB
-would have to be written and read back), so transformers runs the 13B shape only.
+transformers builds a model with tp_plan="auto" only in from_pretrained: rank 0 builds
+the random model on its GPU and saves it to a temporary folder, and every rank loads its
+shards from there (needs the `accelerate` package). A 70B-shaped model does not fit on
+one GPU to be built that way (and its 138 GB would have to be written and read back), so
+transformers runs the 13B shape only.
 
-Decoding is one sequence, greedy, --max-tokens new tokens after a --prompt-tokens prompt, as in
-benchmark.py: MLX through Llama.generate (as llama.py runs it); transformers through generate(),
-minus a generate() of one token (the prompt pass). tokens/s are the median of --repeats runs after a warm-up run.
-Each rank reads its share of the weights once per token, so tokens/s x bytes per rank is the memory
-bandwidth each GPU achieves. Only rank 0 prints. The last line is a row of the README's table.
+Decoding is one sequence, greedy, --max-tokens new tokens after a --prompt-tokens
+prompt, as in benchmark.py: MLX through Llama.generate (as llama.py runs it);
+transformers through generate(), minus a generate() of one token (the prompt pass).
+tokens/s are the median of --repeats runs after a warm-up run. Each rank reads its share
+of the weights once per token, so tokens/s x bytes per rank is the memory bandwidth each
+GPU achieves. Only rank 0 prints. The last line is a row of the README's table.
 """
 
 import argparse
@@ -36,7 +43,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from model import Llama, ModelArgs, in_range, warn_if_reference_blas
+from model import Llama, ModelArgs, warn_if_reference_blas
 from timing import generate_runs, host_seconds, say
 from tp import (
     ShardingError,
@@ -47,7 +54,10 @@ from tp import (
     weight_bytes,
 )
 
-# Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for a quick check.
+from llama import in_range
+
+# Llama 2 13B and 70B (70B: grouped-query attention with 8 key/value heads); "tiny" for
+# a quick check.
 PRESETS = {
     "tiny": dict(
         dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=512, vocab_size=1000
@@ -71,11 +81,12 @@ PRESETS = {
 }
 
 
-# ---- MLX ----------------------------------------------------------------------------------------
+# ---- MLX -----------------------------------------------------------------------------
 
 
 def random_model(args, group, dtype, seed):
-    """A Llama with random weights, split over `group` (None: whole), each weight drawn at its final shape."""
+    """A Llama with random weights, split over `group` (None: whole), each weight
+    drawn at its final shape."""
     model = Llama(args)  # unevaluated: the default initialization is never computed
     if group is not None:
         shard(model, group)
@@ -93,7 +104,8 @@ def random_model(args, group, dtype, seed):
             if "norm" in name or prefix == "norm":
                 weights.append((name, mx.ones(p.shape, dtype)))
                 continue
-            # Split weights differ per rank; replicated ones (embedding, output) must be the same on all.
+            # Split weights differ per rank; replicated ones (embedding, output) must
+            # be the same on all.
             replicated = prefix != "layers"
             key = mx.random.key(hash((seed, i, j, 0 if replicated else rank)) % 2**31)
             weights.append(
@@ -107,9 +119,11 @@ def random_model(args, group, dtype, seed):
 
 
 def time_mlx(model, prompt, max_tokens, repeats, label=None, watchdog=None):
-    """Decoded tokens per second of each run of model.generate (after a warm-up run), prompt seconds."""
+    """Decoded tokens per second of each run of model.generate (after a warm-up run),
+    and prompt seconds."""
 
-    def after_run():  # the step started ahead (with its all_sums) finishes before the next run
+    # The step started ahead (with its all_sums) finishes before the next run.
+    def after_run():
         mx.synchronize()
         if watchdog:
             watchdog.progress()
@@ -139,8 +153,10 @@ def run_mlx(options):
     if rank == 0:
         warn_if_reference_blas()
         say(
-            f"building a random {options.preset}-shaped {options.dtype} Llama split over {n} process{'es' * (n > 1)}, "
-            f"then timing {options.repeats} runs of {options.max_tokens} tokens after a warm-up run"
+            f"building a random {options.preset}-shaped {options.dtype} Llama split "
+            f"over {n} process{'es' * (n > 1)}, "
+            f"then timing {options.repeats} runs of {options.max_tokens} tokens after "
+            "a warm-up run"
         )
 
     tic = time.perf_counter()
@@ -166,8 +182,8 @@ def run_mlx(options):
     build, launch = host_seconds(model, prompt)
     if rank != 0:
         return
-    # Bytes read per decoded token on one rank: its slices, the output layer (whole), the norms;
-    # the embedding is a lookup of one row.
+    # Bytes read per decoded token on one rank: its slices, the output layer (whole),
+    # the norms; the embedding is a lookup of one row.
     per_rank = split + replicated - model.tok_embeddings.weight.nbytes
     where = processes(n, mx.default_device() == mx.gpu)
     report(
@@ -181,7 +197,8 @@ def run_mlx(options):
         build_seconds,
     )
     print(
-        f"MLX host time per decoding step (rank 0): {build * 1e3:.2f} ms building the graph + {launch * 1e3:.2f} ms "
+        f"MLX host time per decoding step (rank 0): {build * 1e3:.2f} ms building the "
+        f"graph + {launch * 1e3:.2f} ms "
         f"launching it, against {1e3 / statistics.median(rates):.2f} ms per token",
         flush=True,
     )
@@ -200,24 +217,28 @@ def report(
 ):
     median = statistics.median(rates)
     print(
-        f"{framework}, {options.preset}-shaped, {options.dtype}, {where}: weights {total / 1e9:.2f} GB, "
-        f"{per_rank / 1e9:.2f} GB read per token per rank; built in {build_seconds:.1f} s; "
+        f"{framework}, {options.preset}-shaped, {options.dtype}, {where}: weights "
+        f"{total / 1e9:.2f} GB, "
+        f"{per_rank / 1e9:.2f} GB read per token per rank; built in "
+        f"{build_seconds:.1f} s; "
         f"prompt {options.prompt_tokens} tokens in {prompt_seconds * 1e3:.1f} ms",
         flush=True,
     )
     print(
-        f"{framework}, {options.preset}, {where}: decoding {median:.1f} tokens/s (median of {len(rates)}, "
-        f"range {min(rates):.1f}-{max(rates):.1f}), {median * per_rank / 1e12:.2f} TB/s of weights per rank",
+        f"{framework}, {options.preset}, {where}: decoding {median:.1f} tokens/s "
+        f"(median of {len(rates)}, "
+        f"range {min(rates):.1f}-{max(rates):.1f}), {median * per_rank / 1e12:.2f} "
+        "TB/s of weights per rank",
         flush=True,
     )
     print(
-        f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
-        f"{median * per_rank / 1e12:.2f} |",
+        f"ROW | {framework} | {options.preset} | {where} | {median:.1f} | "
+        f"{min(rates):.1f}-{max(rates):.1f} | {median * per_rank / 1e12:.2f} |",
         flush=True,
     )
 
 
-# ---- transformers -------------------------------------------------------------------------------
+# ---- transformers --------------------------------------------------------------------
 
 
 def hf_config(preset, dtype):
@@ -237,8 +258,8 @@ def hf_config(preset, dtype):
 
 
 def hf_model(options, device):
-    """transformers' LlamaForCausalLM with random weights: whole on one device, or, under torchrun, split
-    over its processes by tp_plan="auto"."""
+    """transformers' LlamaForCausalLM with random weights: whole on one device, or,
+    under torchrun, split over its processes by tp_plan="auto"."""
     import torch
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
@@ -246,7 +267,8 @@ def hf_model(options, device):
     dtype = getattr(torch, options.dtype)
     config = hf_config(options.preset, options.dtype)
 
-    def build():  # random weights, made directly in `dtype` on `device` (13B: 7 s on an H100)
+    # Random weights, made directly in `dtype` on `device` (13B: 7 s on an H100).
+    def build():
         torch.manual_seed(options.seed)
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -260,9 +282,10 @@ def hf_model(options, device):
         "WORLD_SIZE" not in os.environ
     ):  # not started by torchrun: the whole model on one device
         return build()
-    # tp_plan="auto" is an argument of from_pretrained only, so the model goes through a checkpoint: rank 0
-    # builds it and saves it, and every rank loads its shards. (from_pretrained can also initialize weights
-    # that a checkpoint lacks, but for 13B that took over 60 s, on the CPU, on the H100 machine.)
+    # tp_plan="auto" is an argument of from_pretrained only, so the model goes through
+    # a checkpoint: rank 0 builds it and saves it, and every rank loads its shards.
+    # (from_pretrained can also initialize weights that a checkpoint lacks, but for
+    # 13B that took over 60 s, on the CPU, on the H100 machine.)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     folder = (
@@ -288,7 +311,8 @@ def hf_model(options, device):
             shutil.rmtree(folder, ignore_errors=True)
     if rank == 0:
         print(
-            f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, loaded with "
+            f"transformers: random checkpoint built and saved in {saved - tic:.1f} s, "
+            "loaded with "
             f'tp_plan="auto" in {time.perf_counter() - saved:.1f} s',
             flush=True,
         )
@@ -296,8 +320,9 @@ def hf_model(options, device):
 
 
 def time_torch(model, prompt, max_tokens, repeats, device):
-    """Decoded tokens per second of each run after a warm-up: generate() for max_tokens tokens minus
-    generate() for one (the prompt pass and generate's own setup); and the seconds of that one."""
+    """Decoded tokens per second of each run after a warm-up: generate() for max_tokens
+    tokens minus generate() for one (the prompt pass and generate's own setup); and the
+    seconds of that one."""
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -321,7 +346,8 @@ def time_torch(model, prompt, max_tokens, repeats, device):
             if i == 0 and int(os.environ.get("RANK", 0)) == 0:
                 run = time.perf_counter() - tic
                 say(
-                    f"transformers: warm-up run {run:.1f} s; {repeats} timed runs, about {repeats * run:.0f} s"
+                    f"transformers: warm-up run {run:.1f} s; {repeats} timed runs, "
+                    f"about {repeats * run:.0f} s"
                 )
     return rates[1:], statistics.median(prompt_seconds[1:])
 
@@ -340,8 +366,10 @@ def run_transformers(options):
         device = f"cuda:{local_rank}"
     if rank == 0:
         say(
-            f"building a random {options.preset}-shaped {options.dtype} Llama for transformers over {world_size} "
-            f"process{'es' * (world_size > 1)}, then timing {options.repeats} runs after a warm-up run"
+            f"building a random {options.preset}-shaped {options.dtype} Llama for "
+            f"transformers over {world_size} "
+            f"process{'es' * (world_size > 1)}, then timing {options.repeats} runs "
+            "after a warm-up run"
         )
     tic = time.perf_counter()
     model = hf_model(options, device)
@@ -387,7 +415,8 @@ def main():
         "--framework",
         choices=["mlx", "transformers"],
         default="mlx",
-        help="mlx (start with mlx.launch) or transformers (start with torchrun) (default: mlx)",
+        help="mlx (start with mlx.launch) or transformers (start with torchrun) "
+        "(default: mlx)",
     )
     parser.add_argument(
         "--preset",
@@ -429,8 +458,8 @@ def main():
         "--timeout",
         type=in_range(float, 0),
         default=600,
-        help="MLX with several processes: stop them all when the run makes no progress for this many "
-        "seconds; 0: never (default: 600)",
+        help="MLX with several processes: stop them all when the run makes no progress "
+        "for this many seconds; 0: never (default: 600)",
     )
     options = parser.parse_args()
     if options.framework == "mlx":

@@ -1,20 +1,20 @@
-"""Llama in MLX: RMSNorm, rotary embeddings, grouped-query attention with a key/value cache, SwiGLU.
+"""Llama in MLX: RMSNorm, rotary embeddings, grouped-query attention with a key/value
+cache, SwiGLU.
 
-Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, ...), so a
-Meta checkpoint loads as it is and `convert.py` renames a Hugging Face one. The model configuration
-travels inside the converted weights file, so `load_model(path)` needs nothing else. Llama 3.1 and later
-differ only in configuration: RoPE frequencies rescaled once (`rope_scaling`) and, for Llama 3.2 1B and
-3B, an output layer that is the embedding (`tie_word_embeddings`). A quantized file (convert.py
---quantize) says so in its configuration (`quantization`); loading it imports quantize.py, which swaps its
-linear layers and embedding for MLX's 4- or 8-bit ones. A float model never reads that file.
+Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`,
+`feed_forward.w1`, ...), so `convert.py` renames a Hugging Face checkpoint and keeps a
+Meta one. The configuration travels inside the converted weights file, so
+`load_model(path)` needs nothing else. Llama 3.1 and later differ only in configuration:
+RoPE frequencies rescaled once (`rope_scaling`) and, for Llama 3.2 1B and 3B, an output
+layer that is the embedding (`tie_word_embeddings`). A quantized file (convert.py
+--quantize) says so in its configuration; only then is quantize.py read.
 
     from model import load_model
-    model = load_model("weights.npz")
-    for token in model.generate(mx.array([1, 450, 7483]), temp=0.0):   # a generator, one int per step
+    model = load_model("weights.safetensors")
+    for token in model.generate(mx.array([1, 450, 7483]), temp=0.0):  # one int a step
         ...
 """
 
-import argparse
 import json
 import math
 import os
@@ -28,31 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# What each field must hold, (test, description): a configuration read from a file may be damaged.
-WHOLE = (
-    lambda v: type(v) is int and 0 < v < 2**31,
-    "a whole number from 1 to 2**31 - 1",
-)  # MLX's int32 shapes
-LAYERS = (lambda v: type(v) is int and 0 < v <= 1024, "a whole number from 1 to 1024")
-POSITIVE = (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number")
-FLAG = (lambda v: type(v) is bool, "true or false")
-TABLE = (lambda v: v is None or type(v) is dict, "an object or null")
-KINDS = dict(
-    dim=WHOLE,
-    n_layers=LAYERS,
-    n_heads=WHOLE,
-    n_kv_heads=WHOLE,
-    vocab_size=WHOLE,
-    hidden_dim=WHOLE,
-    norm_eps=POSITIVE,
-    rope_theta=POSITIVE,
-    rope_traditional=FLAG,
-    rope_scaling=TABLE,
-    max_seq_len=WHOLE,
-    tie_word_embeddings=FLAG,
-    quantization=TABLE,
-)
-ROPE_SCALING = (
+ROPE_SCALING_KEYS = (
     "factor",
     "low_freq_factor",
     "high_freq_factor",
@@ -65,59 +41,71 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = (
-        None  # fewer key/value heads than query heads: grouped-query attention
-    )
+    # Fewer key/value heads than query heads: grouped-query attention.
+    n_kv_heads: int | None = None
     vocab_size: int = 32000
-    hidden_dim: int = 11008  # feed-forward width (Meta's params.json derives it: see convert.meta_args)
+    # The feed-forward width (Meta's params.json derives it: see convert.meta_args).
+    hidden_dim: int = 11008
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Meta's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...: traditional=True.
-    # Hugging Face's converter permuted the rows of wq and wk so that rotating the two halves
-    # (x0, x_{d/2}), (x1, x_{d/2+1}), ... gives the same result: traditional=False for HF weights.
+    # Meta's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...: traditional.
+    # Hugging Face's converter permuted the rows of wq and wk so that rotating the two
+    # halves (x0, x_{d/2}), (x1, x_{d/2+1}), ... gives the same result.
     rope_traditional: bool = True
     # Llama 3.1's scaled RoPE: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"} (Hugging Face's names), or None for plain RoPE.
+    # "original_max_position_embeddings"} (Hugging Face's names), or None.
     rope_scaling: dict | None = None
-    max_seq_len: int = (
-        4096  # the context the model was trained with; longer prompts are refused
-    )
-    tie_word_embeddings: bool = (
-        False  # the output layer reuses tok_embeddings (Llama 3.2 1B and 3B)
-    )
-    # {"group_size": 64, "bits": 4} (mlx-lm's name and keys): every linear layer and the embedding hold
-    # affine-quantized weights (quantize.py); None: all weights are floating point.
+    # The context the model was trained with; longer prompts are refused.
+    max_seq_len: int = 4096
+    # The output layer reuses tok_embeddings (Llama 3.2 1B and 3B).
+    tie_word_embeddings: bool = False
+    # {"group_size": 64, "bits": 4} (mlx-lm's keys): the linear layers and the
+    # embedding hold quantized weights (quantize.py); None: floating point.
     quantization: dict | None = None
 
     def __post_init__(self):
-        """Check the configuration as a whole; a ValueError names the first field that is wrong."""
-        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-        for name, (test, description) in KINDS.items():
-            if not test(getattr(self, name)):
-                raise ValueError(
-                    f"{name} must be {description}, not {getattr(self, name)!r}"
-                )
+        """Check a configuration that may come from a damaged file: a ValueError names
+        the first field that is wrong."""
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type is bool:
+                ok, kind = type(value) is bool, "true or false"
+            elif field.type is float:
+                ok = type(value) in (int, float) and 0 < value < math.inf
+                kind = "a positive number"
+            elif field.type == dict | None:
+                ok, kind = value is None or type(value) is dict, "an object or null"
+            else:  # a width or a count: MLX's shapes are int32
+                most = 1024 if field.name == "n_layers" else 2**31 - 1
+                ok = type(value) is int and 0 < value <= most
+                kind = f"a whole number from 1 to {most}"
+            if not ok:
+                raise ValueError(f"{field.name} must be {kind}, not {value!r}")
         if (
             self.dim % self.n_heads
             or self.n_heads % self.n_kv_heads
             or self.head_dim % 2
         ):
             raise ValueError(
-                f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide "
-                "into an even head_dim and whole groups of query heads"
+                f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
+                f"{self.n_kv_heads} do not divide into an even head_dim and whole "
+                "groups of query heads"
             )
-        scaling = (
-            self.rope_scaling
-        )  # Llama 3.1's: four positive numbers, the low frequency factor below the high
-        if scaling is not None and (
-            sorted(scaling) != sorted(ROPE_SCALING)
-            or not all(POSITIVE[0](scaling[k]) for k in ROPE_SCALING)
-            or not scaling["low_freq_factor"] < scaling["high_freq_factor"]
-        ):
-            raise ValueError(
-                f"rope_scaling must hold positive {', '.join(ROPE_SCALING)}, the low factor below the "
-                f"high one, not {scaling!r}"
-            )
+        scaling = self.rope_scaling
+        if scaling is not None:
+            numbers = [scaling.get(key) for key in ROPE_SCALING_KEYS]
+            if not (
+                len(scaling) == 4
+                and all(type(v) in (int, float) and 0 < v < math.inf for v in numbers)
+                and scaling["low_freq_factor"] < scaling["high_freq_factor"]
+            ):
+                raise ValueError(
+                    "rope_scaling must hold positive factor, low_freq_factor, "
+                    "high_freq_factor and original_max_position_embeddings, the low "
+                    f"factor below the high one, not {scaling!r}"
+                )
 
     @property
     def head_dim(self):
@@ -127,24 +115,25 @@ class ModelArgs:
 class KVCache:
     """The keys and values of every position seen so far, for one layer.
 
-    Storage is (B, n_kv_heads, capacity, head_dim), grown `step` positions at a time and written in
-    place, so a decoding step does not copy the whole cache as `mx.concatenate` would.
+    Storage is (B, n_kv_heads, capacity, head_dim), grown `step` positions at a time and
+    written in place, so a decoding step does not copy the whole cache as
+    `mx.concatenate` would.
     """
 
     step = 256
 
     def __init__(self):
         self.keys = self.values = None
-        self.offset = 0  # number of positions filled; lowering it forgets the positions from there on
+        # Positions filled; lowering it forgets the positions from there on.
+        self.offset = 0
 
     def update(self, keys, values):
-        """Append (B, n_kv_heads, T, head_dim) keys and values; return all of them so far."""
+        """Append (B, n_kv_heads, T, head_dim) keys and values; return all so far."""
         B, H, T, D = keys.shape
         if self.keys is None or self.offset + T > self.keys.shape[2]:
             capacity = self.step * math.ceil((self.offset + T) / self.step)
-            new_keys, new_values = (
-                mx.zeros((B, H, capacity, D), keys.dtype) for _ in range(2)
-            )
+            new_keys = mx.zeros((B, H, capacity, D), keys.dtype)
+            new_values = mx.zeros((B, H, capacity, D), keys.dtype)
             if self.keys is not None:
                 new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
                 new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
@@ -163,13 +152,14 @@ def llama3_rope_freqs(
     high_freq_factor,
     original_max_position_embeddings,
 ):
-    """Llama 3.1's RoPE frequencies, rescaled once for a longer context (Meta's `apply_scaling`).
+    """Llama 3.1's RoPE frequencies, rescaled once for a longer context (Meta's
+    `apply_scaling`).
 
-    Plain RoPE rotates feature pair i at position p by the angle p / base^(2i/head_dim). Llama 3.1 keeps
-    the fast rotations (wavelength shorter than original_max_position_embeddings / high_freq_factor),
-    slows the slow ones (wavelength longer than original_max_position_embeddings / low_freq_factor) by
-    `factor`, and blends the two in between. Returns the per-pair periods base^(2i/head_dim), rescaled:
-    the `freqs` that mx.fast.rope divides the position by.
+    Plain RoPE rotates feature pair i at position p by p / base^(2i/head_dim). Llama 3.1
+    keeps the fast rotations (wavelength below original_max_position_embeddings /
+    high_freq_factor), slows the slow ones (wavelength above
+    original_max_position_embeddings / low_freq_factor) by `factor`, and blends the two
+    in between. Returns the rescaled periods, the `freqs` mx.fast.rope divides by.
     """
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq
@@ -187,28 +177,26 @@ def llama3_rope_freqs(
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            args.n_heads,
-            args.n_kv_heads,
-            args.head_dim,
-        )
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # Rotary embeddings: plain RoPE's periods come from the base, Llama 3.1's rescaled ones are given.
-        scaling = args.rope_scaling
-        freqs = (
-            None
-            if scaling is None
-            else llama3_rope_freqs(args.head_dim, args.rope_theta, **scaling)
-        )
+        # Plain RoPE's periods come from the base; Llama 3.1's rescaled ones are given.
+        base, freqs = args.rope_theta, None
+        if args.rope_scaling is not None:
+            base = None
+            freqs = llama3_rope_freqs(
+                args.head_dim, args.rope_theta, **args.rope_scaling
+            )
         self.rope = partial(
             mx.fast.rope,
             dims=args.head_dim,
             traditional=args.rope_traditional,
             scale=1.0,
-            base=None if scaling else args.rope_theta,
+            base=base,
             freqs=freqs,
         )
 
@@ -219,14 +207,12 @@ class Attention(nn.Module):
             w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3)
             for w in (self.wq, self.wk, self.wv)
         )
-        offset = (
-            cache.offset if cache is not None else 0
-        )  # position of the first of these T tokens
+        offset = 0 if cache is None else cache.offset  # the position of x's first token
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_heads, offset + T, head_dim)
-        # Each query head i attends with key/value head i // (n_heads // n_kv_heads); the fused kernel
-        # does that grouping itself. One new token sees everything before it: no mask is needed.
+        # Query head i attends with key/value head i // (n_heads // n_kv_heads); the
+        # fused kernel groups them itself. One new token sees everything: no mask.
         mask = "causal" if T > 1 else None
         out = mx.fast.scaled_dot_product_attention(
             q, k, v, scale=self.head_dim**-0.5, mask=mask
@@ -248,7 +234,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+    """Pre-norm residual block: h = x + attention(norm(x)), then h +
+    feed_forward(norm(h))."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -273,50 +260,45 @@ class Llama(nn.Module):
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def __call__(self, tokens, cache: list | None = None, last_only=False):
-        """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (one KVCache per layer), the
-        tokens continue the sequence the cache holds, and the cache is extended with them.
-        last_only: the logits of the last position only, (B, 1, vocab_size), as generation needs."""
+        """tokens (B, T) int -> logits (B, T, vocab_size). With `cache` (a KVCache per
+        layer), the tokens continue the sequence it holds, and it is extended by them.
+        last_only: the logits of the last position only, (B, 1, vocab_size)."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
+            h = layer(h, None if cache is None else cache[i])
         h = self.norm(h[:, -1:] if last_only else h)
-        # Tied embeddings: logits are h @ tok_embeddings.weight.T.
-        return (
-            self.tok_embeddings.as_linear(h)
-            if self.args.tie_word_embeddings
-            else self.output(h)
-        )
+        if self.args.tie_word_embeddings:
+            return self.tok_embeddings.as_linear(h)  # h @ tok_embeddings.weight.T
+        return self.output(h)
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
 
     def generate(self, prompt, temp=0.0, top_p=1.0, cache=None):
-        """Yield the next token (an int) after `prompt` (T,), forever; the caller decides when to stop.
+        """Yield the next token (an int) after `prompt` (T,), forever; the caller stops.
 
-        temp 0 is greedy decoding; otherwise sample from softmax(logits / temp), restricted to the
-        smallest set of tokens whose probability adds up to top_p. With `cache` (from make_cache), the
-        prompt continues the sequence the cache holds (a chat's earlier turns). When the caller stops
-        after a token, the cache holds the prompt and every token yielded before it; from the second
-        token on, that last one too (its step is already under way). `cache[0].offset` says which.
+        temp 0 is greedy; otherwise sample from softmax(logits / temp), restricted to
+        the smallest set of tokens whose probability adds up to top_p. With `cache`
+        (from make_cache), the prompt continues the sequence it holds (a chat's earlier
+        turns). When the caller stops after a token, the cache holds the prompt and
+        every token yielded before it; from the second token on, that last one too (its
+        step is already under way). `cache[0].offset` says which.
         """
-        cache = self.make_cache() if cache is None else cache
+        if cache is None:
+            cache = self.make_cache()
 
-        def step(
-            token,
-        ):  # (1,) token -> (1,) next token, lazily; extends the cache by one position
+        def step(token):  # (1,) token -> (1,) next token, lazily; one cache position
             return sample(self(token[:, None], cache)[:, -1], temp, top_p)
 
-        token = sample(
-            self(prompt[None], cache, last_only=True)[:, -1], temp, top_p
-        )  # the prompt in one pass
-        # The first token waits for the prompt pass alone: building and launching the next step first, as
-        # the loop below does, would add several milliseconds of Python and kernel launches in front of it.
+        # The prompt in one pass. Its token waits for that pass alone: launching the
+        # next step first, as the loop does, would add milliseconds in front of it.
+        token = sample(self(prompt[None], cache, last_only=True)[:, -1], temp, top_p)
         yield token.item()
         next_token = step(token)
         mx.async_eval(next_token)
         while True:
-            # Build and start step n+1 before waiting for token n: the Python work of one step overlaps
-            # the device's work of the previous one. `next_token` is still lazy here.
+            # Start step n+1 before waiting for token n: the Python work of one step
+            # overlaps the device's work of the previous one.
             token, next_token = next_token, step(next_token)
             mx.async_eval(next_token)
             yield token.item()  # waits for `token` only
@@ -327,33 +309,28 @@ def sample(logits, temp, top_p):
     if temp == 0:
         return mx.argmax(logits, axis=-1)
     logits = logits.astype(mx.float32) / temp
-    if top_p < 1.0:
-        probs = mx.softmax(logits, axis=-1)
-        order = mx.argsort(-probs, axis=-1)  # most likely first
-        sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-        # Keep a token if the tokens more likely than it add up to less than top_p (the first always stays).
-        keep = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
-        sorted_logits = mx.where(
-            keep, mx.take_along_axis(logits, order, axis=-1), -mx.inf
-        )
-        return mx.take_along_axis(
-            order, mx.random.categorical(sorted_logits)[:, None], axis=-1
-        )[:, 0]
-    return mx.random.categorical(logits)
+    if top_p == 1.0:
+        return mx.random.categorical(logits)
+    probs = mx.softmax(logits, axis=-1)
+    order = mx.argsort(-probs, axis=-1)  # most likely first
+    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+    # Keep a token if the ones more likely than it add up to less than top_p.
+    keep = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+    sorted_logits = mx.where(keep, mx.take_along_axis(logits, order, axis=-1), -mx.inf)
+    chosen = mx.random.categorical(sorted_logits)[:, None]
+    return mx.take_along_axis(order, chosen, axis=-1)[:, 0]
 
 
-# ---- Loading ------------------------------------------------------------------------------------
-
-
-FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+# ---- Loading -------------------------------------------------------------------------
 
 
 class WeightsError(Exception):
-    """A weights file that is missing, unreadable, or does not fit the model it describes."""
+    """A weights file that is missing, unreadable, or does not fit its model."""
 
 
 def check_weights(model, weights):
-    """Raise WeightsError naming the missing, unexpected and misshapen arrays of `weights` for `model`."""
+    """Raise WeightsError naming the missing, unexpected and misshapen arrays of
+    `weights` for `model`."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
     problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
     problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
@@ -361,40 +338,55 @@ def check_weights(model, weights):
         have, want = weights[k], expected[k]
         if tuple(have.shape) != tuple(want.shape):
             problems.append(f"{k} is {tuple(have.shape)}, expected {tuple(want.shape)}")
-        # Packed quantized weights are uint32, everything else a float dtype (checked on MLX arrays only:
+        # Packed quantized weights are uint32, the others floats (MLX arrays only:
         # tp.py also checks the shapes of NumPy views, where bfloat16 is uint16).
         packed = want.dtype == mx.uint32
-        if isinstance(have, mx.array) and (
-            have.dtype != mx.uint32 if packed else have.dtype not in FLOATS
-        ):
+        kind = mx.uint32 if packed else mx.floating
+        if isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind):
             problems.append(
-                f"{k} is {have.dtype}, expected {mx.uint32 if packed else 'a float'}"
+                f"{k} is {have.dtype}, expected {kind if packed else 'a float'}"
             )
     if problems:
         q = model.args.quantization
-        hint = (
-            f" (the configuration says {q['bits']}-bit weights in groups of {q['group_size']})"
-            if q
-            else ""
-        )
+        hint = ""
+        if q:
+            hint = f" (the configuration says {q['bits']}-bit weights in groups"
+            hint += f" of {q['group_size']})"
         more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
         raise WeightsError(
             f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}"
         )
 
 
+def check_finite(weights):
+    """Raise WeightsError naming a float array that holds NaN, inf or a value beyond
+    float16's range: no trained Llama has one, and it would make the logits NaN."""
+    floats = {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    # One pass over the weights, one wait for all the maxima.
+    largest = [mx.abs(v).max().astype(mx.float32) for v in floats.values()]
+    for name, value in zip(floats, mx.stack(largest).tolist()):
+        if not value <= 65504:
+            raise WeightsError(f"{name} holds {value}: the weights are damaged")
+
+
 def weights_file(path):
-    """`path` as a Path if it can be a weights file written by convert.py; WeightsError saying what it is if not."""
+    """`path` as a Path if it can be a weights file written by convert.py; a
+    WeightsError saying what it is if not."""
     path = Path(path)
     if path.is_dir():
         raise WeightsError(
             f"{path} is a folder, not a weights file; convert it into one first: "
             f"python llama/convert.py {path} {path.name}.safetensors"
         )
+    if path.suffix == ".gguf":
+        raise WeightsError(
+            f"{path} is a GGUF file, which this example does not read; convert the "
+            "Hugging Face or Meta checkpoint with convert.py instead"
+        )
     if path.suffix not in (".npz", ".safetensors"):
         raise WeightsError(
-            f"the weights must be the .npz or .safetensors file written by convert.py, got {path} "
-            "(llama.py takes the weights first, then the tokenizer)"
+            f"the weights must be the .npz or .safetensors file written by convert.py, "
+            f"got {path} (llama.py takes the weights first, then the tokenizer)"
         )
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; write it with convert.py first")
@@ -404,30 +396,31 @@ def weights_file(path):
 def read_arrays(path):
     """{name: array} from a .safetensors or .npz file.
 
-    NumPy reads .npz, not mx.load: MLX 0.32 reads .npz members through Python file objects on its
-    own I/O threads, and one of those still waiting for the interpreter lock when a script ends
-    aborts the process ("terminate called without an active exception"). NumPy has no bfloat16;
-    MLX stores it as 2-byte void ("|V2"), which is viewed back as bfloat16 here.
+    NumPy reads .npz, not mx.load: MLX 0.32 reads .npz members through Python file
+    objects on its own threads, and one still waiting for the interpreter lock when a
+    script ends aborts the process. NumPy has no bfloat16; MLX stores it as 2-byte void
+    ("|V2"), viewed back as bfloat16 here.
     """
     if path.suffix != ".npz":
-        # Read on the CPU stream: MLX reads the arrays there in parallel, which with MLX's CUDA
-        # backend is several times faster than through the GPU stream. (The GPU then fetches the
-        # weights on first use; on Apple silicon CPU and GPU share the memory.)
+        # The CPU stream reads the arrays in parallel: with MLX's CUDA backend, several
+        # times faster than the GPU stream. (On Apple silicon the memory is shared.)
         return mx.load(str(path), stream=mx.cpu)
     if not zipfile.is_zipfile(path):
         raise ValueError("it is not a .npz (zip) archive")
+    arrays = {}
     with np.load(path, allow_pickle=False) as npz:
-        return {
-            name: mx.array(a.view(np.uint16)).view(mx.bfloat16)
-            if a.dtype == "V2"
-            else mx.array(a)
-            for name, a in ((name, npz[name]) for name in npz.files)
-        }
+        for name in npz.files:
+            a = npz[name]
+            if a.dtype == "V2":
+                arrays[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16)
+            else:
+                arrays[name] = mx.array(a)
+    return arrays
 
 
 def stored_model(config, path):
-    """The Llama, unevaluated, that convert.py described in `path` by `config` (the JSON bytes of a uint8
-    array). Only a quantized file reads quantize.py, which swaps the layers for quantized ones."""
+    """The Llama, unevaluated, that convert.py described in `path` by `config` (JSON
+    bytes in a uint8 array). Only a quantized file reads quantize.py."""
     if config is None:
         raise WeightsError(
             f"{path} has no model configuration; convert the checkpoint with convert.py"
@@ -436,32 +429,23 @@ def stored_model(config, path):
         stored = json.loads(bytes(memoryview(config)).decode())
         if not isinstance(stored, dict):
             raise ValueError("it is not a JSON object")
-        args = ModelArgs(
-            **{
-                k: v
-                for k, v in stored.items()
-                if k in {f.name for f in fields(ModelArgs)}
-            }
-        )
+        names = {f.name for f in fields(ModelArgs)}
+        args = ModelArgs(**{k: v for k, v in stored.items() if k in names})
         if args.quantization is None:
             return Llama(args)
         from quantize import check_quantization, quantize
 
-        args.quantization = check_quantization(
-            args.quantization, args.dim, args.hidden_dim
-        )
-        return quantize(Llama(args), **args.quantization)
-    except (
-        ValueError,
-        TypeError,
-    ) as e:  # a damaged field; a quantization this example does not support
+        q = check_quantization(args.quantization, args.dim, args.hidden_dim)
+        args.quantization = q
+        return quantize(Llama(args), q["group_size"], q["bits"])
+    except (ValueError, TypeError) as e:  # a damaged field, an unsupported quantization
         raise WeightsError(
             f"{path} holds a configuration this example cannot use: {e}"
         ) from None
 
 
 def load_model(path):
-    """The Llama stored in `path` (.npz or .safetensors from convert.py), weights evaluated."""
+    """The Llama stored in `path` (.npz or .safetensors from convert.py), evaluated."""
     path = weights_file(path)
     try:
         weights = read_arrays(path)
@@ -469,63 +453,38 @@ def load_model(path):
         raise WeightsError(f"cannot read {path}: {e}") from None
     model = stored_model(weights.pop("config", None), path)
     check_weights(model, weights)
+    check_finite(weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
 
 
 def write_atomically(path, write):
-    """write(temporary path) beside `path`, then a rename over it: `path` is the old file or
-    the whole new one, never half of one. The temporary file is removed on an error or Ctrl-C.
-    convert.py writes weights with it, lora.py its adapters."""
+    """write(temporary path) beside `path`, then a rename over it: `path` is the old
+    file or the whole new one, never half of one, with the permissions the user's umask
+    gives a new file. The temporary file is removed on an error or Ctrl-C. convert.py
+    writes weights with it, lora.py its adapters."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp{path.suffix}"  # MLX adds a missing suffix
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-# ---- For the scripts ----------------------------------------------------------------------------
-
-
-def in_range(kind, low, high=math.inf, above=False):
-    """An argparse type: a finite `kind` (int or float) from `low` (or just above it) to `high`."""
-    bounds = f"{'above' if above else 'at least'} {low}" + (
-        f" and at most {high}" if high < math.inf else ""
-    )
-
-    def parse(text):
-        value = kind(text)
-        if (
-            not (value > low if above else value >= low)
-            or not value <= high
-            or abs(value) == math.inf
-        ):  # NaN fails
-            raise argparse.ArgumentTypeError(
-                f"must be {'a whole' if kind is int else 'a finite'} number {bounds}, "
-                f"not {text}"
-            )
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return parse
-
-
 def warn_if_reference_blas():
-    """On Linux, mlx[cpu] computes with the reference BLAS it bundles (about 30x slower matrix products)
-    unless OpenBLAS is preloaded: say so before long work on the CPU."""
-    maps = (
-        Path("/proc/self/maps").read_text() if sys.platform.startswith("linux") else ""
-    )
-    if (
-        mx.default_device() == mx.cpu
-        and "mlx_cpu.libs/libblas" in maps
-        and "/libopenblas" not in maps
-    ):
+    """On Linux, mlx[cpu] uses the reference BLAS it bundles (about 30x slower matrix
+    products) unless OpenBLAS is preloaded: say so before long work on the CPU."""
+    if mx.default_device() != mx.cpu or not sys.platform.startswith("linux"):
+        return
+    maps = Path("/proc/self/maps").read_text()
+    if "mlx_cpu.libs/libblas" in maps and "/libopenblas" not in maps:
         print(
-            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow matrix products); "
-            "the top-level README.md shows how to preload OpenBLAS",
+            "warning: MLX is using the reference BLAS bundled with mlx[cpu] (slow "
+            "matrix products); the top-level README.md shows how to preload OpenBLAS",
             file=sys.stderr,
         )

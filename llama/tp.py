@@ -1,43 +1,52 @@
-"""Tensor parallelism: one Llama split over N processes (the GPUs of one machine, or several Macs).
+"""Tensor parallelism: one Llama split over N processes (the GPUs of one machine, or
+several Macs).
 
-    mlx.launch -n 4 --backend nccl --python python3 llama/llama.py weights.safetensors tokenizer.model "Hello"
-    mlx.launch --hostfile hosts.json --backend ring llama/llama.py weights.safetensors tokenizer.model "Hello"
+    mlx.launch -n 4 --backend nccl --python python3 llama/llama.py \
+        weights.safetensors tokenizer.model "Hello"
+    mlx.launch --hostfile hosts.json --backend ring llama/llama.py \
+        weights.safetensors tokenizer.model "Hello"
 
-Every process ("rank") runs the same script. llama.py imports this file only when mlx.launch started it
-(mlx.launch sets MLX_RANK in each process) and loads through `load_split`: `mx.distributed.init()` connects
-the ranks (mlx.launch tells each its rank and where the others are), `load_sharded` reads this rank's
-part of the weights, and a failure on any rank stops them all with one line from rank 0. The
-model in model.py is unchanged: `shard` slices the weights of each block's seven linear layers (which
-keep their class and names) and makes its attention and feed-forward add up their outputs over the
-ranks, as gpt-fast's tp.py does for PyTorch with forward hooks.
+Every process ("rank") runs the same script. llama.py imports this file only when
+mlx.launch started it (mlx.launch sets MLX_RANK in each process) and loads through
+`load_split`: `mx.distributed.init()` connects the ranks (mlx.launch tells each its rank
+and where the others are), `load_sharded` reads this rank's part of the weights, and a
+failure on any rank stops them all with one line from rank 0. The model in model.py is
+unchanged: `shard` slices the weights of each block's seven linear layers (which keep
+their class and names) and makes its attention and feed-forward add up their outputs
+over the ranks, as gpt-fast's tp.py does for PyTorch with forward hooks.
 
 The split is Megatron-LM's (Shoeybi et al., 2019). With N ranks, rank r holds
 
-    attention     wq, wk, wv: rows for query heads r*H/N ... (r+1)*H/N - 1 and for their key/value
-                  heads (query head i uses key/value head i // (H / H_kv), so contiguous blocks of both
-                  line up). The rank computes attention for those heads only, and its KV cache holds
-                  only them: (B, H_kv / N, T, head_dim) per layer.
-                  wo: the matching input columns. Its product with the rank's heads is a partial sum
-                  of the full product; one all-reduce (mx.distributed.all_sum) adds the N of them.
-    feed-forward  w1, w3: rows for hidden units r*F/N ... (r+1)*F/N - 1; silu(w1 x) * w3 x needs no
-                  other rank's units. w2: the matching input columns, then one all-reduce.
+    attention     wq, wk, wv: rows for query heads r*H/N ... (r+1)*H/N - 1 and for
+                  their key/value heads (query head i uses key/value head
+                  i // (H / H_kv), so contiguous blocks of both line up). The rank
+                  computes attention for those heads only, and its KV cache holds only
+                  them: (B, H_kv / N, T, head_dim) per layer.
+                  wo: the matching input columns. Its product with the rank's heads is
+                  a partial sum of the full product; one all-reduce
+                  (mx.distributed.all_sum) adds the N of them.
+    feed-forward  w1, w3: rows for hidden units r*F/N ... (r+1)*F/N - 1;
+                  silu(w1 x) * w3 x needs no other rank's units. w2: the matching
+                  input columns, then one all-reduce.
 
-So per layer and token each rank sends and receives two vectors of `dim` numbers, and every rank ends
-each block with the same full (B, T, dim) activations.
+So per layer and token each rank sends and receives two vectors of `dim` numbers, and
+every rank ends each block with the same full (B, T, dim) activations.
 
-Embedding and output layer: every rank holds both whole (replicated). The embedding is a lookup that
-reads B*T rows per step, so splitting it would save memory only (0.52 GB of a 70B model's 138 GB). The
-output layer is read whole for every token: split by vocabulary rows, each rank would read
-(N-1)/N * vocab * dim * 2 bytes less per token, 0.39 GB for 70B on 4 GPUs (about 0.17 ms at 2.3 TB/s,
-1% of a token's 34.5 GB per rank), at the cost of a third collective per token, an all_gather of the
-logits (tens of microseconds over NVLink, more over Ethernet between Macs; MLX's NCCL backend has no
-all_gather at all). We leave that 1% for simplicity: replicated, every rank computes the same logits and
-samples the same token with the same seed, with no exchange.
+Embedding and output layer: every rank holds both whole (replicated). The embedding is a
+lookup that reads B*T rows per step, so splitting it would save memory only (0.52 GB of
+a 70B model's 138 GB). The output layer is read whole for every token: split by
+vocabulary rows, each rank would read (N-1)/N * vocab * dim * 2 bytes less per token,
+0.39 GB for 70B on 4 GPUs (about 0.17 ms at 2.3 TB/s, 1% of a token's 34.5 GB per rank),
+at the cost of a third collective per token, an all_gather of the logits (tens of
+microseconds over NVLink, more over Ethernet between Macs; MLX's NCCL backend has no
+all_gather at all). We leave that 1% for simplicity: replicated, every rank computes the
+same logits and samples the same token with the same seed, with no exchange.
 
-Quantized models (convert.py --quantize; ModelArgs.quantization): the packed arrays are split as they
-are (they are never dequantized): `weight`, `scales` and `biases` by rows for the row-split layers and
-along their last axis for wo and w2, which cuts the packed columns and the quantization groups
-together. That needs the groups of a row to split evenly over the ranks, which `shard` checks.
+Quantized models (convert.py --quantize; ModelArgs.quantization): the packed arrays are
+split as they are (they are never dequantized): `weight`, `scales` and `biases` by rows
+for the row-split layers and along their last axis for wo and w2, which cuts the packed
+columns and the quantization groups together. That needs the groups of a row to split
+evenly over the ranks, which `shard` checks.
 """
 
 import contextlib
@@ -63,6 +72,7 @@ from model import (
     Attention,
     FeedForward,
     WeightsError,
+    check_finite,
     check_weights,
     load_model,
     stored_model,
@@ -74,14 +84,15 @@ class ShardingError(Exception):
     """The model cannot be split over this many ranks."""
 
 
-# ---- Splitting the model ------------------------------------------------------------------------
+# ---- Splitting the model -------------------------------------------------------------
 
 ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3")  # split by output rows
 COLUMN_SPLIT = ("wo", "w2")  # split by input columns: partial sums, added up by all_sum
 
 
 class ShardedAttention(Attention):
-    """Attention over this rank's heads; its output, a partial sum of wo's product, summed over the ranks."""
+    """Attention over this rank's heads; its output, a partial sum of wo's product,
+    summed over the ranks."""
 
     def __call__(self, x, cache=None):
         return mx.distributed.all_sum(super().__call__(x, cache), group=self.group)
@@ -95,13 +106,15 @@ class ShardedFeedForward(FeedForward):
 
 
 def shard(model, group):
-    """Split every block of `model` over the ranks of `group`, in place, and return the model.
+    """Split every block of `model` over the ranks of `group`, in place, and return the
+    model.
 
-    Works on a model whose weights are loaded (each rank keeps its slices) and on a freshly built one,
-    whose weights are still unevaluated random arrays: then nothing is computed or allocated, and
-    the slices can be loaded from a file (`load_sharded`) or drawn at random (benchmark_tp.py). The
-    layers keep their class (nn.Linear or nn.QuantizedLinear) and parameter names;
-    only the attention and feed-forward modules change class, to add the all_sum.
+    Works on a model whose weights are loaded (each rank keeps its slices) and on a
+    freshly built one, whose weights are still unevaluated random arrays: then nothing
+    is computed or allocated, and the slices can be loaded from a file (`load_sharded`)
+    or drawn at random (benchmark_tp.py). The layers keep their class (nn.Linear or
+    nn.QuantizedLinear) and parameter names; only the attention and feed-forward modules
+    change class, to add the all_sum.
     """
     n, rank = group.size(), group.rank()
     check_divisible(model.args, n)
@@ -114,7 +127,8 @@ def shard(model, group):
                 if name in COLUMN_SPLIT and "scales" in layer:
                     check_groups(layer, n)
                 axis = 0 if name in ROW_SPLIT else -1
-                # mx.contiguous: a compact copy of the slice, so that no product reads a strided view.
+                # mx.contiguous: a compact copy of the slice, so that no product reads a
+                # strided view.
                 layer.update(
                     tree_map(
                         lambda w: mx.contiguous(rank_slice(w, axis, rank, n)),
@@ -147,8 +161,8 @@ def check_divisible(args, n):
                 and args.hidden_dim % d == 0
             ]
             raise ShardingError(
-                f"the model has {count} {what}, which do not split evenly over {n} processes; "
-                f"use -n {' or '.join(map(str, divisors[:8]))}"
+                f"the model has {count} {what}, which do not split evenly over {n} "
+                f"processes; use -n {' or '.join(map(str, divisors[:8]))}"
             )
 
 
@@ -156,13 +170,16 @@ def check_groups(layer, n):
     groups = layer["scales"].shape[-1]  # quantization groups per row
     if groups % n:
         raise ShardingError(
-            f"a quantized layer has {groups} groups of {layer.group_size} inputs per row, which "
-            f"do not split evenly over {n} processes; quantize with a smaller group size"
+            f"a quantized layer has {groups} groups of {layer.group_size} inputs per "
+            "row, which "
+            f"do not split evenly over {n} processes; quantize with a smaller group "
+            "size"
         )
 
 
 def split_axis(name):
-    """The axis of parameter `name` that is split over the ranks; None for the replicated ones."""
+    """The axis of parameter `name` that is split over the ranks; None for the
+    replicated ones."""
     layer = re.search(r"\.(\w+)\.(weight|scales|biases)$", name)
     if layer and layer.group(1) in ROW_SPLIT:
         return 0
@@ -172,20 +189,24 @@ def split_axis(name):
 
 
 def sharding_summary(model, group):
-    """ ", split over N processes: layer weights per rank a + b + ... bytes, ..." for llama.py's load line.
-    Every rank must call it: it gathers the ranks' byte counts."""
+    """ ", split over N processes: layer weights per rank a + b + ... bytes, ..." for
+    llama.py's load line. Every rank must call it: it gathers the ranks' byte counts."""
     split, replicated = weight_bytes(model)
-    # Two float32 numbers, MB and bytes: a 70B shard's byte count overflows int32, and float32 alone rounds it.
+    # Two float32 numbers, MB and bytes: a 70B shard's byte count overflows int32, and
+    # float32 alone rounds it.
     sizes = gather_rows(np.array([split // 10**6, split % 10**6], np.float32), group)
     sizes = [int(mb) * 10**6 + int(b) for mb, b in sizes.tolist()]
     return (
-        f", split over {group.size()} processes: layer weights per rank {' + '.join(f'{s:,}' for s in sizes)} "
-        f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} bytes"
+        f", split over {group.size()} processes: layer weights per rank "
+        f"{' + '.join(f'{s:,}' for s in sizes)} "
+        f"bytes, replicated on each (embedding, output layer, norms) {replicated:,} "
+        "bytes"
     )
 
 
 def weight_bytes(model):
-    """(bytes of the split layer weights, bytes of the replicated ones) this rank holds."""
+    """(bytes of the split layer weights, bytes of the replicated ones) this rank
+    holds."""
     split = replicated = 0
     for name, p in nn.utils.tree_flatten(model.parameters()):
         if split_axis(name) is None:
@@ -195,11 +216,12 @@ def weight_bytes(model):
     return split, replicated
 
 
-# ---- Reading only this rank's slice of the weights file -----------------------------------------
+# ---- Reading only this rank's slice of the weights file ------------------------------
 #
-# mx.load reads a whole array even when only a slice of it is used (measured: slicing 1/8 of the rows
-# of a lazily loaded 134 MB array peaks at 134 MB). So the file is memory-mapped with NumPy, and each
-# rank copies out only its slice: per-rank memory is its share plus the replicated parts.
+# mx.load reads a whole array even when only a slice of it is used (measured: slicing
+# 1/8 of the rows of a lazily loaded 134 MB array peaks at 134 MB). So the file is
+# memory-mapped with NumPy, and each rank copies out only its slice: per-rank memory is
+# its share plus the replicated parts.
 
 SAFETENSORS_DTYPES = {
     "F16": np.float16,
@@ -219,8 +241,8 @@ SAFETENSORS_DTYPES = {
 
 
 def memmap_safetensors(path):
-    """{name: (memory-mapped array, is_bfloat16)}. The format: an 8-byte little-endian header length,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    """{name: (memory-mapped array, is_bfloat16)}. The format: an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
     with open(path, "rb") as f:
         (header_length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_length))
@@ -241,14 +263,16 @@ def memmap_safetensors(path):
 
 
 def memmap_npz(path):
-    """{name: (memory-mapped array, is_bfloat16)} for an uncompressed .npz (mx.savez writes those): a zip
-    archive of .npy files stored as they are, each found through its zip entry and .npy header."""
+    """{name: (memory-mapped array, is_bfloat16)} for an uncompressed .npz (mx.savez
+    writes those): a zip archive of .npy files stored as they are, each found through
+    its zip entry and .npy header."""
     arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED:
                 raise ValueError(
-                    f"{info.filename} is compressed; save the weights uncompressed (convert.py does)"
+                    f"{info.filename} is compressed; save the weights uncompressed "
+                    "(convert.py does)"
                 )
             f.seek(
                 info.header_offset + 26
@@ -289,7 +313,8 @@ def to_mlx(array, is_bfloat16):
 
 
 def rank_slice(array, axis, rank, n):
-    """Rank `rank`'s piece of `array` split into `n` equal pieces along `axis` (the whole if axis is None)."""
+    """Rank `rank`'s piece of `array` split into `n` equal pieces along `axis` (the
+    whole if axis is None)."""
     if axis is None:
         return array
     size = array.shape[axis] // n
@@ -299,16 +324,18 @@ def rank_slice(array, axis, rank, n):
 
 
 def load_sharded(path, group):
-    """This rank's part of the Llama stored in `path` (.npz or .safetensors from convert.py), evaluated.
+    """This rank's part of the Llama stored in `path` (.npz or .safetensors from
+    convert.py), evaluated.
 
-    Reads the configuration, checks that the model splits over `group.size()` ranks and that the file
-    fits the model (as load_model does), then copies out only this rank's slices.
+    Reads the configuration, checks that the model splits over `group.size()` ranks and
+    that the file fits the model (as load_model does), then copies out only this rank's
+    slices.
     """
     path = Path(path)
     if not path.exists():
         raise WeightsError(
-            f"{path} does not exist on this machine; with several machines every one needs "
-            "the weights at the same path"
+            f"{path} does not exist on this machine; with several machines every one "
+            "needs the weights at the same path"
         )
     path = weights_file(path)
     try:
@@ -328,19 +355,21 @@ def load_sharded(path, group):
         for name, (a, bf16) in arrays.items()
     }
     check_weights(model, weights)
+    check_finite(weights)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
 
 
-# ---- Starting, and ending together ---------------------------------------------------------------
+# ---- Starting, and ending together ---------------------------------------------------
 
 
 def load_split(weights, finish, errors, timeout=0):
-    """(model, finish(model), summary) on every rank: this rank's part of the Llama in `weights` and
-    whatever else the script loads (finish: the tokenizer, say). An exception of `errors` on any rank stops
-    every rank, with one line from rank 0. Afterwards only rank 0 prints; summary is for its load line.
-    From the start the ranks end together (keep_together): every token written is progress."""
+    """(model, finish(model), summary) on every rank: this rank's part of the Llama in
+    `weights` and whatever else the script loads (finish: the tokenizer, say). An
+    exception of `errors` on any rank stops every rank, with one line from rank 0.
+    Afterwards only rank 0 prints; summary is for its load line. From the start the
+    ranks end together (keep_together): every token written is progress."""
     group, error, model, extra = None, None, None, None
     try:
         group = init_group()
@@ -363,14 +392,17 @@ def load_split(weights, finish, errors, timeout=0):
 
 
 def keep_together(group, timeout):
-    """Make this rank end when the run does, and return a Watchdog of `timeout` seconds (0: none).
+    """Make this rank end when the run does, and return a Watchdog of `timeout` seconds
+    (0: none).
 
-    mlx.launch stops every process when one exits with an error. What it cannot see: Ctrl-C reaches every
-    process while each may be waiting inside a collective operation, where Python cannot raise
-    KeyboardInterrupt (so the signal writes to a pipe that a thread waits on, and the thread ends the
-    process); a lost peer is an MLX RuntimeError (one line, not a traceback); and a process that hangs or
-    is stopped leaves the others waiting forever (the Watchdog). MLX's ring backend also logs each failed
-    send of a lost connection to stderr: those lines are dropped, the one line here says it."""
+    mlx.launch stops every process when one exits with an error. What it cannot see:
+    Ctrl-C reaches every process while each may be waiting inside a collective
+    operation, where Python cannot raise KeyboardInterrupt (so the signal writes to a
+    pipe that a thread waits on, and the thread ends the process); a lost peer is an MLX
+    RuntimeError (one line, not a traceback); and a process that hangs or is stopped
+    leaves the others waiting forever (the Watchdog). MLX's ring backend also logs each
+    failed send of a lost connection to stderr: those lines are dropped, the one line
+    here says it."""
     if group is None:
         return Watchdog(0, 0)
     drop_ring_logs()
@@ -380,7 +412,8 @@ def keep_together(group, timeout):
     signal.signal(
         signal.SIGINT, lambda *_: None
     )  # not KeyboardInterrupt: the thread below acts on it
-    # mlx.launch sends SIGTERM to the others when one process dies: it may come before the lost connection.
+    # mlx.launch sends SIGTERM to the others when one process dies: it may come before
+    # the lost connection.
     signal.signal(signal.SIGTERM, lambda *_: None)
 
     def on_interrupt():
@@ -391,7 +424,8 @@ def keep_together(group, timeout):
             print(
                 "interrupted"
                 if signal_number == signal.SIGINT
-                else "error: another process of this run has stopped (mlx.launch ended this one); stopping",
+                else "error: another process of this run has stopped (mlx.launch "
+                "ended this one); stopping",
                 file=STDERR,
                 flush=True,
             )
@@ -419,8 +453,9 @@ STDERR = (
 
 
 def drop_ring_logs():
-    """Route what MLX's C++ code writes to stderr (file descriptor 2) through a thread that drops the ring
-    backend's "[ring] ..." lines; Python's own output (STDERR) goes straight to the real stderr."""
+    """Route what MLX's C++ code writes to stderr (file descriptor 2) through a thread
+    that drops the ring backend's "[ring] ..." lines; Python's own output (STDERR) goes
+    straight to the real stderr."""
     global STDERR
     read_end, write_end = os.pipe()
     real = os.dup(2)
@@ -436,9 +471,10 @@ def drop_ring_logs():
 
 
 class Watchdog:
-    """With `seconds` > 0: if the run makes no progress for that long, say so and end every rank of this
-    machine (SIGKILL, which also ends a stopped process; mlx.launch's SIGTERM would wait for it forever).
-    Rank r waits r seconds more, so the first healthy rank acts and the others do not repeat its line."""
+    """With `seconds` > 0: if the run makes no progress for that long, say so and end
+    every rank of this machine (SIGKILL, which also ends a stopped process; mlx.launch's
+    SIGTERM would wait for it forever). Rank r waits r seconds more, so the first
+    healthy rank acts and the others do not repeat its line."""
 
     def __init__(self, seconds, rank):
         self.seconds, self.rank, self.last = seconds, rank, time.monotonic()
@@ -455,8 +491,10 @@ class Watchdog:
         while time.monotonic() - self.last < self.seconds + self.rank:
             time.sleep(0.5)
         print(
-            f"error: process {self.rank} made no progress for {self.seconds:g} s; another process of this run "
-            "may have stopped or hung: stopping them all (raise --timeout if a step is that slow)",
+            f"error: process {self.rank} made no progress for {self.seconds:g} s; "
+            "another process of this run "
+            "may have stopped or hung: stopping them all (raise --timeout if a step is "
+            "that slow)",
             file=STDERR,
             flush=True,
         )
@@ -478,7 +516,8 @@ class Watchdog:
 
 
 class Written:
-    """sys.stdout whose every write is progress for the Watchdog (llama.py writes each token)."""
+    """sys.stdout whose every write is progress for the Watchdog (llama.py writes each
+    token)."""
 
     def __init__(self, stream, watchdog):
         self.stream, self.watchdog = stream, watchdog
@@ -492,7 +531,8 @@ class Written:
 
 
 class Waited:
-    """sys.stdin whose reading is no hang for the Watchdog (a chat waiting for the user's next line)."""
+    """sys.stdin whose reading is no hang for the Watchdog (a chat waiting for the
+    user's next line)."""
 
     def __init__(self, stream, watchdog):
         self.stream, self.watchdog = stream, watchdog
@@ -511,8 +551,8 @@ class Waited:
 
 
 def launched_rank():
-    """This process's rank as mlx.launch set it (0 when started without mlx.launch), known even when the
-    processes cannot connect: then rank 0 alone reports it."""
+    """This process's rank as mlx.launch set it (0 when started without mlx.launch),
+    known even when the processes cannot connect: then rank 0 alone reports it."""
     return int(os.environ.get("MLX_RANK", 0))
 
 
@@ -528,20 +568,23 @@ def init_group():
         group = mx.distributed.init(strict=True)
     except RuntimeError as e:
         raise ShardingError(
-            f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} processes, but they "
-            f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU per process; "
-            "--backend ring needs each host's IP address in the --hostfile"
+            f"mlx.launch started {os.environ.get('MLX_WORLD_SIZE', 'several')} "
+            "processes, but they "
+            f"cannot connect ({e}): --backend nccl needs MLX's CUDA build and a GPU "
+            "per process; --backend ring needs each host's IP address in the --hostfile"
         ) from None
     return group if group.size() > 1 else None
 
 
 def stop_if_any_failed(group, error):
-    """Every rank calls this with its own error message, or None. If any rank has one, rank 0 prints the
-    first (prefixed "rank r: " unless r is 0) and every rank exits with status 1; otherwise it returns.
+    """Every rank calls this with its own error message, or None. If any rank has one,
+    rank 0 prints the first (prefixed "rank r: " unless r is 0) and every rank exits
+    with status 1; otherwise it returns.
 
-    Without it a rank that fails alone (say its machine lacks the weights file) would exit while the
-    others wait forever in their first all_sum. `group` None: a single process, or processes that
-    could not connect, which all meet the same error (rank 0 still prints it alone).
+    Without it a rank that fails alone (say its machine lacks the weights file) would
+    exit while the others wait forever in their first all_sum. `group` None: a single
+    process, or processes that could not connect, which all meet the same error (rank 0
+    still prints it alone).
     """
     if group is not None:
         message = (error or "").encode()[:1000]
@@ -564,7 +607,8 @@ def stop_if_any_failed(group, error):
     rank = group.rank() if group is not None else launched_rank()
     if rank == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
-    # mlx.launch stops every process as soon as one exits non-zero: the others leave after rank 0 has printed.
+    # mlx.launch stops every process as soon as one exits non-zero: the others leave
+    # after rank 0 has printed.
     if group is not None:
         mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
     elif rank > 0:
@@ -573,10 +617,11 @@ def stop_if_any_failed(group, error):
 
 
 def gather_rows(row, group):
-    """(N, len(row)) NumPy array of every rank's `row` (float32), the same on every rank.
+    """(N, len(row)) NumPy array of every rank's `row` (float32), the same on every
+    rank.
 
-    An all_sum of a matrix that is zero but for the rank's own row: MLX's NCCL backend has all_sum only
-    (no all_gather), and every backend sums float32.
+    An all_sum of a matrix that is zero but for the rank's own row: MLX's NCCL backend
+    has all_sum only (no all_gather), and every backend sums float32.
     """
     rows = np.zeros((group.size(), len(row)), np.float32)
     rows[group.rank()] = row

@@ -1,5 +1,5 @@
-"""llama/: conversion from Hugging Face and Meta checkpoints, parity with transformers, the KV cache,
-and llama.py end to end with a SentencePiece model trained here."""
+"""llama/: conversion from Hugging Face and Meta checkpoints, parity with transformers,
+the KV cache, and llama.py end to end with a SentencePiece model trained here."""
 
 import json
 import sys
@@ -98,7 +98,8 @@ def test_hf_variants_match_transformers(variant, tmp_path):
 
 
 def test_meta_checkpoint_logits_match_transformers(hf_model, meta_folder, tmp_path):
-    # Meta's wq/wk rows are in interleaved-RoPE order, HF's in halves order: the logits must still agree.
+    # Meta's wq/wk rows are in interleaved-RoPE order, HF's in halves order: the logits
+    # must still agree.
     result = run_script(
         "llama/convert.py", meta_folder, tmp_path / "meta.npz", "--max-seq-len", "96"
     )
@@ -142,7 +143,8 @@ def test_two_shard_meta_checkpoint_converts_to_the_same_weights(
 
 
 def test_bfloat16_meta_checkpoint_keeps_its_bits(hf_model, tmp_path):
-    # Meta ships bfloat16 weights; numpy has no bfloat16, so the converter moves the raw bits.
+    # Meta ships bfloat16 weights; numpy has no bfloat16, so the converter moves the raw
+    # bits.
     folder = tmp_path / "llama-bf16"
     folder.mkdir()
     meta = {
@@ -237,7 +239,8 @@ def test_float16_conversion_is_close_and_safetensors_equals_npz(
 
 
 def hf_greedy_continuation(hf_model, sp, prompt, max_tokens):
-    """transformers' greedy continuation of BOS + prompt, up to EOS, as text after the prompt's text."""
+    """transformers' greedy continuation of BOS + prompt, up to EOS, as text after the
+    prompt's text."""
     ids = [sp.bos_id()] + sp.encode(prompt)
     with torch.no_grad():
         out = hf_model.generate(
@@ -316,7 +319,8 @@ def test_llama_py_does_not_read_stdin(converted, hf_folder):
         ("corrupt weights", "cannot read"),
         (
             "a model folder as the weights",
-            "is a folder, not a weights file; convert it into one first: python llama/convert.py",
+            "is a folder, not a weights file; convert it into one first: python "
+            "llama/convert.py",
         ),
         (
             "weights and tokenizer swapped",
@@ -419,9 +423,10 @@ def test_benchmark_times_the_same_model_in_both_frameworks():
 
 
 def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_folder):
-    """tp.py (mlx.launch runs) and quantize.py (quantized files) are features beside the model, as chat.py
-    (--chat), hub.py (Hub names), hf_tokenizer.py (tokenizer.json), batch.py (--prompts) and lora.py
-    (--adapter-path) are: a plain run of llama.py with a float model and a tokenizer.model imports none of them."""
+    """tp.py (mlx.launch runs) and quantize.py (quantized files) are features beside the
+    model, as chat.py (--chat), hub.py (Hub names), hf_tokenizer.py (tokenizer.json),
+    batch.py (--prompts) and lora.py (--adapter-path) are: a plain run of llama.py with
+    a float model and a tokenizer.model imports none of them."""
     import os
     import subprocess
     import sys
@@ -429,9 +434,11 @@ def test_a_one_process_float_run_reads_neither_tp_nor_quantize(converted, hf_fol
     from helpers import ROOT
 
     code = (
-        "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+        "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, "
+        "os.path.dirname(sys.argv[0])); "
         "runpy.run_path(sys.argv[0], run_name='__main__'); "
-        "print(sorted({'tp', 'quantize', 'chat', 'hub', 'hf_tokenizer', 'batch', 'lora', 'model'} & set(sys.modules)), file=sys.stderr)"
+        "print(sorted({'tp', 'quantize', 'chat', 'hub', 'hf_tokenizer', 'batch', "
+        "'llama3_tokenizer', 'lora', 'model'} & set(sys.modules)), file=sys.stderr)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     result = subprocess.run(
@@ -503,7 +510,8 @@ def test_benchmark_says_what_it_does_then_how_long_each_part_takes():
 
 
 def test_llama_py_warns_when_mlx_computes_with_the_reference_blas(converted, hf_folder):
-    # This process has loaded MLX as llama.py will: the same libraries are mapped (or not) there.
+    # This process has loaded MLX as llama.py will: the same libraries are mapped (or
+    # not) there.
     maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
     reference = (
         mx.default_device() == mx.cpu

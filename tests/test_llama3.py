@@ -1,8 +1,10 @@
-"""llama/: the Llama 3 family. Scaled RoPE (Llama 3.1), tied embeddings and GQA against transformers from
-both checkpoint layouts; Meta's tiktoken-format tokenizer against a reference byte-pair encoder written
-here; the chat formats' exact token ids; the interactive chat's key/value cache; and the one-line errors.
+"""llama/: the Llama 3 family. Scaled RoPE (Llama 3.1), tied embeddings and GQA against
+transformers from both checkpoint layouts; Meta's tiktoken-format tokenizer against a
+reference byte-pair encoder written here; the chat formats' exact token ids; the
+interactive chat's key/value cache; and the one-line errors.
 
-Nothing is downloaded: the tokenizer is a small rank file trained in the test, the models tiny and random."""
+Nothing is downloaded: the tokenizer is a small rank file trained in the test, the
+models tiny and random."""
 
 import json
 import subprocess
@@ -17,6 +19,7 @@ import torch
 from helpers import (
     LLAMA_PARAMS,
     ROOT,
+    example_modules,
     hf_to_meta_state_dict,
     import_example,
     run_script,
@@ -28,15 +31,18 @@ pytestmark = pytest.mark.usefixtures(
 )  # tokenizer.py reads hf_tokenizer.py on demand
 
 TOL = 1e-4  # float32 logits
-# Meta's split pattern, copied from llama_models/llama3/tokenizer.py (not from llama/tokenizer.py).
+# Meta's split pattern, copied from llama_models/llama3/tokenizer.py (not from
+# llama/tokenizer.py).
 META_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
+    r"?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 TRAINING_TEXT = (
-    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
-    "purse, I thought I would sail about. It's 1851; we'll see 2024 and 12345 too.\n\n  Indented   "
-    "spaces, café, naïve, 日本語 and ÿ. "
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or "
+    "no money in my "
+    "purse, I thought I would sail about. It's 1851; we'll see 2024 and 12345 too.\n\n "
+    " Indented   spaces, café, naïve, 日本語 and ÿ. "
 ) * 3
 TRICKY = [
     "Hello world",
@@ -53,12 +59,13 @@ TRICKY = [
 ]
 
 
-# ---- A tiny Llama 3 tokenizer and its reference encoder --------------------------------------------
+# ---- A tiny Llama 3 tokenizer and its reference encoder ------------------------------
 
 
 def reference_encode(ranks, text):
-    """tiktoken's algorithm: split with Meta's pattern; a piece that is a token is that token, otherwise
-    join the adjacent pair whose concatenation has the lowest rank until none is a token."""
+    """tiktoken's algorithm: split with Meta's pattern; a piece that is a token is that
+    token, otherwise join the adjacent pair whose concatenation has the lowest rank
+    until none is a token."""
     ids = []
     for piece in regex.findall(META_PATTERN, text):
         parts = [bytes([b]) for b in piece.encode()]
@@ -77,7 +84,8 @@ def reference_encode(ranks, text):
 
 
 def train_ranks(text, n_merges=60):
-    """The 256 bytes (in a shuffled order, so ranks are not byte values) and n_merges byte-pair merges."""
+    """The 256 bytes (in a shuffled order, so ranks are not byte values) and n_merges
+    byte-pair merges."""
     order = np.random.default_rng(0).permutation(256)
     ranks = {bytes([int(b)]): i for i, b in enumerate(order)}
     words = [
@@ -100,7 +108,8 @@ def train_ranks(text, n_merges=60):
 
 
 def bytes_to_unicode():
-    """GPT-2's table from the 256 byte values to printable characters, as byte-level BPE vocabularies use."""
+    """GPT-2's table from the 256 byte values to printable characters, as byte-level BPE
+    vocabularies use."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -114,9 +123,10 @@ def bytes_to_unicode():
 
 
 def bpe_tokenizer(ranks, special_tokens=None):
-    """The rank file as a Hugging Face `tokenizers` byte-level BPE (as transformers' TikTokenConverter builds
-    it), to save as a tokenizer.json: a merge (a, b) for every way to split each token into two tokens,
-    ordered by the token's rank, merges the same pairs in the same order as tiktoken."""
+    """The rank file as a Hugging Face `tokenizers` byte-level BPE (as transformers'
+    TikTokenConverter builds it), to save as a tokenizer.json: a merge (a, b) for every
+    way to split each token into two tokens, ordered by the token's rank, merges the
+    same pairs in the same order as tiktoken."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -127,7 +137,8 @@ def bpe_tokenizer(ranks, special_tokens=None):
     )
 
     special_tokens = (
-        special_tokens or import_example("llama", "tokenizer").LLAMA3_SPECIAL_TOKENS
+        special_tokens
+        or import_example("llama", "llama3_tokenizer").LLAMA3_SPECIAL_TOKENS
     )
     table = bytes_to_unicode()
     symbol = {token: token.decode("latin-1").translate(table) for token in ranks}
@@ -182,7 +193,8 @@ def rank_file(ranks, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(rank_file):
-    return import_example("llama", "tokenizer").load_tokenizer(rank_file)
+    with example_modules("llama"):  # it reads llama3_tokenizer.py
+        return import_example("llama", "tokenizer").load_tokenizer(rank_file)
 
 
 def test_llama3_rank_file_encodes_as_metas_tokenizer(tokenizer, ranks):
@@ -236,7 +248,7 @@ def test_tokenizer_kind_is_read_from_the_content(rank_file, ranks, tmp_path):
     )  # tokenizer.json comes first
 
 
-# ---- Chat formats: a fixed two-turn conversation ----------------------------------------------------
+# ---- Chat formats: a fixed two-turn conversation -------------------------------------
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -246,10 +258,11 @@ CONVERSATION = [
 ]
 # Meta-Llama-3-8B-Instruct's chat_template.
 LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set "
+    "content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ "
+    "message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% "
+    "endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
@@ -278,7 +291,8 @@ def test_llama2_chat_format_gives_metas_ids(tmp_path):
     expected = (
         [1]
         + sp.encode(
-            "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nCall me Ishmael. [/INST] Hello, Ishmael. "
+            "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nCall me Ishmael. [/INST] Hello, "
+            "Ishmael. "
         )
         + [2]
         + [1]
@@ -326,7 +340,8 @@ def test_hf_chat_template_gives_transformers_ids(tokenizer, ranks, tmp_path):
 def test_chat_renders_a_hugging_face_template_in_a_fresh_process(
     llama3_model, ranks, tmp_path
 ):
-    """A new process that has not imported transformers (which imports jinja2.ext) before llama.py renders one."""
+    """A new process that has not imported transformers (which imports jinja2.ext)
+    before llama.py renders one."""
     bpe_tokenizer(ranks).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
@@ -369,7 +384,7 @@ def test_hf_model_stops_at_every_eos_id_of_its_generation_config(
     )
 
 
-# ---- Llama 3.1 models: scaled RoPE, GQA, tied and untied output --------------------------------------
+# ---- Llama 3.1 models: scaled RoPE, GQA, tied and untied output ----------------------
 
 
 def llama3_rope(original_max_position_embeddings, factor=8.0, rope_theta=500000.0):
@@ -420,9 +435,10 @@ def hf_logits(hf_model, ids):
 def test_llama31_logits_match_transformers(layout, tied, tmp_path):
     from transformers import LlamaForCausalLM
 
-    # Meta's params.json says only use_scaled_rope: Meta's constants (factor 8, old context 8192) apply, so the
-    # reference uses them. The Hugging Face layout uses a short old context, so all three frequency bands
-    # (kept, blended, slowed) turn by noticeable angles within these 90 positions.
+    # Meta's params.json says only use_scaled_rope: Meta's constants (factor 8, old
+    # context 8192) apply, so the reference uses them. The Hugging Face layout uses a
+    # short old context, so all three frequency bands (kept, blended, slowed) turn by
+    # noticeable angles within these 90 positions.
     rope = (
         llama3_rope(8192) if layout == "meta" else llama3_rope(32, rope_theta=10000.0)
     )
@@ -569,7 +585,8 @@ def test_mistral_without_sliding_window_and_tinyllama_shapes_match_transformers(
                 rope_theta=1e6,
             ),
         ),
-        # TinyLlama 1.1B: 32 query heads share 4 key/value heads (8 to 1); here 8 share 1.
+        # TinyLlama 1.1B: 32 query heads share 4 key/value heads (8 to 1); here 8 share
+        # 1.
         "tinyllama": (
             LlamaForCausalLM,
             LlamaConfig(**small, num_attention_heads=8, num_key_value_heads=1),
@@ -629,12 +646,13 @@ def test_convert_refuses_other_models_with_one_line(change, message, tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
-# ---- llama.py: chat, and its one-line errors -----------------------------------------------------------
+# ---- llama.py: chat, and its one-line errors -----------------------------------------
 
 
 @pytest.fixture(scope="module")
 def llama3_model(ranks, tmp_path_factory):
-    """A tiny Llama 3.1-style model whose vocabulary is the tiny rank file plus the 256 special tokens."""
+    """A tiny Llama 3.1-style model whose vocabulary is the tiny rank file plus the 256
+    special tokens."""
     folder = tiny_llama(
         tmp_path_factory.mktemp("llama3-model") / "hf",
         seed=7,
@@ -648,7 +666,8 @@ def llama3_model(ranks, tmp_path_factory):
 
 
 def greedy_reply(model, tokenizer, tokens, max_tokens):
-    """Recompute from scratch: greedy tokens after `tokens` up to a stop token or max_tokens."""
+    """Recompute from scratch: greedy tokens after `tokens` up to a stop token or
+    max_tokens."""
     reply = []
     while len(reply) < max_tokens:
         token = int(mx.argmax(model(mx.array([tokens + reply]))[0, -1]).item())
@@ -658,7 +677,8 @@ def greedy_reply(model, tokenizer, tokens, max_tokens):
     return reply
 
 
-# --max-tokens 1: the reply stops at the first token, before its step runs, so the cache lacks it.
+# --max-tokens 1: the reply stops at the first token, before its step runs, so the cache
+# lacks it.
 @pytest.mark.parametrize("max_tokens", [12, 1])
 def test_interactive_chat_keeps_the_cache_and_answers_as_a_fresh_prompt_would(
     max_tokens, llama3_model, rank_file, tokenizer
@@ -771,8 +791,9 @@ def test_llama_py_bad_llama3_input_gives_one_line(
 
 
 def test_generate_says_through_the_cache_which_tokens_it_holds(llama3_model):
-    """The first token is yielded as soon as the prompt pass ends, before its own step is built, so the
-    cache then holds only the prompt; from the second token on, the yielded token's step is under way."""
+    """The first token is yielded as soon as the prompt pass ends, before its own step
+    is built, so the cache then holds only the prompt; from the second token on, the
+    yielded token's step is under way."""
     model = import_example("llama", "model").load_model(llama3_model)
     prompt = mx.array([5, 6, 7, 8])
     for n_taken, expected_offset in ((1, 4), (2, 6), (3, 7)):

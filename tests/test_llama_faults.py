@@ -1,11 +1,13 @@
-"""llama/: bad input and faults. Each mistake a user can make (a damaged file, a flag out of range, text
-that is not UTF-8, an output that cannot be written) gets one line and a non-zero exit, never a traceback
-or a half-written file; Ctrl-C and SIGTERM leave nothing behind; the processes of a tensor-parallel run
-end together when one is interrupted, killed or stopped."""
+"""llama/: bad input and faults. Each mistake a user can make (a damaged file, a flag
+out of range, text that is not UTF-8, an output that cannot be written) gets one line
+and a non-zero exit, never a traceback or a half-written file; Ctrl-C and SIGTERM leave
+nothing behind; the processes of a tensor-parallel run end together when one is
+interrupted, killed or stopped."""
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,14 +39,15 @@ ARGS = dict(
 
 @pytest.fixture(autouse=True)
 def llama_on_path():
-    """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/llama.py` finds it."""
+    """model.py imports quantize.py only for a quantized file, from llama/ as `python
+    llama/llama.py` finds it."""
     with example_modules("llama"):
         yield
 
 
 def random_weights(args, seed=0):
-    """Random float32 weights for `args` whose logits never make EOS (id 2) the most likely token, so that
-    generation runs to --max-tokens."""
+    """Random float32 weights for `args` whose logits never make EOS (id 2) the most
+    likely token, so that generation runs to --max-tokens."""
     model = import_example("llama", "model")
     mx.random.seed(seed)
     weights = {
@@ -56,7 +59,8 @@ def random_weights(args, seed=0):
 
 
 def save_with_config(path, config, weights):
-    """A weights file as convert.py writes one, but with `config` (a dict, or raw text) as its configuration."""
+    """A weights file as convert.py writes one, but with `config` (a dict, or raw text)
+    as its configuration."""
     text = config if isinstance(config, str) else json.dumps(config)
     mx.save_safetensors(
         str(path), {**weights, "config": mx.array(list(text.encode()), dtype=mx.uint8)}
@@ -66,7 +70,8 @@ def save_with_config(path, config, weights):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(weights file, SentencePiece tokenizer) of a tiny Llama with a 4096-token context."""
+    """(weights file, SentencePiece tokenizer) of a tiny Llama with a 4096-token
+    context."""
     folder = tmp_path_factory.mktemp("llama_faults")
     convert, model = (
         import_example("llama", "convert"),
@@ -87,7 +92,7 @@ def one_line_error(result, message):
     ), result.stderr
 
 
-# ---- A damaged configuration, weights of the wrong dtype ------------------------------------------
+# ---- A damaged configuration, weights of the wrong dtype -----------------------------
 
 
 def stored_config():
@@ -105,11 +110,11 @@ def stored_config():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"n_heads": 0}, "n_heads must be a whole number from 1 to 2**31 - 1, not 0"),
-        ({"dim": -64}, "dim must be a whole number from 1 to 2**31 - 1, not -64"),
+        ({"n_heads": 0}, "n_heads must be a whole number from 1 to 2147483647, not 0"),
+        ({"dim": -64}, "dim must be a whole number from 1 to 2147483647, not -64"),
         (
             {"hidden_dim": 10**12},
-            "hidden_dim must be a whole number from 1 to 2**31 - 1",
+            "hidden_dim must be a whole number from 1 to 2147483647",
         ),
         ({"n_layers": 10**6}, "n_layers must be a whole number from 1 to 1024"),
         ({"n_layers": "2"}, "n_layers must be a whole number from 1 to 1024, not '2'"),
@@ -195,7 +200,7 @@ def test_quantization_scales_of_an_integer_dtype_are_refused(tmp_path):
         model.load_model(path)
 
 
-# ---- Flags and text at entry ----------------------------------------------------------------------
+# ---- Flags and text at entry ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -203,7 +208,8 @@ def test_quantization_scales_of_an_integer_dtype_are_refused(tmp_path):
     [
         (
             ["--seed", "-1"],
-            "argument --seed: must be a whole number at least 0 and at most 18446744073709551615, not -1",
+            "argument --seed: must be a whole number at least 0 and at most "
+            "18446744073709551615, not -1",
         ),
         (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
         (
@@ -241,8 +247,8 @@ def test_main_py_refuses_a_max_tokens_that_would_never_end(max_tokens):
     result = run_script("llama/main.py", "--max-tokens", max_tokens, timeout=60)
     one_line_error(
         result,
-        f"argument --max-tokens: must be a whole number at least 1 and at most 2147483647, "
-        f"not {max_tokens}",
+        "argument --max-tokens: must be a whole number at least 1 and at most "
+        f"2147483647, not {max_tokens}",
     )
 
 
@@ -303,7 +309,7 @@ def test_a_chat_line_that_is_not_utf8_ends_the_chat_with_one_line(tiny):
     assert stderr.count("from the cache") == 1  # the first line was answered
 
 
-# ---- Ctrl-C, one process --------------------------------------------------------------------------
+# ---- Ctrl-C, one process -------------------------------------------------------------
 
 
 def wait_for(path, text, process, seconds=60):
@@ -342,11 +348,12 @@ def test_ctrl_c_during_generation_is_one_line_and_exit_130(tiny, tmp_path):
     )
 
 
-# ---- Tensor parallelism: the processes end together -------------------------------------------------
+# ---- Tensor parallelism: the processes end together ----------------------------------
 
 
 def launch(tmp_path, tiny, *flags):
-    """mlx.launch of 2 ring processes generating 4000 tokens, in a session of its own; (process, stderr path)."""
+    """mlx.launch of 2 ring processes generating 4000 tokens, in a session of its own;
+    (process, stderr path)."""
     launcher = shutil.which(
         "mlx.launch", path=os.path.dirname(sys.executable)
     ) or shutil.which("mlx.launch")
@@ -382,7 +389,8 @@ def launch(tmp_path, tiny, *flags):
 
 
 def rank(process, r):
-    """The pid of the rank-r process that mlx.launch `process` started (its children: Linux /proc)."""
+    """The pid of the rank-r process that mlx.launch `process` started (its children:
+    Linux /proc)."""
     for pid in subprocess.run(
         ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
     ).stdout.split():
@@ -430,8 +438,9 @@ def test_ctrl_c_to_a_two_process_run_ends_every_rank_with_one_line(tiny, tmp_pat
     try:
         assert all(gone(pid, 30) for pid in ranks), err.read_text()
     finally:
-        # mlx.launch 0.32 itself prints a KeyboardInterrupt traceback, may lose what the ranks print after it,
-        # and now and then keeps waiting (its Ctrl-C can land inside a queue's lock): that is not tested here.
+        # mlx.launch 0.32 itself prints a KeyboardInterrupt traceback, may lose what the
+        # ranks print after it, and now and then keeps waiting (its Ctrl-C can land
+        # inside a queue's lock): that is not tested here.
         ended(process, 5)
     assert (
         err.read_text().count("interrupted") <= 1 and "llama/" not in err.read_text()
@@ -444,9 +453,10 @@ def test_killing_a_rank_during_generation_ends_the_run_with_one_line(tiny, tmp_p
     os.kill(rank(process, 1), signal.SIGKILL)
     assert ended(process, 30), err.read_text()
     text = err.read_text()
-    # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that comes first. mlx.launch
-    # writes its own "[WARN] Node with rank r exited" lines to the same stderr, and one of them can start on
-    # the line of ours (the two processes write at once), so the line is counted in the whole text.
+    # Rank 0 learns it from the lost connection, or from mlx.launch's SIGTERM if that
+    # comes first. mlx.launch writes its own "[WARN] Node with rank r exited" lines to
+    # the same stderr, and one of them can start on the line of ours (the two processes
+    # write at once), so the line is counted in the whole text.
     assert (
         text.count("error: ") == 1
         and "error: another process of this run has stopped (" in text
@@ -468,7 +478,7 @@ def test_a_stopped_rank_ends_the_run_after_the_timeout(tiny, tmp_path):
     assert len(ours) == 1 and "made no progress for 3 s" in ours[0], err.read_text()
 
 
-# ---- convert.py: its configurations and its output -------------------------------------------------
+# ---- convert.py: its configurations and its output -----------------------------------
 
 
 def test_meta_params_without_a_field_are_refused_naming_it(tmp_path):
@@ -599,3 +609,349 @@ def test_the_output_gets_the_users_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "w.npz").stat().st_mode & 0o777 == 0o640
+
+
+# ---- Issue 32: output, Ctrl-C at start-up, damaged tokenizer folders, odd prompts ----
+
+
+def ends_with_one_error_line(result, message):
+    """A run that fails after loading: its status lines, then one line with
+    `message`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode not in (0, None), result.stderr
+    assert message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("error: "), result.stderr
+
+
+def word_tokenizer(folder, config=None, generation_config=None):
+    """A Hugging Face tokenizer folder with ARGS' 320 tokens (a word each: t0 ... t319,
+    split on spaces), with `config` as tokenizer_config.json (raw text if a str) and
+    `generation_config` as generation_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(exist_ok=True)
+    vocab = {f"t{i}": i for i in range(ARGS["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    for name, value in (
+        ("tokenizer_config.json", config),
+        ("generation_config.json", generation_config),
+    ):
+        if value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)
+            (folder / name).write_text(text)
+    return folder
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tiny):
+    result = subprocess.run(
+        f"{sys.executable} {SCRIPT} {tiny[0]} {tiny[1]} 'call me' --max-tokens 500"
+        " | head -c1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(result.stdout) == 1 and "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_output_to_a_full_disk_is_one_line(prompts, tiny, tmp_path):
+    arguments = ["call me"]
+    if prompts:
+        (tmp_path / "p.txt").write_text("call me\nsome years ago\n")
+        arguments = ["--prompts", tmp_path / "p.txt"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, SCRIPT, *tiny, *arguments],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    ends_with_one_error_line(result, "No space left on device")
+
+
+def test_convert_summary_to_a_full_disk_is_one_line_and_the_file_is_written(
+    tmp_path,
+):
+    from helpers import tiny_llama
+
+    folder = tiny_llama(tmp_path / "hf")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, ROOT / "llama" / "convert.py", folder, tmp_path / "w.npz"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    ends_with_one_error_line(result, "No space left on device")
+    assert (tmp_path / "w.npz").is_file()
+
+
+@pytest.mark.parametrize("delay", [0, 0.05, 0.15, 0.25])
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(delay, tiny):
+    """From the script's first import on (seen through -X importtime), then while MLX,
+    the model and the tokenizer load: never a traceback, never lost."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", SCRIPT, *tiny, "call me"]
+        + ["--max-tokens", "2000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    while not lines or not lines[-1].rstrip().endswith("| argparse"):
+        lines.append(process.stderr.readline())
+        assert lines[-1], "".join(lines)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    stderr = "".join(lines) + process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted", stderr
+    assert "Traceback" not in stderr and "generation" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "config, generation_config, message",
+    [
+        ("[1, 2]", None, "tokenizer_config.json must hold a JSON object"),
+        ({"eos_token": {"foo": 1}}, None, None),
+        ({}, {"eos_token_id": {"a": 1}}, "eos_token_id must be a token id"),
+        ({}, {"eos_token_id": [[1, 2]]}, "eos_token_id must be a token id"),
+    ],
+)
+def test_tokenizer_configs_of_the_wrong_shape_are_one_line_or_ignored(
+    config, generation_config, message, tmp_path
+):
+    folder = word_tokenizer(tmp_path / "tok", config, generation_config)
+    tokenizer = import_example("llama", "tokenizer")
+    if message is None:  # an EOS token without a name: no stop token from it
+        assert tokenizer.load_tokenizer(folder).stop_ids == set()
+        return
+    # llama.py prints a TokenizerError as one line (test_..._one_line_error_in_llama_py)
+    with pytest.raises(tokenizer.TokenizerError, match=message):
+        tokenizer.load_tokenizer(folder)
+
+
+def test_a_damaged_tokenizer_folder_is_one_line_error_in_llama_py(tiny, tmp_path):
+    folder = word_tokenizer(tmp_path / "tok", "[1, 2]")
+    result = run_script("llama/llama.py", tiny[0], folder, "t5 t6")
+    one_line_error(result, "must hold a JSON object")
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (42, "must be text, not 42"),
+        (["x"], 'without a template named "default"'),
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{% for i in range(100000000) %}x{% endfor %}", "Range too big"),
+    ],
+)
+def test_a_chat_template_that_is_not_text_or_fails_is_one_line(
+    template, message, tiny, tmp_path
+):
+    folder = word_tokenizer(tmp_path / "tok", {"chat_template": template})
+    tokenizer = import_example("llama", "tokenizer").load_tokenizer(folder)
+    chat = import_example("llama", "chat")
+    # llama.py prints a ChatFormatError as one line (the case of 1/0 below)
+    with pytest.raises(chat.ChatFormatError, match=re.escape(message)):
+        chat.chat_tokens(tokenizer, [{"role": "user", "content": "t5"}])
+    if template == "{{ 1/0 }}":
+        result = run_script("llama/llama.py", tiny[0], folder, "--chat", "t5")
+        one_line_error(result, message)
+
+
+def test_the_generation_tag_renders_as_transformers_renders_it(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    folder = word_tokenizer(tmp_path / "tok", {"chat_template": template})
+    conversation = [
+        {"role": "user", "content": "t1 t2"},
+        {"role": "assistant", "content": "t3"},
+        {"role": "user", "content": "t4"},
+    ]
+    chat = import_example("llama", "chat")
+    tokenizer = import_example("llama", "tokenizer").load_tokenizer(folder)
+    ours = chat.render_template(template, conversation, tokenizer.special_tokens_map)
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json")
+    ).apply_chat_template(
+        conversation,
+        chat_template=template,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert ours == reference and "t3" in ours
+
+
+@pytest.mark.parametrize("chat_flag", [True, False])
+def test_a_chat_that_renders_to_no_tokens_is_one_line(chat_flag, tiny, tmp_path):
+    folder = word_tokenizer(
+        tmp_path / "tok", {"chat_template": "{% if false %}x{% endif %}"}
+    )
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "user", "content": "t5"}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    flags = ["--chat"] if chat_flag else []
+    result = run_script("llama/llama.py", tiny[0], folder, "--prompts", prompts, *flags)
+    ends_with_one_error_line(result, "renders this conversation to no tokens")
+
+
+def test_a_system_only_conversation_on_llama_2_is_one_line(tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "system", "content": "Be brief."}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    result = run_script("llama/llama.py", *tiny, "--prompts", prompts)
+    ends_with_one_error_line(result, "Llama 2's chat format needs the roles")
+
+
+@pytest.mark.parametrize(
+    "line", ['{"prompt": "a \\ud800 b"}', "[" * 100_000, '{"prompt": "ok"}']
+)
+def test_a_jsonl_line_that_no_tokenizer_can_take_is_one_line(line, tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "call me"}\n' + line + "\n")
+    result = run_script("llama/llama.py", *tiny, "--prompts", prompts)
+    if line == '{"prompt": "ok"}':  # the well-formed case still runs
+        assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
+    else:
+        ends_with_one_error_line(result, "line 2 is not")
+
+
+def test_messages_without_a_chat_format_get_advice_that_applies(tiny, tmp_path):
+    folder = word_tokenizer(tmp_path / "tok", {})
+    prompts = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "user", "content": "t5"}]}
+    prompts.write_text(json.dumps(line) + "\n")
+    result = run_script("llama/llama.py", tiny[0], folder, "--prompts", prompts)
+    ends_with_one_error_line(result, "no known chat format")
+    assert "without --chat" not in result.stderr
+
+
+def test_ctrl_c_during_prompts_says_how_many_replies_were_written(tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("call me\n" * 40)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, *tiny, "--prompts", prompts]
+            + ["--batch-size", "1", "--max-tokens", "300"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        wait_for(err, "1/40 prompts", process)
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    last = err.read_text().strip().splitlines()[-1]
+    written = len(stdout.splitlines())
+    assert process.returncode == 130 and "Traceback" not in err.read_text()
+    assert (
+        last == f"interrupted after {written} of 40 replies (JSON lines) were written"
+    )
+
+
+def quantized_weights(scale):
+    """Weights of ARGS quantized to 4 bits in groups of 32, one scale set to `scale`."""
+    model, quantize = (
+        import_example("llama", "model"),
+        import_example("llama", "quantize"),
+    )
+    llama = model.Llama(model.ModelArgs(**ARGS))
+    llama.load_weights(list(random_weights(ARGS).items()))
+    weights = dict(tree_flatten(quantize.quantize(llama, 32, 4).parameters()))
+    weights["layers.0.attention.wq.scales"][3, 0] = scale
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["nan weight", "nan scale", "huge scale"])
+def test_non_finite_weights_are_refused_naming_the_array(kind, tmp_path):
+    config = stored_config()
+    if kind == "nan weight":
+        weights = random_weights(ARGS)
+        weights["layers.1.feed_forward.w2.weight"][0, 0] = float("nan")
+        name = "layers.1.feed_forward.w2.weight"
+    else:
+        weights = quantized_weights(float("nan") if kind == "nan scale" else 1e30)
+        config["quantization"] = {"group_size": 32, "bits": 4}
+        name = "layers.0.attention.wq.scales"
+    path = save_with_config(tmp_path / "w.safetensors", config, weights)
+    model = import_example("llama", "model")
+    with pytest.raises(model.WeightsError, match=f"{name} holds"):
+        model.load_model(path)
+
+
+def test_meta_params_with_multiple_of_zero_are_refused_naming_it(tmp_path):
+    convert = import_example("llama", "convert")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 0}
+    with pytest.raises(ValueError, match="multiple_of must be a whole number"):
+        convert.meta_args(params, vocab_size=320)
+
+
+def test_files_written_get_the_users_umask_002(tmp_path):
+    convert, model = (
+        import_example("llama", "convert"),
+        import_example("llama", "model"),
+    )
+    previous = os.umask(0o002)
+    try:
+        output = tmp_path / "w.safetensors"
+        convert.save(model.ModelArgs(**ARGS), random_weights(ARGS), output)
+    finally:
+        os.umask(previous)
+    assert output.stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("w.safetensors", "is one weights file"),
+        ("w.gguf", "is a GGUF file"),
+        ("params.json", "is Meta's configuration"),
+    ],
+)
+def test_convert_says_what_an_existing_file_is(name, message, tmp_path):
+    (tmp_path / name).write_bytes(b"{}")
+    result = run_script("llama/convert.py", tmp_path / name, tmp_path / "out.npz")
+    ends_with_one_error_line(result, message)
+    assert "does not exist" not in result.stderr
+
+
+def test_llama_py_says_a_gguf_file_is_one(tiny, tmp_path):
+    (tmp_path / "w.gguf").write_bytes(b"GGUF")
+    result = run_script("llama/llama.py", tmp_path / "w.gguf", tiny[1], "call me")
+    ends_with_one_error_line(result, "is a GGUF file")
+    assert "order" not in result.stderr
+
+
+def test_main_py_output_to_a_closed_pipe_or_a_full_disk(tmp_path):
+    closed = subprocess.run(
+        f"{sys.executable} {ROOT / 'llama' / 'main.py'} | head -c1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(closed.stdout) == 1 and "Traceback" not in closed.stderr
+    assert "Exception ignored" not in closed.stderr, closed.stderr
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, ROOT / "llama" / "main.py"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    one_line_error(result, "No space left on device")

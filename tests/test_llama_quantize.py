@@ -1,5 +1,6 @@
-"""llama/ quantized models (quantize.py): convert.py --quantize, mlx-lm's pre-quantized layout, loading with
-no flag, generation, and one-line errors for quantizations that cannot work."""
+"""llama/ quantized models (quantize.py): convert.py --quantize, mlx-lm's pre-quantized
+layout, loading with no flag, generation, and one-line errors for quantizations that
+cannot work."""
 
 import json
 from dataclasses import replace
@@ -37,7 +38,8 @@ def arrays(model):
 
 
 def converted_model(folder, tmp_path, group_size, bits, suffix=".safetensors"):
-    """convert.convert(..., quantize) saved with convert.save and read back with load_model."""
+    """convert.convert(..., quantize) saved with convert.save and read back with
+    load_model."""
     convert = import_example("llama", "convert")
     args, weights = convert.convert(
         str(folder), quantization={"group_size": group_size, "bits": bits}
@@ -47,7 +49,8 @@ def converted_model(folder, tmp_path, group_size, bits, suffix=".safetensors"):
 
 
 def dequantized_model(quantized):
-    """A float32 Llama without quantization whose weights are `quantized`'s, dequantized."""
+    """A float32 Llama without quantization whose weights are `quantized`'s,
+    dequantized."""
     model_module = import_example("llama", "model")
     q = quantized.args.quantization
     params = dict(nn.utils.tree_flatten(quantized.parameters()))
@@ -92,7 +95,8 @@ def test_quantized_logits_equal_the_dequantized_float32_model(
     np.testing.assert_allclose(
         logits, np.array(dequantized_model(quantized)(ids)), atol=TOL, rtol=0
     )
-    # ... and quantization did change them: the float32 checkpoint's logits are measurably elsewhere.
+    # ... and quantization did change them: the float32 checkpoint's logits are
+    # measurably elsewhere.
     original = model_module.load_model(_float32(hf_folder, tmp_path))
     assert np.abs(logits - np.array(original(ids))).max() > 10 * TOL
 
@@ -181,8 +185,9 @@ def mlx_lm_folder(
     leave_lm_head=True,
     **extra,
 ):
-    """`hf_folder` as mlx-lm saves a quantized model: config.json with "quantization" and packed weights
-    with .scales/.biases beside them; lm_head left in floating point (a per-layer `false`)."""
+    """`hf_folder` as mlx-lm saves a quantized model: config.json with "quantization"
+    and packed weights with .scales/.biases beside them; lm_head left in floating point
+    (a per-layer `false`)."""
     folder.mkdir()
     quantization = {
         "group_size": config_group_size or group_size,
@@ -232,7 +237,8 @@ def test_mlx_lm_layout_converts_to_the_same_arrays(hf_folder, tmp_path):
         assert from_mlx_lm[name].dtype == value.dtype and np.array_equal(
             from_mlx_lm[name], value
         ), name
-    # --dtype changes the scales, biases and norms; the packed weights stay as they were.
+    # --dtype changes the scales, biases and norms; the packed weights stay as they
+    # were.
     result = run_script(
         "llama/convert.py", folder, tmp_path / "f16.npz", "--dtype", "float16"
     )
@@ -259,7 +265,8 @@ def test_mlx_lm_layout_converts_to_the_same_arrays(hf_folder, tmp_path):
         ),
         (
             "--q-group-size 128",
-            "dim 64 is not a multiple of the quantization group size 128; use a group size of 32 or 64",
+            "dim 64 is not a multiple of the quantization group size 128; use a group "
+            "size of 32 or 64",
         ),
         ("--q-bits without --quantize", "--q-bits and --q-group-size need --quantize"),
         (
@@ -391,7 +398,8 @@ def test_benchmark_quantize_prints_speed_memory_and_quality():
 def test_unsupported_quantization_is_refused_before_reading_the_checkpoint(
     flags, message, tmp_path
 ):
-    # A Hub name that cannot be fetched offline: the settings are refused first, so nothing would be downloaded.
+    # A Hub name that cannot be fetched offline: the settings are refused first, so
+    # nothing would be downloaded.
     result = run_script(
         "llama/convert.py",
         "meta-llama/Llama-2-7b-hf",

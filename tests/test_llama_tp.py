@@ -1,8 +1,10 @@
-"""llama/tp.py: tensor-parallel generation over 2 processes on the ring backend (CPU), against one process.
+"""llama/tp.py: tensor-parallel generation over 2 processes on the ring backend (CPU),
+against one process.
 
-The processes are started two ways: with mlx.launch, as a user would, and directly (MLX_RANK and a ring
-hostfile in the environment, as mlx.launch sets them), which lets a test give each rank its own
-arguments and read each rank's exit status (mlx.launch itself exits 0 when its processes fail).
+The processes are started two ways: with mlx.launch, as a user would, and directly
+(MLX_RANK and a ring hostfile in the environment, as mlx.launch sets them), which lets a
+test give each rank its own arguments and read each rank's exit status (mlx.launch
+itself exits 0 when its processes fail).
 """
 
 import json
@@ -32,7 +34,8 @@ LAYER_WEIGHTS = re.compile(r"\.(wq|wk|wv|wo|w1|w2|w3)\.weight$")
 
 @pytest.fixture(autouse=True)
 def llama_on_path():
-    """model.py imports quantize.py only for a quantized file, from llama/ as `python llama/llama.py` finds it."""
+    """model.py imports quantize.py only for a quantized file, from llama/ as `python
+    llama/llama.py` finds it."""
     with example_modules("llama"):
         yield
 
@@ -75,7 +78,8 @@ def mlx_launch(*args, backend="ring", script=SCRIPT):
 
 
 def launch_ranks(tmp_path, args_per_rank):
-    """Start one llama.py per entry of `args_per_rank` on a ring over 127.0.0.1; [(returncode, stdout, stderr)]."""
+    """Start one llama.py per entry of `args_per_rank` on a ring over 127.0.0.1;
+    [(returncode, stdout, stderr)]."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(
         json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(len(args_per_rank))])
@@ -99,7 +103,8 @@ def launch_ranks(tmp_path, args_per_rank):
 
 
 def save_tiny_llama(path, seed=0, quantization=None, **args):
-    """A random Llama (by default GQA: 4 query heads, 2 key/value heads) saved as convert.py saves one."""
+    """A random Llama (by default GQA: 4 query heads, 2 key/value heads) saved as
+    convert.py saves one."""
     model, convert = (
         import_example("llama", "model"),
         import_example("llama", "convert"),
@@ -120,8 +125,9 @@ def save_tiny_llama(path, seed=0, quantization=None, **args):
         }
     )
     mx.random.seed(seed)
-    # Matrices with std 0.3, not the default init, so that the logits are far from uniform and no greedy
-    # choice is a near tie that the ranks' different order of summation could flip.
+    # Matrices with std 0.3, not the default init, so that the logits are far from
+    # uniform and no greedy choice is a near tie that the ranks' different order of
+    # summation could flip.
     weights = {
         name: mx.random.normal(p.shape) * 0.3 if p.ndim == 2 else mx.ones(p.shape)
         for name, p in tree_flatten(model.Llama(args).parameters())
@@ -179,7 +185,8 @@ def test_two_ranks_print_the_text_of_one_process_each_holding_half_the_layers(
 
 @pytest.mark.skipif(
     not (mx.cuda.is_available() and mx.device_count(mx.gpu) >= 2),
-    reason="NCCL runs one rank per NVIDIA GPU: needs MLX's CUDA build and at least 2 GPUs",
+    reason="NCCL runs one rank per NVIDIA GPU: needs MLX's CUDA build and at least 2 "
+    "GPUs",
 )
 def test_two_gpus_over_nccl_print_the_text_of_one_process(tiny, one_process):
     result = mlx_launch(*tiny, PROMPT, "--max-tokens", "30", backend="nccl")
@@ -221,7 +228,8 @@ def test_a_quantized_model_splits_its_packed_weights_and_gives_the_same_text(
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 def test_each_rank_reads_its_slice_of_the_file(tiny, tmp_path, suffix, dtype):
-    """load_sharded's memory-mapped slices equal slices of the whole arrays, dtype and bits kept."""
+    """load_sharded's memory-mapped slices equal slices of the whole arrays, dtype and
+    bits kept."""
     model, tp = import_example("llama", "model"), import_example("llama", "tp")
     path = tmp_path / f"w{suffix}"
     weights = model.read_arrays(tiny[0])
@@ -258,7 +266,8 @@ def test_each_rank_reads_its_slice_of_the_file(tiny, tmp_path, suffix, dtype):
 
 
 class FakeGroup:
-    """Rank `rank` of `size`, for splitting a model in one process (no communication happens)."""
+    """Rank `rank` of `size`, for splitting a model in one process (no communication
+    happens)."""
 
     def __init__(self, rank, size):
         self._rank, self._size = rank, size
@@ -297,7 +306,8 @@ def test_head_counts_that_do_not_split_stop_every_rank_with_one_line(tiny, tmp_p
     ranks = launch_ranks(tmp_path, [(weights, tiny[1], PROMPT)] * 2)
     assert [r[0] for r in ranks] == [1, 1], ranks
     assert ranks[0][2].strip().splitlines() == [
-        "error: the model has 3 key/value heads, which do not split evenly over 2 processes; use -n 1 or 3"
+        "error: the model has 3 key/value heads, which do not split evenly over 2 "
+        "processes; use -n 1 or 3"
     ]
     assert ranks[1][2] == "" and ranks[0][1] == ranks[1][1] == ""
 
@@ -309,8 +319,8 @@ def test_weights_missing_on_one_rank_stop_every_rank(tiny, tmp_path):
     )
     assert [r[0] for r in ranks] == [1, 1], ranks
     assert ranks[0][2].strip().splitlines() == [
-        f"error: rank 1: {missing} does not exist on this machine; with several machines every one needs "
-        "the weights at the same path"
+        f"error: rank 1: {missing} does not exist on this machine; with several "
+        "machines every one needs the weights at the same path"
     ]
     assert ranks[1][2] == ""
 
@@ -327,7 +337,8 @@ def test_a_backend_that_is_not_there_is_one_line_from_rank_0(tiny):
         and "cannot connect" in errors[0]
         and "--backend nccl needs" in errors[0]
     ), result.stderr
-    # mlx.launch reports each rank's status (and exits 0 itself); rank 0 may be stopped (-15) when rank 1 exits.
+    # mlx.launch reports each rank's status (and exits 0 itself); rank 0 may be stopped
+    # (-15) when rank 1 exits.
     codes = dict(
         re.findall(r"Node with rank (\d) exited with code (-?\d+)", result.stderr)
     )
@@ -346,7 +357,8 @@ def test_benchmark_builds_a_split_random_model_and_times_it():
         script=ROOT / "llama" / "benchmark_tp.py",
     )
     assert "exited with code" not in result.stderr, result.stderr
-    # "2 CPU processes" where MLX has no GPU; on a GPU machine the two ring processes share the GPU.
+    # "2 CPU processes" where MLX has no GPU; on a GPU machine the two ring processes
+    # share the GPU.
     rows = [
         line
         for line in result.stdout.splitlines()
@@ -355,7 +367,8 @@ def test_benchmark_builds_a_split_random_model_and_times_it():
     assert len(rows) == 1, result.stdout  # from rank 0 only
     assert float(rows[0].split("|")[4]) > 0  # tokens/s
     host = re.findall(
-        r"host time per decoding step \(rank 0\): ([\d.]+) ms building the graph \+ ([\d.]+) ms",
+        r"host time per decoding step \(rank 0\): ([\d.]+) ms building the graph \+ "
+        r"([\d.]+) ms",
         result.stdout,
     )
     assert len(host) == 1 and all(float(t) > 0 for t in host[0]), result.stdout
