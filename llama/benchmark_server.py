@@ -42,7 +42,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from model import in_range
+
+from llama import in_range
 
 PRESETS = {
     "tiny": dict(

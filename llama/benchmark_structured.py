@@ -38,10 +38,12 @@ import mlx.core as mx
 import numpy as np
 from batch import generate_batch
 from llguidance.numpy import fill_next_token_bitmask_par
-from model import Llama, ModelArgs, in_range, warn_if_reference_blas
+from model import Llama, ModelArgs, warn_if_reference_blas
 from structured import engine_tokenizer, generate_constrained, json_constraint
 from timing import say
 from tokenizer import load_tokenizer
+
+from llama import in_range
 
 PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192),

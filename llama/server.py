@@ -57,12 +57,12 @@ from chat import chat_tokens
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from model import KVCache, WeightsError, in_range
+from model import KVCache, WeightsError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from tokenizer import StreamingDecoder, TokenizerError
 
-from llama import load
+from llama import in_range, load
 
 # ---- A request in the batch ----------------------------------------------------------
 

@@ -1063,7 +1063,7 @@ MESSAGES = {
 
 @pytest.mark.parametrize(
     "template, message",
-    [(None, "no known chat format"), ("{% if false %}x{% endif %}", "chat format")],
+    [(None, "no known chat format"), ("{% if false %}x{% endif %}", "no tokens")],
 )
 def test_messages_a_tokenizer_cannot_render_give_one_line_without_chat_advice(
     template, message, weights, tmp_path
