@@ -1,23 +1,29 @@
 """Batched generation: many prompts decoded together, one model step for all of them.
 
-One sequence decodes at the pace of the host (building and launching a step's graph), not of the device;
-a step for 16 rows costs the host the same and the device little more, so total tokens/s grows with the
-batch. `llama.py --prompts FILE` runs this file; model.py does not know about it.
+One sequence decodes at the pace of the host (building and launching a step's graph),
+not of the device; a step for 16 rows costs the host the same and the device little
+more, so total tokens/s grows with the batch. `llama.py --prompts FILE` runs this file;
+model.py does not know about it.
 
-The layout: prompts are left-padded to the longest, so every row's next token sits in the last column and
-one key/value cache of shape (B, n_kv_heads, positions, head_dim) serves the batch. Row b's first pads[b]
-positions are padding. Two things keep each row exactly as if it ran alone:
-- positions: RoPE rotates row b's tokens by their position in that row (mx.fast.rope takes one offset per
-  row). Attention scores depend only on the distance between positions, so a shift would change nothing
-  but the rounding; with its own positions a row computes the very numbers it computes alone;
-- a mask: no query sees a padding key. With no padding (prompts of one length) there is no mask at all and
-  attention keeps the fused kernel's fast path.
-A row that ends (a stop token, its token limit) leaves the batch: its cache rows are dropped at once, so it
-costs no further steps.
+The layout: prompts are left-padded to the longest, so every row's next token sits in
+the last column and one key/value cache of shape (B, n_kv_heads, positions, head_dim)
+serves the batch. Row b's first pads[b] positions are padding. Two things keep each row
+exactly as if it ran alone:
+- positions: RoPE rotates row b's tokens by their position in that row (mx.fast.rope
+  takes one offset per row). Attention scores depend only on the distance between
+  positions, so a shift would change nothing but the rounding; with its own positions a
+  row computes the very numbers it computes alone;
+- a mask: no query sees a padding key. With no padding (prompts of one length) there is
+  no mask at all and attention keeps the fused kernel's fast path.
+A row that ends (a stop token, its token limit) leaves the batch: its cache rows are
+dropped at once, so it costs no further steps.
 
     from batch import generate_batch
-    replies = generate_batch(model, [tokenizer.prompt(p) for p in prompts], max_tokens=100,
-                             stop_ids=tokenizer.stop_ids)   # one list of token ids per prompt, in order
+    prompts = [tokenizer.prompt(p) for p in texts]
+    # one list of token ids per prompt, in order
+    replies = generate_batch(
+        model, prompts, max_tokens=100, stop_ids=tokenizer.stop_ids
+    )
 """
 
 import json
@@ -36,8 +42,9 @@ class Padding:
     """The left padding of the rows of a batch, shared by the caches of all layers."""
 
     def __init__(self, pads):
-        # (B,) padding positions at the start of each row, as an array and as a list: the list tells on the host
-        # whether there is any, where reading the array would wait for the step under way
+        # (B,) padding positions at the start of each row, as an array and as a list:
+        # the list tells on the host whether there is any, where reading the array
+        # would wait for the step under way
         self.pads, self.host_pads = mx.array(pads), list(pads)
         self.masks = {}  # the mask of this step, made once for all layers
 
@@ -46,15 +53,14 @@ class Padding:
         return max(self.host_pads) > 0
 
     def mask(self, T, S):
-        """(B, 1, T, S) True where a query may see a key: causal, and no real token sees padding. A padding
-        query sees the padding before it (a row of all False would make its softmax NaN)."""
+        """(B, 1, T, S) True where a query may see a key: causal, and no real token
+        sees padding. A padding query sees the padding before it (a row of all False
+        would make its softmax NaN)."""
         if not self.any:
             return "causal" if T > 1 else None
         if (T, S) not in self.masks:
-            keys, queries = (
-                mx.arange(S),
-                mx.arange(S - T, S)[:, None],
-            )  # (S,) and (T, 1) positions
+            # (S,) and (T, 1) positions
+            keys, queries = mx.arange(S), mx.arange(S - T, S)[:, None]
             pads = self.pads[:, None, None, None]
             self.masks = {
                 (T, S): (keys <= queries) & ((keys >= pads) | (queries < pads))
@@ -68,7 +74,8 @@ class Padding:
 
 
 class BatchKVCache(KVCache):
-    """One layer's keys and values for a batch of left-padded rows (model.KVCache, and the padding)."""
+    """One layer's keys and values for a batch of left-padded rows (model.KVCache,
+    and the padding)."""
 
     def __init__(self, padding):
         super().__init__()
@@ -80,7 +87,8 @@ class BatchKVCache(KVCache):
 
 
 class BatchAttention(Attention):
-    """model.Attention with each row's own positions and the padding mask (swapped in by `batched`)."""
+    """model.Attention with each row's own positions and the padding mask (swapped in
+    by `batched`)."""
 
     def __call__(self, x, cache):
         B, T, _ = x.shape
@@ -88,7 +96,8 @@ class BatchAttention(Attention):
             w(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3)
             for w in (self.wq, self.wk, self.wv)
         )
-        # (B,) each row's position of the first of these T tokens (without padding: the same for all rows)
+        # (B,) each row's position of the first of these T tokens (without padding:
+        # the same for all rows)
         positions = (
             cache.offset - cache.padding.pads if cache.padding.any else cache.offset
         )
@@ -102,16 +111,18 @@ class BatchAttention(Attention):
 
 
 class BatchQuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear with the rows of the batch as the rows of one product. A decoding step's input is
-    (B, 1, dim); MLX 0.32.4's CUDA backend multiplies that as B products of one row each, (B, dim) as one."""
+    """nn.QuantizedLinear with the rows of the batch as the rows of one product. A
+    decoding step's input is (B, 1, dim); MLX 0.32.4's CUDA backend multiplies that as B
+    products of one row each, (B, dim) as one."""
 
     def __call__(self, x):
         return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def left_padded(model, prompts):
-    """(tokens, padding, cache) for a batch of prompts (lists of token ids): the (B, longest) tokens, each row
-    left-padded with token 0; their Padding; a BatchKVCache per layer, empty."""
+    """(tokens, padding, cache) for a batch of prompts (lists of token ids): the
+    (B, longest) tokens, each row left-padded with token 0; their Padding; a
+    BatchKVCache per layer, empty."""
     longest = max(len(p) for p in prompts)
     padding = Padding([longest - len(p) for p in prompts])
     tokens = mx.array(
@@ -122,8 +133,8 @@ def left_padded(model, prompts):
 
 @contextmanager
 def batched(model):
-    """The model with BatchAttention in every block and BatchQuantizedLinear for its quantized linear layers,
-    as it was afterwards: a class swap, the same weights."""
+    """The model with BatchAttention in every block and BatchQuantizedLinear for its
+    quantized linear layers, as it was afterwards: a class swap, the same weights."""
     swaps = [(layer.attention, BatchAttention) for layer in model.layers]
     swaps += [
         (m, BatchQuantizedLinear)
@@ -143,10 +154,11 @@ def batched(model):
 def generate_batch(
     model, prompts, max_tokens, temp=0.0, top_p=1.0, stop_ids=(), constraints=None
 ):
-    """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of them, or the end of the
-    context. `prompts` are lists of token ids (BOS included, as tokenizer.prompt gives), each shorter than the
-    context. Greedy (temp 0) replies are token for token those of model.generate for the prompt alone.
-    `constraints`: a structured.JSONConstraint or None per prompt (structured.py)."""
+    """Each prompt's reply: its tokens up to a stop token (not included), max_tokens of
+    them, or the end of the context. `prompts` are lists of token ids (BOS included, as
+    tokenizer.prompt gives), each shorter than the context. Greedy (temp 0) replies are
+    token for token those of model.generate for the prompt alone. `constraints`: a
+    structured.JSONConstraint or None per prompt (structured.py)."""
     if constraints is not None and any(constraints):
         from structured import generate_constrained
 
@@ -155,16 +167,14 @@ def generate_batch(
         )
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
-    replies, rows = (
-        [[] for _ in prompts],
-        list(range(len(prompts))),
-    )  # rows[i]: the prompt in row i
+    replies = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # rows[i]: the prompt in row i
     with batched(model):
-        token = sample(
-            model(tokens, cache, last_only=True)[:, -1], temp, top_p
-        )  # (B,) the first tokens
+        # (B,) the first tokens
+        token = sample(model(tokens, cache, last_only=True)[:, -1], temp, top_p)
         while True:
-            # Build and start the next step before reading this one's tokens, as model.generate does.
+            # Build and start the next step before reading this one's tokens, as
+            # model.generate does.
             next_token = sample(model(token[:, None], cache)[:, -1], temp, top_p)
             mx.async_eval(next_token)
             going = []  # the rows that go on
@@ -176,9 +186,8 @@ def generate_batch(
                     going.append(i)
             if not going:
                 return replies
-            if len(going) < len(
-                rows
-            ):  # rows that ended leave the batch (the step under way still has them)
+            # rows that ended leave the batch (the step under way still has them)
+            if len(going) < len(rows):
                 keep = mx.array(going)
                 padding.keep(going)
                 for layer_cache in cache:
@@ -187,7 +196,7 @@ def generate_batch(
             token = next_token
 
 
-# ---- llama.py --prompts -------------------------------------------------------------------------
+# ---- llama.py --prompts ---------------------------------------------------------
 
 
 class PromptsError(ValueError):
@@ -195,8 +204,9 @@ class PromptsError(ValueError):
 
 
 def read_prompts(path):
-    """[(line number, prompt)] of a prompts file, and the number of blank lines skipped. A prompt is a line of
-    text, or in a .jsonl file {"prompt": text} or {"messages": [{"role", "content"}, ...]} (the chat format)."""
+    """[(line number, prompt)] of a prompts file, and the number of blank lines
+    skipped. A prompt is a line of text, or in a .jsonl file {"prompt": text} or
+    {"messages": [{"role", "content"}, ...]} (the chat format)."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeError) as e:
@@ -230,8 +240,8 @@ def read_prompts(path):
             )
         ):
             raise PromptsError(
-                f'{path} line {number} is not {{"prompt": text}} or {{"messages": [{{"role": ..., '
-                '"content": ...}, ...]}'
+                f'{path} line {number} is not {{"prompt": text}} or '
+                '{"messages": [{"role": ..., "content": ...}, ...]}'
             )
         prompts.append((number, prompt))
     if not prompts:
@@ -240,7 +250,8 @@ def read_prompts(path):
 
 
 def prompt_tokens(tokenizer, prompt, chat, system):
-    """A prompt's token ids: a text (in the chat format with --chat), or a conversation."""
+    """A prompt's token ids: a text (in the chat format with --chat), or a
+    conversation."""
     if isinstance(prompt, str) and not chat:
         return tokenizer.prompt(prompt)
     from chat import chat_tokens

@@ -1,5 +1,5 @@
-"""llama/batch.py: batched generation gives each prompt exactly what it gets alone, and llama.py --prompts
-writes one JSON line per prompt, in input order."""
+"""llama/batch.py: batched generation gives each prompt exactly what it gets alone,
+and llama.py --prompts writes one JSON line per prompt, in input order."""
 
 import json
 
@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("llama_on_path", "on_cpu")
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny Hugging Face Llama (GQA, context 96) converted with convert.py, with its tokenizer.model."""
+    """A tiny Hugging Face Llama (GQA, context 96) converted with convert.py, with its
+    tokenizer.model."""
     folder = tiny_llama(tmp_path_factory.mktemp("llama_batch") / "hf")
     result = run_script("llama/convert.py", folder, folder.parent / "hf.npz")
     assert result.returncode == 0, result.stderr
@@ -65,7 +66,8 @@ def test_quantized_batch_equals_each_prompt_alone(converted, tmp_path):
 
 
 def test_batch_quantized_products_equal_the_quantized_ones():
-    """BatchQuantizedLinear multiplies (B, 1, dim) as one (B, dim) product: the same numbers as nn.QuantizedLinear."""
+    """BatchQuantizedLinear multiplies (B, 1, dim) as one (B, dim) product: the same
+    numbers as nn.QuantizedLinear."""
     import mlx.nn as nn
 
     batch = import_example("llama", "batch")
@@ -80,7 +82,8 @@ def test_batch_quantized_products_equal_the_quantized_ones():
 
 
 def test_meta_layout_with_scaled_rope_batch_equals_alone():
-    """Interleaved RoPE pairs (Meta's layout) and Llama 3.1's rescaled frequencies take the same row positions."""
+    """Interleaved RoPE pairs (Meta's layout) and Llama 3.1's rescaled frequencies take
+    the same row positions."""
     model_module = import_example("llama", "model")
     args = model_module.ModelArgs(
         dim=64,
@@ -110,7 +113,8 @@ def test_meta_layout_with_scaled_rope_batch_equals_alone():
 
 
 def test_each_row_caches_the_keys_and_values_of_its_prompt_alone(converted):
-    """Padding shifts no position: row b's cached keys, rotated by RoPE, are those of its prompt run alone."""
+    """Padding shifts no position: row b's cached keys, rotated by RoPE, are those of
+    its prompt run alone."""
     model = import_example("llama", "model").load_model(converted[0])
     batch = import_example("llama", "batch")
     prompts = prompts_of(LENGTHS)
@@ -180,10 +184,10 @@ def test_batched_model_is_the_plain_model_afterwards(converted):
     )
 
 
-# ---- llama.py --prompts -------------------------------------------------------------------------
+# ---- llama.py --prompts ---------------------------------------------------------
 
 
-def test_prompts_file_gives_one_json_line_per_prompt_in_order_with_the_text_llama_py_prints(
+def test_prompts_file_gives_one_json_line_per_prompt_in_order_as_llama_py_prints(
     converted, tmp_path
 ):
     weights, tokenizer = converted
