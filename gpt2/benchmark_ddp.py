@@ -1,14 +1,16 @@
-"""Data-parallel scaling of GPT-2 small training: MLX (mlx.launch) against PyTorch DDP (torchrun).
+"""Data-parallel scaling of GPT-2 small training: MLX (mlx.launch) against PyTorch DDP
+(torchrun).
 
     python gpt2/benchmark_ddp.py mlx                                         # MLX, 1 GPU
     mlx.launch -n 4 --backend nccl gpt2/benchmark_ddp.py mlx                 # MLX, 4 GPUs
     torchrun --nproc_per_node 4 gpt2/benchmark_ddp.py torch                  # PyTorch DDP, 4 GPUs
     python gpt2/benchmark_ddp.py table results.jsonl                         # the runs' --json lines
 
-Every process trains GPT-2 small (124M: 12 layers, 12 heads, 768 wide, vocabulary 50304, context
-1024) on random tokens, with --batch-size sequences per GPU (the global batch grows with the GPUs:
-weak scaling). A step is forward and backward in bfloat16 on float32 weights, the all-reduce that
-averages the gradients over the GPUs, and AdamW. Each side has its usual best settings:
+Every process trains GPT-2 small (124M: 12 layers, 12 heads, 768 wide, vocabulary 50304,
+context 1024) on random tokens, with --batch-size sequences per GPU (the global batch
+grows with the GPUs: weak scaling). A step is forward and backward in bfloat16 on
+float32 weights, the all-reduce that averages the gradients over the GPUs, and AdamW.
+Each side has its usual best settings:
 
 - MLX: the step compiled with mx.compile; all weights cast to bfloat16 inside it (float32 master
   weights, float32 loss); gradients averaged by nn.average_gradients (32 MiB buckets) inside the
@@ -17,9 +19,9 @@ averages the gradients over the GPUs, and AdamW. Each side has its usual best se
   fused AdamW, TF32 for what stays float32, and DistributedDataParallel, which all-reduces 25 MiB
   gradient buckets during the backward pass.
 
-Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after --warmup
-steps) and, with --json FILE, appends it there as one line; `table` reads those lines and prints
-each run beside the 1-GPU run of its framework.
+Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after
+--warmup steps) and, with --json FILE, appends it there as one line; `table` reads those
+lines and prints each run beside the 1-GPU run of its framework.
 """
 
 import argparse
@@ -40,7 +42,8 @@ TINY = dict(
 
 
 def random_batches(c, batch_size, count=4, seed=0):
-    """`count` (batch_size, block_size + 1) int32 token arrays; inputs are [:, :-1], labels [:, 1:]."""
+    """`count` (batch_size, block_size + 1) int32 token arrays; inputs are [:, :-1],
+    labels [:, 1:]."""
     rng = np.random.default_rng(seed)
     return [
         rng.integers(0, c["vocab_size"], (batch_size, c["block_size"] + 1)).astype(
@@ -51,8 +54,9 @@ def random_batches(c, batch_size, count=4, seed=0):
 
 
 def time_steps(run_step, steps, repeats, warmup, say):
-    """Seconds per step: the median and range of `repeats` timings of `steps` steps, after `warmup` steps.
-    run_step(i, sync) runs step i and waits for it to finish when sync is true. say() shows progress."""
+    """Seconds per step: the median and range of `repeats` timings of `steps` steps,
+    after `warmup` steps. run_step(i, sync) runs step i and waits for it to finish when
+    sync is true. say() shows progress."""
     tic = time.perf_counter()
     for i in range(warmup):
         run_step(i, sync=True)
@@ -71,7 +75,8 @@ def time_steps(run_step, steps, repeats, warmup, say):
     return statistics.median(times), min(times), max(times)
 
 
-# ---- MLX ----------------------------------------------------------------------------------------
+# ---- MLX
+# ----------------------------------------------------------------------------------------
 
 
 def run_mlx(args, c):
@@ -150,7 +155,8 @@ def run_mlx(args, c):
     )
 
 
-# ---- PyTorch: nanoGPT's model, DistributedDataParallel -----------------------------------------
+# ---- PyTorch: nanoGPT's model, DistributedDataParallel
+# -----------------------------------------
 
 
 def run_torch(args, c):
@@ -222,7 +228,8 @@ def run_torch(args, c):
     return result
 
 
-# ---- The table ----------------------------------------------------------------------------------
+# ---- The table
+# ----------------------------------------------------------------------------------
 
 
 def print_table(path):
@@ -359,8 +366,9 @@ def main():
     if rank == 0:
         report(args, c, size, median, fastest, slowest, notes, device)
     if args.framework == "torch":
-        # PyTorch 2.13's gloo (CPU) aborts now and then at interpreter exit ("terminate called without an
-        # active exception", ~1 run in 10 on this 2-core CPU), after all the work: leave without the teardown.
+        # PyTorch 2.13's gloo (CPU) aborts now and then at interpreter exit ("terminate
+        # called without an active exception", ~1 run in 10 on this 2-core CPU), after
+        # all the work: leave without the teardown.
         sys.stdout.flush()
         os._exit(0)
 

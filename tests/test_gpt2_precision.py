@@ -1,5 +1,6 @@
-"""gpt2/: mixed-precision training (--dtype), float16 loss scaling, dropout's statistics, and the
-errors around them (resume in another dtype, non-finite loss, a dtype the backend lacks)."""
+"""gpt2/: mixed-precision training (--dtype), float16 loss scaling, dropout's
+statistics, and the errors around them (resume in another dtype, non-finite loss, a
+dtype the backend lacks)."""
 
 import re
 import sys
@@ -34,17 +35,20 @@ TINY_RUN = [
 
 @pytest.fixture(autouse=True)
 def gpt2_on_the_path():
-    """main.py imports its features (float16.py, resume.py, blas.py) when used, as `python gpt2/main.py`
-    finds them beside it: the in-process runs here need gpt2/ on sys.path while they run."""
+    """main.py imports its features (float16.py, resume.py, blas.py) when used, as
+    `python gpt2/main.py` finds them beside it: the in-process runs here need gpt2/ on
+    sys.path while they run."""
     with example_modules("gpt2"):
         yield
 
 
 def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
-    """The kept/dropped masks of `calls` successive calls of the model's dropout after mx.random.seed(seed).
+    """The kept/dropped masks of `calls` successive calls of the model's dropout after
+    mx.random.seed(seed).
 
-    The model's Dropout is MLX's nn.Dropout on the CPU and on Apple GPUs, and its own Philox kernel on
-    an NVIDIA GPU (the default device there), so on a CUDA machine these tests check the kernel."""
+    The model's Dropout is MLX's nn.Dropout on the CPU and on Apple GPUs, and its own
+    Philox kernel on an NVIDIA GPU (the default device there), so on a CUDA machine
+    these tests check the kernel."""
     mx.random.seed(seed)
     dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
@@ -70,8 +74,8 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_independently():
     assert abs(correlation(first[:, 1:], first[:, :-1])) < bound  # neighbours in a row
     assert abs(correlation(first[1:], first[:-1])) < bound  # neighbours in a column
     assert abs(correlation(first, second)) < bound  # the next call (the next step)
-    # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against independence,
-    # chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
+    # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against
+    # independence, chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
     a, b = first[:, 0::2].ravel(), first[:, 1::2].ravel()
     observed = np.array(
         [np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)]
@@ -88,8 +92,9 @@ def test_dropout_masks_follow_the_seed():
 
 
 def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
-    """The backward pass applies the forward pass's mask (the kernel keeps none: it redraws it), in a
-    compiled step that carries mx.random.state as the training step does: every call a new mask."""
+    """The backward pass applies the forward pass's mask (the kernel keeps none: it
+    redraws it), in a compiled step that carries mx.random.state as the training step
+    does: every call a new mask."""
     p = 0.3
     dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
@@ -135,9 +140,9 @@ ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
     "dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"]
 )
 def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
-    """attention_dropout.py's AttentionDropout (one kernel forward and one backward) gives what
-    mx.softmax followed by dropout.py's Dropout kernel gives after the same seed: the same mask, and
-    the same values and gradients within rounding."""
+    """attention_dropout.py's AttentionDropout (one kernel forward and one backward)
+    gives what mx.softmax followed by dropout.py's Dropout kernel gives after the same
+    seed: the same mask, and the same values and gradients within rounding."""
     AttentionDropout = import_example("gpt2", "attention_dropout").AttentionDropout
     Dropout = import_example("gpt2", "dropout").Dropout
     p = 0.2
@@ -168,7 +173,8 @@ def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
     assert (
         not kept[..., ~lower].any() and 0.5 < kept[..., lower].mean() < 0.95
     )  # causal; about 1 - p kept
-    # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits (2^-7 = 0.0078)
+    # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits
+    # (2^-7 = 0.0078)
     atol = 1e-6 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=atol)
     np.testing.assert_allclose(
@@ -180,8 +186,9 @@ def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
 
 
 def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
-    """The kernel's rows are query positions of square (B, n_head, T, T) scores, four columns per Philox
-    call, one warp's registers per row: anything else takes mx.softmax and Dropout (checked as if on CUDA)."""
+    """The kernel's rows are query positions of square (B, n_head, T, T) scores, four
+    columns per Philox call, one warp's registers per row: anything else takes
+    mx.softmax and Dropout (checked as if on CUDA)."""
     attention_dropout = import_example("gpt2", "attention_dropout")
     monkeypatch.setattr(import_example("gpt2", "dropout"), "on_cuda", lambda: True)
     fused = attention_dropout.AttentionDropout(0.1)
@@ -199,8 +206,9 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
 
 
 def test_dropout_kernels_take_the_place_of_every_dropout_and_compute_the_same_off_cuda():
-    """cuda_dropout.py swaps each of the model's dropouts for its kernel class, with the same p and mode;
-    off an NVIDIA GPU the kernel classes fall back to what the model's own modules compute."""
+    """cuda_dropout.py swaps each of the model's dropouts for its kernel class, with the
+    same p and mode; off an NVIDIA GPU the kernel classes fall back to what the model's
+    own modules compute."""
     import mlx.nn as nn
 
     kernels = import_example("gpt2", "cuda_dropout")
@@ -265,7 +273,8 @@ def batch():
 
 
 def train(dtype, steps, scale=None, good_steps=0):
-    """`steps` steps of main.py's training step on one batch; float16 with a LossScale(scale, good_steps)."""
+    """`steps` steps of main.py's training step on one batch; float16 with a
+    LossScale(scale, good_steps)."""
     main, float16 = import_example("gpt2", "main"), import_example("gpt2", "float16")
     model, optimizer = tiny_model(), optim.AdamW(learning_rate=1e-3)
     loss_scale = (
@@ -296,7 +305,8 @@ def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtyp
         for k, v in tree_flatten(optimizer.state)
         if k.endswith((".m", ".v"))
     )
-    # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of mantissa).
+    # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of
+    # mantissa).
     assert reference_losses[-1] < reference_losses[0] - 0.05
     assert np.allclose(losses, reference_losses, atol=0.02), (losses, reference_losses)
 
