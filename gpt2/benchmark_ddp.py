@@ -84,7 +84,7 @@ def run_mlx(args, c):
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from blas import warn_if_reference_blas
+    from main import warn_if_reference_blas
     from model import GPT, GPTConfig
 
     group = distributed.init()

@@ -366,11 +366,13 @@ def train(args, group):
         on_step, agree = distributed.setup(model, args.timeout, group)
     checkpoint = Checkpoint(path, model, optimizer, run, step, main_process)
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    micro = B // (size * args.grad_accum)  # rows per forward and backward pass
+    parallel = f"; {size} processes x {args.grad_accum} micro-batches of {micro}"
     say(
         f"{len(train_data) + len(val_data):,} characters, vocabulary "
         f"{len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; {ends[-1]} steps in "
         f"{args.epochs} epochs of batch {B} x {T}; {args.dtype} on "
-        f"{mx.default_device()}",
+        f"{mx.default_device()}{parallel * (micro < B)}",
         flush=True,
     )
 
@@ -405,7 +407,7 @@ def train(args, group):
         if step in ends or step == total:  # the end of an epoch, or of the run
             finished(loss, step)
             tokens_per_s = len(losses) * B * T / (time.perf_counter() - tic)
-            val = evaluate(model, val_data, T, B // (size * args.grad_accum), group)
+            val = evaluate(model, val_data, T, micro, group)
             on_step()
             say(
                 f"Epoch {np.searchsorted(ends, step) + 1} | train = "

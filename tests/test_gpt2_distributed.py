@@ -238,8 +238,8 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --batch-size 6 (the global batch) must be a multiple of the number of processes (1) "
-        "times --grad-accum (4)"
+        "error: --batch-size 6 must be a multiple of the processes (1) times "
+        "--grad-accum (4)"
     ]
     assert not (tmp_path / "out").exists()
 
