@@ -43,8 +43,14 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 from dropout import Dropout
-from main import DTYPES, make_train_step, new_model, warn_if_reference_blas
-from model import GPTConfig, bounded
+from main import (
+    DTYPES,
+    bounded,
+    make_train_step,
+    new_model,
+    warn_if_reference_blas,
+)
+from model import GPTConfig
 from nanogpt_reference import TorchGPT, make_step, race
 
 TF32 = os.environ["MLX_ENABLE_TF32"] != "0"

@@ -1,8 +1,8 @@
 """Convert OpenAI's GPT-2 from Hugging Face to one MLX weights file, with its tokenizer
 beside it.
 
-    python gpt2/convert.py gpt2 weights/gpt2.npz                 # or gpt2-medium, gpt2-large, gpt2-xl
-    python gpt2/convert.py path/to/local/gpt2 weights/gpt2.npz   # a folder with config.json + weights
+    python gpt2/convert.py gpt2 weights/gpt2.npz         # or gpt2-medium, ..., gpt2-xl
+    python gpt2/convert.py path/to/gpt2 weights/gpt2.npz  # a folder with config.json
 
 Writes weights/gpt2.npz (weights and config, atomically) and weights/gpt2-tokenizer/
 (the BPE tokenizer files) for `python gpt2/generate.py weights/gpt2.npz`.
@@ -42,11 +42,13 @@ def gpt_config(hf):
         raise ConversionError(f"model_type {hf['model_type']!r} is not GPT-2")
     if hf.get("activation_function", "gelu_new") != "gelu_new":
         raise ConversionError(
-            f"activation_function {hf['activation_function']!r}: this model uses GPT-2's gelu_new"
+            f"activation_function {hf['activation_function']!r}: this model uses "
+            "GPT-2's gelu_new"
         )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise ConversionError(
-            "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
+            "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not "
+            "supported"
         )
     return GPTConfig(
         vocab_size=hf["vocab_size"],
@@ -89,7 +91,8 @@ def resolve(source):
             "a folder without config.json" if Path(source).is_dir() else "not a folder"
         )
         raise ConversionError(
-            f"{source} is {kind}; give a Hugging Face GPT-2 folder or a Hub name such as gpt2"
+            f"{source} is {kind}; give a Hugging Face GPT-2 folder or a Hub name "
+            "such as gpt2"
         )
     from huggingface_hub import snapshot_download
 
@@ -110,7 +113,8 @@ def resolve(source):
     except Exception as e:  # offline, unknown name, ...
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConversionError(
-            f"cannot get {source!r} from the Hugging Face Hub ({type(e).__name__}: {first}); "
+            f"cannot get {source!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {first}); "
             "pass a local folder instead"
         ) from None
 
@@ -196,8 +200,8 @@ def main():
     )
     parser.add_argument(
         "source",
-        help="Hugging Face name (gpt2, gpt2-medium, ...) or local folder with config.json, "
-        "model.safetensors and the tokenizer files",
+        help="Hugging Face name (gpt2, gpt2-medium, ...) or local folder with "
+        "config.json, model.safetensors and the tokenizer files",
     )
     parser.add_argument("output", help="the file to write: .npz or .safetensors")
     parser.add_argument(
@@ -213,12 +217,13 @@ def main():
     try:
         check_writable(Path(args.output))  # now, not after the conversion
         config, weights, folder = convert(args.source, args.dtype)
+        save_tokenizer(folder, args.output)
+        n_params = sum(v.size for v in weights.values())
         print(
-            f"Writing {sum(v.size for v in weights.values()) / 1e6:.1f}M parameters from {folder} to {args.output}",
+            f"Writing {n_params / 1e6:.1f}M parameters from {folder} to {args.output}",
             file=sys.stderr,
             flush=True,
         )
-        save_tokenizer(folder, args.output)
         save(config, weights, args.output)
     except (
         ConversionError,
@@ -227,7 +232,6 @@ def main():
         RuntimeError,
     ) as e:  # RuntimeError: MLX could not write the file
         sys.exit(f"error: {e}")
-    n_params = sum(v.size for v in weights.values())
     print(
         f"Wrote {n_params / 1e6:.1f}M parameters ({config.n_layer} layers, n_embd "
         f"{config.n_embd}) to {args.output}, and the tokenizer to "

@@ -2,7 +2,7 @@
 tokenizer beside it), or a character model trained by main.py (its checkpoint holds the
 characters).
 
-    python gpt2/generate.py weights/gpt2.npz --prompt "Hello, my name is" --max-tokens 50
+    python gpt2/generate.py weights/gpt2.npz --prompt "Hello, I'm" --max-tokens 50
     python gpt2/generate.py checkpoint.safetensors --prompt "ROMEO:" --max-tokens 500
 
 Loading is here too, for convert.py, which checks its output as this file will read it:
@@ -22,7 +22,7 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
-    from model import GPT, GPTConfig, bounded, text
+    from model import GPT, GPTConfig
 except KeyboardInterrupt:
     raise SystemExit(130)
 
@@ -78,8 +78,8 @@ def read_config(array, weights, fix="write the file again with convert.py or mai
         )
     ):
         raise WeightsError(
-            f"its stored config does not describe its weights ({', '.join(wrong) or asdict(config)}; "
-            f"{layers} layers stored); {fix}"
+            "its stored config does not describe its weights "
+            f"({', '.join(wrong) or asdict(config)}; {layers} layers stored); {fix}"
         )
     return config
 
@@ -94,7 +94,8 @@ def check_weights(model, weights):
         if k in weights and weights[k].shape != v.shape
     ]
     wrong += [
-        f"{k} {str(v.dtype).removeprefix('mlx.core.')} (expected a floating-point dtype)"
+        f"{k} {str(v.dtype).removeprefix('mlx.core.')} (expected a floating-point "
+        "dtype)"
         for k, v in weights.items()
         if not mx.issubdtype(v.dtype, mx.floating)
     ]
@@ -210,6 +211,38 @@ def load_tokenizer(weights_path, chars):
             f"no usable tokenizer in {folder} ({type(e).__name__}); convert.py "
             "saves it there beside the weights"
         ) from None
+
+
+def bounded(kind, low, high=math.inf):
+    """An argparse type: a `kind` (int or float) from `low` to below `high`: never
+    NaN or infinite."""
+
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan  # refused below: NaN is in no range
+        if not low <= number < high:
+            expected = "an integer" if kind is int else "a finite number"
+            below = f" and below {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(
+                f"expected {expected} at least {low}{below}, got {value!r}"
+            )
+        return number
+
+    return parse
+
+
+def text(value):
+    """An argparse type: some text (not empty), all of it valid UTF-8 (a shell's
+    $'\\xff' is not)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not UTF-8 text") from None
+    if not value:
+        raise argparse.ArgumentTypeError("expected some text, got none")
+    return value
 
 
 def main():

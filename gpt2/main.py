@@ -1,12 +1,12 @@
 """Train a character-level GPT on a text (default: Tiny Shakespeare); write generated
 text to OUT/completions.txt and the model to OUT/checkpoint.safetensors.
 
-    python gpt2/main.py --n-layers 2 --n-emb 64 --ctx-len 64 --batch-size 16 --dropout 0 \\
-        --lr 3e-3 --max-steps 600                     # a CPU run of a few minutes
-    python gpt2/main.py                               # the walkthrough's run
-    python gpt2/main.py --resume                      # continue OUT/checkpoint.safetensors
-    python gpt2/generate.py checkpoint.safetensors    # sample the trained model again
-    mlx.launch -n 4 --python python3 gpt2/main.py --batch-size 256   # 4 processes
+    python gpt2/main.py --n-layers 2 --n-emb 64 --ctx-len 64 --batch-size 32 \\
+        --dropout 0 --lr 3e-3 --max-steps 2000 --max-tokens 300  # minutes on a CPU
+    python gpt2/main.py                             # the walkthrough's run
+    python gpt2/main.py --resume                    # continue from the checkpoint
+    python gpt2/generate.py checkpoint.safetensors  # sample the trained model again
+    mlx.launch -n 4 --python python3 gpt2/main.py --batch-size 256  # 4 processes
 
 The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first
 90% of the text trains, the last 10% validates. Each epoch cuts the training text into
@@ -26,9 +26,9 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     import os
     import signal
     import sys
-    import tempfile
     import time
     from dataclasses import asdict
+    from functools import partial
     from pathlib import Path
 
     import mlx.core as mx
@@ -36,7 +36,7 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
-    from model import GPT, GPTConfig, bounded, text
+    from model import GPT, GPTConfig
     from save import json_array, save_arrays, write_atomically
 except KeyboardInterrupt:
     raise SystemExit(130)
@@ -46,7 +46,6 @@ SHAKESPEARE = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
     "input.txt"
 )
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 # ---- Data ---------------------------------------------------------------------------
@@ -56,26 +55,18 @@ def download_shakespeare():
     """Tiny Shakespeare (Karpathy's char-rnn data), downloaded once to ~/.cache."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     path = Path(cache) / "mlx-examples" / "tinyshakespeare" / "input.txt"
-    if path.is_file():
-        return path
-    print(f"Downloading Tiny Shakespeare to {path}", file=sys.stderr)
-    import urllib.request
+    if not path.is_file():
+        print(f"Downloading Tiny Shakespeare to {path}", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import urllib.request
 
-    try:
-        with urllib.request.urlopen(SHAKESPEARE, timeout=30) as response:
-            data = response.read()
-    except OSError as e:  # no network, a timeout, an HTTP error
-        raise ValueError(
-            f"cannot download Tiny Shakespeare from {SHAKESPEARE} ({e}); put "
-            f"input.txt at {path} by hand, or pass --data PATH to any text file"
-        ) from None
-    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        raise ValueError(
-            f"the file at {SHAKESPEARE} is not Tiny Shakespeare (its SHA-256 "
-            f"differs); put input.txt at {path} by hand"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+        try:
+            write_atomically(path, partial(urllib.request.urlretrieve, SHAKESPEARE))
+        except OSError as e:  # no network, a timeout, an HTTP error
+            raise ValueError(
+                f"cannot download Tiny Shakespeare from {SHAKESPEARE} ({e}); put "
+                f"input.txt at {path} by hand, or pass --data PATH to any text file"
+            ) from None
     return path
 
 
@@ -196,7 +187,7 @@ def make_train_step(
 
 
 def learning_rate(args, total_steps):
-    """Constant --lr, or with --min-lr a linear warm-up, then a cosine decay (nanoGPT)."""
+    """Constant --lr, or with --min-lr a linear warm-up, then cosine decay (nanoGPT)."""
     if args.min_lr is None:
         return args.lr
     decay_steps = max(total_steps - args.warmup, 1)
@@ -297,7 +288,8 @@ class Checkpoint:
 
 
 def prepare(args):
-    """The vocabulary, the training and validation ids, and the run's settings."""
+    """The vocabulary, the training and validation ids, the run's settings, and the
+    window starts of each epoch's batches."""
     text = load_text(args.data)
     vocab = CharVocab(text)
     vocab.encode(args.prompt)  # unknown characters in --prompt: refused now
@@ -312,8 +304,16 @@ def prepare(args):
         )
     run = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
     run["chars"] = "".join(vocab.chars)
+    args.characters = len(text)
     run["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    return vocab, train_data, val_data, run
+    # Each epoch's batches. The learning-rate schedule spans all epochs; --max-steps
+    # only stops early, so a capped run and its --resume follow one run's rates.
+    epochs = range(args.epochs)
+    plans = [
+        epoch_batches(train_data, args.ctx_len, args.batch_size, args.seed, e)
+        for e in epochs
+    ]
+    return vocab, train_data, val_data, run, plans
 
 
 def new_model(config):
@@ -326,28 +326,22 @@ def new_model(config):
     return GPT(config)
 
 
-def train(args, group):
-    """Every process reads the text and builds the same model; process 0 alone prints
-    and writes. Returns the trained model and the vocabulary."""
-    size, rank, main_process = group.size(), group.rank(), group.rank() == 0
-    say = print if main_process else (lambda *args, **kwargs: None)
-    vocab, train_data, val_data, run = prepare(args)
-    if main_process:
-        check_out(args.out)
-    T, B = args.ctx_len, args.batch_size
-    plans = [epoch_batches(train_data, T, B, args.seed, e) for e in range(args.epochs)]
-    ends = list(itertools.accumulate(map(len, plans)))  # the step ending each epoch
-    # The schedule spans all epochs; --max-steps only stops early, so a capped run and
-    # its --resume follow the learning rates of one uninterrupted run.
-    total = min(ends[-1], args.max_steps or math.inf)
-
+def build(args, vocab, run, steps, group, say):
+    """The model, AdamW (its schedule over `steps` steps) and the compiled step, new or
+    as --resume's checkpoint left them; the step they are at; what to call after each
+    step (the watchdog), and how the processes agree to stop."""
     mx.random.seed(args.seed)
     config = GPTConfig(
-        len(vocab.chars), T, args.n_layers, args.n_heads, args.n_emb, args.dropout
+        len(vocab.chars),
+        args.ctx_len,
+        args.n_layers,
+        args.n_heads,
+        args.n_emb,
+        args.dropout,
     )
     model = new_model(config)
     optimizer = optim.AdamW(
-        learning_rate(args, ends[-1]),
+        learning_rate(args, steps),
         betas=[0.9, args.beta2],
         weight_decay=args.weight_decay,
     )
@@ -355,27 +349,48 @@ def train(args, group):
         model, optimizer, DTYPES[args.dtype], args.grad_clip, group, args.grad_accum
     )
     step, on_step, agree = 0, lambda: None, bool  # one process: its own Ctrl-C
-    path = Path(args.out) / "checkpoint.safetensors"
     if args.resume:
         from resume import resume
 
-        step = resume(path, run, model, optimizer, say)
-    if size > 1:  # the same weights everywhere, a watchdog, one stop for all
+        step = resume(args.out / "checkpoint.safetensors", run, model, optimizer, say)
+    if group.size() > 1:  # the same weights everywhere, a watchdog, one stop for all
         import distributed
 
         on_step, agree = distributed.setup(model, args.timeout, group)
-    checkpoint = Checkpoint(path, model, optimizer, run, step, main_process)
-    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    micro = B // (size * args.grad_accum)  # rows per forward and backward pass
-    parallel = f"; {size} processes x {args.grad_accum} micro-batches of {micro}"
-    say(
-        f"{len(train_data) + len(val_data):,} characters, vocabulary "
-        f"{len(vocab.chars)}; {n_params / 1e6:.2f}M parameters; {ends[-1]} steps in "
-        f"{args.epochs} epochs of batch {B} x {T}; {args.dtype} on "
-        f"{mx.default_device()}{parallel * (micro < B)}",
-        flush=True,
-    )
+    return model, optimizer, train_step, state, step, on_step, agree
 
+
+def describe(args, vocabulary, model, steps, size, micro):
+    """The line that says what the run does, before it starts."""
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    line = (
+        f"{args.characters:,} characters, vocabulary {vocabulary}; "
+        f"{n_params / 1e6:.2f}M parameters; {steps} steps in {args.epochs} epochs of "
+        f"batch {args.batch_size} x {args.ctx_len}; {args.dtype} on "
+        f"{mx.default_device()}"
+    )
+    if micro < args.batch_size:
+        line += f"; {size} processes x {args.grad_accum} micro-batches of {micro}"
+    return line
+
+
+def train(args, group):
+    """Every process reads the text and builds the same model; process 0 alone prints
+    and writes. Returns the trained model and the vocabulary."""
+    size, rank, main_process = group.size(), group.rank(), group.rank() == 0
+    say = print if main_process else (lambda *args, **kwargs: None)
+    vocab, train_data, val_data, run, plans = prepare(args)
+    if main_process:  # an --out that cannot be made: refused now, not after training
+        args.out.mkdir(parents=True, exist_ok=True)
+    T, B = args.ctx_len, args.batch_size
+    ends = list(itertools.accumulate(map(len, plans)))  # the step ending each epoch
+    total = min(ends[-1], args.max_steps or math.inf)  # the schedule spans all epochs
+    built = build(args, vocab, run, ends[-1], group, say)
+    model, optimizer, train_step, state, step, on_step, agree = built
+    path = args.out / "checkpoint.safetensors"
+    checkpoint = Checkpoint(path, model, optimizer, run, step, main_process)
+    micro = B // (size * args.grad_accum)  # rows per forward and backward pass
+    say(describe(args, len(run["chars"]), model, ends[-1], size, micro), flush=True)
     progress = Progress(step, total, args.log_every)
     diverged = 3 * math.log(len(vocab.chars)) + 1  # a uniform guess: log(vocabulary)
 
@@ -433,14 +448,12 @@ def train(args, group):
     return model, vocab
 
 
-def warn_if_reference_blas():
+def warn_if_reference_blas(maps=Path("/proc/self/maps")):
     """mlx[cpu] on Linux bundles netlib's reference BLAS: matrix products ~30x slower
     than OpenBLAS's, training here about 6x. Preloading OpenBLAS fixes it (README.md).
+    `maps` lists the shared libraries this process has loaded (on Linux).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    with open("/proc/self/maps") as f:  # the shared libraries loaded
-        libraries = f.read()
+    libraries = maps.read_text() if maps.exists() else ""
     if "mlx_cpu.libs/libblas" in libraries and "libopenblas" not in libraries:
         print(
             "warning: MLX uses the slow reference BLAS of mlx[cpu] (training takes "
@@ -449,35 +462,34 @@ def warn_if_reference_blas():
         )
 
 
-def check_out(out):
-    """Refuse an --out that cannot take the files now, not after training."""
-    file = next((p for p in [out, *out.parents] if p.is_file()), None)
-    if file:
-        raise ValueError(f"cannot write to --out {out}: {file} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise ValueError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    for name in ("checkpoint.safetensors", "completions.txt"):
-        if (out / name).is_dir():
-            raise ValueError(f"cannot write {out / name}: it is a folder")
+def bounded(kind, low, high=math.inf):
+    """An argparse type: a `kind` (int or float) from `low` to below `high`: never
+    NaN or infinite."""
 
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan  # refused below: NaN is in no range
+        if not low <= number < high:
+            expected = "an integer" if kind is int else "a finite number"
+            below = f" and below {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(
+                f"expected {expected} at least {low}{below}, got {value!r}"
+            )
+        return number
 
-class Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: X)" unless X is None
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
+    return parse
 
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=Defaults
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
     fraction = bounded(float, 0, 1)
-    add("--data", type=Path, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    add("--data", type=Path, help="a UTF-8 text file; None: Tiny Shakespeare")
     add("--out", type=Path, default=".", help="folder for the files written")
     add("--ctx-len", type=count, default=128, help="context length in characters")
     add("--n-emb", type=count, default=128, help="embedding width")
@@ -488,38 +500,24 @@ def parse_args():
     add("--batch-size", type=count, default=64, help="windows per step, all processes")
     add("--grad-accum", type=count, default=1, help="micro-batches per process, step")
     add("--lr", type=number, default=1e-3, help="AdamW learning rate")
-    add("--min-lr", type=number, help="cosine decay to this after --warmup")
+    add("--min-lr", type=number, help="cosine decay to this; None: constant --lr")
     add("--warmup", type=bounded(int, 0), default=0, help="warm-up steps (--min-lr)")
     add("--weight-decay", type=number, default=0.01, help="AdamW weight decay")
     add("--beta2", type=fraction, default=0.999, help="AdamW beta2")
     add("--grad-clip", type=number, default=0.0, help="clip the gradient norm; 0: off")
-    add("--max-steps", type=count, help="stop after this many steps in all")
+    add("--max-steps", type=count, help="stop after this many steps; None: no cap")
     add("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
     add("--log-every", type=bounded(int, 0), default=0, help="0: about every 10 s")
-    add(
-        "--timeout",
-        type=number,
-        default=600,
-        help="several processes: stop after "
-        "this many seconds without progress (a hung process); 0: never",
-    )
-    add("--prompt", type=text, default="\n", help="text the completion continues")
+    add("--timeout", type=number, default=600, help="seconds a hung process may take")
+    add("--prompt", default="\n", help="text the completion continues")
     add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to write")
-    add(
-        "--temp",
-        type=number,
-        default=0.8,
-        help="sampling temperature; 0: greedy (which repeats itself)",
-    )
+    add("--temp", type=number, default=0.8, help="0: greedy, which soon repeats")
     dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-    add(
-        "--dtype",
-        choices=list(DTYPES),
-        default=dtype,
-        help="compute in this dtype (weights and AdamW stay float32)",
-    )
+    add("--dtype", choices=list(DTYPES), default=dtype, help="weights stay float32")
     add("--seed", type=bounded(int, 0, 2**32), default=0, help="for everything random")
     args = parser.parse_args()
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text to continue")
     if args.n_emb % args.n_heads:
         parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads")
     return args

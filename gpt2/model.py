@@ -10,7 +10,6 @@ Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.
 `ln_f`), so converting is a rename plus a transpose.
 """
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -178,7 +177,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
-                f"a sequence of {T} tokens is longer than the context ({self.config.block_size})"
+                f"a sequence of {T} tokens is longer than the context "
+                f"({self.config.block_size})"
             )
         x = self.drop(self.wte(idx) + self.wpe(mx.arange(T)))  # (B, T, n_embd)
         for block in self.h:
@@ -209,36 +209,3 @@ class GPT(nn.Module):
                 token = int(mx.random.categorical(logits).item())
             idx.append(token)
             yield token
-
-
-# ---- argparse types for the scripts beside the model --------------------------------
-
-
-def bounded(kind, low, high=math.inf):
-    """A `kind` (int or float) from `low` to below `high`: never NaN or infinite."""
-
-    def parse(value):
-        try:
-            number = kind(value)
-        except ValueError:
-            number = math.nan  # refused below: NaN is in no range
-        if not low <= number < high:
-            expected = "an integer" if kind is int else "a finite number"
-            below = f" and below {high}" if high < math.inf else ""
-            raise argparse.ArgumentTypeError(
-                f"expected {expected} at least {low}{below}, got {value!r}"
-            )
-        return number
-
-    return parse
-
-
-def text(value):
-    """Some text (not empty), all of it valid UTF-8: a shell's $'\\xff' is not."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not UTF-8 text") from None
-    if not value:
-        raise argparse.ArgumentTypeError("expected some text, got none")
-    return value

@@ -70,6 +70,7 @@ def resume(path, run, model, optimizer, say):
             wrong.append(f"{k} is not finite")
     if wrong:
         problems = ", ".join(wrong[:4] + ["..."] * (len(wrong) > 4))
+        problems = problems.replace("mlx.core.", "")
         raise ValueError(f"--resume: {path} is damaged ({problems}); {fix}")
     state = tree_unflatten(list(arrays.items()))
     model.update(state["model"])
