@@ -3,15 +3,15 @@ kernel.
 
 In training, GPT-2 drops some of the attention probabilities:
 
-    P = softmax(S + causal mask)    S: the scores Q K^T / sqrt(head_dim), (B, n_head, T, T)
-    P_d = P * Z / (1 - p)           Z: keep each element with probability 1 - p
+    P = softmax(S + causal mask)   S: scores Q K^T / sqrt(head_dim), (B, n_head, T, T)
+    P_d = P * Z / (1 - p)          Z: keep each element with probability 1 - p
 
 MLX's fused attention (mx.fast.scaled_dot_product_attention) has no dropout, so the
 model writes these (B, n_head, T, T) matrices out. Done with mx.softmax and dropout.py's
 Dropout, that is several passes over them, forward and backward. Here one kernel reads S
 and writes P_d, and one kernel makes the backward pass:
 
-    dP = dP_d * Z / (1 - p),    dS = P * (dP - rowsum(P * dP))    (the softmax's gradient)
+    dP = dP_d * Z / (1 - p),   dS = P * (dP - rowsum(P * dP))   (the softmax's gradient)
 
 reading S and dP_d and writing dS. P is recomputed from S (which autograd keeps anyway)
 and Z is redrawn from the key, so nothing else is stored. Z is exactly the mask
@@ -51,8 +51,10 @@ __device__ inline float warp_sum(float v) {
 ROW_SOFTMAX_AND_MASK = """
   constexpr int G = (TT + 127) / 128;
   const int lane = threadIdx.x % 32;
-  const unsigned long long row = (unsigned long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= (unsigned long long)s_shape[0] * s_shape[1] * s_shape[2]) return;  // the whole warp
+  const unsigned long long row =
+      (unsigned long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  // the whole warp returns
+  if (row >= (unsigned long long)s_shape[0] * s_shape[1] * s_shape[2]) return;
   const int i = row % TT;
   const float inv_keep = 16777216.0f / KEEP;
   float p[G][4];
@@ -78,12 +80,14 @@ ROW_SOFTMAX_AND_MASK = """
       total += p[g][c];
     }
   }
-  const float inv_total = 1.0f / warp_sum(total);  // the sum in float32, as mx.softmax(precise=True)
+  // the sum in float32, as mx.softmax(precise=True)
+  const float inv_total = 1.0f / warp_sum(total);
   #pragma unroll
   for (int g = 0; g < G; ++g) {
     const unsigned long long t = (row * TT + 128 * g + 4 * lane) / 4;
-    const uint4 r = philox4x32_10(make_uint4((unsigned)t, (unsigned)(t >> 32) ^ key[2], key[3], 0u),
-                                  make_uint2(key[0], key[1]));
+    const uint4 r = philox4x32_10(
+        make_uint4((unsigned)t, (unsigned)(t >> 32) ^ key[2], key[3], 0u),
+        make_uint2(key[0], key[1]));
     const unsigned bits[4] = {r.x, r.y, r.z, r.w};
     #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -101,7 +105,8 @@ FORWARD = (
     #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int j = 128 * g + 4 * lane + c;
-      if (j < TT) out[row * TT + j] = static_cast<T>(z[g][c] ? p[g][c] * inv_keep : 0.0f);
+      if (j < TT)
+        out[row * TT + j] = static_cast<T>(z[g][c] ? p[g][c] * inv_keep : 0.0f);
     }
   }
 """
@@ -117,7 +122,9 @@ BACKWARD = (
     #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int j = 128 * g + 4 * lane + c;
-      dp[g][c] = (j < TT && z[g][c]) ? static_cast<float>(grad[row * TT + j]) * inv_keep : 0.0f;
+      dp[g][c] = (j < TT && z[g][c])
+          ? static_cast<float>(grad[row * TT + j]) * inv_keep
+          : 0.0f;
       dot += p[g][c] * dp[g][c];
     }
   }

@@ -1,8 +1,8 @@
 """Data parallelism for main.py with mx.distributed: N processes train one model.
 
-    python gpt2/distributed.py -n 2 --backend ring gpt2/main.py ...                # 2 CPU processes
-    python gpt2/distributed.py -n 4 --backend nccl gpt2/main.py ...                # 4 GPUs of one machine
-    python gpt2/distributed.py --hostfile hosts.json --backend ring gpt2/main.py   # several Macs (README.md)
+    python gpt2/distributed.py -n 2 --backend ring gpt2/main.py ...   # 2 CPU processes
+    python gpt2/distributed.py -n 4 --backend nccl gpt2/main.py ...   # 4 GPUs
+    python gpt2/distributed.py --hostfile hosts.json --backend ring gpt2/main.py  # Macs
 
 Run as a script, this file is mlx.launch (any of its flags), with --python set to this
 Python and Ctrl-C left to the training processes, which stop together at a step
@@ -29,12 +29,14 @@ import mlx.nn as nn
 
 # What to do when a backend is missing from this MLX, or does not start.
 INSTALL = {
-    "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install 'mlx[cuda12]' (or 'mlx[cuda13]')",
-    "ring": "the ring backend comes with every MLX; start the script with `mlx.launch --backend ring`, "
-    "which sets MLX_RANK and MLX_HOSTFILE",
-    "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) and start with "
-    "`mlx.launch --backend mpi`",
-    "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with RDMA enabled",
+    "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install "
+    "'mlx[cuda12]' (or 'mlx[cuda13]')",
+    "ring": "the ring backend comes with every MLX; start the script with "
+    "`mlx.launch --backend ring`, which sets MLX_RANK and MLX_HOSTFILE",
+    "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) "
+    "and start with `mlx.launch --backend mpi`",
+    "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with "
+    "RDMA enabled",
 }
 
 
@@ -157,8 +159,9 @@ class Watchdog:
         while time.monotonic() - self.last < self.seconds:
             time.sleep(min(1.0, self.seconds / 10))
         print(
-            f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
-            "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
+            f"error: process {self.group.rank()} of {self.group.size()} made no "
+            f"progress for {self.seconds:g} s; another process may have stopped or "
+            "hung: stopping (raise --timeout for slow steps)",
             file=sys.stderr,
             flush=True,
         )

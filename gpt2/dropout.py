@@ -6,13 +6,14 @@ the mask with mx.random.bernoulli: on the CUDA backend that is several kernels t
 write the random bits, the uniform numbers and the mask to memory, and the mask is kept
 for the backward pass.
 
-Here one kernel reads x, hashes each element's index with Philox4x32-10 (the counter-based generator
-of Random123, which PyTorch's CUDA dropout also uses) and writes x * mask / (1 - p). Nothing is kept for
-the backward pass: the gradient of dropout is dropout of the gradient with the same mask, so the
-backward pass runs the same kernel on the incoming gradient with the same key, which redraws the
-same mask. At nanoGPT's size on an H100 this saved 0.6 ms of a 14 ms training step (benchmark.py
---ablation); most of what dropout cost there was elsewhere: attention written out in full so that its
-probabilities can be dropped, which attention_dropout.py makes one pass each way (see README.md).
+Here one kernel reads x, hashes each element's index with Philox4x32-10 (the
+counter-based generator of Random123, which PyTorch's CUDA dropout also uses) and writes
+x * mask / (1 - p). Nothing is kept for the backward pass: the gradient of dropout is
+dropout of the gradient with the same mask, so the backward pass runs the same kernel on
+the incoming gradient with the same key, which redraws the same mask. At nanoGPT's size
+on an H100 this saved 0.6 ms of a 14 ms training step (benchmark.py --ablation); most of
+what dropout cost there was elsewhere: attention written out in full so that its
+probabilities can be dropped, which attention_dropout.py makes one pass each way.
 
 The key (four uint32) comes from mx.random, so the masks follow mx.random.seed and a
 compiled training step that lists mx.random.state among its inputs and outputs draws new
@@ -25,8 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 PHILOX = """
-// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
-// ten rounds of two 32x32->64-bit multiplications, mixing a 128-bit counter under a 64-bit key.
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+// SC 2011): ten rounds of two 32x32->64-bit multiplications, mixing a 128-bit counter
+// under a 64-bit key.
 __device__ inline uint4 philox4x32_10(uint4 c, uint2 k) {
   #pragma unroll
   for (int round = 0; round < 10; ++round) {
@@ -50,7 +52,8 @@ SOURCE = """
   const unsigned long long n = x_shape[0];
   const unsigned long long i = 4 * t;
   if (i >= n) return;
-  const uint4 counter = make_uint4((unsigned)t, (unsigned)(t >> 32) ^ key[2], key[3], 0u);
+  const uint4 counter =
+      make_uint4((unsigned)t, (unsigned)(t >> 32) ^ key[2], key[3], 0u);
   const uint4 r = philox4x32_10(counter, make_uint2(key[0], key[1]));
   const unsigned bits[4] = {r.x, r.y, r.z, r.w};
   const float scale = 16777216.0f / KEEP;
@@ -58,7 +61,8 @@ SOURCE = """
   for (int j = 0; j < 4; ++j) {
     if (i + j < n) {
       const bool keep = (bits[j] >> 8) < (unsigned)KEEP;
-      out[i + j] = keep ? static_cast<T>(static_cast<float>(x[i + j]) * scale) : static_cast<T>(0.0f);
+      out[i + j] = keep ? static_cast<T>(static_cast<float>(x[i + j]) * scale)
+                        : static_cast<T>(0.0f);
     }
   }
 """

@@ -2,15 +2,16 @@
 Shakespeare-char training recipe (Karpathy's nanoGPT, config/train_shakespeare_char.py
 with train.py).
 
-    python gpt2/nanogpt_reference.py --data input.txt          # train until val <= 1.47, print the time
+    python gpt2/nanogpt_reference.py --data input.txt  # train to val <= 1.47, timed
 
-The model is gpt2/model.py's GPT in PyTorch (tanh GELU, biases, tied head), so benchmark.py times
-one architecture in both frameworks. The recipe is nanoGPT's: batches of 64 windows of 256
-characters at random offsets, AdamW (betas 0.9/0.99, weight decay 0.1 on matrices only, fused),
-learning rate 1e-3 with 100 warm-up steps and cosine decay to 1e-4 at step 5000, gradient clipping
-at 1.0, dropout 0.2, bfloat16 autocast and torch.compile. Only the evaluation differs: every
---eval-interval steps (61, one epoch of main.py) the mean loss over every non-overlapping
-window of the validation text, exactly as main.py measures it, instead of 200 random batches.
+The model is gpt2/model.py's GPT in PyTorch (tanh GELU, biases, tied head), so
+benchmark.py times one architecture in both frameworks. The recipe is nanoGPT's: batches
+of 64 windows of 256 characters at random offsets, AdamW (betas 0.9/0.99, weight decay
+0.1 on matrices only, fused), learning rate 1e-3 with 100 warm-up steps and cosine decay
+to 1e-4 at step 5000, gradient clipping at 1.0, dropout 0.2, bfloat16 autocast and
+torch.compile. Only the evaluation differs: every --eval-interval steps (61, one epoch
+of main.py) the mean loss over every non-overlapping window of the validation text,
+exactly as main.py measures it, instead of 200 random batches.
 """
 
 import argparse
@@ -231,15 +232,16 @@ def main():
         sys.exit("error: --target, --max-iters and --eval-interval must be above 0")
     if not torch.cuda.is_available():
         sys.exit(
-            "error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) needs a CUDA GPU"
+            "error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) "
+            "needs a CUDA GPU"
         )
     if not args.data.is_file():
         sys.exit(f"error: {args.data} does not exist")
     history = race(args.data, args.target, args.max_iters, args.eval_interval)
     step, val, seconds = history[-1]
     print(
-        f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} at step {step} "
-        f"after {seconds:.1f} s ({torch.cuda.get_device_name()})"
+        f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} "
+        f"at step {step} after {seconds:.1f} s ({torch.cuda.get_device_name()})"
     )
 
 
