@@ -2,11 +2,11 @@
 same model in PyTorch: nanoGPT's way (bfloat16 autocast, torch.compile, fused AdamW,
 flash attention with dropout), the anchor, and plain eager float32.
 
-    python gpt2/benchmark.py --device gpu --config nanogpt       # the anchor, PyTorch eager, MLX in 3 dtypes
-    python gpt2/benchmark.py                                     # CPU: PyTorch eager and MLX float32
-    python gpt2/benchmark.py --dtype float32 bfloat16            # CPU: also MLX bfloat16
-    python gpt2/benchmark.py --race input.txt                    # GPU: wall time to val <= 1.47, MLX vs nanoGPT
-    python gpt2/benchmark.py --config walkthrough --steps 3 --repeats 1 --tiny    # a quick check
+    python gpt2/benchmark.py --device gpu --config nanogpt  # anchor, eager, MLX x 2
+    python gpt2/benchmark.py                                # CPU: eager, MLX float32
+    python gpt2/benchmark.py --dtype float32 bfloat16       # CPU: also MLX bfloat16
+    python gpt2/benchmark.py --race input.txt               # GPU: time to val <= 1.47
+    python gpt2/benchmark.py --tiny --steps 3 --repeats 1   # a quick check
 
 Configs: "walkthrough" is main.py's default (3 layers, 4 heads, n_embd 128, ctx 128,
 batch 64, dropout 0.1); "nanogpt" is nanoGPT's Shakespeare-char config (6 layers, 6
@@ -89,8 +89,8 @@ def time_steps(run_steps, repeats, label="", unit="step"):
     warmup = time.perf_counter() - tic
     if label:
         print(
-            f"  {label}: warm-up {warmup:.1f} s; {repeats} timed runs of {n} {unit}s, about "
-            f"{repeats * warmup:.0f} s or less",
+            f"  {label}: warm-up {warmup:.1f} s; {repeats} timed runs of {n} "
+            f"{unit}s, about {repeats * warmup:.0f} s or less",
             file=sys.stderr,
             flush=True,
         )
@@ -298,7 +298,9 @@ def fused_attention(model):
 # drop one cost each.
 ABLATIONS = {
     "main.py's model": None,
-    "attention: mx.softmax, then dropout.py's kernel (not fused)": unfused_attention_dropout,
+    "attention: mx.softmax, then dropout.py's kernel (not fused)": (
+        unfused_attention_dropout
+    ),
     "dropout by mx.random.bernoulli (nn.Dropout), not the kernels": bernoulli_dropout,
     "no dropout on attention probabilities: fused attention": fused_attention,
     "explicit (B, H, T, T) attention, no dropout at all": no_dropout,
@@ -307,7 +309,7 @@ ABLATIONS = {
 
 
 def torch_times(configs, steps, repeats, device, ways):
-    """{config: {way: median seconds per step}} of PyTorch, each announced as it goes."""
+    """{config: {way: median seconds per step}} of PyTorch, announced as it goes."""
     return {
         name: {
             way: time_torch(c, steps, repeats, device, way, f"{name} {TORCH_WAYS[way]}")
@@ -331,7 +333,8 @@ def torch_in_child(argv):
     )
     if result.returncode != 0:
         sys.exit(
-            f"error: the PyTorch child process failed (exit status {result.returncode}); see its message above"
+            "error: the PyTorch child process failed (exit status "
+            f"{result.returncode}); see its message above"
         )
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -391,7 +394,8 @@ def run_race(data, target):
     epochs = [
         (int(e), float(v), float(t))
         for e, v, t in re.findall(
-            r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s \| ([\d.]+) s",
+            r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s "
+            r"\| ([\d.]+) s",
             result.stdout,
         )
     ]
@@ -403,12 +407,15 @@ def run_race(data, target):
     )  # 61 on Tiny Shakespeare; PyTorch evaluates as often
     for epoch, val, seconds in epochs:
         print(
-            f"epoch {epoch} (step {per_epoch * epoch}) | val = {val:.4f} | {seconds:.1f} s"
+            f"epoch {epoch} (step {per_epoch * epoch}) | val = {val:.4f} | "
+            f"{seconds:.1f} s"
         )
     print("PyTorch: nanoGPT's recipe (nanogpt_reference.py)", flush=True)
     history = race(data, target, eval_interval=per_epoch)
-    # noqa: E731
-    first = lambda runs: next(((s, v, t) for s, v, t in runs if v <= target), None)
+
+    def first(runs):
+        return next(((s, v, t) for s, v, t in runs if v <= target), None)
+
     mlx, ref = first([(per_epoch * e, v, t) for e, v, t in epochs]), first(history)
     print(f"first val <= {target} ({torch.cuda.get_device_name()}):")
     for name, hit in (
@@ -428,9 +435,10 @@ def run_race(data, target):
 def print_profile(name, c, args, torch_device):
     tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
     print(
-        f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} "
-        f"on {torch_device} (eager, in this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})",
+        f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of "
+        f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()} (compiled, "
+        f"except dropout); PyTorch {torch.__version__} on {torch_device} (eager, in "
+        f"this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})",
         flush=True,
     )
     rows = profile_pieces(c, args.device, args.repeats)
@@ -441,8 +449,9 @@ def print_profile(name, c, args, torch_device):
 
 def print_ablation(name, c, args, dtype, gpu):
     print(
-        f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
-        f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
+        f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, "
+        f"MLX {dtype}, {args.steps} steps x median of {args.repeats}; MLX "
+        f"{mx.__version__} on {mx.default_device()}"
         + (f" ({torch.cuda.get_device_name()})" if gpu else ""),
         flush=True,
     )
@@ -480,13 +489,15 @@ def print_comparison(configs, args, argv, dtypes, ways, gpu):
     }
     device = f" ({torch.cuda.get_device_name()})" if gpu else ""
     print(
-        f"random batches, {args.steps} steps x median of {args.repeats}; float32 in {tf32}; MLX {mx.__version__} "
-        f"on {mx.default_device()}{device} (compiled step, float32 master weights); PyTorch {torch.__version__} "
-        f"on {torch_device}{' in a child process without LD_PRELOAD' if separate else ''}"
+        f"random batches, {args.steps} steps x median of {args.repeats}; float32 in "
+        f"{tf32}; MLX {mx.__version__} on {mx.default_device()}{device} (compiled "
+        f"step, float32 master weights); PyTorch {torch.__version__} on "
+        f"{torch_device}{' in a child process without LD_PRELOAD' if separate else ''}"
     )
     reference = ways[0]
     print(
-        f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} {'vs ' + reference:>11}"
+        f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} "
+        f"{'vs ' + reference:>11}"
     )
     for name, c in configs.items():
         tokens = c["batch_size"] * c["block_size"]
@@ -494,7 +505,8 @@ def print_comparison(configs, args, argv, dtypes, ways, gpu):
         rows += [(f"MLX {dtype}", t_mlx[name][dtype]) for dtype in dtypes]
         for variant, seconds in rows:
             print(
-                f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} {tokens / seconds:>10,.0f} "
+                f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} "
+                f"{tokens / seconds:>10,.0f} "
                 f"{seconds / t_torch[name][reference]:>10.2f}x"
             )
 
@@ -521,13 +533,14 @@ def parse_args(argv):
         "--dtype",
         choices=list(DTYPES),
         nargs="+",
-        help="MLX compute dtypes to time (default: all three on a GPU, float32 on the CPU)",
+        help="MLX compute dtypes to time (default: both on a GPU, float32 on the CPU)",
     )
     parser.add_argument(
         "--anchor",
         action=argparse.BooleanOptionalAction,
-        help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused AdamW); "
-        "ratios are against it (default: on a GPU only; on the CPU torch.compile takes minutes)",
+        help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused "
+        "AdamW); ratios are against it (default: on a GPU only; on the CPU "
+        "torch.compile takes minutes)",
     )
     parser.add_argument(
         "--steps",
@@ -548,21 +561,24 @@ def parse_args(argv):
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
+        help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, "
+        "dropout) "
         "in both frameworks, at the last --config",
     )
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="instead: time main.py's MLX step (first --dtype, default bfloat16 on a GPU) against "
+        help="instead: time main.py's MLX step (first --dtype, default bfloat16 on a "
+        "GPU) against "
         "variants without parts of dropout's cost, at the last --config",
     )
     parser.add_argument(
         "--race",
         type=Path,
         metavar="INPUT_TXT",
-        help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
-        "recipe in PyTorch; print the wall time each takes to reach --target (GPU only; main.py's "
+        help="instead: train nanoGPT's config on this text with main.py (bfloat16) and "
+        "with nanoGPT's recipe in PyTorch; print the wall time each takes to reach "
+        "--target (GPU only; main.py's "
         "checkpoint goes to race-mlx/ beside the text)",
     )
     parser.add_argument(
@@ -604,7 +620,8 @@ def main(argv=None):
     if gpu or args.race:
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
             sys.exit(
-                "error: --device gpu and --race need MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+                "error: --device gpu and --race need MLX's GPU backend and PyTorch "
+                "with CUDA; use --device cpu"
             )
         mx.set_default_device(mx.gpu)
     else:
@@ -624,7 +641,8 @@ def main(argv=None):
         else "training steps"
     )
     print(
-        f"Timing {mode} on {args.device} ({', '.join(configs)}{', --tiny' if args.tiny else ''}); each timing "
+        f"Timing {mode} on {args.device} ({', '.join(configs)}"
+        f"{', --tiny' if args.tiny else ''}); each timing "
         "starts with a warm-up run that compiles; progress on stderr",
         file=sys.stderr,
         flush=True,

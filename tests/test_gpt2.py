@@ -14,7 +14,8 @@ from helpers import ROOT, import_example, run_script, tiny_gpt2
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 
 
@@ -103,7 +104,7 @@ def test_convert_refuses_other_models(tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
-def test_convert_gpt2_from_the_repository_root_reads_the_hub_cache_not_the_example_folder(
+def test_convert_gpt2_from_the_repository_root_reads_the_hub_not_the_folder(
     tmp_path,
 ):
     # The README's `python gpt2/convert.py gpt2 weights/gpt2.npz`, run from the
@@ -184,7 +185,7 @@ def test_training_lowers_the_loss(tmp_path):
     )  # the prompt "\n" and 50 characters
 
 
-def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before_an_epoch_ends(
+def test_training_says_what_it_does_and_shows_progress_and_the_time_left(
     tmp_path,
 ):
     (tmp_path / "text.txt").write_text(TEXT)
@@ -214,7 +215,8 @@ def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(
-        rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; 11 steps in 1 epochs of batch 16 x 32; "
+        rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; "
+        r"11 steps in 1 epochs of batch 16 x 32; "
         r"(float32|bfloat16) on ",
         lines[0],
     ), lines[0]  # the GPU's default is bfloat16
@@ -410,7 +412,7 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.returncode != 0 and "(n_layers)" in result.stderr
 
 
-def test_min_lr_schedule_warms_up_linearly_then_decays_and_without_warmup_decays_from_the_first_step():
+def test_min_lr_schedule_warms_up_linearly_then_decays_or_decays_at_once():
     import mlx.optimizers as optim
 
     main = import_example("gpt2", "main")

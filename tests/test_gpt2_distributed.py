@@ -23,7 +23,8 @@ from helpers import ROOT, run_script
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 # 47 steps per epoch of batch 8 x 16 on this text; dropout 0, so every process count
 # computes the same thing.
@@ -179,10 +180,12 @@ def test_two_processes_and_grad_accum_equal_one_process(runs):
                 losses[name][step],
                 loss,
             )
+
         # Validation (split over the processes, then summed) prints the same numbers, to
         # its 4 decimals.
-        # noqa: E731
-        val = lambda out: [float(v) for v in re.findall(r"val = ([\d.]+)", out)]
+        def val(out):
+            return [float(v) for v in re.findall(r"val = ([\d.]+)", out)]
+
         assert len(val(results["one"].stdout)) == 2
         assert np.allclose(
             val(results[name].stdout), val(results["one"].stdout), rtol=0, atol=1.01e-4
@@ -437,7 +440,8 @@ def test_ctrl_c_to_two_processes_says_one_line_saves_that_step_and_resumes_exact
     ]
     step = int(
         re.fullmatch(
-            rf"Interrupted at step (\d+); saved {re.escape(str(out))}/checkpoint.safetensors; "
+            rf"Interrupted at step (\d+); saved {re.escape(str(out))}/"
+            "checkpoint.safetensors; "
             "continue with --resume",
             line,
         )[1]
@@ -474,7 +478,8 @@ def test_after_an_interrupt_the_launcher_does_not_report_the_processes_it_ends_i
     # not a second failure to warn about.
     script = tmp_path / "interrupted.py"
     script.write_text(
-        "import os, sys, time\nif os.environ['MLX_RANK'] == '1':\n    time.sleep(60)\nsys.exit(130)\n"
+        "import os, sys, time\nif os.environ['MLX_RANK'] == '1':\n"
+        "    time.sleep(60)\nsys.exit(130)\n"
     )
     result = subprocess.run(
         launch_script(2, script), capture_output=True, text=True, timeout=60
@@ -503,7 +508,8 @@ def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
     )  # mlx.launch -n 1: a group of one
     assert '"gpus": 1' in one.stdout, one.stderr
     assert re.search(
-        r"a tiny GPT on Device\((cpu|gpu), 0\), batch 4 x 32 per process: 1 warm-up steps",
+        r"a tiny GPT on Device\((cpu|gpu), 0\), batch 4 x 32 per process: 1 warm-up "
+        "steps",
         one.stderr,
     )  # said at once
     assert "timing 2/2:" in one.stderr

@@ -17,7 +17,8 @@ from helpers import ROOT, import_example, run_script, tiny_gpt2
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 TINY_RUN = [
     "--ctx-len",
@@ -104,8 +105,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
     line = stopped.stderr.strip().splitlines()[-1]
     step = int(line.split("Interrupted at step ")[1].split(";")[0])
     assert (
-        line
-        == f"Interrupted at step {step}; saved {tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
+        line == f"Interrupted at step {step}; saved "
+        f"{tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
     )
     assert (
         3 <= step < 72

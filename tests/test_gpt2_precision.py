@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 # 11 steps per epoch with these flags on TEXT
 TINY_RUN = [
@@ -130,7 +131,7 @@ ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 @pytest.mark.skipif(
     not ON_CUDA,
-    reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are the same code",
+    reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are one code",
 )
 @pytest.mark.parametrize(
     "T", [16, 100, 10]
@@ -204,10 +205,10 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
     assert not fits(2, 3, 16, 16)  # benchmark.py --ablation's two-step way
 
 
-def test_dropout_kernels_take_the_place_of_every_dropout_and_compute_the_same_off_cuda():
-    """attention_dropout.use_dropout_kernels swaps each of the model's dropouts for its kernel class, with the
-    same p and mode; off an NVIDIA GPU the kernel classes fall back to what the model's
-    own modules compute."""
+def test_dropout_kernels_replace_every_dropout_and_compute_the_same_off_cuda():
+    """attention_dropout.use_dropout_kernels swaps each of the model's dropouts for its
+    kernel class, with the same p and mode; off an NVIDIA GPU the kernel classes fall
+    back to what the model's own modules compute."""
     import mlx.nn as nn
 
     kernels = import_example("gpt2", "attention_dropout")
