@@ -484,7 +484,7 @@ def bounded(kind, low, high=math.inf):
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
@@ -507,13 +507,23 @@ def parse_args():
     add("--grad-clip", type=number, default=0.0, help="clip the gradient norm; 0: off")
     add("--max-steps", type=count, help="stop after this many steps; None: no cap")
     add("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
-    add("--log-every", type=bounded(int, 0), default=0, help="0: about every 10 s")
+    add(
+        "--log-every",
+        type=bounded(int, 0),
+        default=0,
+        help="print progress every N steps; 0: every ~10 s",
+    )
     add("--timeout", type=number, default=600, help="seconds a hung process may take")
-    add("--prompt", default="\n", help="text the completion continues")
+    add("--prompt", default="\n", help="text to continue (default: %(default)r)")
     add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to write")
-    add("--temp", type=number, default=0.8, help="0: greedy, which soon repeats")
+    add("--temp", type=number, default=0.8, help="sampling temperature; 0: greedy")
     dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-    add("--dtype", choices=list(DTYPES), default=dtype, help="weights stay float32")
+    add(
+        "--dtype",
+        choices=list(DTYPES),
+        default=dtype,
+        help="compute dtype (weights: float32)",
+    )
     add("--seed", type=bounded(int, 0, 2**32), default=0, help="for everything random")
     args = parser.parse_args()
     if not args.prompt:
