@@ -543,3 +543,18 @@ def test_generate_py_refuses_a_prompt_that_is_not_utf8_in_one_line(trained):
     )  # fmt: skip
     assert result.returncode == 2 and "not UTF-8 text" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_benchmark_py_ctrl_c_gives_one_line():
+    process = subprocess.Popen(
+        [sys.executable, ROOT / "gpt2/benchmark.py", "--tiny", "--steps", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a Ctrl-C goes to the whole process group
+    )
+    time.sleep(5)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate()[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "Interrupted"
