@@ -44,7 +44,7 @@ def resume(path, run, model, optimizer, say):
     try:
         arrays = mx.load(str(path))
         meta = json.loads(bytes(memoryview(arrays.pop("meta"))).decode())
-        arrays.pop("config")
+        arrays.pop("config", None)  # absent from older checkpoints
     except Exception as e:
         raise ValueError(f"--resume: cannot read {path} ({e}); {fix}") from None
     if (
