@@ -8,7 +8,10 @@ Writes weights/gpt2.npz (weights and config, atomically) and weights/gpt2-tokeni
 (the BPE tokenizer files) for `python gpt2/generate.py weights/gpt2.npz`.
 """
 
-try:  # Ctrl-C while Python and MLX load: one line, as later
+import signal
+
+try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     import argparse
     import json
     import re
@@ -21,8 +24,8 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     from generate import WeightsError, check_weights, read_config, tokenizer_dir
     from model import GPT, GPTConfig
     from save import json_array, save_arrays
-except KeyboardInterrupt:
-    raise SystemExit(130)
+finally:  # from here on Ctrl-C raises KeyboardInterrupt: one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Hugging Face's GPT-2 uses Conv1D modules whose weight is stored (in, out), the
 # transpose of a Linear layer's (out, in). These are they.

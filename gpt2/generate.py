@@ -9,7 +9,10 @@ Loading is here too, for convert.py, which checks its output as this file will r
 a weights file holds the arrays and, under `config`, the GPTConfig as JSON (save.py).
 """
 
-try:  # Ctrl-C while Python and MLX load: one line, as later
+import signal
+
+try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     import argparse
     import json
     import math
@@ -23,8 +26,8 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     import mlx.nn as nn
     import numpy as np
     from model import GPT, GPTConfig
-except KeyboardInterrupt:
-    raise SystemExit(130)
+finally:  # from here on Ctrl-C raises KeyboardInterrupt: one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # ---- Loading: the weights and the config, in one file (written by convert.py or
 # main.py) --------

@@ -18,13 +18,15 @@ Read only when used: distributed.py (under mlx.launch, N processes train one mod
 resume.py (--resume) and attention_dropout.py (the dropouts as CUDA kernels).
 """
 
-try:  # Ctrl-C while Python and MLX load: one line, as later
+import signal
+
+try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     import argparse
     import hashlib
     import itertools
     import math
     import os
-    import signal
     import sys
     import time
     from dataclasses import asdict
@@ -38,8 +40,8 @@ try:  # Ctrl-C while Python and MLX load: one line, as later
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
     from model import GPT, GPTConfig
     from save import json_array, save_arrays, write_atomically
-except KeyboardInterrupt:
-    raise SystemExit(130)
+finally:  # from here on Ctrl-C raises KeyboardInterrupt: one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 SHAKESPEARE = (
