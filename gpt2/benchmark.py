@@ -1,22 +1,24 @@
-"""Training-step time of main.py's GPT (compiled MLX step, at each --dtype) against the same model in
-PyTorch: nanoGPT's way (bfloat16 autocast, torch.compile, fused AdamW, flash attention with dropout),
-the anchor, and plain eager float32.
+"""Training-step time of main.py's GPT (compiled MLX step, at each --dtype) against the
+same model in PyTorch: nanoGPT's way (bfloat16 autocast, torch.compile, fused AdamW,
+flash attention with dropout), the anchor, and plain eager float32.
 
-    python gpt2/benchmark.py --device gpu --config nanogpt       # the anchor, PyTorch eager, MLX in 3 dtypes
-    python gpt2/benchmark.py                                     # CPU: PyTorch eager and MLX float32
-    python gpt2/benchmark.py --dtype float32 bfloat16            # CPU: also MLX bfloat16
-    python gpt2/benchmark.py --race input.txt                    # GPU: wall time to val <= 1.47, MLX vs nanoGPT
-    python gpt2/benchmark.py --config walkthrough --steps 3 --repeats 1 --tiny    # a quick check
+    python gpt2/benchmark.py --device gpu --config nanogpt  # anchor, eager, MLX x 2
+    python gpt2/benchmark.py                                # CPU: eager, MLX float32
+    python gpt2/benchmark.py --dtype float32 bfloat16       # CPU: also MLX bfloat16
+    python gpt2/benchmark.py --race input.txt               # GPU: time to val <= 1.47
+    python gpt2/benchmark.py --tiny --steps 3 --repeats 1   # a quick check
 
-Configs: "walkthrough" is main.py's default (3 layers, 4 heads, n_embd 128, ctx 128, batch 64,
-dropout 0.1); "nanogpt" is nanoGPT's Shakespeare-char config (6 layers, 6 heads, 384, ctx 256,
-batch 64, dropout 0.2). Vocabulary 65 (Tiny Shakespeare's characters), random token batches, AdamW.
-A step is forward, backward and the optimizer update, timed until the new weights exist. Each
-variant runs --steps steps per repeat; the median repeat is used. Ratios are against the anchor
-(against PyTorch eager where the anchor is off: by default on the CPU, where torch.compile takes minutes).
+Configs: "walkthrough" is main.py's default (3 layers, 4 heads, n_embd 128, ctx 128,
+batch 64, dropout 0.1); "nanogpt" is nanoGPT's Shakespeare-char config (6 layers, 6
+heads, 384, ctx 256, batch 64, dropout 0.2). Vocabulary 65 (Tiny Shakespeare's
+characters), random token batches, AdamW. A step is forward, backward and the optimizer
+update, timed until the new weights exist. Each variant runs --steps steps per repeat;
+the median repeat is used. Ratios are against the anchor (against PyTorch eager where
+the anchor is off: by default on the CPU, where torch.compile takes minutes).
 
-On a GPU, float32 matmuls are full float32 in both frameworks by default: this script sets
-MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and PyTorch's TF32 follows it.
+On a GPU, float32 matmuls are full float32 in both frameworks by default: this script
+sets MLX_ENABLE_TF32=0 (MLX's CUDA backend would use TF32) unless you set it, and
+PyTorch's TF32 follows it.
 """
 
 import argparse
@@ -40,11 +42,15 @@ import numpy as np
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
-from blas import warn_if_reference_blas
 from dropout import Dropout
-from float16 import LossScale
-from main import DTYPES, make_train_step, new_model
-from model import GPTConfig, bounded
+from main import (
+    DTYPES,
+    bounded,
+    make_train_step,
+    new_model,
+    warn_if_reference_blas,
+)
+from model import GPTConfig
 from nanogpt_reference import TorchGPT, make_step, race
 
 TF32 = os.environ["MLX_ENABLE_TF32"] != "0"
@@ -73,8 +79,9 @@ def batches(c, steps, seed=0):
 
 
 def time_steps(run_steps, repeats, label="", unit="step"):
-    """Median seconds per step over `repeats` runs of run_steps() (after one warm-up run, which
-    compiles). Says on stderr what it times, how long the warm-up took, and when it is done."""
+    """Median seconds per step over `repeats` runs of run_steps() (after one warm-up
+    run, which compiles). Says on stderr what it times, how long the warm-up took, and
+    when it is done."""
     if label:
         print(f"  {label}: warm-up (compiles)...", file=sys.stderr, flush=True)
     tic = time.perf_counter()
@@ -82,8 +89,8 @@ def time_steps(run_steps, repeats, label="", unit="step"):
     warmup = time.perf_counter() - tic
     if label:
         print(
-            f"  {label}: warm-up {warmup:.1f} s; {repeats} timed runs of {n} {unit}s, about "
-            f"{repeats * warmup:.0f} s or less",
+            f"  {label}: warm-up {warmup:.1f} s; {repeats} timed runs of {n} "
+            f"{unit}s, about {repeats * warmup:.0f} s or less",
             file=sys.stderr,
             flush=True,
         )
@@ -102,7 +109,8 @@ def time_steps(run_steps, repeats, label="", unit="step"):
 
 
 def time_mlx(c, steps, repeats, dtype, change=None, label=""):
-    """Median seconds per step of main.py's compiled step; change(model), if given, alters the model first."""
+    """Median seconds per step of main.py's compiled step; change(model), if given,
+    alters the model first."""
     mx.random.seed(0)
     model = new_model(
         GPTConfig(
@@ -118,10 +126,7 @@ def time_mlx(c, steps, repeats, dtype, change=None, label=""):
     if change:
         change(model)
     optimizer = optim.AdamW(learning_rate=1e-3)
-    loss_scale = LossScale(optimizer) if dtype == "float16" else None
-    train_step, state = make_train_step(
-        model, optimizer, DTYPES[dtype], loss_scale=loss_scale
-    )  # exactly main.py's step
+    train_step, state = make_train_step(model, optimizer, DTYPES[dtype])  # main.py's
     data = [tuple(mx.array(a) for a in b) for b in batches(c, steps)]
     mx.eval(state, data)
 
@@ -144,8 +149,8 @@ TORCH_WAYS = {
 
 
 def time_torch(c, steps, repeats, device, way, label=""):
-    """way "nanogpt": bfloat16 autocast + torch.compile + fused AdamW + flash attention with dropout
-    (the anchor); "eager": float32, no compile, the default AdamW."""
+    """way "nanogpt": bfloat16 autocast + torch.compile + fused AdamW + flash attention
+    with dropout (the anchor); "eager": float32, no compile, the default AdamW."""
     torch.manual_seed(0)
     model = TorchGPT({**c, "vocab_size": VOCAB}).to(device).train()
     optimizer = torch.optim.AdamW(
@@ -168,8 +173,9 @@ def time_torch(c, steps, repeats, device, way, label=""):
 
 
 def profile_pieces(c, device, repeats):
-    """{piece: (MLX ms, PyTorch ms)} for the pieces of one training step at config c, each forward and
-    backward where it has one (MLX compiled, PyTorch eager): where does the step's time go?"""
+    """{piece: (MLX ms, PyTorch ms)} for the pieces of one training step at config c,
+    each forward and backward where it has one (MLX compiled, PyTorch eager): where does
+    the step's time go?"""
     B, T, D, H = c["batch_size"], c["block_size"], c["n_embd"], c["n_head"]
     tdev = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
@@ -253,40 +259,48 @@ def profile_pieces(c, device, repeats):
 
 
 def dropouts(model):
-    """Every dropout of the model: nn.Dropout, or (on CUDA) cuda_dropout.py's classes, which derive from it."""
+    """Every dropout of the model: nn.Dropout, or (on CUDA) cuda_dropout.py's classes,
+    which derive from it."""
     return [
         module for _, module in model.named_modules() if isinstance(module, nn.Dropout)
     ]
 
 
 def bernoulli_dropout(model):
-    """Every dropout as nn.Dropout draws it (mx.random.bernoulli), not by the Philox kernel."""
+    """Every dropout as nn.Dropout draws it (mx.random.bernoulli), not by the Philox
+    kernel."""
     for dropout in dropouts(model):
         dropout.kernel = False
 
 
 def unfused_attention_dropout(model):
-    """The attention probabilities by mx.softmax, then dropped by dropout.py's kernel: two steps, not one."""
+    """The attention probabilities by mx.softmax, then dropped by dropout.py's kernel:
+    two steps, not one."""
     for block in model.h:
         block.attn.attn_dropout.fused = False
 
 
 def no_dropout(model):
-    """Every dropout off (the identity); the attention stays explicit unless fused_attention is applied."""
+    """Every dropout off (the identity); the attention stays explicit unless
+    fused_attention is applied."""
     for dropout in dropouts(model):
         dropout.eval()
 
 
 def fused_attention(model):
-    """Attention through mx.fast.scaled_dot_product_attention, without dropout on its probabilities."""
+    """Attention through mx.fast.scaled_dot_product_attention, without dropout on its
+    probabilities."""
     for block in model.h:
         block.attn.dropout = 0.0
 
 
-# Where does dropout's time go? main.py's model (the first row) against variants that drop one cost each.
+# Where does dropout's time go? main.py's model (the first row) against variants that
+# drop one cost each.
 ABLATIONS = {
     "main.py's model": None,
-    "attention: mx.softmax, then dropout.py's kernel (not fused)": unfused_attention_dropout,
+    "attention: mx.softmax, then dropout.py's kernel (not fused)": (
+        unfused_attention_dropout
+    ),
     "dropout by mx.random.bernoulli (nn.Dropout), not the kernels": bernoulli_dropout,
     "no dropout on attention probabilities: fused attention": fused_attention,
     "explicit (B, H, T, T) attention, no dropout at all": no_dropout,
@@ -295,7 +309,7 @@ ABLATIONS = {
 
 
 def torch_times(configs, steps, repeats, device, ways):
-    """{config: {way: median seconds per step}} of PyTorch, each announced as it goes."""
+    """{config: {way: median seconds per step}} of PyTorch, announced as it goes."""
     return {
         name: {
             way: time_torch(c, steps, repeats, device, way, f"{name} {TORCH_WAYS[way]}")
@@ -306,9 +320,11 @@ def torch_times(configs, steps, repeats, device, ways):
 
 
 def torch_in_child(argv):
-    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config: {way: seconds}}."""
+    """Rerun this script for PyTorch alone, without LD_PRELOAD; returns its {config:
+    {way: seconds}}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    # Its progress lines (stderr) come straight through; its result is the last line of its stdout.
+    # Its progress lines (stderr) come straight through; its result is the last line of
+    # its stdout.
     result = subprocess.run(
         [sys.executable, __file__, *argv, "--only", "torch"],
         env=env,
@@ -317,7 +333,8 @@ def torch_in_child(argv):
     )
     if result.returncode != 0:
         sys.exit(
-            f"error: the PyTorch child process failed (exit status {result.returncode}); see its message above"
+            "error: the PyTorch child process failed (exit status "
+            f"{result.returncode}); see its message above"
         )
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -354,8 +371,9 @@ NANOGPT_MAIN_FLAGS = [
 
 
 def run_race(data, target):
-    """MLX (main.py, nanoGPT's config, 32 epochs, --dtype bfloat16) against nanoGPT's recipe in PyTorch, one
-    after the other on this GPU: the wall time until the validation loss is <= target."""
+    """MLX (main.py, nanoGPT's config, 32 epochs, --dtype bfloat16) against nanoGPT's
+    recipe in PyTorch, one after the other on this GPU: the wall time until the
+    validation loss is <= target."""
     command = [
         sys.executable,
         os.path.join(os.path.dirname(__file__), "main.py"),
@@ -376,7 +394,8 @@ def run_race(data, target):
     epochs = [
         (int(e), float(v), float(t))
         for e, v, t in re.findall(
-            r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s \| ([\d.]+) s",
+            r"Epoch (\d+) \| train = [\d.]+ \| val = ([\d.]+) \| [\d,]+ tokens/s "
+            r"\| ([\d.]+) s",
             result.stdout,
         )
     ]
@@ -388,11 +407,15 @@ def run_race(data, target):
     )  # 61 on Tiny Shakespeare; PyTorch evaluates as often
     for epoch, val, seconds in epochs:
         print(
-            f"epoch {epoch} (step {per_epoch * epoch}) | val = {val:.4f} | {seconds:.1f} s"
+            f"epoch {epoch} (step {per_epoch * epoch}) | val = {val:.4f} | "
+            f"{seconds:.1f} s"
         )
     print("PyTorch: nanoGPT's recipe (nanogpt_reference.py)", flush=True)
     history = race(data, target, eval_interval=per_epoch)
-    first = lambda runs: next(((s, v, t) for s, v, t in runs if v <= target), None)  # noqa: E731
+
+    def first(runs):
+        return next(((s, v, t) for s, v, t in runs if v <= target), None)
+
     mlx, ref = first([(per_epoch * e, v, t) for e, v, t in epochs]), first(history)
     print(f"first val <= {target} ({torch.cuda.get_device_name()}):")
     for name, hit in (
@@ -412,9 +435,10 @@ def run_race(data, target):
 def print_profile(name, c, args, torch_device):
     tf32 = "TF32 matmuls" if TF32 else "full float32 matmuls"
     print(
-        f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of {args.repeats}; "
-        f"MLX {mx.__version__} on {mx.default_device()} (compiled, except dropout); PyTorch {torch.__version__} "
-        f"on {torch_device} (eager, in this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})",
+        f"{name} config{' (--tiny)' if args.tiny else ''}, float32, {tf32}, median of "
+        f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()} (compiled, "
+        f"except dropout); PyTorch {torch.__version__} on {torch_device} (eager, in "
+        f"this process{' with LD_PRELOAD' if 'LD_PRELOAD' in os.environ else ''})",
         flush=True,
     )
     rows = profile_pieces(c, args.device, args.repeats)
@@ -425,8 +449,9 @@ def print_profile(name, c, args, torch_device):
 
 def print_ablation(name, c, args, dtype, gpu):
     print(
-        f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, MLX {dtype}, {args.steps} steps "
-        f"x median of {args.repeats}; MLX {mx.__version__} on {mx.default_device()}"
+        f"{name} config{' (--tiny)' if args.tiny else ''}, dropout {c['dropout']}, "
+        f"MLX {dtype}, {args.steps} steps x median of {args.repeats}; MLX "
+        f"{mx.__version__} on {mx.default_device()}"
         + (f" ({torch.cuda.get_device_name()})" if gpu else ""),
         flush=True,
     )
@@ -441,7 +466,8 @@ def print_ablation(name, c, args, dtype, gpu):
 
 
 def print_comparison(configs, args, argv, dtypes, ways, gpu):
-    """The main table: PyTorch's ways and MLX's dtypes, per config, against the first PyTorch way."""
+    """The main table: PyTorch's ways and MLX's dtypes, per config, against the first
+    PyTorch way."""
     torch_device, tf32 = (
         "cuda" if gpu else "cpu",
         "TF32 matmuls" if TF32 else "full float32 matmuls",
@@ -463,13 +489,15 @@ def print_comparison(configs, args, argv, dtypes, ways, gpu):
     }
     device = f" ({torch.cuda.get_device_name()})" if gpu else ""
     print(
-        f"random batches, {args.steps} steps x median of {args.repeats}; float32 in {tf32}; MLX {mx.__version__} "
-        f"on {mx.default_device()}{device} (compiled step, float32 master weights); PyTorch {torch.__version__} "
-        f"on {torch_device}{' in a child process without LD_PRELOAD' if separate else ''}"
+        f"random batches, {args.steps} steps x median of {args.repeats}; float32 in "
+        f"{tf32}; MLX {mx.__version__} on {mx.default_device()}{device} (compiled "
+        f"step, float32 master weights); PyTorch {torch.__version__} on "
+        f"{torch_device}{' in a child process without LD_PRELOAD' if separate else ''}"
     )
     reference = ways[0]
     print(
-        f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} {'vs ' + reference:>11}"
+        f"{'config':>12} {'variant':>66} {'ms/step':>9} {'tokens/s':>10} "
+        f"{'vs ' + reference:>11}"
     )
     for name, c in configs.items():
         tokens = c["batch_size"] * c["block_size"]
@@ -477,7 +505,8 @@ def print_comparison(configs, args, argv, dtypes, ways, gpu):
         rows += [(f"MLX {dtype}", t_mlx[name][dtype]) for dtype in dtypes]
         for variant, seconds in rows:
             print(
-                f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} {tokens / seconds:>10,.0f} "
+                f"{name:>12} {variant:>66} {1e3 * seconds:>9.2f} "
+                f"{tokens / seconds:>10,.0f} "
                 f"{seconds / t_torch[name][reference]:>10.2f}x"
             )
 
@@ -491,8 +520,8 @@ def parse_args(argv):
         "--config",
         choices=list(CONFIGS),
         nargs="+",
-        default=list(CONFIGS),
-        help="which configs to time (default: both)",
+        help="which configs to time (default: both on a GPU; walkthrough on the CPU, "
+        "where nanogpt takes about 20 minutes)",
     )
     parser.add_argument(
         "--device",
@@ -504,19 +533,19 @@ def parse_args(argv):
         "--dtype",
         choices=list(DTYPES),
         nargs="+",
-        help="MLX compute dtypes to time (default: all three on a GPU, float32 on the CPU)",
+        help="MLX compute dtypes to time (default: both on a GPU, float32 on the CPU)",
     )
     parser.add_argument(
         "--anchor",
         action=argparse.BooleanOptionalAction,
-        help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused AdamW); "
-        "ratios are against it (default: on a GPU only; on the CPU torch.compile takes minutes)",
+        help="time PyTorch the nanoGPT way (bfloat16 autocast + torch.compile + fused "
+        "AdamW); ratios are against it (default: on a GPU only; on the CPU "
+        "torch.compile takes minutes)",
     )
     parser.add_argument(
         "--steps",
         type=bounded(int, 1),
-        default=10,
-        help="training steps per timed run (default: 10)",
+        help="training steps per timed run (default: 10 on a GPU, 3 on the CPU)",
     )
     parser.add_argument(
         "--repeats",
@@ -532,21 +561,24 @@ def parse_args(argv):
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, dropout) "
+        help="instead: time the pieces of a step (matmul, GELU, LayerNorm, attention, "
+        "dropout) "
         "in both frameworks, at the last --config",
     )
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="instead: time main.py's MLX step (first --dtype, default bfloat16 on a GPU) against "
+        help="instead: time main.py's MLX step (first --dtype, default bfloat16 on a "
+        "GPU) against "
         "variants without parts of dropout's cost, at the last --config",
     )
     parser.add_argument(
         "--race",
         type=Path,
         metavar="INPUT_TXT",
-        help="instead: train nanoGPT's config on this text with main.py (bfloat16) and with nanoGPT's "
-        "recipe in PyTorch; print the wall time each takes to reach --target (GPU only; main.py's "
+        help="instead: train nanoGPT's config on this text with main.py (bfloat16) and "
+        "with nanoGPT's recipe in PyTorch; print the wall time each takes to reach "
+        "--target (GPU only; main.py's "
         "checkpoint goes to race-mlx/ beside the text)",
     )
     parser.add_argument(
@@ -564,10 +596,14 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    gpu = args.device == "gpu"
+    if args.config is None:
+        args.config = list(CONFIGS) if gpu else ["walkthrough"]
+    if args.steps is None:
+        args.steps = 10 if gpu else 3
     configs = {
         name: {**CONFIGS[name], **(TINY if args.tiny else {})} for name in args.config
     }
-    gpu = args.device == "gpu"
     dtypes = args.dtype or (list(DTYPES) if gpu else ["float32"])
     ways = (["nanogpt"] if (gpu if args.anchor is None else args.anchor) else []) + [
         "eager"
@@ -584,7 +620,8 @@ def main(argv=None):
     if gpu or args.race:
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
             sys.exit(
-                "error: --device gpu and --race need MLX's GPU backend and PyTorch with CUDA; use --device cpu"
+                "error: --device gpu and --race need MLX's GPU backend and PyTorch "
+                "with CUDA; use --device cpu"
             )
         mx.set_default_device(mx.gpu)
     else:
@@ -604,7 +641,8 @@ def main(argv=None):
         else "training steps"
     )
     print(
-        f"Timing {mode} on {args.device} ({', '.join(configs)}{', --tiny' if args.tiny else ''}); each timing "
+        f"Timing {mode} on {args.device} ({', '.join(configs)}"
+        f"{', --tiny' if args.tiny else ''}); each timing "
         "starts with a warm-up run that compiles; progress on stderr",
         file=sys.stderr,
         flush=True,
@@ -622,4 +660,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the PyTorch child gets it too: the parent says it
+        if "--only" not in sys.argv:
+            print("Interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,25 +1,28 @@
-"""Data-parallel scaling of GPT-2 small training: MLX (mlx.launch) against PyTorch DDP (torchrun).
+"""Data-parallel scaling of GPT-2 small training: MLX (mlx.launch) against PyTorch DDP
+(torchrun).
 
-    python gpt2/benchmark_ddp.py mlx                                         # MLX, 1 GPU
-    mlx.launch -n 4 --backend nccl gpt2/benchmark_ddp.py mlx                 # MLX, 4 GPUs
-    torchrun --nproc_per_node 4 gpt2/benchmark_ddp.py torch                  # PyTorch DDP, 4 GPUs
-    python gpt2/benchmark_ddp.py table results.jsonl                         # the runs' --json lines
+    python gpt2/benchmark_ddp.py mlx                           # MLX, 1 GPU
+    mlx.launch -n 4 --backend nccl gpt2/benchmark_ddp.py mlx   # MLX, 4 GPUs
+    torchrun --nproc_per_node 4 gpt2/benchmark_ddp.py torch    # PyTorch DDP, 4 GPUs
+    python gpt2/benchmark_ddp.py table results.jsonl           # the runs' --json lines
 
-Every process trains GPT-2 small (124M: 12 layers, 12 heads, 768 wide, vocabulary 50304, context
-1024) on random tokens, with --batch-size sequences per GPU (the global batch grows with the GPUs:
-weak scaling). A step is forward and backward in bfloat16 on float32 weights, the all-reduce that
-averages the gradients over the GPUs, and AdamW. Each side has its usual best settings:
+Every process trains GPT-2 small (124M: 12 layers, 12 heads, 768 wide, vocabulary 50304,
+context 1024) on random tokens, with --batch-size sequences per GPU (the global batch
+grows with the GPUs: weak scaling). A step is forward and backward in bfloat16 on
+float32 weights, the all-reduce that averages the gradients over the GPUs, and AdamW.
+Each side has its usual best settings:
 
-- MLX: the step compiled with mx.compile; all weights cast to bfloat16 inside it (float32 master
-  weights, float32 loss); gradients averaged by nn.average_gradients (32 MiB buckets) inside the
-  compiled step, after the backward pass, over NCCL (distributed.average, as main.py).
-- PyTorch: nanogpt_reference.py's TorchGPT (the same GPT) with torch.compile, bfloat16 autocast,
-  fused AdamW, TF32 for what stays float32, and DistributedDataParallel, which all-reduces 25 MiB
-  gradient buckets during the backward pass.
+- MLX: the step compiled with mx.compile; all weights cast to bfloat16 inside it
+  (float32 master weights, float32 loss); gradients averaged by nn.average_gradients
+  (32 MiB buckets) inside the compiled step, after the backward pass, over NCCL
+  (distributed.average, as main.py).
+- PyTorch: nanogpt_reference.py's TorchGPT (the same GPT) with torch.compile, bfloat16
+  autocast, fused AdamW, TF32 for what stays float32, and DistributedDataParallel, which
+  all-reduces 25 MiB gradient buckets during the backward pass.
 
-Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after --warmup
-steps) and, with --json FILE, appends it there as one line; `table` reads those lines and prints
-each run beside the 1-GPU run of its framework.
+Rank 0 prints tokens/s per GPU (the median of --repeats timings of --steps steps, after
+--warmup steps) and, with --json FILE, appends it there as one line; `table` reads those
+lines and prints each run beside the 1-GPU run of its framework.
 """
 
 import argparse
@@ -40,7 +43,8 @@ TINY = dict(
 
 
 def random_batches(c, batch_size, count=4, seed=0):
-    """`count` (batch_size, block_size + 1) int32 token arrays; inputs are [:, :-1], labels [:, 1:]."""
+    """`count` (batch_size, block_size + 1) int32 token arrays; inputs are [:, :-1],
+    labels [:, 1:]."""
     rng = np.random.default_rng(seed)
     return [
         rng.integers(0, c["vocab_size"], (batch_size, c["block_size"] + 1)).astype(
@@ -51,13 +55,15 @@ def random_batches(c, batch_size, count=4, seed=0):
 
 
 def time_steps(run_step, steps, repeats, warmup, say):
-    """Seconds per step: the median and range of `repeats` timings of `steps` steps, after `warmup` steps.
-    run_step(i, sync) runs step i and waits for it to finish when sync is true. say() shows progress."""
+    """Seconds per step: the median and range of `repeats` timings of `steps` steps,
+    after `warmup` steps. run_step(i, sync) runs step i and waits for it to finish when
+    sync is true. say() shows progress."""
     tic = time.perf_counter()
     for i in range(warmup):
         run_step(i, sync=True)
         say(
-            f"warm-up step {i + 1}/{warmup} done after {time.perf_counter() - tic:.1f} s"
+            f"warm-up step {i + 1}/{warmup} done after "
+            f"{time.perf_counter() - tic:.1f} s"
         )
     per_step = (time.perf_counter() - tic) / max(warmup, 1)
     say(f"timing {repeats} x {steps} steps, about {per_step * repeats * steps:.0f} s")
@@ -71,7 +77,7 @@ def time_steps(run_step, steps, repeats, warmup, say):
     return statistics.median(times), min(times), max(times)
 
 
-# ---- MLX ----------------------------------------------------------------------------------------
+# ---- MLX ---------------------------------------------------------------------------
 
 
 def run_mlx(args, c):
@@ -79,7 +85,7 @@ def run_mlx(args, c):
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from blas import warn_if_reference_blas
+    from main import warn_if_reference_blas
     from model import GPT, GPTConfig
 
     group = distributed.init()
@@ -91,8 +97,9 @@ def run_mlx(args, c):
         else (lambda *args: None)
     )
     say(
-        f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {mx.default_device()}, batch {args.batch_size} x "
-        f"{c['block_size']} per process: {args.warmup} warm-up steps (they compile), then {args.repeats} x {args.steps}"
+        f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {mx.default_device()}, batch "
+        f"{args.batch_size} x {c['block_size']} per process: {args.warmup} warm-up "
+        f"steps (they compile), then {args.repeats} x {args.steps}"
         + (
             "; on a CPU each GPT-2 small step takes minutes"
             if mx.default_device() == mx.cpu and not args.tiny
@@ -150,7 +157,8 @@ def run_mlx(args, c):
     )
 
 
-# ---- PyTorch: nanoGPT's model, DistributedDataParallel -----------------------------------------
+# ---- PyTorch: nanoGPT's model, DistributedDataParallel
+# -----------------------------------------
 
 
 def run_torch(args, c):
@@ -175,8 +183,9 @@ def run_torch(args, c):
         else torch.device("cpu")
     )
     say(
-        f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {device}, batch {args.batch_size} x {c['block_size']} per "
-        f"process: {args.warmup} warm-up steps, then {args.repeats} x {args.steps}"
+        f"{'a tiny GPT' if args.tiny else GPT2_LABEL} on {device}, batch "
+        f"{args.batch_size} x {c['block_size']} per process: {args.warmup} warm-up "
+        f"steps, then {args.repeats} x {args.steps}"
     )
     if cuda:
         torch.cuda.set_device(device)
@@ -222,7 +231,8 @@ def run_torch(args, c):
     return result
 
 
-# ---- The table ----------------------------------------------------------------------------------
+# ---- The table
+# ----------------------------------------------------------------------------------
 
 
 def print_table(path):
@@ -234,7 +244,8 @@ def print_table(path):
         r["framework"]: r["tokens_per_s_per_gpu"] for r in runs if r["gpus"] == 1
     }
     print(
-        f"{'framework':>9} {'GPUs':>4} {'ms/step':>8} {'tokens/s per GPU':>17} {'range':>17} {'vs 1 GPU':>8}  notes"
+        f"{'framework':>9} {'GPUs':>4} {'ms/step':>8} {'tokens/s per GPU':>17} "
+        f"{'range':>17} {'vs 1 GPU':>8}  notes"
     )
     for r in runs:
         ratio = (
@@ -244,7 +255,8 @@ def print_table(path):
         )
         low, high = r["range"]
         print(
-            f"{r['framework']:>9} {r['gpus']:>4} {r['ms_per_step']:>8.1f} {r['tokens_per_s_per_gpu']:>17,.0f} "
+            f"{r['framework']:>9} {r['gpus']:>4} {r['ms_per_step']:>8.1f} "
+            f"{r['tokens_per_s_per_gpu']:>17,.0f} "
             f"{f'{low:,.0f}-{high:,.0f}':>17} {ratio:>7.1%}  {r['notes']}"
         )
 
@@ -275,7 +287,8 @@ def main():
     parser.add_argument(
         "framework",
         choices=["mlx", "torch", "table"],
-        help="mlx or torch: time training steps; table: print the --json lines of earlier runs",
+        help="mlx or torch: time training steps; table: print the --json lines of "
+        "earlier runs",
     )
     parser.add_argument(
         "path", nargs="?", help="for table: the file the runs' --json wrote"
@@ -330,7 +343,8 @@ def main():
             TypeError,
         ) as e:  # a line that is not one of --json's
             sys.exit(
-                f"error: {args.path} holds a line that is not a result of --json ({type(e).__name__}: {e})"
+                f"error: {args.path} holds a line that is not a result of --json "
+                f"({type(e).__name__}: {e})"
             )
     if (
         min(args.batch_size, args.steps, args.repeats) < 1
@@ -338,7 +352,8 @@ def main():
         or (args.ctx_len or 1) < 1
     ):
         parser.error(
-            "--batch-size, --ctx-len, --steps and --repeats must be at least 1, --warmup at least 0"
+            "--batch-size, --ctx-len, --steps and --repeats must be at least 1, "
+            "--warmup at least 0"
         )
     c = {
         **GPT2_SMALL,
@@ -359,8 +374,9 @@ def main():
     if rank == 0:
         report(args, c, size, median, fastest, slowest, notes, device)
     if args.framework == "torch":
-        # PyTorch 2.13's gloo (CPU) aborts now and then at interpreter exit ("terminate called without an
-        # active exception", ~1 run in 10 on this 2-core CPU), after all the work: leave without the teardown.
+        # PyTorch 2.13's gloo (CPU) aborts now and then at interpreter exit ("terminate
+        # called without an active exception", ~1 run in 10 on this 2-core CPU), after
+        # all the work: leave without the teardown.
         sys.stdout.flush()
         os._exit(0)
 

@@ -1,18 +1,19 @@
 """Data parallelism for main.py with mx.distributed: N processes train one model.
 
-    python gpt2/distributed.py -n 2 --backend ring gpt2/main.py ...                # 2 CPU processes
-    python gpt2/distributed.py -n 4 --backend nccl gpt2/main.py ...                # 4 GPUs of one machine
-    python gpt2/distributed.py --hostfile hosts.json --backend ring gpt2/main.py   # several Macs (README.md)
+    python gpt2/distributed.py -n 2 --backend ring gpt2/main.py ...   # 2 CPU processes
+    python gpt2/distributed.py -n 4 --backend nccl gpt2/main.py ...   # 4 GPUs
+    python gpt2/distributed.py --hostfile hosts.json --backend ring gpt2/main.py  # Macs
 
-Run as a script, this file is mlx.launch (any of its flags), with --python set to this Python and
-Ctrl-C left to the training processes, which stop together at a step boundary; process 0 saves that
-step and says so, and the exit status is the processes' (mlx.launch itself exits 0 and prints a
-traceback on Ctrl-C). `mlx.launch --python python3 gpt2/main.py ...` works too.
+Run as a script, this file is mlx.launch (any of its flags), with --python set to this
+Python and Ctrl-C left to the training processes, which stop together at a step
+boundary; process 0 saves that step and says so, and the exit status is the processes'
+(mlx.launch itself exits 0 and prints a traceback on Ctrl-C). `mlx.launch --python
+python3 gpt2/main.py ...` works too.
 
-Every process (a rank) holds the whole model and the whole optimizer state. Each step, rank r takes
-its slice of the global batch, computes gradients on it, and one all-reduce (a sum over ranks)
-averages them, so every rank applies the same update to the same weights. Started with plain
-`python`, main.py does not read this file.
+Every process (a rank) holds the whole model and the whole optimizer state. Each step,
+rank r takes its slice of the global batch, computes gradients on it, and one all-reduce
+(a sum over ranks) averages them, so every rank applies the same update to the same
+weights. Started with plain `python`, main.py does not read this file.
 """
 
 import os
@@ -28,12 +29,14 @@ import mlx.nn as nn
 
 # What to do when a backend is missing from this MLX, or does not start.
 INSTALL = {
-    "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install 'mlx[cuda12]' (or 'mlx[cuda13]')",
-    "ring": "the ring backend comes with every MLX; start the script with `mlx.launch --backend ring`, "
-    "which sets MLX_RANK and MLX_HOSTFILE",
-    "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) and start with "
-    "`mlx.launch --backend mpi`",
-    "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with RDMA enabled",
+    "nccl": "NCCL comes with MLX for CUDA on Linux with NVIDIA GPUs: pip install "
+    "'mlx[cuda12]' (or 'mlx[cuda13]')",
+    "ring": "the ring backend comes with every MLX; start the script with "
+    "`mlx.launch --backend ring`, which sets MLX_RANK and MLX_HOSTFILE",
+    "mpi": "install OpenMPI (brew install open-mpi, or apt-get install openmpi-bin) "
+    "and start with `mlx.launch --backend mpi`",
+    "jaccl": "JACCL needs macOS 26.2 or later on Macs linked by Thunderbolt 5 with "
+    "RDMA enabled",
 }
 
 
@@ -42,8 +45,8 @@ class DistributedError(ValueError):
 
 
 def launched_backend(env=os.environ):
-    """The backend mlx.launch (or mpirun) set this process up for, read from its environment; None for
-    a process started alone, or by `mlx.launch -n 1`."""
+    """The backend mlx.launch (or mpirun) set this process up for, read from its
+    environment; None for a process started alone, or by `mlx.launch -n 1`."""
     if "MLX_WORLD_SIZE" in env or "NCCL_HOST_IP" in env:
         return "nccl" if int(env.get("MLX_WORLD_SIZE", "2")) > 1 else None
     if "MLX_JACCL_COORDINATOR" in env or "MLX_IBV_DEVICES" in env:
@@ -83,9 +86,10 @@ def init():
 
 
 def average(grads, loss, group):
-    """The gradients and the loss averaged over the ranks: one all-reduce of the gradients (in
-    buckets of up to 32 MiB: nn.average_gradients concatenates small arrays) and one of the loss.
-    Call it inside the compiled step; with one process it returns its inputs."""
+    """The gradients and the loss averaged over the ranks: one all-reduce of the
+    gradients (in buckets of up to 32 MiB: nn.average_gradients concatenates small
+    arrays) and one of the loss. Call it inside the compiled step; with one process it
+    returns its inputs."""
     if group.size() == 1:
         return grads, loss
     return nn.average_gradients(grads, group), mx.distributed.all_sum(
@@ -105,8 +109,8 @@ def broadcast(tree, group):
 
 
 def setup(model, timeout, group):
-    """Rank 0's weights on every rank, a Watchdog of `timeout` seconds and an Agreement; returns the
-    watchdog's progress() and the agreement."""
+    """Rank 0's weights on every rank, a Watchdog of `timeout` seconds and an Agreement;
+    returns the watchdog's progress() and the agreement."""
     model.update(
         broadcast(model.parameters(), group)
     )  # the same weights everywhere, for sure
@@ -114,9 +118,10 @@ def setup(model, timeout, group):
 
 
 class Agreement:
-    """agreement(flag) -> whether any process has raised its flag (Ctrl-C), the same answer on every
-    process at the same step. Each call starts an all-reduce of this process's flag and returns the
-    one the previous call started, which has long finished: no step waits for it."""
+    """agreement(flag) -> whether any process has raised its flag (Ctrl-C), the same
+    answer on every process at the same step. Each call starts an all-reduce of this
+    process's flag and returns the one the previous call started, which has long
+    finished: no step waits for it."""
 
     def __init__(self, group):
         self.group, self.pending = group, mx.array(0)
@@ -136,9 +141,10 @@ class Agreement:
 class Watchdog:
     """Stop this process, with a message, if the run makes no progress for `seconds`.
 
-    mlx.launch stops every process when one of them exits with an error, but it cannot see one
-    that hangs (a stuck host, a lost connection that no socket reports); then the others would wait
-    in the next all-reduce forever. The training loop calls progress() after every step.
+    mlx.launch stops every process when one of them exits with an error, but it cannot
+    see one that hangs (a stuck host, a lost connection that no socket reports); then
+    the others would wait in the next all-reduce forever. The training loop calls
+    progress() after every step.
     """
 
     def __init__(self, seconds, group):
@@ -153,12 +159,14 @@ class Watchdog:
         while time.monotonic() - self.last < self.seconds:
             time.sleep(min(1.0, self.seconds / 10))
         print(
-            f"error: process {self.group.rank()} of {self.group.size()} made no progress for {self.seconds:g} s; "
-            "another process may have stopped or hung: stopping (raise --timeout for slow steps)",
+            f"error: process {self.group.rank()} of {self.group.size()} made no "
+            f"progress for {self.seconds:g} s; another process may have stopped or "
+            "hung: stopping (raise --timeout for slow steps)",
             file=sys.stderr,
             flush=True,
         )
-        try:  # a process stopped with SIGSTOP gets mlx.launch's SIGTERM only once continued
+        # a process stopped with SIGSTOP gets mlx.launch's SIGTERM only once continued
+        try:
             os.killpg(os.getpgrp(), signal.SIGCONT)
         except OSError:
             pass
@@ -168,8 +176,9 @@ class Watchdog:
 
 
 def launch(argv):
-    """mlx.launch with `argv`, --python this Python unless given, Ctrl-C left to the processes (a second
-    one stops the launch at once), and the exit status of the first process that failed."""
+    """mlx.launch with `argv`, --python this Python unless given, Ctrl-C left to the
+    processes (a second one stops the launch at once), and the exit status of the first
+    process that failed."""
     from mlx._distributed_utils import launch as mlx_launch
 
     signal.signal(
@@ -188,7 +197,9 @@ def launch(argv):
                 else 1
             )
             if code == -signal.SIGTERM and 130 in failures:
-                return  # after Ctrl-C, mlx.launch ending a process that was still exiting (the checkpoint is saved)
+                # after Ctrl-C, mlx.launch ending a process that was still exiting (the
+                # checkpoint is saved)
+                return
             failures.append(
                 code if code >= 0 else 128 - code
             )  # -15 (SIGTERM) -> 143, as a shell says

@@ -1,75 +1,100 @@
-"""Train a character-level GPT on a text (default: Tiny Shakespeare); write generated text to OUT/completions.txt.
+"""Train a character-level GPT on a text (default: Tiny Shakespeare); write generated
+text to OUT/completions.txt and the model to OUT/checkpoint.safetensors.
 
-    python gpt2/main.py                                   # the walkthrough's defaults, ~1M characters
-    python gpt2/main.py --data my.txt --max-steps 200     # any text file, a short run
-    python gpt2/main.py --resume                          # continue from OUT/checkpoint.safetensors
-    python gpt2/main.py --dtype float32                   # compute in float32 (default: bfloat16 on a GPU)
-    mlx.launch -n 4 --python python3 gpt2/main.py --batch-size 256    # one model on 4 processes
+    python gpt2/main.py --n-layers 2 --n-emb 64 --ctx-len 64 --batch-size 32 \\
+        --dropout 0 --lr 3e-3 --max-steps 2000 --max-tokens 300  # minutes on a CPU
+    python gpt2/main.py                             # the walkthrough's run
+    python gpt2/main.py --resume                    # continue from the checkpoint
+    python gpt2/generate.py checkpoint.safetensors  # sample the trained model again
+    mlx.launch -n 4 --python python3 gpt2/main.py --batch-size 256  # 4 processes
 
-The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first 90% of the
-text trains, the last 10% validates. Each epoch cuts the training text into windows of --ctx-len
-characters (input) and the same windows shifted by one (labels), shuffles them into mini-batches,
-and takes one AdamW step per batch. The model is model.py's GPT.
+The vocabulary is the set of characters in the text (65 for Tiny Shakespeare). The first
+90% of the text trains, the last 10% validates. Each epoch cuts the training text into
+windows of --ctx-len characters (inputs) and the same windows shifted by one (labels),
+shuffles them into batches and takes one AdamW step per batch. The model is model.py's
+GPT.
 
-Features beside the main job, each read only when it is used: distributed.py (started by
-mlx.launch, N processes train one model: --batch-size is the global batch, each process computes
-the gradients of its 1/N of it, averaged over the processes in every step; process 0 alone prints
-and writes), float16.py (--dtype float16's loss scaling), grad_accum.py (--grad-accum's
-micro-batches), resume.py (--resume) and cuda_dropout.py (on an NVIDIA GPU, the dropouts as CUDA kernels).
+Read only when used: distributed.py (under mlx.launch, N processes train one model),
+resume.py (--resume) and attention_dropout.py (the dropouts as CUDA kernels).
 """
 
-import argparse
-import hashlib
-import itertools
-import math
-import os
 import signal
-import sys
-import time
-from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
-from model import GPT, GPTConfig, bounded
-from save import check_writable, json_array, save_arrays, signals_held, write_atomically
+try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    import argparse
+    import hashlib
+    import itertools
+    import math
+    import os
+    import sys
+    import time
+    from dataclasses import asdict
+    from functools import partial
+    from pathlib import Path
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+    from model import GPT, GPTConfig
+    from save import json_array, save_arrays, write_atomically
+finally:  # from here on Ctrl-C raises KeyboardInterrupt: one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
+SHAKESPEARE = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+    "input.txt"
+)
 
 
-# ---- Data ---------------------------------------------------------------------------------------
+# ---- Data ---------------------------------------------------------------------------
+
+
+def download_shakespeare():
+    """Tiny Shakespeare (Karpathy's char-rnn data), downloaded once to ~/.cache."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(cache) / "mlx-examples" / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        print(f"Downloading Tiny Shakespeare to {path}", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import urllib.request
+
+        try:
+            write_atomically(path, partial(urllib.request.urlretrieve, SHAKESPEARE))
+        except OSError as e:  # no network, a timeout, an HTTP error
+            raise ValueError(
+                f"cannot download Tiny Shakespeare from {SHAKESPEARE} ({e}); put "
+                f"input.txt at {path} by hand, or pass --data PATH to any text file"
+            ) from None
+    return path
 
 
 def load_text(path):
-    """The training text: `path`, or else Tiny Shakespeare (shakespeare.py: downloaded once)."""
-    if path is None:
-        import shakespeare
-
-        path = shakespeare.cached()
+    path = path or download_shakespeare()
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path} as UTF-8 text: {e}") from None
     if not text.strip("\0"):
-        raise ValueError(
-            f"{path} has no text: it is empty{' but for NUL bytes' if text else ''}; give a text file"
-        )
+        raise ValueError(f"{path} has no text (it is empty or all NUL bytes)")
     return text
 
 
 class CharVocab:
-    """Characters <-> integer ids, in sorted order of the characters seen in the text."""
+    """Characters <-> integer ids, in sorted order of the characters of the text."""
 
     def __init__(self, chars):
         self.chars = sorted(set(chars))
         self.ids = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, text):
-        if unknown := sorted(set(text) - self.ids.keys()):
+        unknown = sorted(set(text) - self.ids.keys())
+        if unknown:
             raise ValueError(
-                f"characters not in the training vocabulary: {''.join(unknown)!r}"
+                f"characters not in the training text: {''.join(unknown)!r}"
             )
         return [self.ids[c] for c in text]
 
@@ -78,653 +103,478 @@ class CharVocab:
 
 
 def epoch_batches(data, ctx_len, batch_size, seed, epoch):
-    """The window start positions of one epoch's batches, in order: (batches, batch_size).
+    """The window starts of one epoch's batches, in order: (batches, batch_size).
 
-    Windows do not overlap; the grid of windows starts at a random offset each epoch, so that over
-    epochs the model sees every position at every place in the context. Partial batches are dropped.
+    Windows do not overlap; their grid starts at a random offset each epoch, so that
+    over epochs every position is seen at every place in the context. Partial batches
+    are dropped. The same (seed, epoch) gives the same plan: --resume is exact.
     """
-    rng = np.random.default_rng(
-        [seed, epoch]
-    )  # the same plan for the same (seed, epoch): --resume is exact
-    starts = rng.permutation(
-        np.arange(int(rng.integers(0, ctx_len)), len(data) - ctx_len - 1, ctx_len)
-    )
+    rng = np.random.default_rng([seed, epoch])
+    offset = int(rng.integers(0, ctx_len))
+    starts = rng.permutation(np.arange(offset, len(data) - ctx_len - 1, ctx_len))
     return starts[: len(starts) // batch_size * batch_size].reshape(-1, batch_size)
 
 
 def windows(data, starts, ctx_len):
-    """Inputs data[s : s + ctx_len] and labels data[s + 1 : s + ctx_len + 1] for each start s: (B, ctx_len) each."""
-    index = starts[:, None] + np.arange(ctx_len)
+    """Inputs data[s : s + ctx_len] and labels one further, for each start s."""
+    index = starts[:, None] + np.arange(ctx_len)  # (B, ctx_len)
     return mx.array(data[index]), mx.array(data[index + 1])
 
 
-# ---- Training -----------------------------------------------------------------------------------
+# ---- Training -----------------------------------------------------------------------
 
 
 def loss_fn(model, x, y):
-    logits = model(x).astype(
-        mx.float32
-    )  # (B, T, vocab): the loss in float32 whatever the compute dtype
+    logits = model(x).astype(mx.float32)  # the loss in float32 whatever the dtype
     return nn.losses.cross_entropy(logits, y, reduction="mean")
 
 
 def make_train_step(
-    model,
-    optimizer,
-    dtype=mx.float32,
-    grad_clip=0.0,
-    loss_scale=None,
-    group=None,
-    grad_accum=1,
+    model, optimizer, dtype=mx.float32, grad_clip=0.0, group=None, grad_accum=1
 ):
-    """One compiled AdamW step on a batch: train_step(x, y) -> loss (lazy, float32), and its `state`.
+    """One compiled AdamW step: train_step(x, y) -> loss (lazy), and the step's `state`.
 
-    Mixed precision: the model keeps float32 master weights and AdamW float32 moments; each step
-    computes with a `dtype` copy of the attention and MLP weights (embeddings and LayerNorms stay
-    float32), whose gradients come back in float32 for the update. float16 also needs loss_scale
-    (float16.py). mx.compile traces the step once and replays it; what every call reads and writes
-    (weights, optimizer state, random state for dropout, loss scale) is its `state`.
+    Mixed precision: the model keeps float32 weights and AdamW float32 moments; the step
+    computes with a `dtype` copy of the attention and MLP weights (embeddings and
+    LayerNorms stay float32), whose gradients come back in float32 for the update.
+    mx.compile traces the step once and replays it; what it reads and writes (weights,
+    AdamW's state, the random state for dropout) is its `state`.
 
-    With a `group` of several processes, each passes its own rows of the batch, and the gradients
-    and the loss are averaged over the processes inside the step, before clipping and the update.
-    grad_accum K cuts the rows into K micro-batches (grad_accum.py), one forward and backward pass
-    each, whose gradients are averaged before the one update: a batch K times larger in the same memory.
+    With a `group` of processes, each passes its rows of the batch and the gradients are
+    averaged over the processes before clipping and the update. grad_accum K cuts the
+    rows into K micro-batches, one forward and backward pass each, summed before the one
+    update: a batch K times larger in the same memory.
     """
 
-    def scaled_loss(
-        params, x, y
-    ):  # computed with a low-precision copy of the attention and MLP weights
-        model.update(
-            tree_unflatten(
-                [
-                    (k, p.astype(dtype) if ".attn." in k or ".mlp." in k else p)
-                    for k, p in tree_flatten(params)
-                ]
-            )
-        )
-        loss = (
-            loss_fn(model, x, y) / grad_accum
-        )  # a micro-batch's share of the batch's mean loss
-        return (loss_scale.scale(loss) if loss_scale else loss), loss
-
-    optimizer.init(
-        model.trainable_parameters()
-    )  # the moments exist before the first step (fp16 keeps a copy)
-    state = [model.state, optimizer.state, mx.random.state] + (
-        [loss_scale.state] if loss_scale else []
-    )
+    def low_precision_loss(params, x, y):
+        cast = [
+            (k, p.astype(dtype) if ".attn." in k or ".mlp." in k else p)
+            for k, p in tree_flatten(params)
+        ]
+        model.update(tree_unflatten(cast))
+        return loss_fn(model, x, y) / grad_accum  # a micro-batch's share of the mean
 
     def gradients(x, y):
-        """The loss of one (micro-)batch and its float32 gradients (still multiplied by the loss scale)."""
         master = model.trainable_parameters()
-        (_, loss), grads = mx.value_and_grad(scaled_loss)(master, x, y)
-        model.update(master)  # back to the float32 weights, which the optimizer updates
+        loss, grads = mx.value_and_grad(low_precision_loss)(master, x, y)
+        model.update(master)  # the float32 weights again, which AdamW updates
         return loss, grads
 
     def update(loss, grads):
-        """Average over the processes, unscale, clip, update; the batch's mean loss."""
         if group is not None and group.size() > 1:
-            import distributed  # data parallelism
+            import distributed
 
-            grads, loss = distributed.average(
-                grads, loss, group
-            )  # the same on every process from here on
-        grads = loss_scale.unscale(grads) if loss_scale else grads
+            grads, loss = distributed.average(grads, loss, group)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
-        (loss_scale.update if loss_scale else optimizer.update)(
-            model, grads
-        )  # float16: unless it overflowed
+        optimizer.update(model, grads)
         return loss
 
+    optimizer.init(model.trainable_parameters())  # the moments exist before step 1
+    state = [model.state, optimizer.state, mx.random.state]
     if grad_accum == 1:
-        return mx.compile(
-            lambda x, y: update(*gradients(x, y)), inputs=state, outputs=state
-        ), state
-    from grad_accum import (
-        accumulating_step,
-    )  # --grad-accum: micro-batches, then one update
+        step = mx.compile(lambda x, y: update(*gradients(x, y)), state, state)
+        return step, state
+    gradients = mx.compile(gradients, inputs=state, outputs=state)
+    update = mx.compile(update, inputs=state, outputs=state)
 
-    return accumulating_step(gradients, update, state, grad_accum), state
+    def accumulating_step(x, y):
+        total = gradients(x[: len(x) // grad_accum], y[: len(y) // grad_accum])
+        for x_k, y_k in zip(mx.split(x, grad_accum)[1:], mx.split(y, grad_accum)[1:]):
+            mx.eval(total)  # one micro-batch's activations in memory at a time
+            total = tree_map(mx.add, total, gradients(x_k, y_k))
+        return update(*total)
+
+    return accumulating_step, state
 
 
 def learning_rate(args, total_steps):
-    """Constant --lr, or (with --min-lr) linear warm-up then cosine decay to --min-lr, as nanoGPT."""
+    """Constant --lr, or with --min-lr a linear warm-up, then cosine decay (nanoGPT)."""
     if args.min_lr is None:
         return args.lr
-    decay = optim.cosine_decay(
-        args.lr, max(total_steps - args.warmup, 1), end=args.min_lr
-    )
-    warmup = optim.linear_schedule(
-        0.0, args.lr, max(args.warmup, 1)
-    )  # never used with --warmup 0
+    decay_steps = max(total_steps - args.warmup, 1)
+    decay = optim.cosine_decay(args.lr, decay_steps, end=args.min_lr)
+    warmup = optim.linear_schedule(0.0, args.lr, max(args.warmup, 1))
     return optim.join_schedules([warmup, decay], [args.warmup])
 
 
 def evaluate(model, data, ctx_len, batch_size, group):
-    """Mean cross-entropy over every non-overlapping window of `data` (dropout off); with several
-    processes, each takes its share of the windows and the sums are added up over the processes."""
+    """Mean loss over every non-overlapping window of `data`, dropout off; with several
+    processes, each takes its share of the windows and the sums are added up."""
     model.eval()
-    starts = np.array_split(
-        np.arange(0, len(data) - ctx_len - 1, ctx_len), group.size()
-    )[group.rank()]
+    all_starts = np.arange(0, len(data) - ctx_len - 1, ctx_len)
+    starts = np.array_split(all_starts, group.size())[group.rank()]
     total = mx.array([0.0, 0.0])  # (sum of the windows' losses, windows)
     for i in range(0, len(starts), batch_size):
         x, y = windows(data, starts[i : i + batch_size], ctx_len)
-        total = total + mx.stack(
-            [loss_fn(model, x, y) * len(x), mx.array(len(x), mx.float32)]
-        )
+        count = mx.array(len(x), mx.float32)
+        total = total + mx.stack([loss_fn(model, x, y) * count, count])
         mx.eval(total)
     model.train()
-    loss_sum, count = mx.distributed.all_sum(
-        total, group=group
-    ).tolist()  # one process: `total` itself
+    loss_sum, count = mx.distributed.all_sum(total, group=group).tolist()
     return loss_sum / count
 
 
 class Progress:
-    """Prints `Step k/N | loss = L | T ms/step | H:MM:SS left` every --log-every steps, or (without it)
-    after the first step, which compiles the step function, and then about every 10 seconds."""
+    """Prints `Step k/N | loss = L | T ms/step | H:MM:SS left` after the first step
+    (which compiles), then every `every` steps, or without it about every 10 seconds."""
 
     def __init__(self, first, total, every):
-        self.first, self.total, self.every, self.start, self.printed = (
-            first,
-            total,
-            every,
-            time.perf_counter(),
-            0,
-        )
+        self.first, self.total, self.every = first, total, every
+        self.start = self.printed = time.perf_counter()
 
     def __call__(self, step, loss):
-        now, line = time.perf_counter(), f"Step {step}/{self.total} | loss = {loss:.6f}"
-        if (
-            step == self.first + 1
-        ):  # the first step ends: the steps after it give the pace
-            self.start, line = (
-                now,
-                line + f" | the first step took {now - self.start:.1f} s (it compiles)",
-            )
-        elif (step % self.every) if self.every else (now - self.printed < 10):
+        now = time.perf_counter()
+        line = f"Step {step}/{self.total} | loss = {loss:.6f}"
+        if step == self.first + 1:
+            line += f" | the first step took {now - self.start:.1f} s (it compiles)"
+            self.start = now  # the pace is measured after it
+        elif self.every and step % self.every:
+            return
+        elif not self.every and now - self.printed < 10:
             return
         else:
             per_step = (now - self.start) / (step - self.first - 1)
             left = int(per_step * (self.total - step))
-            line += f" | {1e3 * per_step:.0f} ms/step | {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d} left"
+            hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
+            line += f" | {1e3 * per_step:.0f} ms/step"
+            line += f" | {hours}:{minutes:02d}:{seconds:02d} left"
         self.printed = now
         print(line, flush=True)
 
 
-# ---- The run ------------------------------------------------------------------------------------
+class Checkpoint:
+    """OUT/checkpoint.safetensors: the float32 weights under model., AdamW's state under
+    optimizer., the GPTConfig (for generate.py), and the step and the run's settings
+    (for resume.py). Written by process 0 only, and only while every weight is finite.
+    """
+
+    def __init__(self, path, model, optimizer, run, step, writes):
+        self.path, self.model, self.optimizer = path, model, optimizer
+        self.run, self.saved, self.writes = run, step or None, writes
+
+    def kept(self):
+        if self.saved is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint, {self.path} (step {self.saved}), is whole"
+
+    def stop(self, what, step):
+        raise ValueError(
+            f"{what} at step {step}: stopped, and {self.kept()}. "
+            "Try a lower --lr, or --grad-clip 1.0"
+        )
+
+    def save(self, step):
+        weights = [w for _, w in tree_flatten(self.model.parameters())]
+        if not mx.all(mx.stack([mx.isfinite(w).all() for w in weights])).item():
+            self.stop("a weight became inf or nan", step)
+        if self.writes:
+            state = {
+                "model": self.model.parameters(),
+                "optimizer": self.optimizer.state,
+            }
+            arrays = dict(tree_flatten(state))
+            arrays["config"] = json_array(asdict(self.model.config))
+            arrays["meta"] = json_array({**self.run, "step": step})
+            try:
+                save_arrays(self.path, arrays)
+            except (OSError, RuntimeError) as e:  # a full disk
+                raise ValueError(
+                    f"cannot write the checkpoint of step {step} ({e}); "
+                    f"{self.kept()}: free some space, then continue with --resume"
+                ) from None
+        self.saved = step
+
+
+# ---- The run ------------------------------------------------------------------------
+
+
+def prepare(args):
+    """The vocabulary, the training and validation ids, the run's settings, and the
+    window starts of each epoch's batches."""
+    text = load_text(args.data)
+    vocab = CharVocab(text)
+    vocab.encode(args.prompt)  # unknown characters in --prompt: refused now
+    data = np.array(vocab.encode(text), dtype=np.int32)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+    one_batch = (args.ctx_len + 1) * args.batch_size + args.ctx_len
+    if len(val_data) < args.ctx_len + 2 or len(train_data) < one_batch:
+        raise ValueError(
+            f"the text ({len(text)} characters) is too short for --ctx-len "
+            f"{args.ctx_len} and --batch-size {args.batch_size}"
+        )
+    run = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
+    run["chars"] = "".join(vocab.chars)
+    args.characters = len(text)
+    run["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    # Each epoch's batches. The learning-rate schedule spans all epochs; --max-steps
+    # only stops early, so a capped run and its --resume follow one run's rates.
+    epochs = range(args.epochs)
+    plans = [
+        epoch_batches(train_data, args.ctx_len, args.batch_size, args.seed, e)
+        for e in epochs
+    ]
+    return vocab, train_data, val_data, run, plans
 
 
 def new_model(config):
-    """GPT(config); on an NVIDIA GPU with its dropouts swapped for cuda_dropout.py's CUDA kernels."""
+    """GPT(config); on an NVIDIA GPU with its dropouts swapped for CUDA kernels, which
+    save 13% of the training step there (README.md)."""
     if mx.default_device() == mx.gpu and mx.cuda.is_available():
-        from cuda_dropout import (
-            use_dropout_kernels,
-        )  # they pay there: 13% of the training step, measured
+        from attention_dropout import use_dropout_kernels
 
         return use_dropout_kernels(GPT(config))
     return GPT(config)
 
 
-def prepare(args):
-    """The vocabulary, the training and validation ids, and the run's settings (for --resume)."""
-    text = load_text(args.data)
-    vocab = CharVocab(text)
-    vocab.encode(
-        args.prompt
-    )  # unknown characters in --prompt: fail now, not after training
-    data = np.array(vocab.encode(text), dtype=np.int32)
-    train_data, val_data = data[: int(0.9 * len(data))], data[int(0.9 * len(data)) :]
-    if (
-        len(val_data) < args.ctx_len + 2
-        or len(train_data) < (args.ctx_len + 1) * args.batch_size + args.ctx_len
-    ):
-        raise ValueError(
-            f"the text ({len(text)} characters) is too short for --ctx-len {args.ctx_len} "
-            f"and --batch-size {args.batch_size}"
-        )
-    run = {
-        **{k: v for k, v in vars(args).items() if not isinstance(v, Path)},
-        "chars": "".join(vocab.chars),
-        "characters": len(text),
-        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-    return vocab, train_data, val_data, run
-
-
 def build(args, vocab, run, steps, group, say):
-    """The model, AdamW (its schedule over `steps` steps) and float16's loss scale, new or as --resume's
-    checkpoint left them; the step they are at; what to call after each step."""
+    """The model, AdamW (its schedule over `steps` steps) and the compiled step, new or
+    as --resume's checkpoint left them; the step they are at; what to call after each
+    step (the watchdog), and how the processes agree to stop."""
     mx.random.seed(args.seed)
-    model = new_model(
-        GPTConfig(
-            len(vocab.chars),
-            args.ctx_len,
-            args.n_layers,
-            args.n_heads,
-            args.n_emb,
-            args.dropout,
-        )
+    config = GPTConfig(
+        len(vocab.chars),
+        args.ctx_len,
+        args.n_layers,
+        args.n_heads,
+        args.n_emb,
+        args.dropout,
     )
+    model = new_model(config)
     optimizer = optim.AdamW(
         learning_rate(args, steps),
         betas=[0.9, args.beta2],
         weight_decay=args.weight_decay,
     )
-    loss_scale, step, on_step, agree = (
-        None,
-        0,
-        lambda: None,
-        bool,
-    )  # one process: its own Ctrl-C decides
-    if args.dtype == "float16":
-        from float16 import LossScale
-
-        loss_scale = LossScale(optimizer)
+    train_step, state = make_train_step(
+        model, optimizer, DTYPES[args.dtype], args.grad_clip, group, args.grad_accum
+    )
+    step, on_step, agree = 0, lambda: None, bool  # one process: its own Ctrl-C
     if args.resume:
         from resume import resume
 
-        step = resume(
-            Path(args.out) / "checkpoint.safetensors",
-            run,
-            model,
-            optimizer,
-            loss_scale,
-            say,
-        )
-    if group.size() > 1:
-        import distributed  # data parallelism: the same weights everywhere, a watchdog, one stop for all
+        step = resume(args.out / "checkpoint.safetensors", run, model, optimizer, say)
+    if group.size() > 1:  # the same weights everywhere, a watchdog, one stop for all
+        import distributed
 
         on_step, agree = distributed.setup(model, args.timeout, group)
-    return model, optimizer, loss_scale, step, on_step, agree
+    return model, optimizer, train_step, state, step, on_step, agree
 
 
-class Checkpoints:
-    """OUT/checkpoint.safetensors, which resume.py reads: the float32 master weights, AdamW's state,
-    float16's loss scale, the step and the run's settings. Written by process 0 only, and only while
-    every weight is finite; whether it (and completions.txt) can be written is checked at once, not
-    after training. Remembers the last good step for the message that stops a diverging run."""
-
-    def __init__(self, out, model, optimizer, loss_scale, run, step, writes):
-        self.path, self.saved, self.writes = (
-            out / "checkpoint.safetensors",
-            step or None,
-            writes,
-        )
-        self.model, self.optimizer, self.loss_scale, self.run = (
-            model,
-            optimizer,
-            loss_scale,
-            run,
-        )
-        if writes:  # room for the weights and two AdamW moments, twice: the old file and the new one
-            check_writable(
-                self.path,
-                2 * 3 * 4 * sum(p.size for _, p in tree_flatten(model.parameters())),
-            )
-            check_writable(out / "completions.txt")
-
-    def stop_if(self, bad, what, step):
-        if bad:
-            kept = (
-                f"the last good checkpoint, {self.path}, is kept (step {self.saved})"
-                if self.saved
-                else "no checkpoint was written"
-            )
-            raise ValueError(
-                f"{what} became inf or nan at step {step}; stopped, and {kept}. "
-                "Try a lower --lr, --grad-clip 1.0, or --dtype float32"
-            )
-
-    def save(self, step):
-        weights = tree_flatten(self.model.parameters())
-        self.stop_if(
-            not mx.all(mx.stack([mx.isfinite(w).all() for _, w in weights])).item(),
-            "a weight",
-            step,
-        )
-        if self.writes:  # names such as model.h.0.attn.c_attn.weight, optimizer.step, loss_scale.scale
-            state = {
-                "model": self.model.parameters(),
-                "optimizer": self.optimizer.state,
-                "loss_scale": self.loss_scale.state if self.loss_scale else {},
-            }
-            save_arrays(
-                self.path,
-                {
-                    **dict(tree_flatten(state)),
-                    "meta": json_array({**self.run, "step": step}),
-                },
-            )
-        self.saved = step
+def describe(args, vocabulary, model, steps, size, micro):
+    """The line that says what the run does, before it starts."""
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    line = (
+        f"{args.characters:,} characters, vocabulary {vocabulary}; "
+        f"{n_params / 1e6:.2f}M parameters; {steps} steps in {args.epochs} epochs of "
+        f"batch {args.batch_size} x {args.ctx_len}; {args.dtype} on "
+        f"{mx.default_device()}"
+    )
+    if micro < args.batch_size:
+        line += f"; {size} processes x {args.grad_accum} micro-batches of {micro}"
+    return line
 
 
 def train(args, group):
-    """Every process reads the text and builds the same model; process 0 alone prints and writes."""
+    """Every process reads the text and builds the same model; process 0 alone prints
+    and writes. Returns the trained model and the vocabulary."""
     size, rank, main_process = group.size(), group.rank(), group.rank() == 0
     say = print if main_process else (lambda *args, **kwargs: None)
-    vocab, train_data, val_data, run = prepare(args)
-    T, B, micro = (
-        args.ctx_len,
-        args.batch_size,
-        args.batch_size // (size * args.grad_accum),
-    )
-    plans = [
-        epoch_batches(train_data, T, B, args.seed, e) for e in range(args.epochs)
-    ]  # each epoch's batches
-    ends = list(
-        itertools.accumulate(map(len, plans))
-    )  # the step at which each epoch ends
-    # The schedule spans all epochs; --max-steps only stops early, so a capped run and its --resume
-    # follow the same learning rates as one uninterrupted run.
-    model, optimizer, loss_scale, step, on_step, agree = build(
-        args, vocab, run, ends[-1], group, say
-    )
-    say(
-        f"{run['characters']:,} characters, vocabulary {len(vocab.chars)}; {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
-        f"parameters; {ends[-1]} steps in {args.epochs} epochs of batch {B} x {T}; {args.dtype} on {mx.default_device()}"
-        + (
-            f"; {size} processes x {args.grad_accum} micro-batches of {micro}"
-            if micro < B
-            else ""
-        ),
-        flush=True,
-    )
-    checkpoints = Checkpoints(
-        Path(args.out), model, optimizer, loss_scale, run, step, main_process
-    )
-    train_step, state = make_train_step(
-        model,
-        optimizer,
-        DTYPES[args.dtype],
-        args.grad_clip,
-        loss_scale,
-        group,
-        args.grad_accum,
-    )
-    total, first, start = (
-        min(ends[-1], args.max_steps or math.inf),
-        step,
-        time.perf_counter(),
-    )
-    progress = (
-        Progress(first, total, args.log_every)
-        if main_process
-        else (lambda step, loss: None)
-    )
+    vocab, train_data, val_data, run, plans = prepare(args)
+    if main_process:  # an --out that cannot be made: refused now, not after training
+        args.out.mkdir(parents=True, exist_ok=True)
+    T, B = args.ctx_len, args.batch_size
+    ends = list(itertools.accumulate(map(len, plans)))  # the step ending each epoch
+    total = min(ends[-1], args.max_steps or math.inf)  # the schedule spans all epochs
+    built = build(args, vocab, run, ends[-1], group, say)
+    model, optimizer, train_step, state, step, on_step, agree = built
+    path = args.out / "checkpoint.safetensors"
+    checkpoint = Checkpoint(path, model, optimizer, run, step, main_process)
+    micro = B // (size * args.grad_accum)  # rows per forward and backward pass
+    say(describe(args, len(run["chars"]), model, ends[-1], size, micro), flush=True)
+    progress = Progress(step, total, args.log_every)
+    diverged = 3 * math.log(len(vocab.chars)) + 1  # a uniform guess: log(vocabulary)
 
     def finished(loss, step):
-        """Step `step` (counted from 1) is done: check its loss, tell the watchdog, show progress."""
-        checkpoints.stop_if(
-            not math.isfinite(value := loss.item()), "the training loss", step
-        )
+        """Step `step` is done: check its loss, tell the watchdog, show progress."""
+        value = loss.item()
+        if not value < diverged:  # also NaN
+            checkpoint.stop(f"the training loss diverged ({value:.4g})", step)
         on_step()
-        progress(step, value)
+        if main_process:
+            progress(step, value)
 
-    losses, tic, stopped = [], time.perf_counter(), False
-    with signals_held(
-        signal.SIGINT
-    ) as interrupted:  # Ctrl-C is only noted here: the loop stops for it
-        for starts in itertools.islice(itertools.chain(*plans), step, total):
-            if stopped := agree(
-                bool(interrupted)
-            ):  # Ctrl-C: every process stops here, at the same step
-                break
-            # Dropout masks depend on (seed, step, process) only: --resume on as many processes is exact.
-            mx.random.seed((args.seed * 1_000_003 + step) * size + rank)
-            loss = train_step(
-                *windows(train_data, starts.reshape(size, -1)[rank], T)
-            )  # this process's rows
-            # Queue this step and return at once: Python prepares the next batch while the device
-            # computes. The previous step's loss is ready by now; check it.
-            mx.async_eval(state, loss)
-            if losses:
-                finished(losses[-1], step)
-            losses.append(loss)
-            step += 1
-            if step in ends or step == total:  # the end of an epoch, or of the run
-                finished(loss, step)
-                tokens_per_s = len(losses) * B * T / (time.perf_counter() - tic)
-                val = evaluate(model, val_data, T, micro, group)
-                on_step()
-                say(
-                    f"Epoch {np.searchsorted(ends, step) + 1} | train = {mx.mean(mx.stack(losses)).item():.4f} | "
-                    f"val = {val:.4f} | {tokens_per_s:,.0f} tokens/s | {time.perf_counter() - start:.1f} s",
-                    flush=True,
-                )
-                checkpoints.save(step)
-                losses, tic = [], time.perf_counter()
+    first, start, losses, tic = step, time.perf_counter(), [], time.perf_counter()
+    interrupted = []  # Ctrl-C only notes itself: the loop stops at a step boundary
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    for starts in itertools.islice(itertools.chain(*plans), step, total):
+        if stopped := agree(bool(interrupted)):  # every process stops at one step
+            break
+        # Dropout masks depend on (seed, step, process) only: --resume is exact.
+        mx.random.seed((args.seed * 1_000_003 + step) * size + rank)
+        loss = train_step(*windows(train_data, starts.reshape(size, -1)[rank], T))
+        # Queue this step and return at once: Python prepares the next batch while the
+        # device computes. The previous step's loss is ready by now; check it.
+        mx.async_eval(state, loss)
+        if losses:
+            finished(losses[-1], step)
+        losses.append(loss)
+        step += 1
+        if step in ends or step == total:  # the end of an epoch, or of the run
+            finished(loss, step)
+            tokens_per_s = len(losses) * B * T / (time.perf_counter() - tic)
+            val = evaluate(model, val_data, T, micro, group)
+            on_step()
+            say(
+                f"Epoch {np.searchsorted(ends, step) + 1} | train = "
+                f"{mx.mean(mx.stack(losses)).item():.4f} | val = {val:.4f} | "
+                f"{tokens_per_s:,.0f} tokens/s | {time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
+            checkpoint.save(step)
+            losses, tic = [], time.perf_counter()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopped:
         if losses:
             finished(losses[-1], step)
-        checkpoints.save(step)
+        checkpoint.save(step)
         say(
-            f"Interrupted at step {step}; saved {checkpoints.path}; continue with --resume",
+            f"Interrupted at step {step}; saved {path}; continue with --resume",
             file=sys.stderr,
-            flush=True,
         )
         if size > 1:
-            agree.barrier()  # the others end only once process 0 has written the checkpoint
-        sys.exit(
-            130 if main_process else 0
-        )  # mlx.launch stops the others when one ends with an error
-    say(
-        f"Trained {step - first} steps in {time.perf_counter() - start:.1f} s; checkpoint {checkpoints.path}"
-    )
+            agree.barrier()  # the others end once process 0 has written
+        sys.exit(130 if main_process else 0)  # mlx.launch stops the others
+    say(f"Trained {step - first} steps in {time.perf_counter() - start:.1f} s")
     return model, vocab
 
 
+def warn_if_reference_blas(maps=Path("/proc/self/maps")):
+    """mlx[cpu] on Linux bundles netlib's reference BLAS: matrix products ~30x slower
+    than OpenBLAS's, training here about 6x. Preloading OpenBLAS fixes it (README.md).
+    `maps` lists the shared libraries this process has loaded (on Linux).
+    """
+    libraries = maps.read_text() if maps.exists() else ""
+    if "mlx_cpu.libs/libblas" in libraries and "libopenblas" not in libraries:
+        print(
+            "warning: MLX uses the slow reference BLAS of mlx[cpu] (training takes "
+            "about 6x longer); gpt2/README.md says how to preload OpenBLAS",
+            file=sys.stderr,
+        )
+
+
+def bounded(kind, low, high=math.inf):
+    """An argparse type: a `kind` (int or float) from `low` to below `high`: never
+    NaN or infinite."""
+
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan  # refused below: NaN is in no range
+        if not low <= number < high:
+            expected = "an integer" if kind is int else "a finite number"
+            below = f" and below {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(
+                f"expected {expected} at least {low}{below}, got {value!r}"
+            )
+        return number
+
+    return parse
+
+
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
-    add(
-        "--data",
-        type=Path,
-        help="a UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)",
-    )
-    add(
-        "--out",
-        default=".",
-        help="folder for completions.txt and checkpoint.safetensors (default: .)",
-    )
-    add(
-        "--ctx-len",
-        type=count,
-        default=128,
-        help="context length in characters (default: 128)",
-    )
-    add("--n-emb", type=count, default=128, help="embedding width (default: 128)")
-    add("--n-heads", type=count, default=4, help="attention heads (default: 4)")
-    add("--n-layers", type=count, default=3, help="transformer blocks (default: 3)")
-    add(
-        "--dropout",
-        type=bounded(float, 0, 1),
-        default=0.1,
-        help="dropout probability (default: 0.1)",
-    )
-    add(
-        "--epochs",
-        type=count,
-        default=20,
-        help="passes over the training text (default: 20)",
-    )
-    add(
-        "--batch-size",
-        type=count,
-        default=64,
-        help="windows per step, over all processes together (default: 64)",
-    )
-    add(
-        "--grad-accum",
-        type=count,
-        default=1,
-        help="micro-batches per process and step, to fit a batch in memory (default: 1)",
-    )
-    add("--lr", type=number, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    add(
-        "--min-lr",
-        type=number,
-        help="decay the learning rate to this with a cosine after --warmup (default: constant)",
-    )
-    add(
-        "--warmup",
-        type=bounded(int, 0),
-        default=0,
-        help="linear warm-up steps with --min-lr (default: 0)",
-    )
-    add(
-        "--weight-decay",
-        type=number,
-        default=0.01,
-        help="AdamW weight decay (default: 0.01)",
-    )
-    add(
-        "--beta2",
-        type=bounded(float, 0, 1),
-        default=0.999,
-        help="AdamW beta2 (default: 0.999)",
-    )
-    add(
-        "--grad-clip",
-        type=number,
-        default=0.0,
-        help="clip the gradient norm to this; 0 is off (default: 0)",
-    )
-    add(
-        "--max-steps",
-        type=count,
-        help="stop after this many training steps in all (default: no cap)",
-    )
-    add(
-        "--resume",
-        action="store_true",
-        help="continue the run in OUT/checkpoint.safetensors (on any number of processes)",
-    )
+    fraction = bounded(float, 0, 1)
+    add("--data", type=Path, help="a UTF-8 text file; None: Tiny Shakespeare")
+    add("--out", type=Path, default=".", help="folder for the files written")
+    add("--ctx-len", type=count, default=128, help="context length in characters")
+    add("--n-emb", type=count, default=128, help="embedding width")
+    add("--n-heads", type=count, default=4, help="attention heads")
+    add("--n-layers", type=count, default=3, help="transformer blocks")
+    add("--dropout", type=fraction, default=0.1, help="dropout probability")
+    add("--epochs", type=count, default=20, help="passes over the training text")
+    add("--batch-size", type=count, default=64, help="windows per step, all processes")
+    add("--grad-accum", type=count, default=1, help="micro-batches per process, step")
+    add("--lr", type=number, default=1e-3, help="AdamW learning rate")
+    add("--min-lr", type=number, help="cosine decay to this; None: constant --lr")
+    add("--warmup", type=bounded(int, 0), default=0, help="warm-up steps (--min-lr)")
+    add("--weight-decay", type=number, default=0.01, help="AdamW weight decay")
+    add("--beta2", type=fraction, default=0.999, help="AdamW beta2")
+    add("--grad-clip", type=number, default=0.0, help="clip the gradient norm; 0: off")
+    add("--max-steps", type=count, help="stop after this many steps; None: no cap")
+    add("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
     add(
         "--log-every",
         type=bounded(int, 0),
         default=0,
-        help="print the step, loss, pace and time left every this many "
-        "steps (default: 0, about every 10 s)",
+        help="print progress every N steps; 0: every ~10 s",
     )
-    add(
-        "--timeout",
-        type=number,
-        default=600,
-        help="with several processes: stop when none made progress for this "
-        "many seconds, as when one hangs; 0 waits forever (default: 600)",
-    )
-    add(
-        "--prompt",
-        default="\n",
-        help="text the generated characters continue (default: a newline)",
-    )
-    add(
-        "--max-tokens",
-        type=bounded(int, 0),
-        default=1000,
-        help="characters to generate (default: 1000)",
-    )
-    add(
-        "--temp",
-        type=number,
-        default=1.0,
-        help="sampling temperature; 0 is greedy (default: 1.0)",
-    )
+    add("--timeout", type=number, default=600, help="seconds a hung process may take")
+    add("--prompt", default="\n", help="text to continue (default: %(default)r)")
+    add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to write")
+    add("--temp", type=number, default=0.8, help="sampling temperature; 0: greedy")
+    dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
     add(
         "--dtype",
         choices=list(DTYPES),
-        default="bfloat16" if mx.default_device() == mx.gpu else "float32",
-        help="compute in this dtype; weights and AdamW stay float32 (default: bfloat16 on a GPU, else float32)",
+        default=dtype,
+        help="compute dtype (weights: float32)",
     )
-    add(
-        "--seed",
-        type=bounded(int, 0, 2**32),
-        default=0,
-        help="seed for initialisation, batches, dropout, sampling (default: 0)",
-    )
+    add("--seed", type=bounded(int, 0, 2**32), default=0, help="for everything random")
     args = parser.parse_args()
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text to continue")
     if args.n_emb % args.n_heads:
-        parser.error(
-            f"--n-emb {args.n_emb} must be a multiple of --n-heads {args.n_heads}"
-        )
+        parser.error(f"--n-emb {args.n_emb} must be a multiple of --n-heads")
     return args
 
 
 def main():
     args = parse_args()
-    group = (
-        mx.distributed.init()
-    )  # a group of one process, unless a launcher started this one
+    group = mx.distributed.init()  # one process, unless a launcher started this one
     try:
         if {"MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"} & os.environ.keys():
-            import distributed  # data parallelism: the processes mlx.launch (or mpirun) started
+            import distributed  # the processes mlx.launch (or mpirun) started
 
             group = distributed.init()
         if args.batch_size % (group.size() * args.grad_accum):
             raise ValueError(
-                f"--batch-size {args.batch_size} (the global batch) must be a multiple of the number of "
-                f"processes ({group.size()}) times --grad-accum ({args.grad_accum})"
+                f"--batch-size {args.batch_size} must be a multiple of the processes "
+                f"({group.size()}) times --grad-accum ({args.grad_accum})"
             )
         if group.rank() == 0 and mx.default_device() == mx.cpu:
-            from blas import (
-                warn_if_reference_blas,
-            )  # on Linux, mlx[cpu]'s bundled BLAS is slow
-
             warn_if_reference_blas()
-        try:
-            mx.eval(
-                mx.ones((2, 2), DTYPES[args.dtype])
-                @ mx.ones((2, 2), DTYPES[args.dtype])
-            )
-        except Exception as e:
-            raise ValueError(
-                f"--dtype {args.dtype}: MLX on {mx.default_device()} cannot compute in {args.dtype} ({e}); "
-                "use --dtype float32"
-            ) from None
         model, vocab = train(args, group)
         if group.rank() != 0:
             return  # process 0 alone generates and writes
         model.eval()
         mx.random.seed(args.seed)
-        completion = vocab.decode(
-            model.generate(
-                vocab.encode(args.prompt), args.max_tokens, temperature=args.temp
-            )
-        )
-        out = Path(args.out) / "completions.txt"
+        prompt = vocab.encode(args.prompt)
+        tokens = model.generate(prompt, args.max_tokens, temperature=args.temp)
+        completion = vocab.decode(tokens)
+        out = args.out / "completions.txt"
         write_atomically(
-            out,
-            lambda tmp: Path(tmp).write_text(
-                args.prompt + completion, encoding="utf-8"
-            ),
+            out, lambda tmp: Path(tmp).write_text(args.prompt + completion)
         )
-    except (
-        KeyboardInterrupt
-    ):  # before or after training: the training loop stops at a step boundary itself
-        print("\nInterrupted", file=sys.stderr)
-        sys.exit(130)
-    except (
-        ValueError,
-        OSError,
-        RuntimeError,
-    ) as e:  # bad input, a full disk; a lost connection to another process
-        lost = isinstance(e, RuntimeError) and group.size() > 1
-        sys.exit(
-            f"error: {e}"
-            + (
-                f" (process {group.rank()} of {group.size()}: another one probably stopped first; "
-                "see its message)"
-                if lost
-                else ""
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a full disk
+        if group.size() > 1 and isinstance(e, RuntimeError):  # a lost connection
+            sys.exit(
+                f"error: {e} (process {group.rank()} of {group.size()}: another one "
+                "probably stopped first; see its message)"
             )
-            if group.rank() == 0 or lost
-            else 1
-        )
-    print(f"Wrote {len(completion)} generated characters to {out}:\n{completion[:300]}")
+        sys.exit(f"error: {e}" if group.rank() == 0 else 1)
+    print(f"Wrote {out}:\n{completion[:300]}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        sys.exit(130)

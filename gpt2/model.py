@@ -1,15 +1,15 @@
-"""GPT-2 in MLX: token and position embeddings, pre-LayerNorm blocks of causal self-attention and a
-GELU MLP, a final LayerNorm and the language-model head.
+"""GPT-2 in MLX: token and position embeddings, pre-LayerNorm blocks of causal
+self-attention and a GELU MLP, a final LayerNorm and the language-model head.
 
-main.py trains this model from scratch on characters; generate.py loads OpenAI's GPT-2 weights
-(written by convert.py) into it and generates. Its dropout is mlx.nn's, which cuda_dropout.py swaps for
-CUDA kernels from outside the model when main.py trains on an NVIDIA GPU.
+main.py trains this model from scratch on characters; generate.py loads OpenAI's GPT-2
+weights (written by convert.py) into it and generates. Its dropout is mlx.nn's, which
+cuda_dropout.py swaps for CUDA kernels from outside the model when main.py trains on an
+NVIDIA GPU.
 
-Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`, `ln_f`),
-so converting is a rename plus a transpose.
+Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`,
+`ln_f`), so converting is a rename plus a transpose.
 """
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -33,7 +33,8 @@ class GPTConfig:
 
 
 def causal_softmax(scores):
-    """softmax(scores + causal mask) over the last axis of (..., T, T) scores, summed in float32."""
+    """softmax(scores + causal mask) over the last axis of (..., T, T) scores, summed in
+    float32."""
     T = scores.shape[-1]
     causal = mx.triu(
         mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1
@@ -42,7 +43,8 @@ def causal_softmax(scores):
 
 
 class AttentionDropout(nn.Dropout):
-    """Dropout of the attention probabilities: takes the scores, gives dropout(causal_softmax(scores))."""
+    """Dropout of the attention probabilities: takes the scores, gives
+    dropout(causal_softmax(scores))."""
 
     def __call__(self, scores):
         return super().__call__(causal_softmax(scores))
@@ -75,7 +77,8 @@ class CausalSelfAttention(nn.Module):
         )
         scale = 1.0 / math.sqrt(C // self.n_head)
         if self.training and self.dropout > 0:
-            # Dropout on the attention probabilities needs them spelled out: MLX's fused attention has none.
+            # Dropout on the attention probabilities needs them spelled out: MLX's fused
+            # attention has none.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, n_head, T, T)
             y = self.attn_dropout(scores) @ v
         else:
@@ -102,7 +105,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x)): LayerNorm before each sublayer (GPT-2), not after (BERT)."""
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)): LayerNorm before each sublayer (GPT-2),
+    not after (BERT)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -136,9 +140,9 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights, normal(0,
-        0.02 / sqrt(2 * n_layer)) for the projections that write into the residual stream (each
-        block adds two), zero biases, LayerNorm weight 1."""
+        """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights,
+        normal(0, 0.02 / sqrt(2 * n_layer)) for the projections that write into the
+        residual stream (each block adds two), zero biases, LayerNorm weight 1."""
 
         def init(name, p):
             if name.endswith("c_proj.weight"):  # into the residual stream
@@ -165,14 +169,16 @@ class GPT(nn.Module):
     def __call__(self, idx):
         """idx (B, T) int tokens -> logits (B, T, vocab_size).
 
-        Mixed precision (main.py --dtype) gives the attention and MLP weights a low-precision dtype and
-        keeps the embeddings and LayerNorms in float32: the sublayers cast their input to their weights'
-        dtype, and their outputs join a float32 residual stream, as PyTorch's autocast does.
+        Mixed precision (main.py --dtype) gives the attention and MLP weights a
+        low-precision dtype and keeps the embeddings and LayerNorms in float32: the
+        sublayers cast their input to their weights' dtype, and their outputs join a
+        float32 residual stream, as PyTorch's autocast does.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
-                f"a sequence of {T} tokens is longer than the context ({self.config.block_size})"
+                f"a sequence of {T} tokens is longer than the context "
+                f"({self.config.block_size})"
             )
         x = self.drop(self.wte(idx) + self.wpe(mx.arange(T)))  # (B, T, n_embd)
         for block in self.h:
@@ -183,8 +189,9 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Yield max_new_tokens tokens (ints) continuing idx (T,), one at a time.
 
-        The last block_size tokens are the context: every step recomputes them (no cache; the
-        models here are small). temperature 0 is greedy; top_k keeps only the k most likely tokens.
+        The last block_size tokens are the context: every step recomputes them (no
+        cache; the models here are small). temperature 0 is greedy; top_k keeps only the
+        k most likely tokens.
         """
         idx = list(idx)
         for _ in range(max_new_tokens):
@@ -202,26 +209,3 @@ class GPT(nn.Module):
                 token = int(mx.random.categorical(logits).item())
             idx.append(token)
             yield token
-
-
-# ---- For the scripts beside the model -----------------------------------------------------------
-
-
-def bounded(kind, low, high=math.inf):
-    """An argparse type: a `kind` (int or float) from `low` to below `high`, so never NaN or infinite."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan  # refused below: NaN is in no range
-        if not low <= value < high:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a finite number'} at least "
-                f"{low}"
-                + (f" and below {high}" if high < math.inf else "")
-                + f", got {text!r}"
-            )
-        return value
-
-    return parse

@@ -1,15 +1,17 @@
-"""The reference MLX is measured against: the same GPT in PyTorch, and nanoGPT's Shakespeare-char
-training recipe (Karpathy's nanoGPT, config/train_shakespeare_char.py with train.py).
+"""The reference MLX is measured against: the same GPT in PyTorch, and nanoGPT's
+Shakespeare-char training recipe (Karpathy's nanoGPT, config/train_shakespeare_char.py
+with train.py).
 
-    python gpt2/nanogpt_reference.py --data input.txt          # train until val <= 1.47, print the time
+    python gpt2/nanogpt_reference.py --data input.txt  # train to val <= 1.47, timed
 
-The model is gpt2/model.py's GPT in PyTorch (tanh GELU, biases, tied head), so benchmark.py times
-one architecture in both frameworks. The recipe is nanoGPT's: batches of 64 windows of 256
-characters at random offsets, AdamW (betas 0.9/0.99, weight decay 0.1 on matrices only, fused),
-learning rate 1e-3 with 100 warm-up steps and cosine decay to 1e-4 at step 5000, gradient clipping
-at 1.0, dropout 0.2, bfloat16 autocast and torch.compile. Only the evaluation differs: every
---eval-interval steps (61, one epoch of main.py) the mean loss over every non-overlapping
-window of the validation text, exactly as main.py measures it, instead of 200 random batches.
+The model is gpt2/model.py's GPT in PyTorch (tanh GELU, biases, tied head), so
+benchmark.py times one architecture in both frameworks. The recipe is nanoGPT's: batches
+of 64 windows of 256 characters at random offsets, AdamW (betas 0.9/0.99, weight decay
+0.1 on matrices only, fused), learning rate 1e-3 with 100 warm-up steps and cosine decay
+to 1e-4 at step 5000, gradient clipping at 1.0, dropout 0.2, bfloat16 autocast and
+torch.compile. Only the evaluation differs: every --eval-interval steps (61, one epoch
+of main.py) the mean loss over every non-overlapping window of the validation text,
+exactly as main.py measures it, instead of 200 random batches.
 """
 
 import argparse
@@ -42,7 +44,8 @@ class TorchBlock(tnn.Module):
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for t in (q, k, v)
         )
-        # Flash attention with dropout on the attention probabilities inside the kernel (as nanoGPT).
+        # Flash attention with dropout on the attention probabilities inside the kernel
+        # (as nanoGPT).
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
@@ -89,8 +92,8 @@ class TorchGPT(tnn.Module):
 
 
 def make_step(model, optimizer, device, nanogpt=True, grad_clip=0.0):
-    """step(x, y) -> loss: forward, backward and AdamW update. nanogpt=True is nanoGPT's way
-    (bfloat16 autocast, torch.compile); False is plain eager float32."""
+    """step(x, y) -> loss: forward, backward and AdamW update. nanogpt=True is nanoGPT's
+    way (bfloat16 autocast, torch.compile); False is plain eager float32."""
     forward = torch.compile(model) if nanogpt else model
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=nanogpt)
 
@@ -108,7 +111,8 @@ def make_step(model, optimizer, device, nanogpt=True, grad_clip=0.0):
 
 
 def nanogpt_optimizer(model, lr, weight_decay, betas, device):
-    """nanoGPT's configure_optimizers: weight decay on matrices only, fused AdamW on CUDA."""
+    """nanoGPT's configure_optimizers: weight decay on matrices only, fused AdamW on
+    CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -129,7 +133,8 @@ def nanogpt_lr(it, lr=1e-3, min_lr=1e-4, warmup=100, decay_iters=5000):
 
 @torch.no_grad()
 def evaluate(model, data, block_size, batch_size, device):
-    """Mean cross-entropy over every non-overlapping window of `data`, as main.py's evaluate."""
+    """Mean cross-entropy over every non-overlapping window of `data`, as main.py's
+    evaluate."""
     model.eval()
     starts = np.arange(0, len(data) - block_size - 1, block_size)
     total = 0.0
@@ -145,8 +150,8 @@ def evaluate(model, data, block_size, batch_size, device):
 def race(
     data_path, target=1.47, max_iters=5000, eval_interval=61, device="cuda", seed=1337
 ):
-    """Train with nanoGPT's recipe until the validation loss is <= target (or max_iters).
-    Returns a list of (step, val, seconds since training started)."""
+    """Train with nanoGPT's recipe until the validation loss is <= target (or
+    max_iters). Returns a list of (step, val, seconds since training started)."""
     text = Path(data_path).read_text(encoding="utf-8")
     chars = sorted(set(text))
     ids = {ch: i for i, ch in enumerate(chars)}
@@ -227,15 +232,16 @@ def main():
         sys.exit("error: --target, --max-iters and --eval-interval must be above 0")
     if not torch.cuda.is_available():
         sys.exit(
-            "error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) needs a CUDA GPU"
+            "error: nanoGPT's recipe (bfloat16 autocast, fused AdamW, flash attention) "
+            "needs a CUDA GPU"
         )
     if not args.data.is_file():
         sys.exit(f"error: {args.data} does not exist")
     history = race(args.data, args.target, args.max_iters, args.eval_interval)
     step, val, seconds = history[-1]
     print(
-        f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} at step {step} "
-        f"after {seconds:.1f} s ({torch.cuda.get_device_name()})"
+        f"{'reached' if val <= args.target else 'did not reach'} val <= {args.target} "
+        f"at step {step} after {seconds:.1f} s ({torch.cuda.get_device_name()})"
     )
 
 

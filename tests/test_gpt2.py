@@ -1,9 +1,7 @@
-"""gpt2/: parity with transformers' GPT2LMHeadModel, conversion errors, character-level training,
-exact --resume, and the data and vocabulary errors."""
+"""gpt2/: parity with transformers' GPT2LMHeadModel, conversion errors, character-level
+training, exact --resume, and the data and vocabulary errors."""
 
 import argparse
-import hashlib
-import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +14,8 @@ from helpers import ROOT, import_example, run_script, tiny_gpt2
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 
 
@@ -39,7 +38,7 @@ def test_logits_match_transformers(converted):
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
     logits = np.array(
-        import_example("gpt2", "generate").load_model(weights)(mx.array(ids))
+        import_example("gpt2", "generate").load_model(weights)[0](mx.array(ids))
     )
     assert (
         np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -105,12 +104,13 @@ def test_convert_refuses_other_models(tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
-def test_convert_gpt2_from_the_repository_root_reads_the_hub_cache_not_the_example_folder(
+def test_convert_gpt2_from_the_repository_root_reads_the_hub_not_the_folder(
     tmp_path,
 ):
-    # The README's `python gpt2/convert.py gpt2 weights/gpt2.npz`, run from the repository root, where
-    # the folder gpt2/ (this example, no config.json) exists. Offline, "gpt2" must come from the
-    # Hugging Face cache: a tiny model placed there as the Hub client stores it.
+    # The README's `python gpt2/convert.py gpt2 weights/gpt2.npz`, run from the
+    # repository root, where the folder gpt2/ (this example, no config.json) exists.
+    # Offline, "gpt2" must come from the Hugging Face cache: a tiny model placed there
+    # as the Hub client stores it.
     cache = tmp_path / "hub"
     snapshot = cache / "models--gpt2" / "snapshots" / ("0" * 40)
     tiny_gpt2(snapshot)
@@ -185,7 +185,7 @@ def test_training_lowers_the_loss(tmp_path):
     )  # the prompt "\n" and 50 characters
 
 
-def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before_an_epoch_ends(
+def test_training_says_what_it_does_and_shows_progress_and_the_time_left(
     tmp_path,
 ):
     (tmp_path / "text.txt").write_text(TEXT)
@@ -215,7 +215,8 @@ def test_training_says_what_it_does_and_shows_progress_with_the_time_left_before
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(
-        rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; 11 steps in 1 epochs of batch 16 x 32; "
+        rf"{len(TEXT):,} characters, vocabulary \d+; 0\.\d\dM parameters; "
+        r"11 steps in 1 epochs of batch 16 x 32; "
         r"(float32|bfloat16) on ",
         lines[0],
     ), lines[0]  # the GPU's default is bfloat16
@@ -260,8 +261,8 @@ def test_progress_without_log_every_prints_the_first_step_then_every_10_seconds(
     )  # (26.5 - 5) s / 5 steps; 94 left
 
 
-def test_reference_blas_warning_only_without_openblas(monkeypatch, capsys):
-    blas = import_example("gpt2", "blas")
+def test_reference_blas_warning_only_without_openblas(tmp_path, capsys):
+    main = import_example("gpt2", "main")
     maps = {
         "reference": ["/venv/lib/mlx_cpu.libs/libblas-1a2b.so.3"],
         "openblas": [
@@ -270,23 +271,15 @@ def test_reference_blas_warning_only_without_openblas(monkeypatch, capsys):
         ],
         "none": ["/usr/lib/libc.so.6"],
     }
-    monkeypatch.setattr(blas.sys, "platform", "linux")
-    monkeypatch.setattr(
-        blas.mx, "default_device", lambda: mx.cpu
-    )  # the warning is for CPU runs only
     for name, libs in maps.items():
-        lines = (
-            "".join(f"7f00-7f01 r-xp 00000000 08:01 42    {lib}\n" for lib in libs)
-            + "7ffd-7ffe rw-p 0 0 0 [stack]\n"
-        )
-        monkeypatch.setattr(
-            blas, "open", lambda path: io.StringIO(lines), raising=False
-        )
-        blas.warn_if_reference_blas()
+        lines = "".join(f"7f00-7f01 r-xp 00000000 08:01 42    {lib}\n" for lib in libs)
+        (tmp_path / "maps").write_text(lines + "7ffd-7ffe rw-p 0 0 0 [stack]\n")
+        main.warn_if_reference_blas(tmp_path / "maps")
         warned = capsys.readouterr().err
-        assert ("reference BLAS" in warned and "preload OpenBLAS" in warned) == (
-            name == "reference"
-        ), name
+        expected = name == "reference"
+        assert ("reference BLAS" in warned and "OpenBLAS" in warned) == expected, name
+    main.warn_if_reference_blas(tmp_path / "no-such-file")  # not Linux: no warning
+    assert capsys.readouterr().err == ""
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
@@ -319,12 +312,14 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
         "--dtype",
         "float32",
     ]  # the GPU's default is bfloat16
-    # On the CPU, MLX is deterministic and the resumed run must equal the uninterrupted one bit for bit.
-    # On a GPU some kernels sum with atomics (the embedding gradients), so two identical uninterrupted runs
-    # already differ in the last bits, and 17 AdamW steps grow that to a few 1e-6 (3.4e-6 seen on an H100).
-    # There the test measures that run-to-run noise with a second uninterrupted run and demands that the
-    # resumed run be no further from the first than 4x that noise (plus 1e-6, as one noise sample may be
-    # small). A resume that lost state (a learning rate, a moment, the dropout seed) is off by ~1e-3 or more.
+    # On the CPU, MLX is deterministic and the resumed run must equal the uninterrupted
+    # one bit for bit. On a GPU some kernels sum with atomics (the embedding gradients),
+    # so two identical uninterrupted runs already differ in the last bits, and 17 AdamW
+    # steps grow that to a few 1e-6 (3.4e-6 seen on an H100). There the test measures
+    # that run-to-run noise with a second uninterrupted run and demands that the resumed
+    # run be no further from the first than 4x that noise (plus 1e-6, as one noise
+    # sample may be small). A resume that lost state (a learning rate, a moment, the
+    # dropout seed) is off by ~1e-3 or more.
     exact = mx.default_device() == mx.cpu
     runs = {
         "full": ["--out", tmp_path / "full", "--max-steps", "17"],
@@ -332,8 +327,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     }
     if not exact:
         runs["again"] = ["--out", tmp_path / "again", "--max-steps", "17"]
-    # 11 steps per epoch here: the interrupted run stops mid-epoch 2, the full ones run to step 17.
-    # The independent runs go in parallel (each spends most of its time compiling on a GPU).
+    # 11 steps per epoch here: the interrupted run stops mid-epoch 2, the full ones run
+    # to step 17. The independent runs go in parallel (each spends most of its time
+    # compiling on a GPU).
     with ThreadPoolExecutor(len(runs)) as pool:
         results = dict(
             zip(
@@ -416,7 +412,7 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.returncode != 0 and "(n_layers)" in result.stderr
 
 
-def test_min_lr_schedule_warms_up_linearly_then_decays_and_without_warmup_decays_from_the_first_step():
+def test_min_lr_schedule_warms_up_linearly_then_decays_or_decays_at_once():
     import mlx.optimizers as optim
 
     main = import_example("gpt2", "main")
@@ -444,7 +440,7 @@ def test_char_vocab_round_trips_and_names_unknown_characters():
     vocab = main.CharVocab(TEXT)
     assert vocab.decode(vocab.encode(TEXT)) == TEXT
     assert len(vocab.chars) == len(set(TEXT))
-    with pytest.raises(ValueError, match=r"not in the training vocabulary: 'Zé'"):
+    with pytest.raises(ValueError, match=r"not in the training text: 'Zé'"):
         vocab.encode("Zé First")
 
 
@@ -472,7 +468,7 @@ def test_unknown_prompt_characters_give_one_line(tmp_path):
         "Zebra",
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "not in the training vocabulary: 'Zb'" in result.stderr
+    assert "not in the training text: 'Zb'" in result.stderr
     assert "Epoch" not in result.stdout  # refused before training, not after
     assert not (tmp_path / "completions.txt").exists()
 
@@ -500,27 +496,16 @@ def test_no_data_offline_says_where_to_put_it(tmp_path):
     assert "--data PATH" in lines[-1]
 
 
-def test_download_checks_the_checksum_and_caches(tmp_path, monkeypatch):
-    shakespeare = import_example("gpt2", "shakespeare")
+def test_download_caches_tiny_shakespeare(tmp_path, monkeypatch):
+    main = import_example("gpt2", "main")
     source = tmp_path / "input.txt"
     source.write_text(TEXT)
-    target = tmp_path / "cache" / "input.txt"
-    with pytest.raises(ValueError, match="SHA-256 mismatch"):
-        shakespeare.download(target, source.as_uri())
-    assert not target.parent.exists() or not list(
-        target.parent.iterdir()
-    )  # no partial file left behind
-    monkeypatch.setattr(
-        shakespeare, "SHA256", hashlib.sha256(TEXT.encode()).hexdigest()
-    )
+    monkeypatch.setattr(main, "SHAKESPEARE", source.as_uri())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    cached = shakespeare.cached(source.as_uri())
-    assert cached == tmp_path / "xdg" / "mlx-examples" / "tinyshakespeare" / "input.txt"
-    assert cached.read_text() == TEXT
+    target = tmp_path / "xdg" / "mlx-examples" / "tinyshakespeare" / "input.txt"
+    assert main.download_shakespeare() == target and target.read_text() == TEXT
     source.unlink()
-    assert (
-        shakespeare.cached(source.as_uri()).read_text() == TEXT
-    )  # from the cache: the source is gone
+    assert main.download_shakespeare().read_text() == TEXT  # the cached copy
 
 
 def test_init_follows_gpt2():

@@ -1,7 +1,9 @@
-"""gpt2/ data parallelism (distributed.py): processes started by mlx.launch train the same model as
-one process, and the ways a distributed run goes wrong end with a message, not a hang.
+"""gpt2/ data parallelism (distributed.py): processes started by mlx.launch train the
+same model as one process, and the ways a distributed run goes wrong end with a message,
+not a hang.
 
-The runs here use mlx.launch's ring backend (TCP on this machine) on the CPU: what CI has."""
+The runs here use mlx.launch's ring backend (TCP on this machine) on the CPU: what CI
+has."""
 
 import os
 import random
@@ -21,9 +23,11 @@ from helpers import ROOT, run_script
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
-# 47 steps per epoch of batch 8 x 16 on this text; dropout 0, so every process count computes the same thing.
+# 47 steps per epoch of batch 8 x 16 on this text; dropout 0, so every process count
+# computes the same thing.
 SETTINGS = [
     "--ctx-len",
     "16",
@@ -52,7 +56,8 @@ STEPS = (
 
 
 def free_ports(n=2):
-    """The first of n consecutive free TCP ports (mlx.launch's ring backend takes one per process)."""
+    """The first of n consecutive free TCP ports (mlx.launch's ring backend takes one
+    per process)."""
     for _ in range(100):
         first = random.randrange(20000, 60000)
         try:
@@ -68,7 +73,8 @@ def free_ports(n=2):
 def launch(n, script, *args, backend="ring", timeout=120):
     """`mlx.launch -n N --backend B script args` with this Python; the CompletedProcess.
 
-    mlx.launch 0.32.4 exits with status 0 even when a process failed, so callers read the output."""
+    mlx.launch 0.32.4 exits with status 0 even when a process failed, so callers read
+    the output."""
     launcher = [
         sys.executable,
         "-c",
@@ -111,11 +117,13 @@ def checkpoint(folder):
 
 
 def assert_same_training_state(a, b, tolerance=1e-5):
-    """The weights and AdamW's moments of checkpoints a and b agree within `tolerance`, except the key biases.
+    """The weights and AdamW's moments of checkpoints a and b agree within `tolerance`,
+    except the key biases.
 
-    A key bias adds q . b_k to all of a query's scores alike, and softmax ignores that: its exact
-    gradient is 0, the computed one is rounding noise (~1e-10) that depends on the order of the sums,
-    and AdamW divides it by its own size, so these entries move by up to ~lr/100 per step either way.
+    A key bias adds q . b_k to all of a query's scores alike, and softmax ignores that:
+    its exact gradient is 0, the computed one is rounding noise (~1e-10) that depends on
+    the order of the sums, and AdamW divides it by its own size, so these entries move
+    by up to ~lr/100 per step either way.
     """
     assert a.keys() == b.keys()
     for key in a:
@@ -131,7 +139,8 @@ def assert_same_training_state(a, b, tolerance=1e-5):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 60 steps as 1 process, 2 processes, and 1 process with --grad-accum 2, in parallel."""
+    """The same 60 steps as 1 process, 2 processes, and 1 process with --grad-accum 2,
+    in parallel."""
     tmp = tmp_path_factory.mktemp("gpt2_distributed")
     (tmp / "text.txt").write_text(TEXT)
     common = ["--data", tmp / "text.txt", *SETTINGS, "--max-steps", STEPS]
@@ -171,8 +180,12 @@ def test_two_processes_and_grad_accum_equal_one_process(runs):
                 losses[name][step],
                 loss,
             )
-        # Validation (split over the processes, then summed) prints the same numbers, to its 4 decimals.
-        val = lambda out: [float(v) for v in re.findall(r"val = ([\d.]+)", out)]  # noqa: E731
+
+        # Validation (split over the processes, then summed) prints the same numbers, to
+        # its 4 decimals.
+        def val(out):
+            return [float(v) for v in re.findall(r"val = ([\d.]+)", out)]
+
         assert len(val(results["one"].stdout)) == 2
         assert np.allclose(
             val(results[name].stdout), val(results["one"].stdout), rtol=0, atol=1.01e-4
@@ -228,14 +241,15 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --batch-size 6 (the global batch) must be a multiple of the number of processes (1) "
-        "times --grad-accum (4)"
+        "error: --batch-size 6 must be a multiple of the processes (1) times "
+        "--grad-accum (4)"
     ]
     assert not (tmp_path / "out").exists()
 
 
 def test_unavailable_backend_says_how_to_install_it(tmp_path):
-    # The environment mlx.launch gives a process of an NCCL run (or, where MLX has NCCL, a JACCL run).
+    # The environment mlx.launch gives a process of an NCCL run (or, where MLX has NCCL,
+    # a JACCL run).
     if not mx.distributed.is_available("nccl"):
         backend, env, hint = (
             "nccl",
@@ -270,8 +284,9 @@ def test_unavailable_backend_says_how_to_install_it(tmp_path):
 
 
 def failing_main(path, fault):
-    """A main.py whose process 1 runs `fault` in its 60th call of windows(): a step of epoch 2 (47 steps
-    and 6 evaluation batches make epoch 1, after which process 0 writes a checkpoint)."""
+    """A main.py whose process 1 runs `fault` in its 60th call of windows(): a step of
+    epoch 2 (47 steps and 6 evaluation batches make epoch 1, after which process 0
+    writes a checkpoint)."""
     path.write_text(
         textwrap.dedent(f"""\
         import os, signal, sys, time
@@ -294,7 +309,8 @@ def failing_main(path, fault):
 def assert_stopped_after_epoch_1(output, out):
     assert "Epoch 1 |" in output and "Epoch 2 |" not in output
     assert "Traceback" not in output
-    # Process 0 stopped before the end: no completions, and only the whole checkpoint of epoch 1.
+    # Process 0 stopped before the end: no completions, and only the whole checkpoint of
+    # epoch 1.
     assert [p.name for p in out.iterdir()] == ["checkpoint.safetensors"]
     assert b'"step": 47' in checkpoint(out)["meta"].tobytes()
 
@@ -313,8 +329,9 @@ def test_a_process_that_dies_stops_the_others_and_leaves_a_whole_checkpoint(tmp_
         *SETTINGS,
         timeout=240,
     )
-    # Far sooner than the watchdog's default 600 s: mlx.launch stopped process 0. (Not 60 s: on a GPU machine
-    # running the suite 8 tests at a time, compiling the two processes' kernels alone took longer.)
+    # Far sooner than the watchdog's default 600 s: mlx.launch stopped process 0. (Not
+    # 60 s: on a GPU machine running the suite 8 tests at a time, compiling the two
+    # processes' kernels alone took longer.)
     assert time.perf_counter() - tic < 150
     assert (
         "Node with rank 1 exited with code 3" in result.stderr
@@ -323,8 +340,9 @@ def test_a_process_that_dies_stops_the_others_and_leaves_a_whole_checkpoint(tmp_
 
 
 def test_a_process_that_hangs_stops_the_run_after_the_timeout(tmp_path):
-    # mlx.launch sees no failure. Process 0, waiting in the all-reduce, stops itself after --timeout
-    # (so may the hanging process 1, stuck in its own sleep: whichever comes first); then mlx.launch stops the other.
+    # mlx.launch sees no failure. Process 0, waiting in the all-reduce, stops itself
+    # after --timeout (so may the hanging process 1, stuck in its own sleep: whichever
+    # comes first); then mlx.launch stops the other.
     (tmp_path / "text.txt").write_text(TEXT)
     script = failing_main(tmp_path / "hanging_main.py", "time.sleep(3600)")
     tic = time.perf_counter()
@@ -349,8 +367,9 @@ def test_a_process_that_hangs_stops_the_run_after_the_timeout(tmp_path):
 
 
 def test_a_process_stopped_with_sigstop_ends_the_whole_run_after_the_timeout(tmp_path):
-    # The stopped process cannot act on mlx.launch's SIGTERM until it is continued: the other one's
-    # watchdog continues it (SIGCONT to its process group) as it stops, so that the launch can end.
+    # The stopped process cannot act on mlx.launch's SIGTERM until it is continued: the
+    # other one's watchdog continues it (SIGCONT to its process group) as it stops, so
+    # that the launch can end.
     (tmp_path / "text.txt").write_text(TEXT)
     script = failing_main(
         tmp_path / "stopped_main.py", "os.kill(os.getpid(), signal.SIGSTOP)"
@@ -376,7 +395,8 @@ def test_a_process_stopped_with_sigstop_ends_the_whole_run_after_the_timeout(tmp
 
 
 def launch_script(n, *args):
-    """`python gpt2/distributed.py -n N --backend ring ... args`: the launcher this example gives."""
+    """`python gpt2/distributed.py -n N --backend ring ... args`: the launcher this
+    example gives."""
     return [
         sys.executable,
         str(ROOT / "gpt2/distributed.py"),
@@ -420,7 +440,8 @@ def test_ctrl_c_to_two_processes_says_one_line_saves_that_step_and_resumes_exact
     ]
     step = int(
         re.fullmatch(
-            rf"Interrupted at step (\d+); saved {re.escape(str(out))}/checkpoint.safetensors; "
+            rf"Interrupted at step (\d+); saved {re.escape(str(out))}/"
+            "checkpoint.safetensors; "
             "continue with --resume",
             line,
         )[1]
@@ -452,11 +473,13 @@ def test_the_launcher_exits_with_the_status_of_the_process_that_failed(tmp_path)
 def test_after_an_interrupt_the_launcher_does_not_report_the_processes_it_ends_itself(
     tmp_path,
 ):
-    # Process 0 ends with 130 (interrupted, checkpoint saved) while process 1 is still exiting: mlx.launch
-    # ends that one with SIGTERM. That is the launcher's cleanup, not a second failure to warn about.
+    # Process 0 ends with 130 (interrupted, checkpoint saved) while process 1 is still
+    # exiting: mlx.launch ends that one with SIGTERM. That is the launcher's cleanup,
+    # not a second failure to warn about.
     script = tmp_path / "interrupted.py"
     script.write_text(
-        "import os, sys, time\nif os.environ['MLX_RANK'] == '1':\n    time.sleep(60)\nsys.exit(130)\n"
+        "import os, sys, time\nif os.environ['MLX_RANK'] == '1':\n"
+        "    time.sleep(60)\nsys.exit(130)\n"
     )
     result = subprocess.run(
         launch_script(2, script), capture_output=True, text=True, timeout=60
@@ -465,8 +488,8 @@ def test_after_an_interrupt_the_launcher_does_not_report_the_processes_it_ends_i
 
 
 def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
-    # The scaling benchmark's code paths, tiny: MLX on 1 and 2 processes, PyTorch DDP (gloo, CPU) on 2,
-    # each started the way the scaling command starts it.
+    # The scaling benchmark's code paths, tiny: MLX on 1 and 2 processes, PyTorch DDP
+    # (gloo, CPU) on 2, each started the way the scaling command starts it.
     common = [
         "--tiny",
         "--batch-size",
@@ -485,7 +508,8 @@ def test_benchmark_ddp_runs_both_frameworks_and_prints_the_ratio(tmp_path):
     )  # mlx.launch -n 1: a group of one
     assert '"gpus": 1' in one.stdout, one.stderr
     assert re.search(
-        r"a tiny GPT on Device\((cpu|gpu), 0\), batch 4 x 32 per process: 1 warm-up steps",
+        r"a tiny GPT on Device\((cpu|gpu), 0\), batch 4 x 32 per process: 1 warm-up "
+        "steps",
         one.stderr,
     )  # said at once
     assert "timing 2/2:" in one.stderr

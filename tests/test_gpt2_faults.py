@@ -1,12 +1,14 @@
-"""gpt2/: what happens to bad input and faults. Each mistake a user can make gets one line on stderr
-and a non-zero exit before any work; an interrupt saves exactly the step it stopped at; nothing half
-written or non-finite is left behind. (Distributed faults: test_gpt2_distributed.py.)"""
+"""gpt2/: what happens to bad input and faults. Each mistake a user can make gets one
+line on stderr and a non-zero exit before any work; an interrupt saves exactly the step
+it stopped at; nothing half written or non-finite is left behind. (Distributed faults:
+test_gpt2_distributed.py.)"""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -15,7 +17,8 @@ from helpers import ROOT, import_example, run_script, tiny_gpt2
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 TINY_RUN = [
     "--ctx-len",
@@ -57,8 +60,8 @@ def checkpoint_arrays(folder):
 
 
 def interrupt_after(command, line_start, **popen):
-    """Start `command`, send SIGINT to its process group once a stdout line starts with `line_start`;
-    the CompletedProcess-like (returncode, stdout, stderr)."""
+    """Start `command`, send SIGINT to its process group once a stdout line starts with
+    `line_start`; the CompletedProcess-like (returncode, stdout, stderr)."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -102,8 +105,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
     line = stopped.stderr.strip().splitlines()[-1]
     step = int(line.split("Interrupted at step ")[1].split(";")[0])
     assert (
-        line
-        == f"Interrupted at step {step}; saved {tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
+        line == f"Interrupted at step {step}; saved "
+        f"{tmp_path / 'resumed' / 'checkpoint.safetensors'}; continue with --resume"
     )
     assert (
         3 <= step < 72
@@ -130,7 +133,9 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_the_uninterrupted_run
     ):  # exactly: the same weights, moments and dropout masks
         for name in names:
             assert np.array_equal(a[name], b[name]), name
-    else:  # GPU kernels that sum with atomics make two full runs differ too: within 4x that noise (see test_gpt2.py)
+    # GPU kernels that sum with atomics make two full runs differ too: within 4x that
+    # noise (see test_gpt2.py)
+    else:
         again = subprocess.run(
             [*common, "--out", str(tmp_path / "again")], capture_output=True, text=True
         )
@@ -184,8 +189,8 @@ def test_generate_py_refuses_a_negative_seed_and_a_nan_temperature_in_one_line(
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "has no text: it is empty; give a text file"),
-        (b"\0" * 100, "has no text: it is empty but for NUL bytes"),
+        (b"", "has no text"),
+        (b"\0" * 100, "has no text"),
         (b"caf\xe9 latin-1", "as UTF-8 text"),
     ],
 )
@@ -208,79 +213,38 @@ def test_text_that_is_empty_all_nul_or_not_utf8_is_refused_in_one_line(
 def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
     (tmp_path / "a-file").write_text("")
-    (tmp_path / "out" / "checkpoint.safetensors").mkdir(parents=True)
-    for out, expected in (
-        (tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a folder"),
-        (tmp_path / "out", "checkpoint.safetensors: it is a folder"),
-    ):
-        result = run_script(
-            "gpt2/main.py", "--data", tmp_path / "text.txt", "--out", out, *TINY_RUN
-        )
-        line = one_line_error(result)
-        assert line.startswith("error: cannot write ") and expected in line, line
-        assert "Step 1/" not in result.stdout  # refused before the first step
+    result = run_script(
+        "gpt2/main.py", "--data", tmp_path / "text.txt",
+        "--out", tmp_path / "a-file" / "out", *TINY_RUN,
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "Not a directory" in line and "a-file" in line, line
+    assert "Step 1/" not in result.stdout  # refused before the first step
 
 
-def test_a_disk_without_room_for_the_checkpoint_is_refused_before_training(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_writes_are_atomic_with_the_users_umask_and_leave_no_temporary_file(
+    tmp_path, umask
 ):
     save = import_example("gpt2", "save")
-    monkeypatch.setattr(
-        save.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})()
-    )
-    with pytest.raises(
-        ValueError, match=r"checkpoint.safetensors: 1 MiB free there, 3 MiB needed"
-    ):
-        save.check_writable(tmp_path / "checkpoint.safetensors", 3 * 2**20)
-
-
-def test_writes_are_atomic_with_the_users_umask_and_leave_no_temporary_file(tmp_path):
-    save = import_example("gpt2", "save")
     path = tmp_path / "w.npz"
-    stale = tmp_path / ".w.npz.12345.tmp.npz"  # left by a write killed with SIGKILL
-    stale.write_bytes(b"half")
-    old = os.umask(0o027)
+    (tmp_path / ".w.tmp.npz").write_bytes(b"half")  # left by a write killed by SIGKILL
+    old = os.umask(umask)
     try:
         save.save_arrays(path, {"a": mx.arange(3)})
     finally:
         os.umask(old)
-    assert (path.stat().st_mode & 0o777) == 0o640 and not stale.exists()
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
 
     def fails(tmp):
         open(tmp, "wb").write(b"partial")
-        raise OSError(28, "No space left on device")
+        raise KeyboardInterrupt  # or a full disk
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(KeyboardInterrupt):
         save.write_atomically(path, fails)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "w.npz"
-    ]  # the old file whole, no temporary file
-    assert np.array_equal(np.load(path)["a"], [0, 1, 2])
-
-
-@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_a_write_acts_after_the_rename_and_leaves_no_temporary_file(
-    tmp_path, number
-):
-    script = (
-        f"import os, signal, sys; sys.path.insert(0, {str(ROOT / 'gpt2')!r}); import save\n"
-        "def write(tmp):\n"
-        f"    os.kill(os.getpid(), {int(number)})  # arrives in the middle of the write\n"
-        "    open(tmp, 'w').write('whole')\n"
-        f"save.write_atomically({str(tmp_path / 'out.txt')!r}, write)\n"
-        "print('not reached')\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True
-    )
-    assert (
-        result.returncode in (-number, 1) and "not reached" not in result.stdout
-    )  # SIGINT: KeyboardInterrupt
-    assert (
-        sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
-        and (tmp_path / "out.txt").read_text() == "whole"
-    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
+    assert np.array_equal(np.load(path)["a"], [0, 1, 2])  # the old file whole
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +256,8 @@ def converted(tmp_path_factory):
 
 
 def with_config(converted, tmp_path, config_bytes=None, **changes):
-    """A copy of the converted weights with its stored config changed (or replaced by raw bytes)."""
+    """A copy of the converted weights with its stored config changed (or replaced by
+    raw bytes)."""
     arrays = dict(np.load(converted))
     config = json.loads(arrays["config"].tobytes())
     raw = (
@@ -414,3 +379,185 @@ def test_convert_refuses_a_damaged_hugging_face_config_in_one_line(tmp_path, cha
     line = one_line_error(run_script("gpt2/convert.py", folder, tmp_path / "w.npz"))
     assert "config" in line and line.startswith("error: "), line
     assert not (tmp_path / "w.npz").exists()
+
+
+# ---- One test per fault a user met (issues 31 and 32) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder with text.txt and the checkpoint of a 2-step main.py run on it."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "text.txt").write_text(TEXT)
+    result = run_script(
+        "gpt2/main.py", "--data", folder / "text.txt", "--out", folder,
+        *TINY_RUN, "--max-steps", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_a_checkpoint_of_main_py_samples_with_generate_py(trained):
+    result = run_script(
+        "gpt2/generate.py", trained / "checkpoint.safetensors",
+        "--prompt", "All: ", "--max-tokens", "20",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("All: ") and len(result.stdout) >= 25
+    assert set(result.stdout) <= set(TEXT)  # the characters it was trained on
+
+
+def test_generate_py_given_a_folder_says_it_is_a_folder(tmp_path):
+    line = one_line_error(run_script("gpt2/generate.py", tmp_path))
+    assert "is a folder" in line and "convert.py" in line
+
+
+@pytest.mark.parametrize("shell", ["| head -c1", "> /dev/full"])
+def test_generate_py_stops_without_a_traceback_when_stdout_closes_or_fills(
+    trained, shell
+):
+    command = (
+        f"{sys.executable} {ROOT / 'gpt2/generate.py'} "
+        f"{trained / 'checkpoint.safetensors'} --max-tokens 200 --prompt All {shell}"
+    )
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True
+    )
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
+    if shell == "> /dev/full":
+        assert "No space left" in one_line_error(result)
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3])  # after Python starts
+def test_ctrl_c_while_starting_gives_at_most_one_line(tmp_path, delay):
+    (tmp_path / "text.txt").write_text(TEXT)
+    process = subprocess.Popen(
+        [sys.executable, ROOT / "gpt2/main.py", "--data", tmp_path / "text.txt",
+         "--out", tmp_path, *TINY_RUN, "--epochs", "1000"],  # minutes: not over yet
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]  # a lost Ctrl-C: training goes on
+    lines = [line for line in stderr.splitlines() if not line.startswith("warning: ")]
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert "Traceback" not in stderr and len(lines) <= 1, stderr
+
+
+def test_an_empty_prompt_is_refused_before_training(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run_script(
+        "gpt2/main.py", "--data", tmp_path / "text.txt", "--out", tmp_path / "out",
+        *TINY_RUN, "--prompt", "",
+    )  # fmt: skip
+    assert result.returncode == 2 and "--prompt" in result.stderr
+    assert "Step" not in result.stdout
+
+
+def test_generate_py_refuses_nan_weights(trained, tmp_path):
+    arrays = dict(mx.load(str(trained / "checkpoint.safetensors")))
+    arrays["model.h.0.mlp.c_fc.weight"][0, 0] = mx.nan
+    mx.save_safetensors(str(tmp_path / "nan.safetensors"), arrays)
+    line = one_line_error(run_script("gpt2/generate.py", tmp_path / "nan.safetensors"))
+    assert "h.0.mlp.c_fc.weight is not finite" in line
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("nan weight", "model.wte.weight is not finite"),
+        ("nan moment", "optimizer.wte.weight.v is not finite"),
+        ("no optimizer", "optimizer."),
+        ("wrong shape", "optimizer.wte.weight.m float32 (3, 3)"),
+    ],
+)
+def test_resume_checks_every_array_of_the_checkpoint_in_one_line(
+    trained, tmp_path, damage, expected
+):
+    arrays = dict(mx.load(str(trained / "checkpoint.safetensors")))
+    if damage == "nan weight":
+        arrays["model.wte.weight"][0, 0] = mx.nan
+    elif damage == "nan moment":
+        arrays["optimizer.wte.weight.v"][0, 0] = mx.inf
+    elif damage == "no optimizer":
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("optimizer.")}
+    else:
+        arrays["optimizer.wte.weight.m"] = mx.zeros((3, 3))
+    mx.save_safetensors(str(tmp_path / "checkpoint.safetensors"), arrays)
+    result = run_script(
+        "gpt2/main.py", "--data", trained / "text.txt", "--out", tmp_path,
+        *TINY_RUN, "--max-steps", "4", "--resume",
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "is damaged" in line and expected in line
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path,
+):
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ["--data", tmp_path / "text.txt", "--out", tmp_path, *TINY_RUN]
+    assert run_script("gpt2/main.py", *common, "--max-steps", "11").returncode == 0
+    before = checkpoint_arrays(tmp_path)
+    result = run_script("gpt2/main.py", *common, "--lr", "100", "--epochs", "3")
+    line = one_line_error(result)
+    assert "diverged" in line and "--lr" in line
+    assert not (tmp_path / "completions.txt").read_text() == ""  # the first run's
+    after = checkpoint_arrays(tmp_path)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_full_disk_during_a_run_says_the_previous_checkpoint_is_whole(
+    tmp_path, monkeypatch
+):
+    main = import_example("gpt2", "main")
+    model = main.GPT(main.GPTConfig(8, 8, 1, 1, 8))
+    optimizer = main.optim.AdamW(1e-3)
+    optimizer.init(model.trainable_parameters())
+
+    def full(path, arrays):
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(main, "save_arrays", full)
+    path = tmp_path / "checkpoint.safetensors"
+    checkpoint = main.Checkpoint(path, model, optimizer, {}, 11, True)
+    with pytest.raises(ValueError) as stopped:
+        checkpoint.save(22)
+    message = str(stopped.value)
+    assert "step 22" in message and f"{path} (step 11), is whole" in message
+    assert "--resume" in message
+
+
+def test_convert_refuses_a_folder_without_tokenizer_files(tmp_path):
+    folder = tiny_gpt2(tmp_path / "hf")
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    line = one_line_error(run_script("gpt2/convert.py", folder, tmp_path / "w.npz"))
+    assert "no tokenizer files" in line and not (tmp_path / "w.npz").exists()
+
+
+def test_generate_py_refuses_a_prompt_that_is_not_utf8_in_one_line(trained):
+    result = subprocess.run(
+        [sys.executable, ROOT / "gpt2/generate.py", trained / "checkpoint.safetensors",
+         "--prompt", b"\xff"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_benchmark_py_ctrl_c_gives_one_line():
+    process = subprocess.Popen(
+        [sys.executable, ROOT / "gpt2/benchmark.py", "--tiny", "--steps", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a Ctrl-C goes to the whole process group
+    )
+    time.sleep(5)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate()[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "Interrupted"

@@ -1,7 +1,7 @@
-"""gpt2/: mixed-precision training (--dtype), float16 loss scaling, dropout's statistics, and the
-errors around them (resume in another dtype, non-finite loss, a dtype the backend lacks)."""
+"""gpt2/: mixed-precision training (--dtype), dropout's statistics and kernels, and
+the errors around them (resume in another dtype, non-finite loss, a diverging run)."""
 
-import re
+import json
 import sys
 
 import mlx.core as mx
@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 
 TEXT = (
     "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
-    "First Citizen: You are all resolved rather to die than to famish?\nAll: Resolved. resolved.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
 ) * 40
 # 11 steps per epoch with these flags on TEXT
 TINY_RUN = [
@@ -34,17 +35,20 @@ TINY_RUN = [
 
 @pytest.fixture(autouse=True)
 def gpt2_on_the_path():
-    """main.py imports its features (float16.py, resume.py, blas.py) when used, as `python gpt2/main.py`
-    finds them beside it: the in-process runs here need gpt2/ on sys.path while they run."""
+    """main.py imports its features (resume.py, distributed.py) when used, as
+    `python gpt2/main.py` finds them beside it: the in-process runs here need gpt2/ on
+    sys.path while they run."""
     with example_modules("gpt2"):
         yield
 
 
 def dropout_masks(seed, shape=(512, 1024), p=0.2, calls=2):
-    """The kept/dropped masks of `calls` successive calls of the model's dropout after mx.random.seed(seed).
+    """The kept/dropped masks of `calls` successive calls of the model's dropout after
+    mx.random.seed(seed).
 
-    The model's Dropout is MLX's nn.Dropout on the CPU and on Apple GPUs, and its own Philox kernel on
-    an NVIDIA GPU (the default device there), so on a CUDA machine these tests check the kernel."""
+    The model's Dropout is MLX's nn.Dropout on the CPU and on Apple GPUs, and its own
+    Philox kernel on an NVIDIA GPU (the default device there), so on a CUDA machine
+    these tests check the kernel."""
     mx.random.seed(seed)
     dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
@@ -70,8 +74,8 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_independently():
     assert abs(correlation(first[:, 1:], first[:, :-1])) < bound  # neighbours in a row
     assert abs(correlation(first[1:], first[:-1])) < bound  # neighbours in a column
     assert abs(correlation(first, second)) < bound  # the next call (the next step)
-    # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against independence,
-    # chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
+    # Pairs of neighbours: the four (kept, kept) ... (dropped, dropped) counts against
+    # independence, chi-square with 3 degrees of freedom; 21.1 is its 0.9999 quantile.
     a, b = first[:, 0::2].ravel(), first[:, 1::2].ravel()
     observed = np.array(
         [np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)]
@@ -88,8 +92,9 @@ def test_dropout_masks_follow_the_seed():
 
 
 def test_dropout_gradient_uses_the_forward_mask_inside_a_compiled_step():
-    """The backward pass applies the forward pass's mask (the kernel keeps none: it redraws it), in a
-    compiled step that carries mx.random.state as the training step does: every call a new mask."""
+    """The backward pass applies the forward pass's mask (the kernel keeps none: it
+    redraws it), in a compiled step that carries mx.random.state as the training step
+    does: every call a new mask."""
     p = 0.3
     dropout = import_example("gpt2", "dropout").Dropout(p)
     dropout.train()
@@ -126,7 +131,7 @@ ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 @pytest.mark.skipif(
     not ON_CUDA,
-    reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are the same code",
+    reason="the kernels run on NVIDIA GPUs only; elsewhere both sides are one code",
 )
 @pytest.mark.parametrize(
     "T", [16, 100, 10]
@@ -135,9 +140,9 @@ ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
     "dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"]
 )
 def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
-    """attention_dropout.py's AttentionDropout (one kernel forward and one backward) gives what
-    mx.softmax followed by dropout.py's Dropout kernel gives after the same seed: the same mask, and
-    the same values and gradients within rounding."""
+    """attention_dropout.py's AttentionDropout (one kernel forward and one backward)
+    gives what mx.softmax followed by dropout.py's Dropout kernel gives after the same
+    seed: the same mask, and the same values and gradients within rounding."""
     AttentionDropout = import_example("gpt2", "attention_dropout").AttentionDropout
     Dropout = import_example("gpt2", "dropout").Dropout
     p = 0.2
@@ -168,7 +173,8 @@ def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
     assert (
         not kept[..., ~lower].any() and 0.5 < kept[..., lower].mean() < 0.95
     )  # causal; about 1 - p kept
-    # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits (2^-7 = 0.0078)
+    # float32: rounding of a float32 softmax; bfloat16: one or two roundings to 8 bits
+    # (2^-7 = 0.0078)
     atol = 1e-6 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=atol)
     np.testing.assert_allclose(
@@ -180,8 +186,9 @@ def test_attention_dropout_kernel_equals_softmax_then_dropout_kernel(T, dtype):
 
 
 def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
-    """The kernel's rows are query positions of square (B, n_head, T, T) scores, four columns per Philox
-    call, one warp's registers per row: anything else takes mx.softmax and Dropout (checked as if on CUDA)."""
+    """The kernel's rows are query positions of square (B, n_head, T, T) scores, four
+    columns per Philox call, one warp's registers per row: anything else takes
+    mx.softmax and Dropout (checked as if on CUDA)."""
     attention_dropout = import_example("gpt2", "attention_dropout")
     monkeypatch.setattr(import_example("gpt2", "dropout"), "on_cuda", lambda: True)
     fused = attention_dropout.AttentionDropout(0.1)
@@ -198,12 +205,13 @@ def test_attention_dropout_takes_the_kernel_only_where_it_fits(monkeypatch):
     assert not fits(2, 3, 16, 16)  # benchmark.py --ablation's two-step way
 
 
-def test_dropout_kernels_take_the_place_of_every_dropout_and_compute_the_same_off_cuda():
-    """cuda_dropout.py swaps each of the model's dropouts for its kernel class, with the same p and mode;
-    off an NVIDIA GPU the kernel classes fall back to what the model's own modules compute."""
+def test_dropout_kernels_replace_every_dropout_and_compute_the_same_off_cuda():
+    """attention_dropout.use_dropout_kernels swaps each of the model's dropouts for its
+    kernel class, with the same p and mode; off an NVIDIA GPU the kernel classes fall
+    back to what the model's own modules compute."""
     import mlx.nn as nn
 
-    kernels = import_example("gpt2", "cuda_dropout")
+    kernels = import_example("gpt2", "attention_dropout")
     Dropout, AttentionDropout = kernels.Dropout, kernels.AttentionDropout
     model = tiny_model(dropout=0.2)
     x = mx.array(np.random.default_rng(0).integers(0, 40, (2, 16)))
@@ -264,66 +272,32 @@ def batch():
     )
 
 
-def train(dtype, steps, scale=None, good_steps=0):
-    """`steps` steps of main.py's training step on one batch; float16 with a LossScale(scale, good_steps)."""
-    main, float16 = import_example("gpt2", "main"), import_example("gpt2", "float16")
+def train(dtype, steps):
+    """`steps` steps of main.py's training step on one batch."""
+    main = import_example("gpt2", "main")
     model, optimizer = tiny_model(), optim.AdamW(learning_rate=1e-3)
-    loss_scale = (
-        float16.LossScale(
-            optimizer, **({"scale": scale} if scale else {}), good_steps=good_steps
-        )
-        if dtype == mx.float16
-        else None
-    )
-    step, state = main.make_train_step(
-        model, optimizer, dtype, grad_clip=1.0, loss_scale=loss_scale
-    )
+    step, state = main.make_train_step(model, optimizer, dtype, grad_clip=1.0)
     x, y = batch()
     losses = []
     for _ in range(steps):
         losses.append(step(x, y).item())
     mx.eval(state)
-    return model, optimizer, losses, loss_scale
+    return model, optimizer, losses
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_low_precision_steps_keep_float32_master_weights_and_follow_float32(dtype):
-    _, _, reference_losses, _ = train(mx.float32, 5)
-    model, optimizer, losses, _ = train(dtype, 5)
+def test_bfloat16_steps_keep_float32_master_weights_and_follow_float32():
+    _, _, reference_losses = train(mx.float32, 5)
+    model, optimizer, losses = train(mx.bfloat16, 5)
     assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
     assert all(
         v.dtype == mx.float32
         for k, v in tree_flatten(optimizer.state)
         if k.endswith((".m", ".v"))
     )
-    # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of mantissa).
+    # The same five steps on one batch: the loss falls alike (bfloat16 keeps 8 bits of
+    # mantissa).
     assert reference_losses[-1] < reference_losses[0] - 0.05
     assert np.allclose(losses, reference_losses, atol=0.02), (losses, reference_losses)
-
-
-def test_float16_step_that_overflows_changes_nothing_but_halves_the_scale():
-    before = dict(tree_flatten(tiny_model().parameters()))
-    model, optimizer, _, loss_scale = train(
-        mx.float16, 1, scale=1e38, good_steps=5
-    )  # scaled gradients overflow
-    for name, p in tree_flatten(model.parameters()):
-        assert mx.array_equal(p, before[name]), name
-    assert (
-        float(loss_scale.state["scale"]) == pytest.approx(0.5e38)
-        and int(loss_scale.state["good_steps"]) == 0
-    )
-    assert (
-        int(optimizer.state["step"]) == 0
-    )  # AdamW's step count did not advance either
-    model, _, _, loss_scale = train(mx.float16, 1)
-    assert any(
-        not mx.array_equal(p, before[name])
-        for name, p in tree_flatten(model.parameters())
-    )
-    assert (
-        float(loss_scale.state["scale"]) == 2.0**15
-        and int(loss_scale.state["good_steps"]) == 1
-    )
 
 
 def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_so(
@@ -349,6 +323,10 @@ def test_resume_in_another_dtype_continues_from_the_float32_checkpoint_and_says_
     assert second.returncode == 0, second.stderr
     assert "at step 3 (trained in bfloat16, continuing in float32)" in second.stdout
     assert "Trained 2 steps" in second.stdout
+
+
+def checkpoint_meta(path):
+    return json.loads(bytes(memoryview(mx.load(str(path))["meta"])).decode())
 
 
 def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_checkpoint(
@@ -389,19 +367,11 @@ def test_non_finite_loss_stops_with_the_step_number_and_keeps_the_last_good_chec
     with pytest.raises(SystemExit) as stop:
         main.main()
     message = str(stop.value.code)
-    assert message.startswith(
-        "error: the training loss became inf or nan at step 15;"
-    ), message
-    assert (
-        f"the last good checkpoint, {tmp_path / 'checkpoint.safetensors'}, is kept (step 11)"
-        in message
-    )
-    meta = import_example("gpt2", "resume").load_checkpoint(
-        tmp_path / "checkpoint.safetensors"
-    )[3]
-    assert (
-        meta["step"] == 11
-    )  # the end of epoch 1; nothing from the failing epoch was saved
+    assert message.startswith("error: the training loss diverged (nan) at step 15:")
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    assert f"the last good checkpoint, {checkpoint} (step 11), is whole" in message
+    # The end of epoch 1; nothing from the failing epoch was saved.
+    assert checkpoint_meta(checkpoint)["step"] == 11
     assert not (tmp_path / "completions.txt").exists()
 
 
@@ -449,44 +419,19 @@ def test_a_weight_that_becomes_nan_is_never_saved_and_the_last_good_checkpoint_i
         main.main()
     message = str(stop.value.code)
     assert message.startswith(
-        f"error: a weight became inf or nan at step {bad_step}; stopped, and "
+        f"error: a weight became inf or nan at step {bad_step}: stopped, and "
     ), message
     checkpoint = tmp_path / "checkpoint.safetensors"
     if kept is None:
         assert "no checkpoint was written" in message and not checkpoint.exists()
     else:
-        assert (
-            f"the last good checkpoint, {checkpoint}, is kept (step {kept})" in message
-        )
-        weights, _, _, meta = import_example("gpt2", "resume").load_checkpoint(
-            checkpoint
-        )
-        assert meta["step"] == kept and all(
-            mx.isfinite(w).all().item() for _, w in weights
-        )
+        assert f"the last good checkpoint, {checkpoint} (step {kept})" in message
+        weights = mx.load(str(checkpoint))
+        assert checkpoint_meta(checkpoint)["step"] == kept
+        assert all(mx.isfinite(w).all().item() for w in weights.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["text.txt"] + (["checkpoint.safetensors"] if kept else [])
     )
-
-
-def test_a_dtype_the_backend_cannot_compute_in_gives_one_line(tmp_path, monkeypatch):
-    main = import_example("gpt2", "main")
-
-    def no_float16(*arrays):
-        raise ValueError("float16 is not supported here")
-
-    monkeypatch.setattr(main.mx, "eval", no_float16)
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        ["main.py", "--data", str(tmp_path / "text.txt"), "--dtype", "float16"],
-    )
-    with pytest.raises(SystemExit) as stop:
-        main.main()
-    assert re.fullmatch(
-        r"error: --dtype float16: MLX on .* cannot compute in float16 .*; use --dtype float32",
-        str(stop.value.code),
-    ), stop.value.code
 
 
 def test_nanogpt_reference_refuses_what_it_cannot_run_in_one_line(tmp_path):
