@@ -1,10 +1,11 @@
-"""The READMEs as a user meets them: the top-level README's "MLX in five minutes" runs and prints what
-it shows, its set-up block is what CI runs, and every command in every README names a script that
-exists and flags that script defines.
+"""The READMEs as a user meets them: the top-level README's "MLX in five minutes" runs
+and prints what it shows, its set-up block is what CI runs, and every command in every
+README names a script that exists and flags that script defines.
 
-In the tutorial, every ```python block runs in order, in one namespace. A ```text block right after a
-```python block is the exact output that block must print. A block marked <!-- needs-gpu --> runs where
-MLX has a GPU backend; elsewhere it must fail the way the README says it does.
+In the tutorial, every ```python block runs in order, in one namespace. A ```text block
+right after a ```python block is the exact output that block must print. A block marked
+<!-- needs-gpu --> runs where MLX has a GPU backend; elsewhere it must fail the way the
+README says it does.
 """
 
 import contextlib
@@ -41,7 +42,8 @@ def test_every_tutorial_section_has_code_and_every_shown_output_is_checked():
         assert "```python\n" in section, (
             f"section without code: {section.splitlines()[0]}"
         )
-    # A ```text block that does not follow its ```python block directly would be shown but never checked.
+    # A ```text block that does not follow its ```python block directly would be shown
+    # but never checked.
     assert TUTORIAL.count("```text\n") == sum(
         expected is not None for _, expected, _ in snippets()
     )
@@ -81,7 +83,8 @@ def test_every_snippet_runs_and_prints_what_the_readme_shows():
 
 
 def ci_setup_commands(readme_text, tmp_path):
-    """The commands .ci/run would run for this README text: its own extraction, run on a copy."""
+    """The commands .ci/run would run for this README text: its own extraction, run on a
+    copy."""
     ci = (ROOT / ".ci" / "run").read_text()
     extraction = re.search(r"^commands=\$\((.*?README\.md)\)$", ci, re.S | re.M)
     assert extraction, (
@@ -103,7 +106,8 @@ def test_ci_runs_exactly_the_two_setup_commands_of_the_readme(tmp_path):
         "pip install -r requirements.txt",
         "python -m pytest",
     ]
-    # It reads them from the README, not from a copy of its own: another block gives other commands.
+    # It reads them from the README, not from a copy of its own: another block gives
+    # other commands.
     other = README.replace("python -m pytest\n", "python -m pytest -x\n", 1)
     assert ci_setup_commands(other, tmp_path) == [
         "pip install -r requirements.txt",
@@ -112,8 +116,8 @@ def test_ci_runs_exactly_the_two_setup_commands_of_the_readme(tmp_path):
 
 
 def readme_commands(path):
-    """(README, command) for each line of its ```bash blocks (continuations joined) and each inline
-    `python ...`, `mlx.launch ...` or `torchrun ...`."""
+    """(README, command) for each line of its ```bash blocks (continuations joined) and
+    each inline `python ...`, `mlx.launch ...` or `torchrun ...`."""
     text = path.read_text()
     lines = [
         line
@@ -128,7 +132,8 @@ COMMANDS = [command for readme in READMES for command in readme_commands(readme)
 
 
 def split(command):
-    """(launcher words, script, script arguments), or None for a command that runs no script of ours."""
+    """(launcher words, script, script arguments), or None for a command that runs no
+    script of ours."""
     words = shlex.split(command, comments=True)
     scripts = [i for i, word in enumerate(words) if SCRIPT.match(word)]
     if not scripts:
@@ -171,5 +176,6 @@ def test_a_readme_command_names_a_script_that_exists_and_only_flags_it_defines(
             f"{readme}: {script} has no {flag}"
         )
     if launcher and launcher[0] == "mlx.launch":
-        # Without --python, mlx.launch executes the script itself: "Permission denied", and exit 0.
+        # Without --python, mlx.launch executes the script itself: "Permission denied",
+        # and exit 0.
         assert "--python" in launcher, f"{readme}: mlx.launch needs --python: {command}"

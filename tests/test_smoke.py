@@ -1,9 +1,10 @@
 """Every example's commands, end to end, in a subprocess, offline, with tiny settings.
 
-Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set, `{bert}` a tiny BERT
-folder in Hugging Face layout with `{bert}.npz` its conversion, `{llama}` the same for a tiny Llama
-(with its SentencePiece `tokenizer.model`) and `{gpt2}` for a tiny GPT-2, `{text}` a small text
-file, `{lora}` a folder of tiny llama/lora.py data, and `{tmp}` a scratch folder.
+Each case is (script, arguments); `{data}` is a tiny MNIST-shaped data set, `{bert}` a
+tiny BERT folder in Hugging Face layout with `{bert}.npz` its conversion, `{llama}` the
+same for a tiny Llama (with its SentencePiece `tokenizer.model`) and `{gpt2}` for a tiny
+GPT-2, `{text}` a small text file, `{lora}` a folder of tiny llama/lora.py data, and
+`{tmp}` a scratch folder.
 """
 
 import re
@@ -61,7 +62,8 @@ CASES = {
     ),
     "llama/llama": (
         "llama/llama.py",
-        "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 --top-p 0.9",
+        "{llama}.npz {llama}/tokenizer.model 'call me' --max-tokens 5 --temp 0.8 "
+        "--top-p 0.9",
     ),
     "llama/llama --prompts": (
         "llama/llama.py",
@@ -106,7 +108,8 @@ CASES = {
 
 
 def tiny_converted(tmp_path_factory, make, convert_args):
-    """A tiny Hugging Face folder made by `make`, converted to FOLDER.npz by `convert_args(folder)`."""
+    """A tiny Hugging Face folder made by `make`, converted to FOLDER.npz by
+    `convert_args(folder)`."""
     folder = make(tmp_path_factory.mktemp("smoke") / make.__name__)
     result = run_script(*convert_args(folder))
     assert result.returncode == 0, result.stderr
@@ -205,7 +208,8 @@ def test_mlp_mnist_convert_round_trip(tmp_path):
     ],
 )
 def test_benchmarks_time_pytorch_apart_when_ld_preload_is_set(script, args, tmp_path):
-    # An empty LD_PRELOAD changes nothing for the loader but takes the child-process path.
+    # An empty LD_PRELOAD changes nothing for the loader but takes the child-process
+    # path.
     result = run_script(script, *args.split(), cwd=tmp_path, env={"LD_PRELOAD": ""})
     assert result.returncode == 0, result.stderr
     assert "in a child process without LD_PRELOAD" in result.stdout
