@@ -34,9 +34,14 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     generated, tic, first = [], time.perf_counter(), None
     # Generation stops one token late: the token after the last one kept is waited for, so `seconds` holds
     # as many steps as the reply has tokens.
-    for token in model.generate(
-        mx.array(prompt_tokens), args.temp, args.top_p, cache=cache
-    ):
+    stream = model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache)
+    if args.proposer:  # --prompt-lookup or --draft-model (speculative.py)
+        from speculative import speculative_generate
+
+        stream = speculative_generate(
+            model, prompt_tokens, args.proposer, args.temp, args.top_p, cache, context
+        )
+    for token in stream:
         first = (
             first or time.perf_counter()
         )  # the first token comes out of the pass over the whole prompt
@@ -50,9 +55,10 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     print(decoder.add(None), flush=True)
     reply = generated[:-1] if generated[-1] in tokenizer.stop_ids else generated
     cached = f"{len(context)} tokens from the cache | " if cache else ""
+    accepted = args.proposer.summary() if args.proposer else ""
     print(
         f"[{cached}prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | "
-        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s | "
+        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{accepted} | "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
         file=sys.stderr,
     )
@@ -169,6 +175,31 @@ def parse_args():
         default=16,
         help="prompts generated at once with --prompts (default: 16)",
     )
+    parser.add_argument(
+        "--prompt-lookup",
+        type=in_range(int, 1, 64),
+        metavar="K",
+        help="propose up to K tokens copied from where the last --ngram-size tokens "
+        "occurred before, checked in one pass (speculative.py); the same text, faster "
+        "where the reply repeats its input",
+    )
+    parser.add_argument(
+        "--ngram-size",
+        type=in_range(int, 1, 64),
+        default=3,
+        help="tokens matched by --prompt-lookup (default: 3)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        help="a smaller model with the same tokenizer (a convert.py file) that proposes "
+        "--num-draft-tokens tokens, checked in one pass (speculative.py)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=in_range(int, 1, 64),
+        default=3,
+        help="tokens the --draft-model proposes at a time (default: 3)",
+    )
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
@@ -178,6 +209,14 @@ def parse_args():
         )
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; give some text to continue")
+    if args.prompt_lookup and args.draft_model:
+        parser.error(
+            "--prompt-lookup and --draft-model propose tokens two ways: pick one"
+        )
+    if (args.prompt_lookup or args.draft_model) and args.prompts:
+        parser.error(
+            "--prompt-lookup and --draft-model decode one prompt, not --prompts"
+        )
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
     return args
@@ -203,6 +242,11 @@ def main():
         file=sys.stderr,
     )
     warn_if_reference_blas()
+    args.proposer = None
+    if args.prompt_lookup or args.draft_model:  # read only when asked for
+        from speculative import proposer_for
+
+        args.proposer = proposer_for(args, model)
     if args.prompts:
         from batch import run_prompts
 
