@@ -1,20 +1,22 @@
-"""Speculative decoding speed (speculative.py): plain decoding against prompt lookup and a draft.
+"""Speculative decoding speed (speculative.py): plain decoding against prompt lookup
+and a draft model.
 
-    python llama/benchmark_speculative.py smol.safetensors smol-hf          # a real model, --chat tasks
-    python llama/benchmark_speculative.py --preset 7b --dtype float16       # a rejected block's cost
-    python llama/benchmark_speculative.py --preset tiny --repeats 1         # seconds, on a CPU
+    python llama/benchmark_speculative.py smol.safetensors smol-hf  # a model, --chat
+    python llama/benchmark_speculative.py --preset 7b --dtype float16  # rejected blocks
+    python llama/benchmark_speculative.py --preset tiny --repeats 1  # seconds, on a CPU
 
-With a model (a convert.py file and its tokenizer), each task is one chat message, answered greedily
-for up to --max-tokens tokens (or to a stop token) by plain decoding (model.generate), prompt lookup
-with each of --k (--ngram-size) and a draft model: --draft-model, or by default the model itself
-quantized to 4 bits. Three tasks repeat their input (edit a code file, quote a document, rewrite a
-paragraph), one does not (a story). Tokens/s counts the reply's tokens from the first one (the prompt
-pass) to the last, median and range of --repeats runs after a warm-up; "same" says whether the text
+With a model (a convert.py file and its tokenizer), each task is one chat message,
+answered greedily for up to --max-tokens tokens (or to a stop token) by plain decoding
+(model.generate), prompt lookup with each of --k (--ngram-size) and a draft model:
+--draft-model, or by default the model itself quantized to 4 bits. Three tasks repeat
+their input (edit a code file, quote a document, rewrite a paragraph), one does not (a
+story). Tokens/s counts the reply's tokens from the first one (the prompt pass) to the
+last, median and range of --repeats runs after a warm-up; "same" says whether the text
 is plain decoding's, "accepted" is the share of proposed tokens kept.
 
-With --preset, random weights: the time of a plain decoding step against a block of K proposals that
-are all rejected (one pass over K + 1 tokens yields one token), the worst case of speculation.
-Progress goes to stderr, the tables to stdout.
+With --preset, random weights: the time of a plain decoding step against a block of K
+proposals that are all rejected (one pass over K + 1 tokens yields one token), the worst
+case of speculation. Progress goes to stderr, the tables to stdout.
 """
 
 import argparse
@@ -58,35 +60,37 @@ def save_report(scores, path):
     Path(path).write_text(json.dumps(report, indent=2))
 '''
 
-DOCUMENT = """The Harbour Library opens at nine in the morning from Monday to Friday and at ten on
-Saturdays; it is closed on Sundays and public holidays. Members may borrow up to eight books at a
-time for three weeks, and a loan can be renewed twice online or at the front desk, unless another
-member has reserved the book. Late returns cost twenty cents per book per day, up to a maximum of
-five euros per book. The reading room on the second floor is kept silent, and laptops may be used
-there only with the sound turned off. Children under twelve must be accompanied by an adult after
-six in the evening. Lost membership cards are replaced at the front desk for a fee of two euros."""
+DOCUMENT = """The Harbour Library opens at nine in the morning from Monday to Friday and
+at ten on Saturdays; it is closed on Sundays and public holidays. Members may borrow up
+to eight books at a time for three weeks, and a loan can be renewed twice online or at
+the front desk, unless another member has reserved the book. Late returns cost twenty
+cents per book per day, up to a maximum of five euros per book. The reading room on the
+second floor is kept silent, and laptops may be used there only with the sound turned
+off. Children under twelve must be accompanied by an adult after six in the evening.
+Lost membership cards are replaced at the front desk for a fee of two euros."""
 
-PARAGRAPH = """Our team spent the autumn rebuilding the colour pipeline of the old print shop. The
-first weeks went to measuring every press, because nobody had written down how the machines had
-drifted over the years. We then replaced the hand-tuned curves with profiles computed from those
-measurements, and the colour of a test page now agrees across all four presses. The remaining work
-is to train the staff, to move the profiles into the shared catalogue, and to check each press
-again in the spring, when the humidity changes."""
+PARAGRAPH = """Our team spent the autumn rebuilding the colour pipeline of the old print
+shop. The first weeks went to measuring every press, because nobody had written down how
+the machines had drifted over the years. We then replaced the hand-tuned curves with
+profiles computed from those measurements, and the colour of a test page now agrees
+across all four presses. The remaining work is to train the staff, to move the profiles
+into the shared catalogue, and to check each press again in the spring, when the
+humidity changes."""
 
 TASKS = {
-    "edit code": "Rename the function best_players to top_players everywhere in this file. "
-    f"Reply with the whole file and nothing else.\n\n{CODE}",
-    "quote document": f"{DOCUMENT}\n\nQuoting the text above word for word, what are the "
-    "rules for borrowing books and for late returns?",
-    "rewrite paragraph": "Rewrite this paragraph in American spelling (color, not colour), "
-    f"changing nothing else:\n\n{PARAGRAPH}",
-    "open-ended": "Write a short story about a lighthouse keeper who finds a message in "
-    "a bottle.",
+    "edit code": "Rename the function best_players to top_players everywhere in this "
+    f"file. Reply with the whole file and nothing else.\n\n{CODE}",
+    "quote document": f"{DOCUMENT}\n\nQuoting the text above word for word, what are "
+    "the rules for borrowing books and for late returns?",
+    "rewrite paragraph": "Rewrite this paragraph in American spelling (color, not "
+    f"colour), changing nothing else:\n\n{PARAGRAPH}",
+    "open-ended": "Write a short story about a lighthouse keeper who finds a message "
+    "in a bottle.",
 }
 
 
 def decode(model, prompt, proposer, max_tokens, stop_ids):
-    """(the reply's tokens, seconds from its first token to its last), as llama.py decodes."""
+    """(the reply's tokens, seconds from its first token to its last)."""
     if proposer is None:
         stream = model.generate(mx.array(prompt))
     else:
@@ -101,7 +105,7 @@ def decode(model, prompt, proposer, max_tokens, stop_ids):
 
 
 def measure(model, prompt, proposer, args, stop_ids=()):
-    """(median, low, high tokens/s over the timed runs, the reply, share accepted or None)."""
+    """(median, low, high tokens/s of the timed runs, the reply, share accepted)."""
     rates = []
     for _ in range(args.repeats + 1):  # the first run warms up
         tokens, seconds = decode(model, prompt, proposer, args.max_tokens, stop_ids)
@@ -121,7 +125,7 @@ def rate(median, low, high):
 
 
 def quantized_draft(model):
-    """The model itself at 4 bits (groups of 64): a draft with the same tokenizer for free."""
+    """The model itself at 4 bits (groups of 64): a draft with the same tokenizer."""
     draft = Llama(replace(model.args, quantization=None))
     draft.update(model.parameters())  # the same arrays, not copies
     quantize(draft, 64, 4)
@@ -146,9 +150,10 @@ def real_model(args):
     methods[f"{draft_name} K={args.num_draft_tokens}"] = DraftModel(
         draft, args.num_draft_tokens
     )
-    print(f"| task | method | tokens/s, median (range) | vs plain | accepted | same |")
+    print("| task | method | tokens/s, median (range) | vs plain | accepted | same |")
     print("|---|---|---|---|---|---|")
-    for task, message in TASKS.items():
+    for task in args.tasks:
+        message = TASKS[task]
         prompt = chat_tokens(tokenizer, [{"role": "user", "content": message}])
         for name, proposer in methods.items():
             say(f"{task}: {name}")
@@ -221,7 +226,7 @@ def parse_args():
     parser.add_argument(
         "--preset",
         choices=list(PRESETS),
-        help="instead of a model: random weights of this shape, for a rejected block's cost",
+        help="instead of a model: random weights of this shape, to time a rejection",
     )
     parser.add_argument(
         "--dtype", choices=["float16", "bfloat16", "float32"], default="float16"
@@ -236,6 +241,13 @@ def parse_args():
     parser.add_argument("--ngram-size", type=in_range(int, 1, 64), default=3)
     parser.add_argument("--draft-model", help="default: the model at 4 bits")
     parser.add_argument("--num-draft-tokens", type=in_range(int, 1, 64), default=3)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=list(TASKS),
+        default=list(TASKS),
+        help="the tasks to run (default: all)",
+    )
     parser.add_argument("--max-tokens", type=in_range(int, 2), default=200)
     parser.add_argument("--repeats", type=in_range(int, 1), default=3)
     parser.add_argument("--seed", type=in_range(int, 0), default=0)

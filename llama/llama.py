@@ -34,12 +34,15 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     generated, tic, first = [], time.perf_counter(), None
     # Generation stops one token late: the token after the last one kept is waited for, so `seconds` holds
     # as many steps as the reply has tokens.
-    stream = model.generate(mx.array(prompt_tokens), args.temp, args.top_p, cache=cache)
     if args.proposer:  # --prompt-lookup or --draft-model (speculative.py)
         from speculative import speculative_generate
 
         stream = speculative_generate(
             model, prompt_tokens, args.proposer, args.temp, args.top_p, cache, context
+        )
+    else:
+        stream = model.generate(
+            mx.array(prompt_tokens), args.temp, args.top_p, cache=cache
         )
     for token in stream:
         first = (
@@ -58,7 +61,8 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     accepted = args.proposer.summary() if args.proposer else ""
     print(
         f"[{cached}prompt {len(prompt_tokens)} tokens, {len(prompt_tokens) / (first - tic):.1f} tokens/s | "
-        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{accepted} | "
+        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s"
+        f"{accepted} | "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
         file=sys.stderr,
     )
@@ -191,8 +195,8 @@ def parse_args():
     )
     parser.add_argument(
         "--draft-model",
-        help="a smaller model with the same tokenizer (a convert.py file) that proposes "
-        "--num-draft-tokens tokens, checked in one pass (speculative.py)",
+        help="a smaller model with the same tokenizer (a convert.py file) that "
+        "proposes --num-draft-tokens tokens, checked in one pass (speculative.py)",
     )
     parser.add_argument(
         "--num-draft-tokens",

@@ -1,5 +1,5 @@
-"""llama/speculative.py: prompt lookup and a draft model change no greedy token and no sampling
-distribution; the cache is rolled back; llama.py's flags, refusals and chat."""
+"""llama/speculative.py: prompt lookup and a draft model change no greedy token and no
+sampling distribution; the cache is rolled back; llama.py's flags, refusals and chat."""
 
 import os
 import subprocess
@@ -92,8 +92,9 @@ def test_unrelated_draft_accepts_almost_nothing_and_gives_plain_tokens(target):
 
 
 def test_cache_after_rejections_equals_a_fresh_recompute(target):
-    """After blocks with rejected proposals, the model's cached keys and values are those of
-    running it on the tokens kept, from scratch; so are the draft's at its next proposal."""
+    """After blocks with rejected proposals, the model's cached keys and values are
+    those of running it on the tokens kept, from scratch; so are the draft's once it
+    proposes again."""
     speculative = import_example("llama", "speculative")
     prompt = repeating_prompt(5)
     draft = speculative.DraftModel(random_llama(1), 5)
@@ -122,8 +123,8 @@ def test_cache_after_rejections_equals_a_fresh_recompute(target):
 
 
 def test_context_end_inside_a_block_stops_as_plain_decoding():
-    """Proposals stop at the context's end: the tokens up to it are plain decoding's, and no
-    position past it is computed."""
+    """Proposals stop at the context's end: the tokens up to it are plain decoding's,
+    and no position past it is computed."""
     speculative = import_example("llama", "speculative")
     model = random_llama(0, max_seq_len=40)
     prompt = repeating_prompt(3, length=30)
@@ -154,11 +155,11 @@ def test_stop_token_inside_a_block_ends_the_reply_as_plain_decoding(target, tmp_
     assert replies[0] == replies[1] == expected[:index]
 
 
-# ---- Sampling: the distribution of the first tokens ----------------------------------------------
+# ---- Sampling: the distribution of the first tokens ----------------------------------
 
 
 def exact_distribution(model, prompt, temp, top_p, n):
-    """The exact probabilities of the first n sampled tokens, (vocab,) * n, by enumerating them."""
+    """The probabilities (vocab,) * n of the first n sampled tokens, enumerated."""
     speculative = import_example("llama", "speculative")
     vocab = model.args.vocab_size
     joint = np.ones([1])
@@ -178,8 +179,8 @@ def exact_distribution(model, prompt, temp, top_p, n):
 
 
 def chi_square_p_value(samples, probabilities):
-    """The p-value of samples (N, n) drawn from `probabilities` (vocab,) * n; cells expected
-    fewer than 5 times are pooled."""
+    """The p-value of samples (N, n) drawn from `probabilities` (vocab,) * n; cells
+    expected fewer than 5 times are pooled."""
     expected = probabilities.reshape(-1) * len(samples)
     index = np.ravel_multi_index(samples.T, probabilities.shape)
     observed = np.bincount(index, minlength=expected.size)
@@ -190,9 +191,10 @@ def chi_square_p_value(samples, probabilities):
 
 
 def test_sampled_tokens_have_plain_samplings_distribution():
-    """With --temp and --top-p, the first three tokens (the last two from proposed blocks) follow
-    the model's distribution exactly, for prompt lookup and for an unrelated draft model; the
-    distribution at another temperature is rejected by the same samples."""
+    """With --temp and --top-p, the first three tokens (the last two from proposed
+    blocks) follow the model's distribution exactly, for prompt lookup and for an
+    unrelated draft model; the distribution at another temperature is rejected by the
+    same samples."""
     speculative = import_example("llama", "speculative")
     model, other = random_llama(2, vocab_size=8), random_llama(3, vocab_size=8)
     prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1, 2]  # every token occurs: 1-grams always match
@@ -216,12 +218,12 @@ def test_sampled_tokens_have_plain_samplings_distribution():
         assert chi_square_p_value(np.array(samples), colder) < 1e-3
 
 
-# ---- llama.py ------------------------------------------------------------------------------------
+# ---- llama.py ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny Hugging Face Llama (context 96) converted with convert.py, with its tokenizer.model."""
+    """A tiny Hugging Face Llama (context 96) converted by convert.py; its tokenizer."""
     folder = tiny_llama(tmp_path_factory.mktemp("llama_speculative") / "hf")
     result = run_script("llama/convert.py", folder, folder.parent / "hf.npz")
     assert result.returncode == 0, result.stderr
