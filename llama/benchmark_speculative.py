@@ -89,10 +89,25 @@ TASKS = {
 }
 
 
+class Counted:
+    """A model that counts its forward passes (speculative_generate's; model.generate
+    makes one per token)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.passes = model, model.args, 0
+
+    def __call__(self, *args, **kwargs):
+        self.passes += 1
+        return self.model(*args, **kwargs)
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+
 def decode(model, prompt, proposer, max_tokens, stop_ids):
     """(the reply's tokens, seconds from its first token to its last)."""
     if proposer is None:
-        stream = model.generate(mx.array(prompt))
+        stream = model.model.generate(mx.array(prompt))
     else:
         stream = speculative_generate(model, prompt, proposer)
     tokens, first = [], None
@@ -105,19 +120,17 @@ def decode(model, prompt, proposer, max_tokens, stop_ids):
 
 
 def measure(model, prompt, proposer, args, stop_ids=()):
-    """(median, low, high tokens/s of the timed runs, the reply, share accepted)."""
-    rates = []
+    """(median, low, high tokens/s of the timed runs, the reply, share accepted, tokens
+    per forward pass)."""
+    rates, counted = [], Counted(model)
     for _ in range(args.repeats + 1):  # the first run warms up
-        tokens, seconds = decode(model, prompt, proposer, args.max_tokens, stop_ids)
+        counted.passes = 0
+        tokens, seconds = decode(counted, prompt, proposer, args.max_tokens, stop_ids)
         rates.append((len(tokens) - 1) / seconds)
     accepted = proposer.accepted / max(proposer.proposed, 1) if proposer else None
-    return (
-        statistics.median(rates[1:]),
-        min(rates[1:]),
-        max(rates[1:]),
-        tokens,
-        accepted,
-    )
+    per_pass = len(tokens) / counted.passes if proposer else 1.0
+    timed = rates[1:]
+    return statistics.median(timed), min(timed), max(timed), tokens, accepted, per_pass
 
 
 def rate(median, low, high):
@@ -150,14 +163,17 @@ def real_model(args):
     methods[f"{draft_name} K={args.num_draft_tokens}"] = DraftModel(
         draft, args.num_draft_tokens
     )
-    print("| task | method | tokens/s, median (range) | vs plain | accepted | same |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| task | method | tokens/s, median (range) | vs plain | accepted "
+        "| tokens per pass | same |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for task in args.tasks:
         message = TASKS[task]
         prompt = chat_tokens(tokenizer, [{"role": "user", "content": message}])
         for name, proposer in methods.items():
             say(f"{task}: {name}")
-            median, low, high, tokens, accepted = measure(
+            median, low, high, tokens, accepted, per_pass = measure(
                 model, prompt, proposer, args, tokenizer.stop_ids
             )
             if proposer is None:
@@ -166,7 +182,7 @@ def real_model(args):
             same = "yes" if tokens == plain_tokens else "NO"
             print(
                 f"| {task} | {name} | {rate(median, low, high)} | "
-                f"{median / plain_rate:.2f}x | {share} | {same} |",
+                f"{median / plain_rate:.2f}x | {share} | {per_pass:.2f} | {same} |",
                 flush=True,
             )
 
@@ -200,7 +216,7 @@ def rejected_blocks(args):
     print(f"| plain step | {ms(*plain[:3])} | 1.00x | |")
     for k in args.k:
         say(f"a rejected block of K={k}")
-        median, low, high, _, accepted = measure(model, prompt, Rejected(k), args)
+        median, low, high, _, accepted, _ = measure(model, prompt, Rejected(k), args)
         print(
             f"| block of K={k}, all rejected | {ms(median, low, high)} | "
             f"{plain[0] / median:.2f}x | {accepted:.0%} |",

@@ -48,7 +48,8 @@ class Proposer:
 
 
 class PromptLookup(Proposer):
-    """Propose the tokens that followed the last n-gram where it occurred before."""
+    """Propose the tokens that followed the last n-gram where it occurred before; while
+    the sequence goes on copying that place, go on proposing from there."""
 
     def __init__(self, num_tokens, ngram_size=3):
         super().__init__(num_tokens)
@@ -56,15 +57,22 @@ class PromptLookup(Proposer):
         self.tokens, self.index = None, {}  # n-gram -> the position that followed it
 
     def match(self, tokens):
-        """Where the last n-gram of `tokens` was followed most recently, or None."""
+        """The position whose tokens to propose after `tokens`, or None."""
         n = self.ngram_size
         if tokens is not self.tokens:  # another sequence: index it from its start
-            self.tokens, self.index, self.indexed = tokens, {}, n
+            self.tokens, self.index, self.indexed, self.copy = tokens, {}, n, None
         # Each n-gram followed by a token is indexed once: its latest occurrence wins.
         for i in range(self.indexed, len(tokens)):
             self.index[tuple(tokens[i - n : i])] = i
         self.indexed = max(self.indexed, len(tokens))
-        return self.index.get(tuple(tokens[-n:]))
+        if self.copy is not None:  # (where the last match pointed, the length then)
+            start, length = self.copy
+            copied = len(tokens) - length
+            if tokens[length:] == tokens[start : start + copied]:
+                return start + copied
+        start = self.index.get(tuple(tokens[-n:]))
+        self.copy = None if start is None else (start, len(tokens))
+        return start
 
     def ready(self, tokens):
         return self.match(tokens) is not None
