@@ -58,6 +58,15 @@ def target():
     return random_llama(0)
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny Hugging Face Llama (context 96) converted by convert.py; its tokenizer."""
+    folder = tiny_llama(tmp_path_factory.mktemp("llama_speculative") / "hf")
+    result = run_script("llama/convert.py", folder, folder.parent / "hf.npz")
+    assert result.returncode == 0, result.stderr
+    return folder.parent / "hf.npz", folder / "tokenizer.model"
+
+
 def test_greedy_prompt_lookup_gives_plain_tokens_for_every_k(target):
     speculative = import_example("llama", "speculative")
     for seed in range(3):
@@ -136,23 +145,26 @@ def test_context_end_inside_a_block_stops_as_plain_decoding():
         assert cache[0].offset <= 40 and proposer.accepted > 0
 
 
-def test_stop_token_inside_a_block_ends_the_reply_as_plain_decoding(target, tmp_path):
+def test_stop_token_inside_a_block_ends_the_reply_as_plain_decoding(target, converted):
     """llama.py's generate with a stop token that falls inside an accepted block."""
     llama = import_example("llama", "llama")
     speculative = import_example("llama", "speculative")
     tokenizer = import_example("llama", "tokenizer")
-    tiny = tiny_llama(tmp_path / "hf")
-    tok = tokenizer.load_tokenizer(tiny / "tokenizer.model", 320)
+    tok = tokenizer.load_tokenizer(converted[1], 320)
     prompt = repeating_prompt(7)
     expected = plain(target, prompt, 40)
     # A token that first comes well inside the reply, as the stop token.
     index = next(i for i in range(5, 40) if expected[i] not in expected[:i])
     tok.stop_ids = {expected[index]}
     replies = []
-    for proposer in (None, speculative.DraftModel(target, 6)):
+    for proposer in (
+        None,
+        speculative.DraftModel(target, 6),
+        speculative.PromptLookup(9),
+    ):
         args = SimpleNamespace(temp=0.0, top_p=1.0, max_tokens=40, proposer=proposer)
         replies.append(llama.generate(target, tok, args, prompt)[0])
-    assert replies[0] == replies[1] == expected[:index]
+    assert replies[0] == replies[1] == replies[2] == expected[:index]
 
 
 # ---- Sampling: the distribution of the first tokens ----------------------------------
@@ -219,15 +231,6 @@ def test_sampled_tokens_have_plain_samplings_distribution():
 
 
 # ---- llama.py ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A tiny Hugging Face Llama (context 96) converted by convert.py; its tokenizer."""
-    folder = tiny_llama(tmp_path_factory.mktemp("llama_speculative") / "hf")
-    result = run_script("llama/convert.py", folder, folder.parent / "hf.npz")
-    assert result.returncode == 0, result.stderr
-    return folder.parent / "hf.npz", folder / "tokenizer.model"
 
 
 def chat_run(converted, lines, *flags):
