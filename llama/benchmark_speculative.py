@@ -78,12 +78,13 @@ into the shared catalogue, and to check each press again in the spring, when the
 humidity changes."""
 
 TASKS = {
-    "edit code": "Rename the function best_players to top_players everywhere in this "
-    f"file. Reply with the whole file and nothing else.\n\n{CODE}",
-    "quote document": f"{DOCUMENT}\n\nQuoting the text above word for word, what are "
-    "the rules for borrowing books and for late returns?",
-    "rewrite paragraph": "Rewrite this paragraph in American spelling (color, not "
-    f"colour), changing nothing else:\n\n{PARAGRAPH}",
+    "edit code": "Rename the function best_players to top_players in this code and "
+    f"print the whole code again:\n\n```python\n{CODE}```",
+    "quote document": f"Text:\n\n{DOCUMENT}\n\nQuestion: How many books may members "
+    "borrow, and what do late returns cost? Answer by quoting the exact sentences from "
+    "the text.",
+    "rewrite paragraph": "Repeat this paragraph word for word, only writing color "
+    f"instead of colour:\n\n{PARAGRAPH}",
     "open-ended": "Write a short story about a lighthouse keeper who finds a message "
     "in a bottle.",
 }
