@@ -255,7 +255,7 @@ def parse_args():
         default=[2, 5, 10],
         help="proposals per block (prompt lookup; --preset: rejected blocks)",
     )
-    parser.add_argument("--ngram-size", type=in_range(int, 1, 64), default=3)
+    parser.add_argument("--ngram-size", type=in_range(int, 1, 64), default=2)
     parser.add_argument("--draft-model", help="default: the model at 4 bits")
     parser.add_argument("--num-draft-tokens", type=in_range(int, 1, 64), default=3)
     parser.add_argument(

@@ -190,8 +190,8 @@ def parse_args():
     parser.add_argument(
         "--ngram-size",
         type=in_range(int, 1, 64),
-        default=3,
-        help="tokens matched by --prompt-lookup (default: 3)",
+        default=2,
+        help="tokens matched by --prompt-lookup (default: 2)",
     )
     parser.add_argument(
         "--draft-model",

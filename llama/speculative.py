@@ -51,7 +51,7 @@ class PromptLookup(Proposer):
     """Propose the tokens that followed the last n-gram where it occurred before; while
     the sequence goes on copying that place, go on proposing from there."""
 
-    def __init__(self, num_tokens, ngram_size=3):
+    def __init__(self, num_tokens, ngram_size=2):
         super().__init__(num_tokens)
         self.ngram_size = ngram_size
         self.tokens, self.index = None, {}  # n-gram -> the position that followed it
