@@ -27,9 +27,18 @@ from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
-from model import Llama, ModelArgs, in_range, load_model, warn_if_reference_blas
+from chat import chat_tokens
+from model import (
+    Llama,
+    ModelArgs,
+    WeightsError,
+    in_range,
+    load_model,
+    warn_if_reference_blas,
+)
 from quantize import quantize
 from speculative import DraftModel, PromptLookup, Proposer, speculative_generate
+from tokenizer import TokenizerError, load_tokenizer
 
 CODE = '''import json
 from pathlib import Path
@@ -149,9 +158,6 @@ def quantized_draft(model):
 
 def real_model(args):
     """The task table for a converted model with its tokenizer, with --chat."""
-    from chat import chat_tokens
-    from tokenizer import load_tokenizer
-
     model = load_model(args.weights)
     tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
     if args.draft_model:
@@ -287,4 +293,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (WeightsError, TokenizerError) as e:  # a file that is not a model's
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
