@@ -129,18 +129,30 @@ def decode(model, prompt, proposer, max_tokens, stop_ids):
     return tokens, time.perf_counter() - first
 
 
-def measure(model, prompt, proposer, args, stop_ids=()):
-    """(median, low, high tokens/s of the timed runs, the reply, share accepted, tokens
-    per forward pass)."""
-    rates, counted = [], Counted(model)
-    for _ in range(args.repeats + 1):  # the first run warms up
-        counted.passes = 0
-        tokens, seconds = decode(counted, prompt, proposer, args.max_tokens, stop_ids)
-        rates.append((len(tokens) - 1) / seconds)
-    accepted = proposer.accepted / max(proposer.proposed, 1) if proposer else None
-    per_pass = len(tokens) / counted.passes if proposer else 1.0
-    timed = rates[1:]
-    return statistics.median(timed), min(timed), max(timed), tokens, accepted, per_pass
+def measure(model, prompt, methods, args, stop_ids=(), label=""):
+    """{name: (median, low, high tokens/s of the timed runs, the reply, share accepted,
+    tokens per forward pass)} for methods {name: proposer or None (plain)}. The methods
+    take turns run by run, so that a drift of the machine's speed touches them alike."""
+    counted, rates, last = Counted(model), {name: [] for name in methods}, {}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        say(f"{label}round {repeat + 1} of {args.repeats + 1}")
+        for name, proposer in methods.items():
+            counted.passes = 0
+            tokens, seconds = decode(
+                counted, prompt, proposer, args.max_tokens, stop_ids
+            )
+            rates[name].append((len(tokens) - 1) / seconds)
+            accepted = (
+                proposer.accepted / max(proposer.proposed, 1) if proposer else None
+            )
+            per_pass = len(tokens) / counted.passes if proposer else 1.0
+            last[name] = (tokens, accepted, per_pass)
+    results = {}
+    for name, (tokens, accepted, per_pass) in last.items():
+        timed = rates[name][1:]
+        median = statistics.median(timed)
+        results[name] = (median, min(timed), max(timed), tokens, accepted, per_pass)
+    return results
 
 
 def rate(median, low, high):
@@ -178,13 +190,9 @@ def real_model(args):
     for task in args.tasks:
         message = TASKS[task]
         prompt = chat_tokens(tokenizer, [{"role": "user", "content": message}])
-        for name, proposer in methods.items():
-            say(f"{task}: {name}")
-            median, low, high, tokens, accepted, per_pass = measure(
-                model, prompt, proposer, args, tokenizer.stop_ids
-            )
-            if proposer is None:
-                plain_rate, plain_tokens = median, tokens
+        results = measure(model, prompt, methods, args, tokenizer.stop_ids, f"{task}: ")
+        plain_rate, plain_tokens = results["plain"][0], results["plain"][3]
+        for name, (median, low, high, tokens, accepted, per_pass) in results.items():
             share = "" if accepted is None else f"{accepted:.0%}"
             same = "yes" if tokens == plain_tokens else "NO"
             print(
@@ -216,14 +224,13 @@ def rejected_blocks(args):
     model.set_dtype(getattr(mx, args.dtype))
     mx.eval(model.parameters())
     prompt = np.random.default_rng(args.seed).integers(3, VOCAB, 128).tolist()
-    say(f"preset {args.preset}, {args.dtype}: plain decoding")
-    plain = measure(model, prompt, None, args)
+    methods = {"plain": None, **{k: Rejected(k) for k in args.k}}
+    results = measure(model, prompt, methods, args, label=f"{args.preset}: ")
+    plain = results.pop("plain")
     print("| decoding | ms per token, median (range) | vs a plain step | accepted |")
     print("|---|---|---|---|")
     print(f"| plain step | {ms(*plain[:3])} | 1.00x | |")
-    for k in args.k:
-        say(f"a rejected block of K={k}")
-        median, low, high, _, accepted, _ = measure(model, prompt, Rejected(k), args)
+    for k, (median, low, high, _, accepted, _) in results.items():
         print(
             f"| block of K={k}, all rejected | {ms(median, low, high)} | "
             f"{plain[0] / median:.2f}x | {accepted:.0%} |",
