@@ -52,8 +52,16 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
         )
     decoder = StreamingDecoder(tokenizer, [*context, *prompt_tokens])
     generated, tic, first = [], time.perf_counter(), None
-    prompt = mx.array(prompt_tokens)
-    for token in model.generate(prompt, args.temp, args.top_p, cache=cache):
+    if args.proposer:  # --prompt-lookup or --draft-model (speculative.py)
+        from speculative import speculative_generate
+
+        stream = speculative_generate(
+            model, prompt_tokens, args.proposer, args.temp, args.top_p, cache, context
+        )
+    else:
+        prompt = mx.array(prompt_tokens)
+        stream = model.generate(prompt, args.temp, args.top_p, cache=cache)
+    for token in stream:
         # The first token comes out of the pass over the whole prompt.
         first = first or time.perf_counter()
         # Stop one token late: `seconds` then holds a step per token of the reply.
@@ -69,10 +77,12 @@ def generate(model, tokenizer, args, prompt_tokens, cache=None, context=()):
     if generated[-1] in tokenizer.stop_ids:
         reply = generated[:-1]
     cached = f"{len(context)} tokens from the cache | " if cache else ""
+    accepted = args.proposer.summary() if args.proposer else ""
     print(
         f"[{cached}prompt {len(prompt_tokens)} tokens, "
         f"{len(prompt_tokens) / (first - tic):.1f} tokens/s | "
-        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s | "
+        f"generation {len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s"
+        f"{accepted} | "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB]",
         file=sys.stderr,
     )
@@ -152,6 +162,11 @@ def parse_args():
     add("--batch-size", type=in_range(int, 1), default=16, help="with --prompts")
     add("--json-schema", help="a JSON schema file: the output is valid under it")
     add("--json", action="store_true", help="the output is a JSON object")
+    k = in_range(int, 1, 64)
+    add("--prompt-lookup", type=k, metavar="K", help="propose K tokens from the text")
+    add("--ngram-size", type=k, default=2, help="tokens --prompt-lookup matches")
+    add("--draft-model", help="a smaller model (convert.py file) that proposes")
+    add("--num-draft-tokens", type=k, default=3, help="tokens it proposes at a time")
     args = parser.parse_intermixed_args()  # the prompt may come after --chat
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
@@ -167,6 +182,12 @@ def parse_args():
         parser.error("--json-schema and --json need a prompt or --prompts")
     if (args.json_schema or args.json) and "MLX_RANK" in os.environ:
         parser.error("--json-schema and --json run in one process")
+    if args.prompt_lookup and args.draft_model:
+        parser.error("--prompt-lookup and --draft-model propose two ways: pick one")
+    if (args.prompt_lookup or args.draft_model) and args.prompts:
+        parser.error("--prompt-lookup and --draft-model decode one prompt at a time")
+    if (args.prompt_lookup or args.draft_model) and (args.json_schema or args.json):
+        parser.error("--json-schema and --json decode without --prompt-lookup")
     return args
 
 
@@ -194,6 +215,11 @@ def main():
         file=sys.stderr,
     )
     warn_if_reference_blas()
+    args.proposer = None
+    if args.prompt_lookup or args.draft_model:  # speculative.py, read only then
+        from speculative import proposer_for
+
+        args.proposer = proposer_for(args, model)
     if args.prompts:
         from batch import run_prompts
 
