@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 from model import WeightsError, in_range, load_model, warn_if_reference_blas
@@ -65,7 +66,12 @@ def load(args):
     of them, with one line from rank 0."""
 
     def tokenizer_for(model):
-        tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
+        if args.tokenizer is None:  # a GGUF file's own tokenizer (gguf_file.py)
+            from gguf_file import GGUFTokenizer
+
+            tokenizer = GGUFTokenizer(args.weights)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
         if (
             args.chat
         ):  # refuse a tokenizer without a chat format before reading any input
@@ -74,6 +80,15 @@ def load(args):
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
         return tokenizer
 
+    if args.weights.endswith(".gguf"):  # llama.cpp's files, read by gguf_file.py
+        from gguf_file import load_gguf
+
+        model, note = load_gguf(args.weights)
+        if args.adapter_path:
+            from lora import load_adapters
+
+            note += load_adapters(model, args.adapter_path)
+        return model, tokenizer_for(model), note
     if (
         args.adapter_path
     ):  # LoRA adapters from lora.py (one process only), read only when asked for
@@ -105,8 +120,10 @@ def parse_args():
     )
     parser.add_argument(
         "tokenizer",
+        nargs="?",
         help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
-        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file)",
+        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file); "
+        "a .gguf file's own tokenizer when left out",
     )
     parser.add_argument(
         "prompt",
@@ -170,6 +187,12 @@ def parse_args():
         help="prompts generated at once with --prompts (default: 16)",
     )
     args = parser.parse_intermixed_args()  # the optional prompt may come after --chat
+    # model.gguf "prompt": the GGUF's tokenizer, and the second word is the prompt.
+    gguf = args.weights.endswith(".gguf")
+    if gguf and args.prompt is None and not Path(args.tokenizer or "").exists():
+        args.tokenizer, args.prompt = None, args.tokenizer
+    if args.tokenizer is None and not gguf:
+        parser.error("give the tokenizer after the weights (only a .gguf has its own)")
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
     if args.prompt is None and not args.chat and not args.prompts:
