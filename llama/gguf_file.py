@@ -64,11 +64,17 @@ def read_tensors(path):
     three kept block types; a file with any other type is read with llama.cpp's gguf package."""
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True, stream=mx.cpu)
-        return tensors, metadata, f"{kept_note(tensors)}"
     except RuntimeError as e:
         if "gguf_tensor_to" not in str(e):  # truncated, not a GGUF, ...: mx.load says
             raise WeightsError(f"cannot read {path}: {e}") from None
-    return read_with_gguf_package(path)
+        return read_with_gguf_package(path)
+    # mx.load leaves out a tensor of a type id it does not know: count them.
+    with open(path, "rb") as f:
+        count = int.from_bytes(f.read(16)[8:], "little")  # after "GGUF" and the version
+    names = {name.rsplit(".", 1)[0] for name in tensors}
+    if len(names) != count:
+        return read_with_gguf_package(path)
+    return tensors, metadata, kept_note(tensors)
 
 
 def kept_note(tensors):
