@@ -25,9 +25,11 @@ def example_modules(folder):
     every folder has its own `model.py`). Modules loaded here are kept per folder, so a later block
     sees the same `model` module, and its classes, as the one before."""
     path = ROOT / folder
+    if str(path) in sys.path:  # inside another block for this folder: it cleans up
+        yield
+        return
     names = {p.stem for p in path.glob("*.py")}
-    for name in names & set(sys.modules):
-        del sys.modules[name]  # another folder's module of the same name
+    before = {name: sys.modules.pop(name) for name in names & set(sys.modules)}
     loaded = _LOADED.setdefault(folder, {})
     sys.modules.update(loaded)
     sys.path.insert(0, str(path))
@@ -37,6 +39,7 @@ def example_modules(folder):
         sys.path.remove(str(path))
         for name in names & set(sys.modules):
             loaded[name] = sys.modules.pop(name)
+        sys.modules.update(before)  # another folder's modules of the same names
 
 
 def import_example(folder, module):
