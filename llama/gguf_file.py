@@ -1,20 +1,21 @@
 """GGUF files (llama.cpp, Ollama, LM Studio): run one as it is, and write one.
 
     python llama/llama.py SmolLM2-135M-Instruct.Q4_1.gguf "The capital of France is"
-    python llama/convert.py fused.safetensors fused.Q4_0.gguf --gguf-type Q4_0 --tokenizer folder
+    python llama/convert.py fused.safetensors fused.gguf --gguf-type Q4_0 --tokenizer hf
 
-Reading. A GGUF file holds the hyperparameters (`llama.*`), the tokenizer and chat template
-(`tokenizer.*`) and the tensors. Q4_0, Q4_1 and Q8_0 blocks are 32 weights and one float16
-scale d (Q4_1 also a minimum m): w = d * (q - 8), d * q + m and d * q. Each is MLX's affine
-quantization in groups of 32, w = scale * q + bias, with the same q and scale = d, bias = -8d, m
-or -128d (q + 128 for Q8_0's signed q), so these layers stay quantized with their exact values;
-mx.load does that repacking. Tensors of other types (K-quants, Q5_0, ...) are dequantized by
-llama.cpp's own `gguf` package and kept as float layers.
+Reading. A GGUF file holds the hyperparameters (`llama.*`), the tokenizer and chat
+template (`tokenizer.*`) and the tensors. Q4_0, Q4_1 and Q8_0 blocks are 32 weights and
+one float16 scale d (Q4_1 also a minimum m): w = d * (q - 8), d * q + m and d * q. Each
+is MLX's affine quantization in groups of 32, w = scale * q + bias, with the same q and
+scale = d, bias = -8d, m or -128d (q + 128 for Q8_0's signed q), so these layers stay
+quantized with their exact values; mx.load does that repacking. Tensors of other types
+(K-quants, Q5_0, ...) are dequantized by llama.cpp's own `gguf` package and kept as
+float layers.
 
-llama.cpp stores wq and wk with Meta's row order (its converter permutes Hugging Face's rows
-back), for RoPE on interleaved pairs: the model runs it with rope_traditional=True, as llama.cpp
-does, and no row is moved. The tokenizer is the one transformers builds from the same metadata.
-"""
+llama.cpp stores wq and wk with Meta's row order (its converter permutes Hugging Face's
+rows back), for RoPE on interleaved pairs: the model runs it with rope_traditional=True,
+as llama.cpp does, and no row is moved. The tokenizer is the one transformers builds
+from the same metadata."""
 
 import re
 from collections import Counter
@@ -25,9 +26,11 @@ import mlx.nn as nn
 import numpy as np
 from hf_tokenizer import HFTokenizer
 from model import Llama, ModelArgs, WeightsError, check_weights
+from quantize import route_around_cpu_quantized_matmul
 from tokenizer import TokenizerError
 
-# GGUF's names -> Meta's (model.py): "blk.3.attn_q.weight" -> "layers.3.attention.wq.weight".
+# GGUF's names -> Meta's (model.py): "blk.3.attn_q.weight" ->
+# "layers.3.attention.wq.weight".
 NAMES = {
     "token_embd": "tok_embeddings",
     "output_norm": "norm",
@@ -47,7 +50,7 @@ GROUP_SIZE = 32
 
 
 def mlx_name(name):
-    """A GGUF tensor name as model.py's parameter name; None for a name this model has not."""
+    """A GGUF tensor name as model.py's parameter name; None for one it has not."""
     match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|scales|biases)", name)
     if not match or match[2] not in NAMES:
         return None
@@ -56,12 +59,13 @@ def mlx_name(name):
     return f"{prefix}{NAMES[module]}.{kind}"
 
 
-# ---- Tensors --------------------------------------------------------------------------------
+# ---- Tensors ------------------------------------------------------------
 
 
 def read_tensors(path):
-    """({GGUF name: array}, metadata, what was done) from `path`. mx.load reads F32, F16 and the
-    three kept block types; a file with any other type is read with llama.cpp's gguf package."""
+    """({GGUF name: array}, metadata, what was done) from `path`. mx.load reads F32, F16
+    and the three kept block types; a file with any other type is read with llama.cpp's
+    gguf package."""
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True, stream=mx.cpu)
     except RuntimeError as e:
@@ -78,7 +82,7 @@ def read_tensors(path):
 
 
 def kept_note(tensors):
-    """'211 tensors kept quantized (4- and 8-bit, groups of 32)' from the arrays made."""
+    """'211 tensors kept quantized (4-bit and 8-bit, groups of 32)'."""
     bits = Counter(
         bits_of(tensors, name.removesuffix(".scales"))
         for name in tensors
@@ -94,7 +98,8 @@ def bits_of(arrays, layer):
 
 
 def read_with_gguf_package(path):
-    """read_tensors for a file that mx.load cannot read whole: every tensor through GGUFReader."""
+    """read_tensors for a file that mx.load cannot read whole: every tensor through
+    GGUFReader."""
     import gguf
 
     try:
@@ -134,8 +139,9 @@ def read_with_gguf_package(path):
 
 
 def affine_from_blocks(blocks, kind):
-    """(packed uint32 weight, scales, biases) as mx.quantize makes them, from (rows, n * block
-    bytes) GGUF blocks of `kind`: the same q, scale d, bias -8d, m or -128d (see the top)."""
+    """(packed uint32 weight, scales, biases) as mx.quantize makes them, from (rows, n *
+    block bytes) GGUF blocks of `kind`: the same q, scale d, bias -8d, m or -128d (see
+    the top)."""
     rows = blocks.shape[0]
     header = 4 if kind == "Q4_1" else 2
     blocks = blocks.reshape(rows, -1, header + (32 if kind == "Q8_0" else 16))
@@ -156,16 +162,17 @@ def affine_from_blocks(blocks, kind):
     return mx.array(packed), mx.array(d), mx.array(bias)
 
 
-# ---- The model ------------------------------------------------------------------------------
+# ---- The model ----------------------------------------------------------
 
 
 def model_args(metadata, names, path):
-    """ModelArgs from a GGUF file's `llama.*` metadata; WeightsError for another architecture."""
+    """ModelArgs from a GGUF file's `llama.*` metadata; WeightsError for another
+    architecture."""
     architecture = str(metadata.get("general.architecture"))
     if architecture != "llama":
         raise WeightsError(
-            f"{path} is a GGUF of a {architecture!r} model; this example runs the Llama "
-            "family only (general.architecture 'llama')"
+            f"{path} is a GGUF of a {architecture!r} model; this example runs "
+            "the Llama family only (general.architecture 'llama')"
         )
 
     def value(key, default=None):
@@ -176,8 +183,8 @@ def model_args(metadata, names, path):
 
     if "rope_freqs.weight" in names:
         raise WeightsError(
-            f"{path} rescales RoPE (Llama 3.1's rope_freqs), which this loader does not "
-            "read; convert the Hugging Face checkpoint with convert.py instead"
+            f"{path} rescales RoPE (Llama 3.1's rope_freqs), which this loader "
+            "does not read; convert the Hugging Face checkpoint with convert.py instead"
         )
     try:
         return ModelArgs(
@@ -198,9 +205,10 @@ def model_args(metadata, names, path):
 
 
 def load_gguf(path, dtype=None):
-    """(model, what the load line says) for the Llama in the GGUF file `path`, evaluated.
-    Float weights, scales and biases are `dtype`: by default float16 on a GPU and float32 on
-    the CPU (MLX's CPU products are fastest in float32); both hold the blocks' values exactly."""
+    """(model, what the load line says) for the Llama in the GGUF file `path`.
+    Float weights, scales and biases are `dtype`: by default float16 on a GPU and
+    float32 on the CPU (MLX's CPU products are fastest in float32); both hold the
+    blocks' values exactly."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist")
@@ -210,16 +218,19 @@ def load_gguf(path, dtype=None):
     weights = {mlx_name(name): array for name, array in tensors.items()}
     unknown = [name for name in tensors if mlx_name(name) is None]
     if unknown:
-        raise WeightsError(f"{path} holds tensors a Llama has not: {', '.join(unknown)}")
+        raise WeightsError(
+            f"{path} holds tensors a Llama has not: {', '.join(unknown)}"
+        )
     if "token_embd.weight" in tensors:  # the vocabulary is the embedding's rows
         metadata["llama.vocab_size"] = tensors["token_embd.weight"].shape[0]
     args = model_args(metadata, tensors.keys(), path)
     model = Llama(args)
-    # Quantize exactly the layers whose blocks were kept, each with its own width (a file
-    # often keeps its embedding in Q8_0 and the rest in Q4_1).
+    # Quantize exactly the layers whose blocks were kept, each with its own width (a
+    # file often keeps its embedding in Q8_0 and the rest in Q4_1).
     nn.quantize(
         model, class_predicate=lambda name, _: quantization_of(name, weights) or False
     )
+    route_around_cpu_quantized_matmul(model)
     weights = {
         k: v if v.dtype == mx.uint32 else v.astype(dtype) for k, v in weights.items()
     }
@@ -238,12 +249,13 @@ def quantization_of(layer, weights):
     return {"group_size": GROUP_SIZE, "bits": bits_of(weights, layer)}
 
 
-# ---- The tokenizer --------------------------------------------------------------------------
+# ---- The tokenizer ------------------------------------------------------
 
 
 class GGUFTokenizer(HFTokenizer):
-    """The tokenizer and chat template in a GGUF file's metadata, built by transformers' GGUF
-    converter into a `tokenizers` Tokenizer, used as hf_tokenizer.py uses a tokenizer.json."""
+    """The tokenizer and chat template in a GGUF file's metadata, built by transformers'
+    GGUF converter into a `tokenizers` Tokenizer, used as hf_tokenizer.py uses a
+    tokenizer.json."""
 
     def __init__(self, path):
         from transformers.integrations.gguf import (
@@ -257,20 +269,179 @@ class GGUFTokenizer(HFTokenizer):
         except Exception as e:  # a KeyError names the missing field
             raise TokenizerError(
                 f"{path} has no tokenizer in its metadata that transformers can build "
-                f"({type(e).__name__}: {e}); give the model's tokenizer after the weights"
+                f"({type(e).__name__}: {e}); give the model's tokenizer after the "
+                "weights"
             ) from None
-        # chat.py looks for a chat_template.jinja in `folder` before the config's template:
-        # the file itself is no folder, so the template in the metadata is the one used.
+        # chat.py looks for a chat_template.jinja in `folder` before the config's
+        # template: the file itself is no folder, so the template in the metadata is the
+        # one used.
         self.folder, self.config = Path(path), config
         self.special_tokens_map = {
-            k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)
+            k: v
+            for k, v in config.items()
+            if k.endswith("_token") and isinstance(v, str)
         }
         self.stop_ids = {self.token_id(config.get("eos_token"))} - {None}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.add_bos = str(config.get("add_bos_token")) == "True"
 
     def prompt(self, text):
-        """BOS (when the file says add_bos_token) and the text, as transformers encodes it."""
+        """BOS (if the file says add_bos_token) and the text, as transformers has it."""
         bos = [self.token_id(self.config.get("bos_token"))] if self.add_bos else []
         return bos + self.encode(text)
 
+
+# ---- convert.py: a GGUF in, a GGUF out ----------------------------------
+
+
+def read_gguf_checkpoint(path):
+    """(ModelArgs, {name: array}) for convert.py: a file whose layers all kept blocks of
+    one width becomes a quantized .safetensors (group size 32), exact; a float file a
+    float one."""
+    model, _ = load_gguf(path, dtype=mx.float16)
+    weights = dict(nn.utils.tree_flatten(model.parameters()))
+    floats = any(hasattr(m, "to_quantized") for _, m in model.named_modules())
+    bits = {m.bits for _, m in model.named_modules() if hasattr(m, "bits")}
+    if len(bits) > 1 or (bits and floats):
+        widths = " and ".join(map(str, sorted(bits))) + "-bit" + " and float" * floats
+        raise WeightsError(
+            f"{path} mixes {widths} layers, which a converted file cannot "
+            "describe (one width for all); run the .gguf itself with llama.py"
+        )
+    if bits:
+        model.args.quantization = {"group_size": GROUP_SIZE, "bits": bits.pop()}
+    return model.args, weights
+
+
+def llama_cpp_permute(w, n_heads):
+    """llama.cpp's convert_hf_to_gguf permute: Hugging Face's rows of wq or wk in Meta's
+    order."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def gguf_tensors(model, gguf_type):
+    """(GGUF name, numpy array, ggml type) for every weight of `model`, dequantized and
+    then stored as `gguf_type` (F16, Q8_0 or Q4_0; norms stay F32)."""
+    from gguf import GGMLQuantizationType, quants
+
+    ours = {v: k for k, v in NAMES.items()}
+    args = model.args
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight") or not name:
+            continue
+        w = module.weight
+        if "scales" in module:  # in float32: a float16 scale * q + bias would round
+            scales, biases = (
+                a.astype(mx.float32) for a in (module.scales, module.biases)
+            )
+            w = mx.dequantize(w, scales, biases, module.group_size, module.bits)
+        w = np.array(w.astype(mx.float32))
+        if not args.rope_traditional and name.endswith(("wq", "wk")):
+            heads = args.n_heads if name.endswith("wq") else args.n_kv_heads
+            w = llama_cpp_permute(w, heads)
+        layer, _, module_name = name.rpartition("layers.")[2].partition(".")
+        if name.startswith("layers."):
+            gguf_name = f"blk.{layer}.{ours[module_name]}.weight"
+        else:
+            gguf_name = f"{ours[name]}.weight"
+        kind = GGMLQuantizationType[gguf_type if w.ndim == 2 else "F32"]
+        if kind == GGMLQuantizationType.F16:
+            yield gguf_name, w.astype(np.float16), kind
+        else:
+            yield gguf_name, quants.quantize(w, kind), kind
+
+
+def write_gguf(path, model, tokenizer_source, gguf_type="F16"):
+    """`model` as a GGUF file llama.cpp reads, with the tokenizer and chat template of
+    `tokenizer_source` (a .gguf, or a Hugging Face folder with tokenizer.json)."""
+    import gguf
+    from model import write_atomically
+
+    args = model.args
+    if args.rope_scaling is not None:
+        raise WeightsError(
+            "a model with scaled RoPE (Llama 3.1) cannot be written as GGUF here"
+        )
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_block_count(args.n_layers)
+        writer.add_context_length(args.max_seq_len)
+        writer.add_embedding_length(args.dim)
+        writer.add_feed_forward_length(args.hidden_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        writer.add_vocab_size(args.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{gguf_type}"])
+        add_tokenizer(writer, Path(tokenizer_source), args.vocab_size)
+        for name, array, kind in gguf_tensors(model, gguf_type):
+            writer.add_tensor(name, array, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_atomically(path, write)
+
+
+def add_tokenizer(writer, source, vocab_size):
+    """The tokenizer.* metadata: copied from a .gguf, or made from a Hugging Face
+    folder by llama.cpp's own gguf.vocab (BPE tokenizer.json; merges, special ids, chat
+    template)."""
+    import gguf
+
+    if source.suffix == ".gguf":
+        reader = gguf.GGUFReader(source)
+        for field in reader.fields.values():
+            if field.name.startswith("tokenizer."):
+                kind = (
+                    field.types[-1]
+                    if field.types[0] == gguf.GGUFValueType.ARRAY
+                    else None
+                )
+                writer.add_key_value(field.name, field.contents(), field.types[0], kind)
+        return
+    folder = source if source.is_dir() else source.parent
+    try:
+        vocab = gguf.vocab.BpeVocab(folder)
+    except Exception as e:
+        raise WeightsError(
+            f"cannot read a BPE tokenizer.json in {folder} for the GGUF ({e})"
+        ) from None
+    tokens, _, types = zip(*vocab.all_tokens())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    writer.add_token_types(list(types))
+    gguf.vocab.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(
+        writer
+    )
+
+
+def convert_to_gguf(args):
+    """convert.py CHECKPOINT OUT.gguf: a converted file (or a GGUF) written as a GGUF of
+    args.gguf_type, with the tokenizer of args.tokenizer (default: a .gguf checkpoint's
+    own)."""
+    from model import load_model
+
+    source = Path(args.checkpoint)
+    if source.suffix == ".gguf":
+        model, _ = load_gguf(source, dtype=mx.float32)
+    else:
+        model = load_model(source)  # a .safetensors or .npz from convert.py
+    tokenizer = args.tokenizer or (source if source.suffix == ".gguf" else None)
+    if tokenizer is None:
+        raise WeightsError(
+            "a .gguf output needs --tokenizer: the Hugging Face folder or .gguf "
+            "to take the tokenizer and chat template from"
+        )
+    write_gguf(args.output, model, tokenizer, args.gguf_type)
+    size = Path(args.output).stat().st_size / 2**20
+    return f"Wrote {args.output} ({args.gguf_type}, {size:.1f} MiB)"

@@ -1,4 +1,4 @@
-"""llama/gguf_file.py: GGUF files as llama.cpp writes them, run as transformers runs them."""
+"""llama/gguf_file.py: GGUF files as llama.cpp writes them, run as transformers does."""
 
 import random
 
@@ -23,7 +23,9 @@ TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = "the cat sat on a mat and then it ran to see what was there , . ! 12 34 é ü 日本"
+WORDS = (
+    "the cat sat on a mat and then it ran to see what was there , . ! 12 34 é ü 日本"
+)
 HF_TO_GGUF = {
     "model.embed_tokens": "token_embd",
     "model.norm": "output_norm",
@@ -41,7 +43,8 @@ HF_TO_GGUF = {
 
 
 def bpe_tokenizer():
-    """A byte-level BPE (GPT-2 style, as SmolLM2's) trained on a few sentences: ~300 tokens."""
+    """A byte-level BPE (GPT-2 style, as SmolLM2's) trained on a few sentences: ~300
+    tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -52,12 +55,14 @@ def bpe_tokenizer():
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator([WORDS] * 20 + ["hello world, how are you?"] * 5, trainer)
+    tokenizer.train_from_iterator(
+        [WORDS] * 20 + ["hello world, how are you?"] * 5, trainer
+    )
     return tokenizer
 
 
 def llama_cpp_permute(w, n_heads):
-    """convert_hf_to_gguf.py's permute: Hugging Face's rows of wq/wk back to Meta's order."""
+    """convert_hf_to_gguf.py's permute: Hugging Face's rows of wq/wk in Meta's order."""
     return (
         w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
         .swapaxes(1, 2)
@@ -74,9 +79,12 @@ def gguf_name(name):
     return f"{HF_TO_GGUF[module]}.weight"
 
 
-def write_gguf(path, state_dict, kind, tokenizer, architecture="llama", vocab=True):
-    """`state_dict` (a tiny LlamaForCausalLM's) as llama.cpp's converter writes it: matrices as
-    `kind` (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0), norms F32, wq/wk rows permuted."""
+def write_gguf(
+    path, state_dict, kind, tokenizer, architecture="llama", vocab=True, embedding=None
+):
+    """`state_dict` (a tiny LlamaForCausalLM's) as llama.cpp's converter writes it:
+    matrices as `kind` (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0; the embedding `embedding` if
+    given), norms F32, wq/wk rows permuted."""
     import gguf
     from gguf import GGMLQuantizationType as T
 
@@ -101,24 +109,27 @@ def write_gguf(path, state_dict, kind, tokenizer, architecture="llama", vocab=Tr
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_types([3 if t in SPECIAL else 1 for t in tokens])
-        writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+        writer.add_token_merges(
+            [" ".join(m) if isinstance(m, list) else m for m in merges]
+        )
         writer.add_bos_token_id(vocabulary["<|im_start|>"])
         writer.add_eos_token_id(vocabulary["<|im_end|>"])
         writer.add_add_bos_token(False)
         writer.add_chat_template(TEMPLATE)
     for name, tensor in state_dict.items():
         w = tensor.float().numpy()
+        stored = embedding if embedding and "embed" in name else kind
         if "q_proj" in name:
             w = llama_cpp_permute(w, CONFIG["num_attention_heads"])
         if "k_proj" in name:
             w = llama_cpp_permute(w, CONFIG["num_key_value_heads"])
-        if w.ndim == 1 or kind == "F32":
+        if w.ndim == 1 or stored == "F32":
             writer.add_tensor(gguf_name(name), w)
-        elif kind == "F16":
+        elif stored == "F16":
             writer.add_tensor(gguf_name(name), w.astype(np.float16))
         else:
-            blocks = gguf.quants.quantize(w, T[kind])
-            writer.add_tensor(gguf_name(name), blocks, raw_dtype=T[kind])
+            blocks = gguf.quants.quantize(w, T[stored])
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=T[stored])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -141,6 +152,10 @@ def tiny(tmp_path_factory):
             if p.ndim == 2:
                 p.normal_(0, 0.3)
     return model.state_dict(), tokenizer, tmp_path_factory.mktemp("gguf")
+
+
+def state_dict_of(model):
+    return {k: v.float().numpy() for k, v in model.state_dict().items()}
 
 
 def transformers_model(path):
@@ -179,8 +194,8 @@ def test_logits_and_greedy_text_equal_transformers_reading_the_same_file(tiny, k
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
 def test_kept_blocks_hold_the_values_gguf_dequantizes(tiny, kind):
-    """mx.load's repacking and gguf_file's own (for files mx.load cannot read whole) give
-    MLX affine groups whose values are exactly gguf.quants.dequantize's."""
+    """mx.load's repacking and gguf_file's own (for files mx.load cannot read whole)
+    give MLX affine groups whose values are exactly gguf.quants.dequantize's."""
     import gguf
     import mlx.core as mx
     from gguf_file import affine_from_blocks, read_tensors
@@ -245,7 +260,9 @@ def test_bad_gguf_files_are_refused_in_one_line(tiny, tmp_path):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[:-1000])
     mistral = write_gguf(tmp_path / "gpt2.gguf", state_dict, "F16", tokenizer, "gpt2")
-    no_vocab = write_gguf(tmp_path / "novocab.gguf", state_dict, "F16", tokenizer, vocab=False)
+    no_vocab = write_gguf(
+        tmp_path / "novocab.gguf", state_dict, "F16", tokenizer, vocab=False
+    )
     # An unknown tensor type id: the first tensor's type field, patched.
     unknown = tmp_path / "unknown.gguf"
     data = bytearray(good.read_bytes())
@@ -266,3 +283,127 @@ def test_bad_gguf_files_are_refused_in_one_line(tiny, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
         assert words in lines[0], lines[0]
     assert ROOT.exists()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tiny):
+    """The tiny model as a Hugging Face folder with tokenizer.json and chat template."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state_dict, tokenizer, folder = tiny
+    hf = folder / "hf"
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), **CONFIG)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state_dict)
+    model.save_pretrained(hf)
+    tokenizer.save(str(hf / "tokenizer.json"))
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    config = {**special, "chat_template": TEMPLATE}
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    (hf / "special_tokens_map.json").write_text(json.dumps(special))
+    converted = folder / "hf.safetensors"
+    result = run_script("llama/convert.py", hf, converted, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    return hf, converted, model.eval()
+
+
+@pytest.mark.parametrize("kind", ["F16", "Q8_0", "Q4_0"])
+def test_export_is_read_back_by_gguf_and_transformers(hf_folder, kind, tmp_path):
+    import gguf
+    import mlx.core as mx
+    import torch
+    from gguf_file import GGUFTokenizer, load_gguf
+    from transformers import AutoTokenizer
+
+    hf, converted, original = hf_folder
+    out = tmp_path / f"export.{kind}.gguf"
+    result = run_script(
+        "llama/convert.py", converted, out, "--gguf-type", kind, "--tokenizer", hf
+    )
+    assert result.returncode == 0, result.stderr
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types == {kind, "F32"}
+    model, _ = load_gguf(out, dtype=mx.float32)
+    theirs = transformers_model(out)
+    tokens = [5, 17, 200, 33, 101, 7]
+    with torch.no_grad():
+        expected = theirs(torch.tensor([tokens])).logits.numpy()
+        before = original(torch.tensor([tokens])).logits.numpy()
+    ours = np.array(model(mx.array([tokens])))
+    assert np.abs(ours - expected).max() < 1e-4
+    if kind == "F16":  # the original model, to float16's rounding
+        assert np.abs(expected - before).max() < 0.02
+    # Each matrix holds what gguf's own quantize makes of the original's (rows
+    # permuted).
+    q_proj = state_dict_of(original)["model.layers.1.self_attn.q_proj.weight"]
+    q_proj = llama_cpp_permute(q_proj, CONFIG["num_attention_heads"])
+    tensor = next(
+        t for t in gguf.GGUFReader(out).tensors if t.name == "blk.1.attn_q.weight"
+    )
+    stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    reference = gguf.quants.quantize(q_proj, gguf.GGMLQuantizationType[kind])
+    expected = gguf.quants.dequantize(reference, gguf.GGMLQuantizationType[kind])
+    np.testing.assert_array_equal(stored, expected)
+    text = "the cat sat on a mat, 日本 <|im_end|>"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    source = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer(text)["input_ids"] == source(text)["input_ids"]
+    assert GGUFTokenizer(out).config["chat_template"] == TEMPLATE
+
+
+def test_gguf_to_safetensors_keeps_the_blocks_and_back(tiny, tmp_path):
+    import mlx.core as mx
+    from gguf_file import load_gguf
+    from model import load_model
+
+    state_dict, tokenizer, folder = tiny
+    source = write_gguf(tmp_path / "src.Q8_0.gguf", state_dict, "Q8_0", tokenizer)
+    out = tmp_path / "q8.safetensors"
+    result = run_script("llama/convert.py", source, out)
+    assert result.returncode == 0, result.stderr
+    assert "8-bit in groups of 32" in result.stdout
+    converted = load_model(out)
+    model, _ = load_gguf(source, dtype=mx.float16)
+    tokens = mx.array([[5, 17, 200, 33]])
+    assert mx.array_equal(converted(tokens), model(tokens))
+    again = tmp_path / "again.Q8_0.gguf"
+    result = run_script(
+        "llama/convert.py", out, again, "--gguf-type", "Q8_0", "--tokenizer", source
+    )
+    assert result.returncode == 0, result.stderr
+    back, _ = load_gguf(again, dtype=mx.float16)
+    assert mx.array_equal(back(tokens), model(tokens))
+
+
+def test_a_gguf_mixing_bit_widths_is_refused_by_convert_in_one_line(tiny, tmp_path):
+    state_dict, tokenizer, folder = tiny
+    path = write_gguf(
+        tmp_path / "mixed.gguf", state_dict, "Q4_0", tokenizer, embedding="Q8_0"
+    )
+    result = run_script("llama/convert.py", path, tmp_path / "out.safetensors")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "4 and 8-bit" in lines[0], result.stderr
+    assert run_llama(path, "the cat").returncode == 0  # llama.py runs it as it is
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_routed_product_equals_the_quantized_one(bits):
+    """quantize.py: on the CPU, many rows use the dequantized weight; same values."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from quantize import DEQUANTIZE_ROWS, route_around_cpu_quantized_matmul
+
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Embedding(50, 64))
+    nn.quantize(model, group_size=32, bits=bits)
+    linear, embedding = route_around_cpu_quantized_matmul(model).layers
+    assert type(linear).__name__ == "CPUQuantizedLinear"
+    for rows in (1, DEQUANTIZE_ROWS, 40):
+        x = mx.random.normal((2, rows, 64))
+        expected = nn.QuantizedLinear.__call__(linear, x)
+        assert mx.allclose(linear(x), expected, rtol=1e-5, atol=1e-5)
+        expected = nn.QuantizedEmbedding.as_linear(embedding, x)
+        assert mx.allclose(embedding.as_linear(x), expected, rtol=1e-5, atol=1e-5)
