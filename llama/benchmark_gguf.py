@@ -4,31 +4,34 @@
     python llama/benchmark_gguf.py --preset 7b        # a Llama 2 7B shape, on a GPU
 
 Writes a GGUF of random Q4_0 blocks (every matrix, the embedding and output included, as
-`llama-quantize --pure` does), converts it with convert.py (4-bit in groups of 32, the same
-values: what convert.py --quantize --q-group-size 32 writes), then, in fresh processes so
-that each load is a cold start of Python with the files in the page cache, times loading
-each (weights evaluated) and decoding --max-tokens tokens after a short prompt.
-"""
+`llama-quantize --pure` does), converts it with convert.py (4-bit in groups of 32, the
+same values: what convert.py --quantize --q-group-size 32 writes), then, in fresh
+processes so that each load is a cold start of Python with the files in the page cache,
+times loading each (weights evaluated) and decoding --max-tokens tokens after a short
+prompt."""
 
 import argparse
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
-    "tiny": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab=1024),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab=32000),
+    "tiny": dict(
+        dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab=1024
+    ),
+    "7b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab=32000
+    ),
 }
 
 
 def random_q4_0(rows, columns, rng):
-    """(rows, columns / 32 * 18) uint8 Q4_0 blocks: a float16 scale of 0.01, random q."""
+    """(rows, columns / 32 * 18) uint8 Q4_0 blocks: float16 scales of 0.01, random q."""
     blocks = rng.integers(0, 256, (rows, columns // 32, 18), dtype=np.uint8)
     blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
@@ -72,7 +75,8 @@ def write_random_gguf(path, shape):
     writer.close()
 
 
-# Run in a fresh process: load one file, then decode; print {"load": s, "decode": tokens/s}.
+# Run in a fresh process: load one file, then decode; print {"load": s, "decode":
+# tokens/s}.
 CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -140,7 +144,10 @@ def main():
         decode_ratio = np.median([r["decode"] for r in gguf_runs]) / np.median(
             [r["decode"] for r in st_runs]
         )
-        print(f"GGUF / safetensors: load time {load_ratio:.2f}x, decode speed {decode_ratio:.2f}x")
+        print(
+            f"GGUF / safetensors: load time {load_ratio:.2f}x, "
+            f"decode speed {decode_ratio:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -614,7 +614,7 @@ def parse_args():
     )
     parser.add_argument(
         "--tokenizer",
-        help="for a .gguf output: a .gguf or Hugging Face folder to take the tokenizer from",
+        help="for a .gguf output: the .gguf or Hugging Face folder with the tokenizer",
     )
     parser.add_argument(
         "--dtype",
@@ -671,7 +671,7 @@ def main():
     )  # an exception, so that save removes its temporary file
     try:
         if args.output.endswith(".gguf"):  # a converted model, written for llama.cpp
-            from gguf_file import convert_to_gguf
+            from gguf_export import convert_to_gguf
 
             return print(convert_to_gguf(args))
         check_output(args.output)  # before anything is read or downloaded

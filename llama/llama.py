@@ -122,8 +122,8 @@ def parse_args():
         "tokenizer",
         nargs="?",
         help="the checkpoint's tokenizer: SentencePiece or Llama 3 tokenizer.model, a "
-        "Hugging Face tokenizer.json, or a model folder (the kind is read from the file); "
-        "a .gguf file's own tokenizer when left out",
+        "Hugging Face tokenizer.json, or a model folder (the kind is read from the "
+        "file); left out for a .gguf, the file's own tokenizer",
     )
     parser.add_argument(
         "prompt",

@@ -90,11 +90,12 @@ def quantize_weights(args, weights):
     return weights
 
 
-# ---- The CPU ------------------------------------------------------------------------------------
-# MLX 0.32's CPU quantized product is a plain loop: one row (a decoding step) beats the float
-# product, but a prompt's many rows run ~50x slower than float32 through BLAS (576 x 1536 weight,
-# 512 rows, 2-core x86 with OpenBLAS: 1,004 ms quantized, 21 ms float, 36 ms dequantized then
-# multiplied). On the CPU, products of DEQUANTIZE_ROWS rows or more dequantize the weight first.
+# ---- The CPU ------------------------------------------------------------
+# MLX 0.32's CPU quantized product is a plain loop: one row (a decoding step) beats the
+# float product, but a prompt's many rows run ~50x slower than float32 through BLAS
+# (576 x 1536 weight, 512 rows, 2-core x86, OpenBLAS: 1,004 ms quantized, 21 ms float,
+# 36 ms dequantized then multiplied). On the CPU, products of DEQUANTIZE_ROWS rows or
+# more dequantize the weight first.
 DEQUANTIZE_ROWS = 8
 
 
@@ -126,7 +127,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 def route_around_cpu_quantized_matmul(model):
-    """On the CPU, swap the model's quantized layers for the ones above (same parameters)."""
+    """On the CPU, swap the model's quantized layers for the ones above (same weights)."""
     if mx.default_device() != mx.cpu:
         return model
     for module in model.modules():
