@@ -24,6 +24,9 @@ PRESETS = {
     "tiny": dict(
         dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab=1024
     ),
+    "1b": dict(
+        dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, hidden_dim=5632, vocab=32000
+    ),
     "7b": dict(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab=32000
     ),

@@ -480,7 +480,8 @@ def convert(
     if path.suffix == ".gguf":  # llama.cpp's file, its kept blocks still quantized
         from gguf_file import read_gguf_checkpoint
 
-        args, weights = read_gguf_checkpoint(path)
+        dequantize = dtype is not None or quantization is not None
+        args, weights = read_gguf_checkpoint(path, dequantize)
     elif path.suffix == ".pth" or (path.is_dir() and (path / "params.json").is_file()):
         args, weights = read_meta(path, max_seq_len, rope_scaling_factor)
     else:

@@ -294,11 +294,13 @@ class GGUFTokenizer(HFTokenizer):
 # ---- convert.py: a GGUF in, a GGUF out ----------------------------------
 
 
-def read_gguf_checkpoint(path):
-    """(ModelArgs, {name: array}) for convert.py: a file whose layers all kept blocks of
-    one width becomes a quantized .safetensors (group size 32), exact; a float file a
-    float one."""
-    model, _ = load_gguf(path, dtype=mx.float16)
+def read_gguf_checkpoint(path, dequantize=False):
+    """(ModelArgs, {name: array}) for convert.py. dequantize: float32 weights (the
+    blocks' values), for --dtype or --quantize. Otherwise a file whose layers all kept
+    blocks of one width becomes a quantized .safetensors (group size 32), exact."""
+    model, _ = load_gguf(path, dtype=mx.float32 if dequantize else mx.float16)
+    if dequantize:
+        return model.args, dict(nn.utils.tree_flatten(dequantized(model).parameters()))
     weights = dict(nn.utils.tree_flatten(model.parameters()))
     floats = any(hasattr(m, "to_quantized") for _, m in model.named_modules())
     bits = {m.bits for _, m in model.named_modules() if hasattr(m, "bits")}
@@ -311,3 +313,21 @@ def read_gguf_checkpoint(path):
     if bits:
         model.args.quantization = {"group_size": GROUP_SIZE, "bits": bits.pop()}
     return model.args, weights
+
+
+def dequantized(model):
+    """`model` with each quantized layer replaced by a float one of the same values."""
+    layers = []
+    for name, module in model.named_modules():
+        if "scales" not in module:
+            continue
+        w = mx.dequantize(
+            module.weight, module.scales, module.biases, module.group_size, module.bits
+        )
+        float_layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        if isinstance(module, nn.QuantizedEmbedding):
+            float_layer = nn.Embedding(*w.shape)
+        float_layer.weight = w
+        layers.append((name, float_layer))
+    model.update_modules(nn.utils.tree_unflatten(layers))
+    return model

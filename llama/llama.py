@@ -66,10 +66,10 @@ def load(args):
     of them, with one line from rank 0."""
 
     def tokenizer_for(model):
-        if args.tokenizer is None:  # a GGUF file's own tokenizer (gguf_file.py)
+        if args.tokenizer is None or args.tokenizer.endswith(".gguf"):  # gguf_file.py
             from gguf_file import GGUFTokenizer
 
-            tokenizer = GGUFTokenizer(args.weights)
+            tokenizer = GGUFTokenizer(args.tokenizer or args.weights)
         else:
             tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
         if (

@@ -43,19 +43,22 @@ def negative_log_likelihood(model, tokens, window, stride):
 
 def load(weights, tokenizer):
     """(model, tokenizer) from the files on the command line; a .gguf may bring its
-    tokenizer."""
+    tokenizer, or be the tokenizer."""
     if Path(weights).suffix == ".gguf":
-        from gguf_file import GGUFTokenizer, load_gguf
+        from gguf_file import load_gguf
 
         model, _ = load_gguf(weights, dtype=mx.float32)
-        if tokenizer is None:
-            return model, GGUFTokenizer(weights)
+        tokenizer = tokenizer or weights
     elif tokenizer is None:
         raise TokenizerError(
             "give the tokenizer after the weights (only a .gguf has its own)"
         )
     else:
         model = load_model(weights)
+    if Path(tokenizer).suffix == ".gguf":  # the tokenizer in a GGUF file's metadata
+        from gguf_file import GGUFTokenizer
+
+        return model, GGUFTokenizer(tokenizer)
     return model, load_tokenizer(tokenizer, model.args.vocab_size)
 
 

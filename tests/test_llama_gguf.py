@@ -407,3 +407,39 @@ def test_cpu_routed_product_equals_the_quantized_one(bits):
         assert mx.allclose(linear(x), expected, rtol=1e-5, atol=1e-5)
         expected = nn.QuantizedEmbedding.as_linear(embedding, x)
         assert mx.allclose(embedding.as_linear(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_dequantizes_a_mixed_gguf_on_request(tiny, tmp_path):
+    """--dtype (or --quantize) on a GGUF: float weights of the blocks' values first."""
+    import mlx.core as mx
+    from gguf_file import load_gguf
+    from model import load_model
+
+    state_dict, tokenizer, folder = tiny
+    path = write_gguf(
+        tmp_path / "m.gguf", state_dict, "Q4_1", tokenizer, embedding="Q8_0"
+    )
+    out = tmp_path / "f32.safetensors"
+    result = run_script("llama/convert.py", path, out, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    tokens = mx.array([[5, 17, 200, 33]])
+    model, _ = load_gguf(path, dtype=mx.float32)
+    assert mx.allclose(load_model(out)(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_perplexity_of_a_gguf_equals_transformers_on_the_same_file(tiny, tmp_path):
+    from test_llama_perplexity import transformers_perplexity
+    from transformers import AutoTokenizer
+
+    state_dict, tokenizer, folder = tiny
+    path = write_gguf(tmp_path / "p.Q4_1.gguf", state_dict, "Q4_1", tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join([WORDS, "hello world, how are you?"] * 6))
+    args = ["--data", text, "--window", 32, "--stride", 12]
+    result = run_script("llama/perplexity.py", path, *args)
+    assert result.returncode == 0, result.stderr
+    ids = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)(
+        text.read_text()
+    )["input_ids"]
+    expected = transformers_perplexity(transformers_model(path), ids, 32, 12)
+    assert abs(float(result.stdout) - expected) < 1e-4 * expected
