@@ -605,7 +605,7 @@ def parse_args():
         "params.json beside it, or a Hugging Face Llama folder or Hub name",
     )
     parser.add_argument(
-        "output", help="the file to write: .npz, .safetensors or .gguf (gguf_file.py)"
+        "output", help="the file to write: .npz, .safetensors or .gguf (gguf_export.py)"
     )
     parser.add_argument(
         "--gguf-type",
