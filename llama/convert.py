@@ -538,7 +538,12 @@ def convert(
     path = Path(source)
     if path.suffix == ".pth" and not path.is_file():
         raise ConversionError(f"{source} does not exist")
-    if path.suffix == ".pth" or (path.is_dir() and (path / "params.json").is_file()):
+    if path.suffix == ".gguf":  # llama.cpp's file, its kept blocks still quantized
+        from gguf_file import read_gguf_checkpoint
+
+        dequantize = dtype is not None or quantization is not None
+        args, weights = read_gguf_checkpoint(path, dequantize)
+    elif path.suffix == ".pth" or (path.is_dir() and (path / "params.json").is_file()):
         args, weights = read_meta(path, max_seq_len, rope_scaling_factor)
     else:
         args, weights = read_hf(resolve_hf(source))
@@ -682,7 +687,19 @@ def parse_args():
         help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
         "params.json beside it, or a Hugging Face Llama folder or Hub name",
     )
-    parser.add_argument("output", help="the file to write: .npz or .safetensors")
+    parser.add_argument(
+        "output", help="the file to write: .npz, .safetensors or .gguf (gguf_export.py)"
+    )
+    parser.add_argument(
+        "--gguf-type",
+        choices=("F16", "Q8_0", "Q4_0"),
+        default="F16",
+        help="the tensor type of a .gguf output (default: F16)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="for a .gguf output: the .gguf or Hugging Face folder with the tokenizer",
+    )
     parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
@@ -741,6 +758,10 @@ def main():
         signal.SIGTERM, stopped
     )  # an exception, so that save removes its temporary file
     try:
+        if args.output.endswith(".gguf"):  # a converted model, written for llama.cpp
+            from gguf_export import convert_to_gguf
+
+            return print(convert_to_gguf(args))
         check_output(args.output)  # before anything is read or downloaded
         model_args, weights = convert(
             args.checkpoint,
@@ -754,7 +775,7 @@ def main():
         if sum(v.nbytes for v in weights.values()) >= PROGRESS_BYTES:
             print(f"writing {args.output}", file=sys.stderr, flush=True)
         save(model_args, weights, args.output)
-    except ConversionError as e:
+    except (ConversionError, WeightsError) as e:  # WeightsError: from gguf_file.py
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 from model import WeightsError, load_model, warn_if_reference_blas
@@ -94,15 +95,29 @@ def load(args):
     mlx.launch, the model is split over them (tp.py)."""
 
     def tokenizer_for(model):
-        tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
+        if args.tokenizer is None or args.tokenizer.endswith(".gguf"):
+            from gguf_file import GGUFTokenizer  # the file's own tokenizer
+
+            tokenizer = GGUFTokenizer(args.tokenizer or args.weights)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer, model.args.vocab_size)
         if args.chat:  # refuse a tokenizer without a chat format before any input
             from chat import chat_tokens
 
             chat_tokens(tokenizer, [{"role": "user", "content": "hi"}])
         return tokenizer
 
+    if args.weights.endswith(".gguf"):  # llama.cpp's files, read by gguf_file.py
+        from gguf_file import load_gguf
+
+        model, note = load_gguf(args.weights)
+        if args.adapter_path:
+            from lora_adapters import load_adapters
+
+            note += load_adapters(model, args.adapter_path)
+        return model, tokenizer_for(model), note
     if args.adapter_path:  # LoRA adapters from lora.py
-        from lora import load_with_adapters
+        from lora_adapters import load_with_adapters
 
         return load_with_adapters(args.weights, args.adapter_path, tokenizer_for)
     if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
@@ -145,8 +160,9 @@ def parse_args():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("weights", help="the .safetensors or .npz file written by convert.py")
-    add("tokenizer", help="a tokenizer.model, tokenizer.json or model folder")
+    add("weights", help="a .safetensors or .npz from convert.py, or a .gguf")
+    tokenizer = "a tokenizer.model, tokenizer.json or model folder (a .gguf has one)"
+    add("tokenizer", nargs="?", help=tokenizer)
     add("prompt", nargs="?", type=text, help="the text to continue, or chat message")
     add("--chat", action="store_true", help="use the chat format; no prompt: stdin")
     add("--system", type=text, help="a system message for --chat")
@@ -168,6 +184,12 @@ def parse_args():
     add("--draft-model", help="a smaller model (convert.py file) that proposes")
     add("--num-draft-tokens", type=k, default=3, help="tokens it proposes at a time")
     args = parser.parse_intermixed_args()  # the prompt may come after --chat
+    # model.gguf "prompt": the GGUF's own tokenizer, and the second word is the prompt.
+    gguf = args.weights.endswith(".gguf")
+    if gguf and args.prompt is None and not Path(args.tokenizer or "").exists():
+        args.tokenizer, args.prompt = None, args.tokenizer and text(args.tokenizer)
+    if args.tokenizer is None and not gguf:
+        parser.error("give the tokenizer after the weights (only a .gguf has its own)")
     if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
         parser.error("--prompts replaces the prompt, in one process")
     if args.prompt is None and not args.chat and not args.prompts:
