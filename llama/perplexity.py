@@ -18,8 +18,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from model import WeightsError, in_range, load_model, warn_if_reference_blas
+from model import WeightsError, load_model, warn_if_reference_blas
 from tokenizer import TokenizerError, load_tokenizer
+
+from llama import in_range
 
 
 def negative_log_likelihood(model, tokens, window, stride):

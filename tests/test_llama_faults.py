@@ -918,7 +918,6 @@ def test_files_written_get_the_users_umask_002(tmp_path):
     "name, message",
     [
         ("w.safetensors", "is one weights file"),
-        ("w.gguf", "is a GGUF file"),
         ("params.json", "is Meta's configuration"),
     ],
 )
@@ -929,10 +928,10 @@ def test_convert_says_what_an_existing_file_is(name, message, tmp_path):
     assert "does not exist" not in result.stderr
 
 
-def test_llama_py_says_a_gguf_file_is_one(tiny, tmp_path):
+def test_llama_py_refuses_a_damaged_gguf_in_one_line(tiny, tmp_path):
     (tmp_path / "w.gguf").write_bytes(b"GGUF")
     result = run_script("llama/llama.py", tmp_path / "w.gguf", tiny[1], "call me")
-    ends_with_one_error_line(result, "is a GGUF file")
+    ends_with_one_error_line(result, "cannot read")
     assert "order" not in result.stderr
 
 
