@@ -99,7 +99,7 @@ def run(args, stop):
     tic = time.perf_counter()
     model = load_model(args.model)
     if args.fuse:
-        save_fused(model, args.adapter_path, Path(args.save_path))
+        save_fused(model, args.adapter_path, Path(args.save_path), args.tokenizer)
         print(
             f"wrote {args.save_path}: the model with the adapters of "
             f"{args.adapter_path} merged; run it with llama.py {args.save_path} "
@@ -156,8 +156,12 @@ def check_flags(p, args):
     if not args.fuse:
         return
     save = Path(args.save_path or "")
-    if save.suffix not in (".safetensors", ".npz"):
-        p.error("--fuse needs --save-path ending in .safetensors or .npz")
+    if save.suffix not in (".safetensors", ".npz", ".gguf"):
+        p.error("--fuse needs --save-path ending in .safetensors, .npz or .gguf")
+    if save.suffix == ".gguf" and not args.tokenizer:
+        p.error(
+            "--fuse to a .gguf needs --tokenizer (a .gguf, or a tokenizer.json folder)"
+        )
     if save.exists() and save.resolve() == Path(args.model).resolve():
         p.error(
             f"--save-path {save} is --model: give a new file, the base stays as it is"
@@ -220,7 +224,7 @@ def parse_args(argv=None):
         "--test", action="store_true", help="the loss on test.jsonl (with any adapters)"
     )
     add("--fuse", action="store_true", help="merge the adapters into the model")
-    add("--save-path", help="the fused model to write: .safetensors or .npz")
+    add("--save-path", help="the fused model to write: .safetensors, .npz or .gguf")
     add("--adapter-path", default="adapters", help="the adapters' folder; " + D)
     add("--resume-adapter-file", help="continue training this adapters.safetensors")
     add("--fine-tune-type", choices=["lora"], default="lora", help="lora only, here")

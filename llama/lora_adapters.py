@@ -315,12 +315,17 @@ def load_with_adapters(weights, adapter_path, tokenizer_for):
         sys.exit(f"error: {e}")
 
 
-def save_fused(model, adapter_path, save_path):
+def save_fused(model, adapter_path, save_path, tokenizer=None):
     """--fuse: write `model` with the adapters of `adapter_path` merged, as convert.py
     writes a model (its configuration inside as `config`, JSON bytes), so llama.py runs
-    it as it is."""
+    it as it is; or, to a .gguf, for llama.cpp (float16, `tokenizer` inside)."""
     load_adapters(model, adapter_path)
     weights = fuse(model)
+    if save_path.suffix == ".gguf":
+        from gguf_export import write_gguf
+
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        return write_gguf(save_path, model, tokenizer, "F16")
     config = json.dumps(asdict(model.args)).encode()
     weights["config"] = mx.array(list(config), mx.uint8)
     save_path.parent.mkdir(parents=True, exist_ok=True)

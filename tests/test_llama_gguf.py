@@ -443,3 +443,41 @@ def test_perplexity_of_a_gguf_equals_transformers_on_the_same_file(tiny, tmp_pat
     )["input_ids"]
     expected = transformers_perplexity(transformers_model(path), ids, 32, 12)
     assert abs(float(result.stdout) - expected) < 1e-4 * expected
+
+
+def test_lora_fuse_to_a_gguf_equals_the_fused_safetensors(tiny, tmp_path):
+    """lora.py --fuse --save-path x.gguf: the model with its adapters merged, in float16
+    for llama.cpp, with the tokenizer of --tokenizer inside."""
+    import mlx.core as mx
+    from gguf_file import load_gguf
+    from lora_adapters import linear_to_lora_layers, save_adapters, save_config
+    from mlx.utils import tree_flatten, tree_unflatten
+    from model import load_model
+
+    state_dict, tokenizer, folder = tiny
+    source = write_gguf(tmp_path / "base.F32.gguf", state_dict, "F32", tokenizer)
+    base = tmp_path / "base.safetensors"
+    assert run_script("llama/convert.py", source, base).returncode == 0
+    model = linear_to_lora_layers(load_model(base), [0, 1], ["wq", "wv"], 4, 8)
+    mx.random.seed(0)
+    trained = tree_flatten(model.trainable_parameters())  # as if after training
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape)) for k, v in trained]))
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    save_adapters(adapters, model.trainable_parameters(), {}, 0, {})
+    config = dict(rank=4, alpha=8, scale=2.0, dropout=0.0, layers=[0, 1])
+    save_config(adapters, {**config, "keys": ["wq", "wv"]})
+    for fused in (tmp_path / "f.safetensors", tmp_path / "f.gguf"):
+        fuse = run_script(
+            "llama/lora.py", "--model", base, "--adapter-path", adapters, "--fuse",
+            "--save-path", fused, "--tokenizer", source,
+        )  # fmt: skip
+        assert fuse.returncode == 0, fuse.stderr
+    tokens = mx.array([[5, 17, 200, 33]])
+    expected = load_model(tmp_path / "f.safetensors")(tokens)
+    exported, _ = load_gguf(tmp_path / "f.gguf")
+    # float16 in the file: about 1e-3 of the logits' size
+    assert mx.allclose(exported(tokens), expected, rtol=1e-2, atol=5e-2)
+    assert not mx.allclose(load_model(base)(tokens), expected, atol=1e-2)  # adapted
+    result = run_llama(tmp_path / "f.gguf", "the cat sat")  # its own tokenizer
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
