@@ -28,17 +28,12 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 from chat import chat_tokens
-from model import (
-    Llama,
-    ModelArgs,
-    WeightsError,
-    in_range,
-    load_model,
-    warn_if_reference_blas,
-)
+from model import Llama, ModelArgs, WeightsError, load_model, warn_if_reference_blas
 from quantize import quantize
 from speculative import DraftModel, PromptLookup, Proposer, speculative_generate
 from tokenizer import TokenizerError, load_tokenizer
+
+from llama import in_range
 
 CODE = '''import json
 from pathlib import Path
