@@ -93,6 +93,27 @@ CASES = {
         "llama/benchmark_lora.py",
         "--preset tiny --device cpu --warmup 1 --steps 1",
     ),
+    "llama/perplexity": (
+        "llama/perplexity.py",
+        "{llama}.npz {llama}/tokenizer.model --data {text} --window 32",
+    ),
+    "llama/benchmark_structured": (
+        "llama/benchmark_structured.py",
+        "--preset tiny --vocab-size 2048 --max-tokens 16 --repeats 1",
+    ),
+    "llama/benchmark_server": (
+        "llama/benchmark_server.py",
+        "--preset tiny --max-tokens 4 --clients 1 2 --requests 1 --repeats 1 "
+        "--work-dir {tmp}/bench",
+    ),
+    "llama/benchmark_speculative": (
+        "llama/benchmark_speculative.py",
+        "--preset tiny --max-tokens 8 --repeats 1 --k 2",
+    ),
+    "llama/benchmark_gguf": (
+        "llama/benchmark_gguf.py",
+        "--preset tiny --runs 1 --max-tokens 8",
+    ),
     "gpt2/main": (
         "gpt2/main.py",
         "--data {text} --out {tmp} --ctx-len 16 --n-emb 16 --n-heads 2 --n-layers 1 "
