@@ -329,33 +329,25 @@ class WeightsError(Exception):
 
 
 def check_weights(model, weights):
-    """Raise WeightsError naming the missing, unexpected and misshapen arrays of
-    `weights` for `model`."""
+    """Raise WeightsError if `weights` ({name: array}) do not fit `model`: the same
+    names, shapes and kinds (packed uint32 for quantized weights, floats otherwise; a
+    NumPy view from tp.py is checked for its shape only)."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
-    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
-    for k in sorted(weights.keys() & expected.keys()):
-        have, want = weights[k], expected[k]
-        if tuple(have.shape) != tuple(want.shape):
-            problems.append(f"{k} is {tuple(have.shape)}, expected {tuple(want.shape)}")
-        # Packed quantized weights are uint32, the others floats (MLX arrays only:
-        # tp.py also checks the shapes of NumPy views, where bfloat16 is uint16).
-        packed = want.dtype == mx.uint32
-        kind = mx.uint32 if packed else mx.floating
-        if isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind):
-            problems.append(
-                f"{k} is {have.dtype}, expected {kind if packed else 'a float'}"
-            )
-    if problems:
-        q = model.args.quantization
-        hint = ""
-        if q:
-            hint = f" (the configuration says {q['bits']}-bit weights in groups"
-            hint += f" of {q['group_size']})"
-        more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
-        raise WeightsError(
-            f"the weights do not fit the model{hint}: {', '.join(problems[:6])}{more}"
-        )
+    for k, want in expected.items():
+        have = weights.get(k)
+        kind = mx.uint32 if want.dtype == mx.uint32 else mx.floating
+        if (
+            have is None
+            or tuple(have.shape) != tuple(want.shape)
+            or (isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind))
+        ):
+            break
+    else:
+        if weights.keys() == expected.keys():
+            return
+    from weights_check import misfit  # the error path only: what does not fit
+
+    raise WeightsError(misfit(model, weights, expected))
 
 
 def check_finite(weights):
@@ -373,23 +365,10 @@ def weights_file(path):
     """`path` as a Path if it can be a weights file written by convert.py; a
     WeightsError saying what it is if not."""
     path = Path(path)
-    if path.is_dir():
-        raise WeightsError(
-            f"{path} is a folder, not a weights file; convert it into one first: "
-            f"python llama/convert.py {path} {path.name}.safetensors"
-        )
-    if path.suffix == ".gguf":
-        raise WeightsError(
-            f"{path} is a GGUF file, which this example does not read; convert the "
-            "Hugging Face or Meta checkpoint with convert.py instead"
-        )
-    if path.suffix not in (".npz", ".safetensors"):
-        raise WeightsError(
-            f"the weights must be the .npz or .safetensors file written by convert.py, "
-            f"got {path} (llama.py takes the weights first, then the tokenizer)"
-        )
-    if not path.is_file():
-        raise WeightsError(f"{path} does not exist; write it with convert.py first")
+    if path.suffix not in (".npz", ".safetensors") or not path.is_file():
+        from weights_check import not_weights  # the error path only: what it is
+
+        raise WeightsError(not_weights(path))
     return path
 
 
