@@ -697,9 +697,11 @@ def test_convert_summary_to_a_full_disk_is_one_line_and_the_file_is_written(
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(delay, tiny):
     """From the script's first import on (seen through -X importtime), then while MLX,
     the model and the tokenizer load: never a traceback, never lost."""
+    # 4,000 tokens take about 6 s here: the run is still going when the signal comes,
+    # also when this process is starved for seconds on a loaded machine.
     process = subprocess.Popen(
         [sys.executable, "-X", "importtime", SCRIPT, *tiny, "call me"]
-        + ["--max-tokens", "2000"],
+        + ["--max-tokens", "4000"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -709,6 +711,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(delay, tiny):
         lines.append(process.stderr.readline())
         assert lines[-1], "".join(lines)
     time.sleep(delay)
+    assert process.poll() is None, "the run ended before the signal: a longer run"
     process.send_signal(signal.SIGINT)
     stderr = "".join(lines) + process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr
