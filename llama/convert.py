@@ -680,12 +680,13 @@ def positive(kind):
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description="Convert a Meta or Hugging Face Llama checkpoint to MLX weights."
+        description="Convert a Meta, Hugging Face or GGUF Llama checkpoint to MLX "
+        "weights, or MLX weights to GGUF."
     )
     parser.add_argument(
         "checkpoint",
         help="a Meta folder (params.json + consolidated.*.pth), one Meta .pth with "
-        "params.json beside it, or a Hugging Face Llama folder or Hub name",
+        "params.json beside it, a Hugging Face Llama folder or Hub name, or a .gguf",
     )
     parser.add_argument(
         "output", help="the file to write: .npz, .safetensors or .gguf (gguf_export.py)"
@@ -711,32 +712,21 @@ def parse_args():
         action="store_true",
         help="quantize the linear layers and the embedding (MLX affine quantization)",
     )
-    parser.add_argument(
-        "--q-bits",
-        type=int,
-        choices=BITS,
-        help="bits per quantized weight with --quantize (default: 4)",
-    )
-    parser.add_argument(
-        "--q-group-size",
-        type=int,
-        choices=GROUP_SIZES,
-        help="weights per scale and bias with --quantize (default: 64)",
-    )
+    quantize = "with --quantize: bits per weight (default: 4)"
+    parser.add_argument("--q-bits", type=int, choices=BITS, help=quantize)
+    group = "with --quantize: weights per scale and bias (default: 64)"
+    parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=group)
     parser.add_argument(
         "--max-seq-len",
         type=positive(int),
-        help="context length for Meta checkpoints, whose params.json omits it "
-        "(default: the family's: "
-        "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE; Hugging "
-        "Face configs carry their own)",
+        help="context length of a Meta checkpoint, which params.json omits (default: "
+        "4096 for Llama 1 and 2, 8192 for Llama 3, 131072 with scaled RoPE)",
     )
     parser.add_argument(
         "--rope-scaling-factor",
         type=positive(float),
-        help="RoPE scaling factor for Meta checkpoints with use_scaled_rope (default: "
-        "32 for Llama 3.2 "
-        "1B and 3B, 8 otherwise, as in the Hugging Face configs Meta published)",
+        help="RoPE scaling factor of a Meta checkpoint with use_scaled_rope (default: "
+        "32 for Llama 3.2 1B and 3B, 8 otherwise, as Meta's Hugging Face configs)",
     )
     args = parser.parse_args()
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
