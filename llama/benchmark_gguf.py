@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama import in_range
+
 HERE = Path(__file__).resolve().parent
 PRESETS = {
     "tiny": dict(
@@ -120,8 +122,9 @@ def summary(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--runs", type=int, default=5, help="fresh processes per file")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    runs, tokens = in_range(int, 1, 100), in_range(int, 1, 4096)
+    parser.add_argument("--runs", type=runs, default=5, help="fresh processes per file")
+    parser.add_argument("--max-tokens", type=tokens, default=128)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as folder:
         gguf_path = Path(folder) / "random.Q4_0.gguf"
