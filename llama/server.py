@@ -796,6 +796,7 @@ def main():
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections wait from here on, also before uvicorn starts
     except OSError as e:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e.strerror}")
     load_args = argparse.Namespace(chat=False, timeout=0, **vars(args))
