@@ -193,6 +193,9 @@ def generate_batch(
                 for layer_cache in cache:
                     layer_cache.keep(keep)
                 next_token, rows = next_token[keep], [rows[i] for i in going]
+                # Evaluated on its own: reading it then waits for it alone, not for
+                # the whole next step built on it.
+                mx.async_eval(next_token)
             token = next_token
 
 

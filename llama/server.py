@@ -294,6 +294,7 @@ class Engine:
         if self.rows:
             self.cache = join(self.cache, group.cache)
             self.token = mx.concatenate([self.token, first])
+            mx.async_eval(self.token)  # see `read`
         else:
             self.cache, self.token = group.cache, first
         self.rows += group.rows
@@ -348,7 +349,11 @@ class Engine:
         for layer in self.cache:
             layer.keep(keep)
         trim(self.cache)
-        return following[keep]
+        # An evaluation of its own: the next read of it then waits for it alone, not
+        # for the whole step built on it.
+        following = following[keep]
+        mx.async_eval(following)
+        return following
 
 
 def deliver(events):

@@ -235,9 +235,9 @@ def generate_constrained(
 
     The masks of step n + 1 need token n on the host. So the loop starts the model's
     step n + 1 on token n while it is still lazy, then reads token n and computes the
-    masks of step n + 1 while the device runs that step; then it builds sampling n + 1
-    and the model's step n + 2 and starts them together. The device waits only when the
-    host's masks and graph building take longer than a step."""
+    masks of step n + 1 while the device runs that step; then it starts sampling n + 1
+    and builds the model's step n + 2 on it. The device waits only when the host's masks
+    and graph building take longer than a step."""
     limits = [min(max_tokens, model.args.max_seq_len - len(p)) for p in prompts]
     tokens, padding, cache = left_padded(model, prompts)
     replies, rows = [[] for _ in prompts], list(range(len(prompts)))
@@ -246,8 +246,11 @@ def generate_constrained(
         mx.async_eval(logits)  # the prompts' pass runs while the first masks are made
         token = sample(masked(logits, constraints), temp, top_p)
         while True:
+            # Token n in an evaluation of its own: reading it below waits for it alone.
+            # (Evaluated only within step n + 1, reading it waits for that whole step.)
+            mx.async_eval(token)
             logits = model(token[:, None], cache)[:, -1]
-            mx.async_eval(logits)  # samples token n, then runs step n + 1 on it
+            mx.async_eval(logits)  # step n + 1 runs on token n
             going = []  # the rows that go on
             for i, (row, t) in enumerate(zip(rows, token.tolist())):
                 if t in stop_ids:
