@@ -30,6 +30,7 @@ installed.
 
 import argparse
 import asyncio
+import collections
 import importlib.util
 import json
 import os
@@ -259,7 +260,8 @@ async def stream_one(http, prompt, max_tokens):
     tic, first, last, tokens, done = time.perf_counter(), None, None, None, False
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"status {response.status_code}")
+            body = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"status {response.status_code}: {body[:200]}")
         async for line in response.aiter_lines():
             if line == "data: [DONE]":
                 done = True
@@ -277,17 +279,16 @@ async def stream_one(http, prompt, max_tokens):
 
 async def run_clients(port, texts, clients, max_tokens, arrival):
     """Each client sends its share of `texts` one after another. (seconds, results,
-    failed)."""
+    {why a request failed: how many})."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 8)
     timeout = httpx.Timeout(None)
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout) as http:
-        results, failed = [], 0
+        results, failed = [], collections.Counter()
 
         async def client(share):
-            nonlocal failed
             rng = random.Random(len(share[0]))
             for text in share:
                 # Requests arrive spread over `arrival` seconds, not all in one instant:
@@ -295,8 +296,8 @@ async def run_clients(port, texts, clients, max_tokens, arrival):
                 await asyncio.sleep(rng.uniform(0, arrival))
                 try:
                     results.append(await stream_one(http, text, max_tokens))
-                except (httpx.HTTPError, RuntimeError, ValueError, KeyError):
-                    failed += 1
+                except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as e:
+                    failed[f"{type(e).__name__}: {e}"[:240]] += 1
 
         tic = time.perf_counter()
         await asyncio.gather(*(client(texts[i::clients]) for i in range(clients)))
@@ -309,7 +310,7 @@ def measure(port, args, vocab_size):
     asyncio.run(run_clients(port, warm_up, 1, args.max_tokens, 0))
     levels = {}
     for clients in args.clients:
-        speeds, ttfts, tpots, failed = [], [], [], 0
+        speeds, ttfts, tpots, failed = [], [], [], collections.Counter()
         for repeat in range(args.repeats):
             seed = 1000 * clients + repeat
             texts = prompts(clients * args.requests, args, vocab_size, seed)
@@ -321,7 +322,9 @@ def measure(port, args, vocab_size):
             tpots += [r[1] for r in results]
             failed += lost
         say(f"{clients} clients: {statistics.median(speeds):.1f} tokens/s")
-        levels[clients] = (speeds, ttfts, tpots, failed)
+        for why, count in failed.most_common():
+            say(f"  {count} failed: {why}")
+        levels[clients] = (speeds, ttfts, tpots, failed.total())
     return levels
 
 
@@ -548,6 +551,10 @@ def main():
                 results[name] = measure(args.port, args, vocab_size)
         finally:
             stop(process)
+        if any(level[3] for level in results.get(name, {}).values()):
+            lines = Path(log.name).read_text(errors="replace").splitlines()
+            say(f"{name} failed requests; the end of {log.name}:")
+            print("\n".join(lines[-20:]), file=sys.stderr)
     if results:
         report(results, args)
 
