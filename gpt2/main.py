@@ -30,6 +30,7 @@ try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
     import sys
     import time
     from dataclasses import asdict
+    from datetime import timedelta
     from pathlib import Path
 
     import mlx.core as mx
@@ -232,10 +233,8 @@ class Progress:
             return
         else:
             per_step = (now - self.start) / (step - self.first - 1)
-            left = int(per_step * (self.total - step))
-            hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
-            line += f" | {1e3 * per_step:.0f} ms/step"
-            line += f" | {hours}:{minutes:02d}:{seconds:02d} left"
+            left = timedelta(seconds=int(per_step * (self.total - step)))  # H:MM:SS
+            line += f" | {1e3 * per_step:.0f} ms/step | {left} left"
         self.printed = now
         print(line, flush=True)
 
@@ -327,12 +326,12 @@ def build(args, vocab, run, steps, group, say):
     what to call after each step (the watchdog), and how the processes agree to stop."""
     mx.random.seed(args.seed)
     config = GPTConfig(
-        len(vocab.chars),
-        args.ctx_len,
-        args.n_layers,
-        args.n_heads,
-        args.n_emb,
-        args.dropout,
+        vocab_size=len(vocab.chars),
+        block_size=args.ctx_len,
+        n_layer=args.n_layers,
+        n_head=args.n_heads,
+        n_embd=args.n_emb,
+        dropout=args.dropout,
     )
     model = new_model(config)
     lr = learning_rate(args, steps)
