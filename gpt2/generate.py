@@ -248,7 +248,7 @@ def text(value):
     return value
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(
         description="Generate text with weights from convert.py or main.py."
     )
@@ -288,7 +288,11 @@ def main():
         default=0,
         help="random seed for sampling (default: 0)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     mx.random.seed(args.seed)
     model, chars = load_model(args.weights)
     tokenizer = load_tokenizer(args.weights, chars)

@@ -30,7 +30,7 @@ try:  # Ctrl-C while Python and MLX load: the default action, a quiet exit
     import sys
     import time
     from dataclasses import asdict
-    from functools import partial
+    from datetime import timedelta
     from pathlib import Path
 
     import mlx.core as mx
@@ -44,10 +44,8 @@ finally:  # from here on Ctrl-C raises KeyboardInterrupt: one line
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
-SHAKESPEARE = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
-    "input.txt"
-)
+CHAR_RNN = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data"
+SHAKESPEARE = f"{CHAR_RNN}/tinyshakespeare/input.txt"
 
 
 # ---- Data ---------------------------------------------------------------------------
@@ -60,10 +58,10 @@ def download_shakespeare():
     if not path.is_file():
         print(f"Downloading Tiny Shakespeare to {path}", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
-        import urllib.request
+        from urllib.request import urlretrieve
 
         try:
-            write_atomically(path, partial(urllib.request.urlretrieve, SHAKESPEARE))
+            write_atomically(path, lambda tmp: urlretrieve(SHAKESPEARE, tmp))
         except OSError as e:  # no network, a timeout, an HTTP error
             raise ValueError(
                 f"cannot download Tiny Shakespeare from {SHAKESPEARE} ({e}); put "
@@ -235,10 +233,8 @@ class Progress:
             return
         else:
             per_step = (now - self.start) / (step - self.first - 1)
-            left = int(per_step * (self.total - step))
-            hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
-            line += f" | {1e3 * per_step:.0f} ms/step"
-            line += f" | {hours}:{minutes:02d}:{seconds:02d} left"
+            left = timedelta(seconds=int(per_step * (self.total - step)))  # H:MM:SS
+            line += f" | {1e3 * per_step:.0f} ms/step | {left} left"
         self.printed = now
         print(line, flush=True)
 
@@ -265,14 +261,11 @@ class Checkpoint:
         )
 
     def save(self, step):
-        weights = [w for _, w in tree_flatten(self.model.parameters())]
+        state = {"model": self.model.parameters(), "optimizer": self.optimizer.state}
+        weights = [w for _, w in tree_flatten(state["model"])]
         if not mx.all(mx.stack([mx.isfinite(w).all() for w in weights])).item():
             self.stop("a weight became inf or nan", step)
         if self.writes:
-            state = {
-                "model": self.model.parameters(),
-                "optimizer": self.optimizer.state,
-            }
             arrays = dict(tree_flatten(state))
             arrays["config"] = json_array(asdict(self.model.config))
             arrays["meta"] = json_array({**self.run, "step": step})
@@ -310,10 +303,9 @@ def prepare(args):
     run["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     # Each epoch's batches. The learning-rate schedule spans all epochs; --max-steps
     # only stops early, so a capped run and its --resume follow one run's rates.
-    epochs = range(args.epochs)
     plans = [
-        epoch_batches(train_data, args.ctx_len, args.batch_size, args.seed, e)
-        for e in epochs
+        epoch_batches(train_data, args.ctx_len, args.batch_size, args.seed, epoch)
+        for epoch in range(args.epochs)
     ]
     return vocab, train_data, val_data, run, plans
 
@@ -329,37 +321,36 @@ def new_model(config):
 
 
 def build(args, vocab, run, steps, group, say):
-    """The model, AdamW (its schedule over `steps` steps) and the compiled step, new or
-    as --resume's checkpoint left them; the step they are at; what to call after each
-    step (the watchdog), and how the processes agree to stop."""
+    """The model, its Checkpoint (with AdamW, its schedule over `steps` steps) and the
+    compiled step, new or as --resume's checkpoint left them; the step they are at;
+    what to call after each step (the watchdog), and how the processes agree to stop."""
     mx.random.seed(args.seed)
     config = GPTConfig(
-        len(vocab.chars),
-        args.ctx_len,
-        args.n_layers,
-        args.n_heads,
-        args.n_emb,
-        args.dropout,
+        vocab_size=len(vocab.chars),
+        block_size=args.ctx_len,
+        n_layer=args.n_layers,
+        n_head=args.n_heads,
+        n_embd=args.n_emb,
+        dropout=args.dropout,
     )
     model = new_model(config)
-    optimizer = optim.AdamW(
-        learning_rate(args, steps),
-        betas=[0.9, args.beta2],
-        weight_decay=args.weight_decay,
-    )
+    lr = learning_rate(args, steps)
+    optimizer = optim.AdamW(lr, [0.9, args.beta2], weight_decay=args.weight_decay)
     train_step, state = make_train_step(
         model, optimizer, DTYPES[args.dtype], args.grad_clip, group, args.grad_accum
     )
+    path = args.out / "checkpoint.safetensors"
     step, on_step, agree = 0, lambda: None, bool  # one process: its own Ctrl-C
     if args.resume:
         from resume import resume
 
-        step = resume(args.out / "checkpoint.safetensors", run, model, optimizer, say)
+        step = resume(path, run, model, optimizer, say)
     if group.size() > 1:  # the same weights everywhere, a watchdog, one stop for all
         import distributed
 
         on_step, agree = distributed.setup(model, args.timeout, group)
-    return model, optimizer, train_step, state, step, on_step, agree
+    checkpoint = Checkpoint(path, model, optimizer, run, step, group.rank() == 0)
+    return model, checkpoint, train_step, state, step, on_step, agree
 
 
 def describe(args, vocabulary, model, steps, size, micro):
@@ -376,6 +367,26 @@ def describe(args, vocabulary, model, steps, size, micro):
     return line
 
 
+def epoch_summary(args, model, val_data, group, micro, losses, seconds):
+    """Evaluate; `train = L | val = L | N tokens/s` of the epoch's steps."""
+    val = evaluate(model, val_data, args.ctx_len, micro, group)
+    train_loss = mx.mean(mx.stack(losses)).item()
+    tokens_per_s = len(losses) * args.batch_size * args.ctx_len / seconds
+    return f"train = {train_loss:.4f} | val = {val:.4f} | {tokens_per_s:,.0f} tokens/s"
+
+
+def save_and_exit(checkpoint, step, agree, group):
+    """After Ctrl-C: process 0 writes this step's checkpoint and says so; exit 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    checkpoint.save(step)
+    if group.rank() == 0:
+        saved = f"saved {checkpoint.path}; continue with --resume"
+        print(f"Interrupted at step {step}; {saved}", file=sys.stderr)
+    if group.size() > 1:
+        agree.barrier()  # the others end once process 0 has written
+    sys.exit(130 if group.rank() == 0 else 0)  # mlx.launch stops the others
+
+
 def train(args, group):
     """Every process reads the text and builds the same model; process 0 alone prints
     and writes. Returns the trained model and the vocabulary."""
@@ -384,15 +395,12 @@ def train(args, group):
     vocab, train_data, val_data, run, plans = prepare(args)
     if main_process:  # an --out that cannot be made: refused now, not after training
         args.out.mkdir(parents=True, exist_ok=True)
-    T, B = args.ctx_len, args.batch_size
     ends = list(itertools.accumulate(map(len, plans)))  # the step ending each epoch
     total = min(ends[-1], args.max_steps or math.inf)  # the schedule spans all epochs
     built = build(args, vocab, run, ends[-1], group, say)
-    model, optimizer, train_step, state, step, on_step, agree = built
-    path = args.out / "checkpoint.safetensors"
-    checkpoint = Checkpoint(path, model, optimizer, run, step, main_process)
-    micro = B // (size * args.grad_accum)  # rows per forward and backward pass
-    say(describe(args, len(run["chars"]), model, ends[-1], size, micro), flush=True)
+    model, checkpoint, train_step, state, step, on_step, agree = built
+    micro = args.batch_size // (size * args.grad_accum)  # rows per forward, backward
+    say(describe(args, len(vocab.chars), model, ends[-1], size, micro), flush=True)
     progress = Progress(step, total, args.log_every)
     diverged = 3 * math.log(len(vocab.chars)) + 1  # a uniform guess: log(vocabulary)
 
@@ -409,11 +417,14 @@ def train(args, group):
     interrupted = []  # Ctrl-C only notes itself: the loop stops at a step boundary
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     for starts in itertools.islice(itertools.chain(*plans), step, total):
-        if stopped := agree(bool(interrupted)):  # every process stops at one step
-            break
+        if agree(bool(interrupted)):  # every process stops at the same step
+            if losses:
+                finished(losses[-1], step)
+            save_and_exit(checkpoint, step, agree, group)
         # Dropout masks depend on (seed, step, process) only: --resume is exact.
         mx.random.seed((args.seed * 1_000_003 + step) * size + rank)
-        loss = train_step(*windows(train_data, starts.reshape(size, -1)[rank], T))
+        x, y = windows(train_data, starts.reshape(size, -1)[rank], args.ctx_len)
+        loss = train_step(x, y)
         # Queue this step and return at once: Python prepares the next batch while the
         # device computes. The previous step's loss is ready by now; check it.
         mx.async_eval(state, loss)
@@ -423,29 +434,15 @@ def train(args, group):
         step += 1
         if step in ends or step == total:  # the end of an epoch, or of the run
             finished(loss, step)
-            tokens_per_s = len(losses) * B * T / (time.perf_counter() - tic)
-            val = evaluate(model, val_data, T, micro, group)
-            on_step()
-            say(
-                f"Epoch {np.searchsorted(ends, step) + 1} | train = "
-                f"{mx.mean(mx.stack(losses)).item():.4f} | val = {val:.4f} | "
-                f"{tokens_per_s:,.0f} tokens/s | {time.perf_counter() - start:.1f} s",
-                flush=True,
-            )
+            seconds = time.perf_counter() - tic
+            line = epoch_summary(args, model, val_data, group, micro, losses, seconds)
+            on_step()  # the evaluation was progress too
+            elapsed = time.perf_counter() - start
+            epoch = np.searchsorted(ends, step) + 1
+            say(f"Epoch {epoch} | {line} | {elapsed:.1f} s", flush=True)
             checkpoint.save(step)
             losses, tic = [], time.perf_counter()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if stopped:
-        if losses:
-            finished(losses[-1], step)
-        checkpoint.save(step)
-        say(
-            f"Interrupted at step {step}; saved {path}; continue with --resume",
-            file=sys.stderr,
-        )
-        if size > 1:
-            agree.barrier()  # the others end once process 0 has written
-        sys.exit(130 if main_process else 0)  # mlx.launch stops the others
     say(f"Trained {step - first} steps in {time.perf_counter() - start:.1f} s")
     return model, vocab
 
@@ -490,7 +487,7 @@ def parse_args():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add, count, number = parser.add_argument, bounded(int, 1), bounded(float, 0)
-    fraction = bounded(float, 0, 1)
+    natural, fraction = bounded(int, 0), bounded(float, 0, 1)
     add("--data", type=Path, help="a UTF-8 text file; None: Tiny Shakespeare")
     add("--out", type=Path, default=".", help="folder for the files written")
     add("--ctx-len", type=count, default=128, help="context length in characters")
@@ -503,29 +500,19 @@ def parse_args():
     add("--grad-accum", type=count, default=1, help="micro-batches per process, step")
     add("--lr", type=number, default=1e-3, help="AdamW learning rate")
     add("--min-lr", type=number, help="cosine decay to this; None: constant --lr")
-    add("--warmup", type=bounded(int, 0), default=0, help="warm-up steps (--min-lr)")
+    add("--warmup", type=natural, default=0, help="warm-up steps (--min-lr)")
     add("--weight-decay", type=number, default=0.01, help="AdamW weight decay")
     add("--beta2", type=fraction, default=0.999, help="AdamW beta2")
     add("--grad-clip", type=number, default=0.0, help="clip the gradient norm; 0: off")
     add("--max-steps", type=count, help="stop after this many steps; None: no cap")
     add("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
-    add(
-        "--log-every",
-        type=bounded(int, 0),
-        default=0,
-        help="print progress every N steps; 0: every ~10 s",
-    )
+    add("--log-every", type=natural, default=0, help="progress every N steps; 0: ~10 s")
     add("--timeout", type=number, default=600, help="seconds a hung process may take")
     add("--prompt", default="\n", help="text to continue (default: %(default)r)")
-    add("--max-tokens", type=bounded(int, 0), default=1000, help="characters to write")
+    add("--max-tokens", type=natural, default=1000, help="characters to write")
     add("--temp", type=number, default=0.8, help="sampling temperature; 0: greedy")
     dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-    add(
-        "--dtype",
-        choices=list(DTYPES),
-        default=dtype,
-        help="compute dtype (weights: float32)",
-    )
+    add("--dtype", choices=DTYPES, default=dtype, help="compute dtype; weights float32")
     add("--seed", type=bounded(int, 0, 2**32), default=0, help="for everything random")
     args = parser.parse_args()
     if not args.prompt:

@@ -3,8 +3,8 @@ self-attention and a GELU MLP, a final LayerNorm and the language-model head.
 
 main.py trains this model from scratch on characters; generate.py loads OpenAI's GPT-2
 weights (written by convert.py) into it and generates. Its dropout is mlx.nn's, which
-cuda_dropout.py swaps for CUDA kernels from outside the model when main.py trains on an
-NVIDIA GPU.
+attention_dropout.py swaps for CUDA kernels from outside the model when main.py trains
+on an NVIDIA GPU.
 
 Parameter names follow nanoGPT and Hugging Face's GPT2Model (`wte`, `h.{i}.attn.c_attn`,
 `ln_f`), so converting is a rename plus a transpose.
@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
-    block_size: int = (
-        1024  # the longest sequence (context) the position embedding covers
-    )
+    block_size: int = 1024  # the longest sequence the position embedding covers
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -36,10 +35,14 @@ def causal_softmax(scores):
     """softmax(scores + causal mask) over the last axis of (..., T, T) scores, summed in
     float32."""
     T = scores.shape[-1]
-    causal = mx.triu(
-        mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1
-    )  # -inf above the diagonal
+    # -inf above the diagonal: position t sees the positions up to t
+    causal = mx.triu(mx.full((T, T), -mx.inf, dtype=scores.dtype), k=1)
     return mx.softmax(scores + causal, axis=-1, precise=True)
+
+
+def layer_norm(config):
+    """GPT-2's LayerNorm: a learned scale, and a learned shift with config.bias."""
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
 
 
 class AttentionDropout(nn.Dropout):
@@ -54,21 +57,16 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(
-            config.n_embd, 3 * config.n_embd, bias=config.bias
-        )  # q, k, v in one matmul
+        # q, k and v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = AttentionDropout(
-            config.dropout
-        )  # takes the scores, gives dropped probabilities
+        self.attn_dropout = AttentionDropout(config.dropout)  # scores -> probabilities
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
     def __call__(self, x):
         B, T, C = x.shape
-        x = x.astype(
-            self.c_attn.weight.dtype
-        )  # compute in the weights' dtype (see GPT.__call__)
+        x = x.astype(self.c_attn.weight.dtype)  # the weights' dtype (see GPT.__call__)
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (
@@ -98,9 +96,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers).
-        x = x.astype(
-            self.c_fc.weight.dtype
-        )  # compute in the weights' dtype (see GPT.__call__)
+        x = x.astype(self.c_fc.weight.dtype)  # the weights' dtype (see GPT.__call__)
         return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
 
 
@@ -110,13 +106,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(
-            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
-        )
+        self.ln_1 = layer_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(
-            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
-        )
+        self.ln_2 = layer_norm(config)
         self.mlp = MLP(config)
 
     def __call__(self, x):
@@ -132,9 +124,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(
-            config.n_embd, eps=config.layer_norm_eps, affine=True, bias=config.bias
-        )
+        self.ln_f = layer_norm(config)
         if not config.tie_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
@@ -143,28 +133,19 @@ class GPT(nn.Module):
         """GPT-2's initialisation: normal(0, 0.02) for Linear and Embedding weights,
         normal(0, 0.02 / sqrt(2 * n_layer)) for the projections that write into the
         residual stream (each block adds two), zero biases, LayerNorm weight 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
 
         def init(name, p):
             if name.endswith("c_proj.weight"):  # into the residual stream
-                return (
-                    0.02
-                    / math.sqrt(2 * self.config.n_layer)
-                    * mx.random.normal(p.shape)
-                )
+                return residual_std * mx.random.normal(p.shape)
             if name.endswith("bias"):
                 return mx.zeros(p.shape)
             if name.startswith("ln_") or ".ln_" in name:
                 return mx.ones(p.shape)
             return 0.02 * mx.random.normal(p.shape)
 
-        self.update(
-            nn.utils.tree_unflatten(
-                [
-                    (name, init(name, p))
-                    for name, p in nn.utils.tree_flatten(self.parameters())
-                ]
-            )
-        )
+        parameters = tree_flatten(self.parameters())
+        self.update(tree_unflatten([(name, init(name, p)) for name, p in parameters]))
 
     def __call__(self, idx):
         """idx (B, T) int tokens -> logits (B, T, vocab_size).
@@ -195,9 +176,7 @@ class GPT(nn.Module):
         """
         idx = list(idx)
         for _ in range(max_new_tokens):
-            context = mx.array(
-                idx[-self.config.block_size :]
-            )  # the last block_size tokens
+            context = mx.array(idx[-self.config.block_size :])
             logits = self(context[None])[0, -1].astype(mx.float32)  # (vocab_size,)
             if temperature == 0:
                 token = int(mx.argmax(logits).item())
