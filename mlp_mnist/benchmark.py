@@ -149,8 +149,7 @@ def torch_in_child(argv):
     return {int(k): v for k, v in json.loads(result.stdout.splitlines()[-1]).items()}
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="MLP training-step time, MLX vs PyTorch, random MNIST-shaped data."
     )
@@ -200,8 +199,11 @@ def main(argv=None):
     parser.add_argument(
         "--only", choices=["torch"], help=argparse.SUPPRESS
     )  # used by torch_in_child
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def select_device(args):
+    """Set MLX's default device; returns PyTorch's device name."""
     if args.device == "gpu":
         if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
             sys.exit(
@@ -209,25 +211,55 @@ def main(argv=None):
                 "use --device cpu"
             )
         mx.set_default_device(mx.gpu)
-        torch_device = "cuda"
-    else:
-        mx.set_default_device(mx.cpu)
-        torch_device = "cpu"
-        if args.only is None:  # the PyTorch child does not use MLX
-            warn_if_reference_blas()
+        return "cuda"
+    mx.set_default_device(mx.cpu)
+    if args.only is None:  # the PyTorch child does not use MLX
+        warn_if_reference_blas()
+    return "cpu"
 
+
+def random_data(args):
+    """{batch size: (X, y)} of random MNIST-shaped inputs and labels."""
     rng = np.random.default_rng(args.seed)
+    data = {}
+    for batch_size in args.batch_size:
+        X = rng.random((batch_size, 784), dtype=np.float32)
+        y = rng.integers(0, 10, batch_size).astype(np.uint32)
+        data[batch_size] = X, y
+    return data
+
+
+def print_table(args, config, t_mlx, t_torch, torch_device, separate):
+    threads = f"{torch.get_num_threads()} threads"
+    if separate:
+        threads += ", in a child process without LD_PRELOAD"
+    print(
+        f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} "
+        f"on {torch_device} ({threads})"
+    )
+    print(f"MLP {config}; median (range) of {args.repeats} runs of {args.steps} steps")
+    print(
+        f"{'batch':>6} {'MLX ms/step':>26} {'PyTorch ms/step':>26} {'PyTorch/MLX':>12}"
+    )
+    for b in t_mlx:
+        # A ratio above 1 means MLX is faster.
+        mlx, pt = statistics.median(t_mlx[b]), statistics.median(t_torch[b])
+        mlx_range = f"{mlx:.3f} ({min(t_mlx[b]):.3f}-{max(t_mlx[b]):.3f})"
+        pt_range = f"{pt:.3f} ({min(t_torch[b]):.3f}-{max(t_torch[b]):.3f})"
+        print(f"{b:>6} {mlx_range:>26} {pt_range:>26} {pt / mlx:>11.2f}x")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch_device = select_device(args)
     config = dict(
         num_layers=args.num_layers,
         input_dim=784,
         hidden_dim=args.hidden_dim,
         output_dim=10,
     )
-    data = {}
-    for batch_size in args.batch_size:
-        X = rng.random((batch_size, 784), dtype=np.float32)
-        y = rng.integers(0, 10, batch_size).astype(np.uint32)
-        data[batch_size] = X, y
+    data = random_data(args)
 
     steps = len(data) * (
         3 + args.steps * args.repeats
@@ -258,24 +290,7 @@ def main(argv=None):
     )
     separate = torch_device == "cpu" and "LD_PRELOAD" in os.environ
     t_torch = torch_in_child(argv) if separate else time_torch(progress)
-
-    threads = f"{torch.get_num_threads()} threads"
-    if separate:
-        threads += ", in a child process without LD_PRELOAD"
-    print(
-        f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__} "
-        f"on {torch_device} ({threads})"
-    )
-    print(f"MLP {config}; median (range) of {args.repeats} runs of {args.steps} steps")
-    print(
-        f"{'batch':>6} {'MLX ms/step':>26} {'PyTorch ms/step':>26} {'PyTorch/MLX':>12}"
-    )
-    for b in data:
-        # A ratio above 1 means MLX is faster.
-        mlx, pt = statistics.median(t_mlx[b]), statistics.median(t_torch[b])
-        mlx_range = f"{mlx:.3f} ({min(t_mlx[b]):.3f}-{max(t_mlx[b]):.3f})"
-        pt_range = f"{pt:.3f} ({min(t_torch[b]):.3f}-{max(t_torch[b]):.3f})"
-        print(f"{b:>6} {mlx_range:>26} {pt_range:>26} {pt / mlx:>11.2f}x")
+    print_table(args, config, t_mlx, t_torch, torch_device, separate)
 
 
 if __name__ == "__main__":
