@@ -83,10 +83,7 @@ def time_steps(run_step, steps, repeats, warmup, say):
 def run_mlx(args, c):
     import distributed
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
     from main import warn_if_reference_blas
-    from model import GPT, GPTConfig
 
     group = distributed.init()
     say = (
@@ -108,6 +105,39 @@ def run_mlx(args, c):
     )
     if group.rank() == 0:
         warn_if_reference_blas()
+    step, state = mlx_train_step(args, c, group)
+
+    data = [
+        (mx.array(b[:, :-1]), mx.array(b[:, 1:]))
+        for b in random_batches(c, args.batch_size, seed=group.rank())
+    ]
+    mx.eval(state, data)
+
+    def run_step(i, sync):
+        loss = step(*data[i % len(data)])
+        mx.eval(
+            state, loss
+        )  # as main.py: each step's weights exist before the next batch is fed
+
+    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup, say)
+    peak = mx.get_peak_memory() / 2**30
+    return (
+        group.rank(),
+        group.size(),
+        seconds,
+        f"MLX {mx.__version__}, {args.dtype}, peak {peak:.1f} GiB",
+        str(mx.default_device()),
+    )
+
+
+def mlx_train_step(args, c, group):
+    """The compiled training step of a new GPT and AdamW, and the state it updates."""
+    import distributed
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from model import GPT, GPTConfig
+
     dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[args.dtype]
     mx.random.seed(0)
     model = GPT(GPTConfig(**c))
@@ -134,27 +164,7 @@ def run_mlx(args, c):
         optimizer.update(model, grads)
         return loss
 
-    data = [
-        (mx.array(b[:, :-1]), mx.array(b[:, 1:]))
-        for b in random_batches(c, args.batch_size, seed=group.rank())
-    ]
-    mx.eval(state, data)
-
-    def run_step(i, sync):
-        loss = step(*data[i % len(data)])
-        mx.eval(
-            state, loss
-        )  # as main.py: each step's weights exist before the next batch is fed
-
-    seconds = time_steps(run_step, args.steps, args.repeats, args.warmup, say)
-    peak = mx.get_peak_memory() / 2**30
-    return (
-        group.rank(),
-        group.size(),
-        seconds,
-        f"MLX {mx.__version__}, {args.dtype}, peak {peak:.1f} GiB",
-        str(mx.default_device()),
-    )
+    return step, state
 
 
 # ---- PyTorch: nanoGPT's model, DistributedDataParallel
@@ -164,10 +174,6 @@ def run_mlx(args, c):
 def run_torch(args, c):
     import torch
     import torch.distributed as dist
-    from nanogpt_reference import (
-        TorchGPT,
-    )  # the same GPT in PyTorch; dropout 0 here, flash attention
-    from torch.nn.parallel import DistributedDataParallel
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -187,19 +193,7 @@ def run_torch(args, c):
         f"{args.batch_size} x {c['block_size']} per process: {args.warmup} warm-up "
         f"steps, then {args.repeats} x {args.steps}"
     )
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    model = TorchGPT({**c, "dropout": 0.0}).to(device)
-    if cuda:
-        model = torch.compile(model)
-    model = DistributedDataParallel(
-        model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True
-    )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda
-    )
+    model, optimizer = torch_ddp_model(c, device, cuda)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     data = [
         torch.from_numpy(b).long().to(device)
@@ -229,6 +223,30 @@ def run_torch(args, c):
     dist.barrier()  # every rank done before any tears the group down
     dist.destroy_process_group()
     return result
+
+
+def torch_ddp_model(c, device, cuda):
+    """A new TorchGPT on `device`, compiled on CUDA, wrapped in DDP; and its AdamW."""
+    import torch
+    from nanogpt_reference import (
+        TorchGPT,
+    )  # the same GPT in PyTorch; dropout 0 here, flash attention
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = TorchGPT({**c, "dropout": 0.0}).to(device)
+    if cuda:
+        model = torch.compile(model)
+    model = DistributedDataParallel(
+        model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda
+    )
+    return model, optimizer
 
 
 # ---- The table
@@ -279,7 +297,7 @@ def report(args, c, size, median, fastest, slowest, notes, device):
             f.write(json.dumps(result) + "\n")
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(
         description="Tokens/s per GPU of GPT-2 small data-parallel training, MLX "
         "(under mlx.launch) or PyTorch DDP (under torchrun)."
@@ -332,20 +350,15 @@ def main():
         help="a 2-layer model of width 32 (for tests on a CPU)",
     )
     args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
     if args.framework == "table":
         if not args.path or not os.path.isfile(args.path):
             parser.error("table needs the file that the runs' --json wrote")
-        try:
-            return print_table(args.path)
-        except (
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as e:  # a line that is not one of --json's
-            sys.exit(
-                f"error: {args.path} holds a line that is not a result of --json "
-                f"({type(e).__name__}: {e})"
-            )
+        return
     if (
         min(args.batch_size, args.steps, args.repeats) < 1
         or args.warmup < 0
@@ -355,22 +368,46 @@ def main():
             "--batch-size, --ctx-len, --steps and --repeats must be at least 1, "
             "--warmup at least 0"
         )
-    c = {
-        **GPT2_SMALL,
-        **(TINY if args.tiny else {}),
-        **({"block_size": args.ctx_len} if args.ctx_len else {}),
-    }
 
+
+def table(path):
+    """The `table` command: print_table, or one line if the file is not --json's."""
     try:
-        rank, size, (median, fastest, slowest), notes, device = (
-            run_mlx if args.framework == "mlx" else run_torch
-        )(args, c)
+        print_table(path)
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as e:  # a line that is not one of --json's
+        sys.exit(
+            f"error: {path} holds a line that is not a result of --json "
+            f"({type(e).__name__}: {e})"
+        )
+
+
+def time_training(args, c):
+    """run_mlx or run_torch, with one line instead of a traceback if it fails."""
+    try:
+        return (run_mlx if args.framework == "mlx" else run_torch)(args, c)
     except (
         Exception
     ) as e:  # a backend that is missing, a GPU out of memory: one line, not a traceback
         sys.exit(
             f"error: {args.framework} on this process failed: {type(e).__name__}: {e}"
         )
+
+
+def main():
+    args = parse_args()
+    if args.framework == "table":
+        return table(args.path)
+    c = {
+        **GPT2_SMALL,
+        **(TINY if args.tiny else {}),
+        **({"block_size": args.ctx_len} if args.ctx_len else {}),
+    }
+
+    rank, size, (median, fastest, slowest), notes, device = time_training(args, c)
     if rank == 0:
         report(args, c, size, median, fastest, slowest, notes, device)
     if args.framework == "torch":
