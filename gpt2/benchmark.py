@@ -172,13 +172,10 @@ def time_torch(c, steps, repeats, device, way, label=""):
     return time_steps(run_steps, repeats, label)
 
 
-def profile_pieces(c, device, repeats):
-    """{piece: (MLX ms, PyTorch ms)} for the pieces of one training step at config c,
-    each forward and backward where it has one (MLX compiled, PyTorch eager): where does
-    the step's time go?"""
+def piece_inputs(c, tdev):
+    """Random inputs of the pieces' shapes at config c: (x, h, w, q) in MLX and the
+    same in PyTorch on `tdev`, with gradients."""
     B, T, D, H = c["batch_size"], c["block_size"], c["n_embd"], c["n_head"]
-    tdev = "cuda" if device == "gpu" else "cpu"
-    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     rng = np.random.default_rng(0)
     x_np, h_np = (
         rng.standard_normal((B * T, D), np.float32),
@@ -188,25 +185,35 @@ def profile_pieces(c, device, repeats):
         rng.standard_normal((4 * D, D), np.float32) * 0.02,
         rng.standard_normal((B, H, T, D // H), np.float32),
     )
-    x, h, w, q = (mx.array(a) for a in (x_np, h_np, w_np, q_np))
-    tx, th, tw, tq = (
+    mlx_inputs = tuple(mx.array(a) for a in (x_np, h_np, w_np, q_np))
+    torch_inputs = tuple(
         torch.from_numpy(a).to(tdev).requires_grad_() for a in (x_np, h_np, w_np, q_np)
     )
+    return mlx_inputs, torch_inputs
+
+
+def mlx_grad(f, *args):
+    """The gradients of f(*args).sum() as a call without arguments; compiled, as in
+    the training step."""
+    grad = mx.compile(mx.grad(lambda *a: f(*a).sum(), argnums=list(range(len(args)))))
+    return lambda: grad(*args)
+
+
+def torch_grad(f, *args):
+    """The gradients of f(*args).sum() as a call without arguments; eager."""
+    return lambda: torch.autograd.grad(f(*args).sum(), args)
+
+
+def step_pieces(c, tdev):
+    """{piece: (MLX call, PyTorch call)} for the pieces of one training step at
+    config c."""
+    D, H = c["n_embd"], c["n_head"]
+    (x, h, w, q), (tx, th, tw, tq) = piece_inputs(c, tdev)
     norm = nn.LayerNorm(D)
     tnorm = tnn.LayerNorm(D).to(tdev)
     scale = (D // H) ** -0.5
     dropout = Dropout(c["dropout"])  # the model's: a Philox kernel on an NVIDIA GPU
-
-    def mlx_grad(f, *args):  # compiled, as in the training step
-        grad = mx.compile(
-            mx.grad(lambda *a: f(*a).sum(), argnums=list(range(len(args))))
-        )
-        return lambda: grad(*args)
-
-    def torch_grad(f, *args):
-        return lambda: torch.autograd.grad(f(*args).sum(), args)
-
-    pieces = {
+    return {
         "c_fc matmul (B*T, D) @ (D, 4D), fwd+bwd": (
             mlx_grad(lambda a, b: a @ b.T, x, w),
             torch_grad(lambda a, b: a @ b.T, tx, tw),
@@ -232,6 +239,15 @@ def profile_pieces(c, device, repeats):
             lambda: F.dropout(th.detach(), c["dropout"]),
         ),
     }
+
+
+def profile_pieces(c, device, repeats):
+    """{piece: (MLX ms, PyTorch ms)} for the pieces of one training step at config c,
+    each forward and backward where it has one (MLX compiled, PyTorch eager): where does
+    the step's time go?"""
+    tdev = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    pieces = step_pieces(c, tdev)
 
     def one_step(fn):  # fn as a run of one step, for time_steps
         def run():
@@ -511,11 +527,8 @@ def print_comparison(configs, args, argv, dtypes, ways, gpu):
             )
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="GPT training-step time: compiled MLX at each --dtype against "
-        "PyTorch the nanoGPT way (the anchor) and PyTorch eager."
-    )
+def workload_flags(parser):
+    """What is timed, where, and how often."""
     parser.add_argument(
         "--config",
         choices=list(CONFIGS),
@@ -558,6 +571,10 @@ def parse_args(argv):
         action="store_true",
         help="shrink every config to 2 tiny layers (for tests)",
     )
+
+
+def mode_flags(parser):
+    """The other jobs, in place of the main table."""
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -590,7 +607,48 @@ def parse_args(argv):
     parser.add_argument(
         "--only", choices=["torch"], help=argparse.SUPPRESS
     )  # used by torch_in_child
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="GPT training-step time: compiled MLX at each --dtype against "
+        "PyTorch the nanoGPT way (the anchor) and PyTorch eager."
+    )
+    workload_flags(parser)
+    mode_flags(parser)
     return parser.parse_args(argv)
+
+
+def select_device(args, gpu):
+    """MLX's default device: the GPU for --device gpu and --race, else the CPU."""
+    if gpu or args.race:
+        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
+            sys.exit(
+                "error: --device gpu and --race need MLX's GPU backend and PyTorch "
+                "with CUDA; use --device cpu"
+            )
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+        warn_if_reference_blas()
+
+
+def announce(args, configs):
+    """One line on stderr: what is timed, before the first (slow) warm-up."""
+    mode = (
+        "the pieces of a step"
+        if args.profile
+        else "dropout's ablation"
+        if args.ablation
+        else "training steps"
+    )
+    print(
+        f"Timing {mode} on {args.device} ({', '.join(configs)}"
+        f"{', --tiny' if args.tiny else ''}); each timing "
+        "starts with a warm-up run that compiles; progress on stderr",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -617,36 +675,14 @@ def main(argv=None):
             )
         )
         return
-    if gpu or args.race:
-        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit(
-                "error: --device gpu and --race need MLX's GPU backend and PyTorch "
-                "with CUDA; use --device cpu"
-            )
-        mx.set_default_device(mx.gpu)
-    else:
-        mx.set_default_device(mx.cpu)
-        warn_if_reference_blas()
+    select_device(args, gpu)
     if args.race:
         if not args.race.is_file():
             sys.exit(
                 f"error: {args.race} does not exist; give Tiny Shakespeare's input.txt"
             )
         return run_race(args.race, args.target)
-    mode = (
-        "the pieces of a step"
-        if args.profile
-        else "dropout's ablation"
-        if args.ablation
-        else "training steps"
-    )
-    print(
-        f"Timing {mode} on {args.device} ({', '.join(configs)}"
-        f"{', --tiny' if args.tiny else ''}); each timing "
-        "starts with a warm-up run that compiles; progress on stderr",
-        file=sys.stderr,
-        flush=True,
-    )
+    announce(args, configs)
     if args.profile:
         return print_profile(*list(configs.items())[-1], args, "cuda" if gpu else "cpu")
     if args.ablation:
