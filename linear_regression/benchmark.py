@@ -150,8 +150,7 @@ def torch_in_child(argv):
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="SGD iterations per second, MLX vs PyTorch, on the CPU."
     )
@@ -188,8 +187,33 @@ def main(argv=None):
     parser.add_argument(
         "--only", choices=["torch"], help=argparse.SUPPRESS
     )  # used by torch_in_child
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def print_table(args, mlx_rate, torch_rate, separate):
+    threads = f"{torch.get_num_threads()} threads"
+    if separate:
+        threads += ", in a child process without LD_PRELOAD"
+    print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__}")
+    print(
+        f"{args.num_examples} x {args.num_features}, {args.num_iters} iterations a "
+        f"run, median (range) of {args.repeats} runs; PyTorch: {threads}"
+    )
+    print(f"{'task':<10} {'MLX it/s':>22} {'PyTorch it/s':>22} {'MLX/PyTorch':>12}")
+    for name in mlx_rate:
+        # A ratio above 1 means MLX is faster.
+        cells = []
+        for rates_of_runs in (mlx_rate[name], torch_rate[name]):
+            median = statistics.median(rates_of_runs)
+            low, high = min(rates_of_runs), max(rates_of_runs)
+            cells.append((median, f"{median:.0f} ({low:.0f}-{high:.0f})"))
+        (mlx, mlx_cell), (pt, pt_cell) = cells
+        print(f"{name:<10} {mlx_cell:>22} {pt_cell:>22} {mlx / pt:>11.2f}x")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     start = time.perf_counter()
     if args.only == "torch":
         print(json.dumps(rates("torch", args, start, timings_total=2)))
@@ -210,25 +234,7 @@ def main(argv=None):
         if separate
         else rates("torch", args, start, timings_before=2, timings_total=4)
     )
-
-    threads = f"{torch.get_num_threads()} threads"
-    if separate:
-        threads += ", in a child process without LD_PRELOAD"
-    print(f"MLX {mx.__version__} on {mx.default_device()}; PyTorch {torch.__version__}")
-    print(
-        f"{args.num_examples} x {args.num_features}, {args.num_iters} iterations a "
-        f"run, median (range) of {args.repeats} runs; PyTorch: {threads}"
-    )
-    print(f"{'task':<10} {'MLX it/s':>22} {'PyTorch it/s':>22} {'MLX/PyTorch':>12}")
-    for name in mlx_rate:
-        # A ratio above 1 means MLX is faster.
-        cells = []
-        for rates_of_runs in (mlx_rate[name], torch_rate[name]):
-            median = statistics.median(rates_of_runs)
-            low, high = min(rates_of_runs), max(rates_of_runs)
-            cells.append((median, f"{median:.0f} ({low:.0f}-{high:.0f})"))
-        (mlx, mlx_cell), (pt, pt_cell) = cells
-        print(f"{name:<10} {mlx_cell:>22} {pt_cell:>22} {mlx / pt:>11.2f}x")
+    print_table(args, mlx_rate, torch_rate, separate)
 
 
 if __name__ == "__main__":
