@@ -558,11 +558,8 @@ def parse_shape(text):
     return B, T
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="BERT forward throughput, MLX vs transformers (PyTorch); with "
-        "--embed, sentence embeddings, MLX vs sentence-transformers."
-    )
+def workload_flags(parser):
+    """The model, the shapes, where, and how often."""
     parser.add_argument(
         "--shapes",
         type=parse_shape,
@@ -594,6 +591,10 @@ def parse_args(argv):
         action="store_true",
         help="a tiny 2-layer model instead of bert-base (for tests)",
     )
+
+
+def job_flags(parser):
+    """--profile and --embed, in place of the forward table, and --embed's options."""
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -627,6 +628,15 @@ def parse_args(argv):
     parser.add_argument(
         "--only", choices=["torch"], help=argparse.SUPPRESS
     )  # used by torch_in_child
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="BERT forward throughput, MLX vs transformers (PyTorch); with "
+        "--embed, sentence embeddings, MLX vs sentence-transformers."
+    )
+    workload_flags(parser)
+    job_flags(parser)
     args = parser.parse_args(argv)
     args.config = TINY if args.tiny else BASE
     args.shapes = args.shapes or [(8, 64 if args.tiny else 128), (1, 16)]
