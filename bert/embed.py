@@ -357,6 +357,12 @@ def parse_args(argv=None):
         help="inference dtype (default: float32)",
     )
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """The combinations of flags that argparse cannot check by itself."""
     if sum(map(bool, (args.sentences, args.input, args.search))) > 1:
         parser.error(
             "give the sentences one way: as arguments, in --input FILE, or as "
@@ -366,7 +372,6 @@ def parse_args(argv=None):
         parser.error("--search CORPUS and --query TEXT go together")
     if args.out and not args.out.endswith(".npy"):
         parser.error(f"--out must end in .npy, got {args.out}")
-    return args
 
 
 def main(args):
