@@ -508,6 +508,37 @@ def parse_args(argv):
     return args
 
 
+def select_device(args):
+    if args.device == "gpu":
+        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
+            sys.exit(
+                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; "
+                "use --device cpu"
+            )
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+        warn_if_reference_blas()
+
+
+def print_profile(args, torch_device):
+    say(
+        f"timing one-token products with each {args.preset}-preset weight shape, "
+        "MLX then PyTorch"
+    )
+    print(
+        f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s "
+        "of weights read, median of "
+        f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch "
+        f"{torch.__version__} on {torch_device}"
+    )
+    print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
+    for name, plain, ref in profile_matvec(
+        args.preset, args.dtype, args.device, args.repeats
+    ):
+        print(f"{name:>32} {plain:>12.0f} {ref:>9.0f}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -523,33 +554,9 @@ def main(argv=None):
             )
         )
         return
-    if args.device == "gpu":
-        if not mx.is_available(mx.gpu) or not torch.cuda.is_available():
-            sys.exit(
-                "error: --device gpu needs MLX's GPU backend and PyTorch with CUDA; "
-                "use --device cpu"
-            )
-        mx.set_default_device(mx.gpu)
-    else:
-        mx.set_default_device(mx.cpu)
-        warn_if_reference_blas()
+    select_device(args)
     if args.profile:
-        say(
-            f"timing one-token products with each {args.preset}-preset weight shape, "
-            "MLX then PyTorch"
-        )
-        print(
-            f"one token through {args.preset}-preset {args.dtype} weight shapes, GB/s "
-            "of weights read, median of "
-            f"{args.repeats}; MLX {mx.__version__} on {mx.default_device()}; PyTorch "
-            f"{torch.__version__} on {torch_device}"
-        )
-        print(f"{'shape':>32} {'MLX x @ W.T':>12} {'PyTorch':>9}")
-        for name, plain, ref in profile_matvec(
-            args.preset, args.dtype, args.device, args.repeats
-        ):
-            print(f"{name:>32} {plain:>12.0f} {ref:>9.0f}")
-        return
+        return print_profile(args, torch_device)
     versus = (
         f"{' and '.join(f'{b}-bit' for b in args.quantize)} copies"
         if args.quantize
@@ -590,7 +597,16 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
         if torch_device == "cuda":
             torch.cuda.empty_cache()
     t_mlx = time_mlx(model, prompt, args.max_tokens, args.repeats)
+    print_comparison(model, args, t_mlx, t_torch, torch_device, separate)
+    print_host_time(model, prompt, args, t_mlx)
+    if args.time_load:
+        say("timing load_model from .npz and .safetensors files")
+        report_load(model, args.repeats)
 
+
+def print_comparison(model, args, t_mlx, t_torch, torch_device, separate):
+    """The table of prompt and decoding tokens/s, with the copy bandwidth (measured
+    here) as the decoding ceiling."""
     weight_bytes = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
     bandwidth = copy_bandwidth(torch_device)
     ceiling = bandwidth / weight_bytes
@@ -623,6 +639,10 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
             f"{name} decoding reads {weight_bytes / seconds / 1e9:.1f} GB/s of "
             f"weights, {100 / seconds / ceiling:.0f}% of the ceiling"
         )
+
+
+def print_host_time(model, prompt, args, t_mlx):
+    """MLX's host time per decoding step (measured here) against the time per token."""
     build, launch = host_seconds(model, prompt)
     on_cpu = (
         " (on a CPU, launching includes the computing)" if args.device == "cpu" else ""
@@ -633,9 +653,6 @@ def compare_frameworks(model, hf, prompt, args, argv, torch_device):
         f"ms launching it (mx.async_eval), against {t_mlx[1] * 1e3:.2f} ms per token: "
         f"the host sets the pace when the sum comes near the time per token{on_cpu}"
     )
-    if args.time_load:
-        say("timing load_model from .npz and .safetensors files")
-        report_load(model, args.repeats)
 
 
 if __name__ == "__main__":
