@@ -281,10 +281,16 @@ def main():
         models[f"{args.quantize}-bit"] = quantized_copy(
             models[args.dtype], 64, args.quantize
         )
-    rows, hosts = (
-        [],
-        [],
-    )
+    rows, hosts = time_batches(args, hf, models, device)
+    report(rows, hosts, args)
+
+
+def time_batches(args, hf, models, device):
+    """Rows (framework, weights, prompt lengths, batch, (median, min, max) seconds) for
+    every batch size, prompts of equal then mixed lengths; and MLX's host time per
+    step at the largest batch."""
+    rows = []
+    hosts = []
     for mixed in (False, True):
         lengths = (
             f"{args.min_prompt_tokens}-{args.prompt_tokens}"
@@ -324,7 +330,7 @@ def main():
                     hf, prompts, args.max_tokens, args.repeats, label, device
                 )
                 rows.append(("transformers", args.dtype, lengths, B, seconds))
-    report(rows, hosts, args)
+    return rows, hosts
 
 
 def report(rows, hosts, args):
