@@ -136,9 +136,9 @@ def time_mlx(model, prompt, max_tokens, repeats, label=None, watchdog=None):
     )
 
 
-def run_mlx(options):
-    dtype = getattr(mx, options.dtype)
-    args = ModelArgs(**PRESETS[options.preset], max_seq_len=4096)
+def start_group(options, args):
+    """The process group (None for one process) and its watchdog, once every process
+    knows that the model splits over the group."""
     group, error, watchdog = None, None, None
     try:
         group = init_group()
@@ -148,6 +148,13 @@ def run_mlx(options):
     except ShardingError as e:
         error = str(e)
     stop_if_any_failed(group, error)
+    return group, watchdog
+
+
+def run_mlx(options):
+    dtype = getattr(mx, options.dtype)
+    args = ModelArgs(**PRESETS[options.preset], max_seq_len=4096)
+    group, watchdog = start_group(options, args)
     n = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
     if rank == 0:
