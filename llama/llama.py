@@ -211,7 +211,7 @@ def parse_args():
     if args.prompt_lookup and args.draft_model:
         parser.error("--prompt-lookup and --draft-model propose two ways: pick one")
     if speculative and (args.prompts or structured):
-        parser.error("--prompt-lookup and --draft-model decode one plain prompt")
+        parser.error("--prompt-lookup and --draft-model decode one prompt, not JSON")
     return args
 
 
