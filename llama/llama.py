@@ -229,13 +229,13 @@ def main():
 
         schemas = read_schemas(args)
     tic = time.perf_counter()
-    model, tokenizer, split = load(args)
+    model, tokenizer, note = load(args)
     # A quantized file (convert.py --quantize) needs no flag: its config says so.
     q = model.args.quantization
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
     print(
         f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} "
-        f"tokenizer{split}]",
+        f"tokenizer{note}]",
         file=sys.stderr,
     )
     warn_if_reference_blas()
