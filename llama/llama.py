@@ -111,22 +111,24 @@ def load(args):
         from gguf_file import load_gguf
 
         model, note = load_gguf(args.weights)
-        if args.adapter_path:
-            from lora_adapters import load_adapters
+    elif "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
+        from tp import load_split, stop_if_any_failed
 
-            note += load_adapters(model, args.adapter_path)
-        return model, tokenizer_for(model), note
-    if args.adapter_path:  # LoRA adapters from lora.py
-        from lora_adapters import load_with_adapters
-
-        return load_with_adapters(args.weights, args.adapter_path, tokenizer_for)
-    if "MLX_RANK" in os.environ:  # mlx.launch sets it in every process it starts
-        from tp import load_split
-
+        if args.adapter_path:  # rank 0 says why, every rank exits
+            stop_if_any_failed(
+                None,
+                "--adapter-path runs on one process; fuse the adapters into the "
+                "model first (lora.py --fuse)",
+            )
         errors = (WeightsError, TokenizerError)
         return load_split(args.weights, tokenizer_for, errors, args.timeout)
-    model = load_model(args.weights)
-    return model, tokenizer_for(model), ""
+    else:
+        model, note = load_model(args.weights), ""
+    if args.adapter_path:  # LoRA adapters from lora.py
+        from lora_adapters import load_adapters
+
+        note += load_adapters(model, args.adapter_path)
+    return model, tokenizer_for(model), note
 
 
 def in_range(kind, low, high=math.inf, above=False):
@@ -190,26 +192,26 @@ def parse_args():
         args.tokenizer, args.prompt = None, args.tokenizer and text(args.tokenizer)
     if args.tokenizer is None and not gguf:
         parser.error("give the tokenizer after the weights (only a .gguf has its own)")
-    if args.prompts and (args.prompt is not None or "MLX_RANK" in os.environ):
-        parser.error("--prompts replaces the prompt, in one process")
+    structured = args.json_schema or args.json
+    speculative = args.prompt_lookup or args.draft_model
     if args.prompt is None and not args.chat and not args.prompts:
         parser.error(
             "give a prompt to continue, --chat for a conversation, or --prompts"
         )
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; give some text to continue")
+    if args.prompts and args.prompt is not None:
+        parser.error("--prompts replaces the prompt")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
-    if (args.json_schema or args.json) and args.prompt is None and not args.prompts:
+    if structured and args.prompt is None and not args.prompts:
         parser.error("--json-schema and --json need a prompt or --prompts")
-    if (args.json_schema or args.json) and "MLX_RANK" in os.environ:
-        parser.error("--json-schema and --json run in one process")
+    if "MLX_RANK" in os.environ and (args.prompts or structured):
+        parser.error("--prompts, --json-schema and --json run in one process")
     if args.prompt_lookup and args.draft_model:
         parser.error("--prompt-lookup and --draft-model propose two ways: pick one")
-    if (args.prompt_lookup or args.draft_model) and args.prompts:
-        parser.error("--prompt-lookup and --draft-model decode one prompt at a time")
-    if (args.prompt_lookup or args.draft_model) and (args.json_schema or args.json):
-        parser.error("--json-schema and --json decode without --prompt-lookup")
+    if speculative and (args.prompts or structured):
+        parser.error("--prompt-lookup and --draft-model decode one prompt, not JSON")
     return args
 
 
@@ -227,13 +229,13 @@ def main():
 
         schemas = read_schemas(args)
     tic = time.perf_counter()
-    model, tokenizer, split = load(args)
+    model, tokenizer, note = load(args)
     # A quantized file (convert.py --quantize) needs no flag: its config says so.
     q = model.args.quantization
     weights = f"{q['bits']}-bit weights in groups of {q['group_size']}, " if q else ""
     print(
         f"[load {time.perf_counter() - tic:.2f} s, {weights}{tokenizer.kind} "
-        f"tokenizer{split}]",
+        f"tokenizer{note}]",
         file=sys.stderr,
     )
     warn_if_reference_blas()

@@ -71,7 +71,6 @@ from lora_adapters import (  # noqa: E402
     ADAPTERS,
     LINEAR_KEYS,
     load_adapters,
-    load_with_adapters,  # noqa: F401 (llama.py --adapter-path imports it from here)
     save_fused,
 )
 from model import WeightsError, load_model  # noqa: E402

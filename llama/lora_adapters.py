@@ -19,15 +19,13 @@ dropout, layers, keys, the base model).
 
 import json
 import math
-import os
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from model import WeightsError, load_model, write_atomically
+from model import WeightsError, write_atomically
 
 # The linear layers of a block, by the name of the module that holds them.
 LINEAR_KEYS = {
@@ -292,27 +290,6 @@ def load_adapters(model, path):
     mx.eval(model.parameters())
     keys, blocks = "/".join(config["keys"]), len(config["layers"])
     return f", LoRA adapters of rank {config['rank']} on {keys} of {blocks} blocks"
-
-
-def load_with_adapters(weights, adapter_path, tokenizer_for):
-    """llama.py --adapter-path: (model, tokenizer, what the load line adds) for the
-    model in `weights` with the adapters of `adapter_path`; one error line and exit
-    status 1 for anything that does not fit."""
-    from tokenizer import TokenizerError
-
-    # Started by mlx.launch: every rank exits, rank 0 says why
-    if "MLX_RANK" in os.environ:
-        if os.environ["MLX_RANK"] != "0":
-            sys.exit(1)
-        sys.exit(
-            "error: --adapter-path runs on one process; fuse the adapters into the "
-            "model first (lora.py --fuse)"
-        )
-    try:
-        model = load_model(weights)
-        return model, tokenizer_for(model), load_adapters(model, adapter_path)
-    except (WeightsError, TokenizerError) as e:
-        sys.exit(f"error: {e}")
 
 
 def save_fused(model, adapter_path, save_path, tokenizer=None):

@@ -83,29 +83,26 @@ class ModelArgs:
                 kind = f"a whole number from 1 to {most}"
             if not ok:
                 raise ValueError(f"{field.name} must be {kind}, not {value!r}")
-        if (
-            self.dim % self.n_heads
-            or self.n_heads % self.n_kv_heads
-            or self.head_dim % 2
-        ):
+        # head_dim = dim / n_heads is a whole, even number (RoPE rotates pairs).
+        if self.dim % (2 * self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
                 f"{self.n_kv_heads} do not divide into an even head_dim and whole "
                 "groups of query heads"
             )
         scaling = self.rope_scaling
-        if scaling is not None:
-            numbers = [scaling.get(key) for key in ROPE_SCALING_KEYS]
-            if not (
-                len(scaling) == 4
-                and all(type(v) in (int, float) and 0 < v < math.inf for v in numbers)
-                and scaling["low_freq_factor"] < scaling["high_freq_factor"]
-            ):
-                raise ValueError(
-                    "rope_scaling must hold positive factor, low_freq_factor, "
-                    "high_freq_factor and original_max_position_embeddings, the low "
-                    f"factor below the high one, not {scaling!r}"
-                )
+        if scaling is not None and not (
+            set(scaling) == set(ROPE_SCALING_KEYS)
+            and all(
+                type(v) in (int, float) and 0 < v < math.inf for v in scaling.values()
+            )
+            and scaling["low_freq_factor"] < scaling["high_freq_factor"]
+        ):
+            raise ValueError(
+                "rope_scaling must hold positive factor, low_freq_factor, "
+                "high_freq_factor and original_max_position_embeddings, the low "
+                f"factor below the high one, not {scaling!r}"
+            )
 
     @property
     def head_dim(self):
@@ -177,8 +174,6 @@ def llama3_rope_freqs(
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -330,24 +325,22 @@ class WeightsError(Exception):
 
 def check_weights(model, weights):
     """Raise WeightsError if `weights` ({name: array}) do not fit `model`: the same
-    names, shapes and kinds (packed uint32 for quantized weights, floats otherwise; a
-    NumPy view from tp.py is checked for its shape only)."""
+    names and shapes, packed uint32 for quantized weights and floats otherwise (a NumPy
+    view from tp.py is checked for its shape only)."""
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    for k, want in expected.items():
-        have = weights.get(k)
-        kind = mx.uint32 if want.dtype == mx.uint32 else mx.floating
-        if (
-            have is None
-            or tuple(have.shape) != tuple(want.shape)
-            or (isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind))
-        ):
-            break
-    else:
-        if weights.keys() == expected.keys():
-            return
-    from weights_check import misfit  # the error path only: what does not fit
 
-    raise WeightsError(misfit(model, weights, expected))
+    def fits(have, want):
+        kind = mx.uint32 if want.dtype == mx.uint32 else mx.floating
+        if isinstance(have, mx.array) and not mx.issubdtype(have.dtype, kind):
+            return False
+        return tuple(have.shape) == tuple(want.shape)
+
+    if weights.keys() != expected.keys() or not all(
+        fits(weights[k], want) for k, want in expected.items()
+    ):
+        from weights_check import misfit  # the error path only: what does not fit
+
+        raise WeightsError(misfit(model, weights, expected))
 
 
 def check_finite(weights):

@@ -138,10 +138,6 @@ def shard(model, group):
             module.group = group
         block.attention.__class__ = ShardedAttention
         block.feed_forward.__class__ = ShardedFeedForward
-        block.attention.n_heads //= (
-            n  # reshapes and the KV cache see this rank's heads only
-        )
-        block.attention.n_kv_heads //= n
     return model
 
 
