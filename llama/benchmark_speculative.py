@@ -208,8 +208,10 @@ PRESETS = {
 class Rejected(Proposer):
     """Random proposals: with random weights the model's argmax almost never agrees."""
 
+    rng = np.random.default_rng(0)
+
     def propose(self, tokens, n, temp, top_p):
-        return mx.random.randint(0, VOCAB, (n,)), None
+        return self.rng.integers(0, VOCAB, n).tolist(), None
 
 
 def rejected_blocks(args):
