@@ -20,6 +20,19 @@ Chen et al. 2023): p is the model's distribution, q the proposer's (a point mass
 prompt lookup), both with model.sample's temperature and top-p, so each token has the
 distribution plain sampling gives it.
 
+Pipelining. Building and launching a pass takes the host about as long as the device
+takes to run it, so, as model.generate does, the host builds the next pass while the
+device runs the current one; only then does it read the current one. The next pass
+needs the current one's outcome: it starts from the model's token after the proposals
+kept (taken lazily, on the device), at the position their number gives. So the host
+guesses that number: all proposals kept if the last block kept all (prompt lookup's
+copy goes on: the next proposals are known on the host), none otherwise (then the next
+pass is a plain step on the model's own token). A wrong guess costs one pass: it is
+dropped, the cache offsets are set back to the first position it wrote (positions
+past an offset are never read), and the right pass is built from the tokens read,
+the kept proposals it overwrote fed again. A draft
+model's proposals come from the device, so its blocks are not built ahead.
+
     from speculative import PromptLookup, speculative_generate
     for token in speculative_generate(model, prompt_tokens, PromptLookup(10)):
         ...  # as model.generate: one int at a time, forever
