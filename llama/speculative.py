@@ -184,8 +184,8 @@ def speculative_sampling(logits, drafts, q, temp, top_p):
 class Pass:
     """A pass of the model started on the device and not read yet: over the tokens the
     cache lacked, the last of them the sequence's last token (at position `pos`), then
-    n proposals. keep (n,): whether the model keeps each proposal; choices (n + 1,):
-    its token after the last token and after each proposal; both lazy."""
+    n proposals. keep (n,): whether the model keeps each proposal (None without any);
+    choices (n + 1,): its token after the last token and after each proposal; lazy."""
 
     def __init__(self, pos, drafts, keep, choices):
         self.pos, self.drafts, self.keep, self.choices = pos, drafts, keep, choices
