@@ -19,7 +19,9 @@ every proposal is rejected (a block of K proposals yields one token), the worst 
 speculation. speculative.py builds each pass while the one before runs, on a guess;
 after a rejected block it guesses none kept, so then blocks alternate with plain steps
 on the model's own token ("tokens per pass": 1.00 means no pass was built on a wrong
-guess). Progress goes to stderr, the tables to stdout.
+guess). On a CPU, --dtype float32 with OpenBLAS (see the top README) is bound by the
+host as a GPU is; float16 products on a CPU are slow and grow with K. Progress goes to
+stderr, the tables to stdout.
 """
 
 import argparse
