@@ -282,7 +282,7 @@ def speculative_generate(
     logits = model(mx.array(prompt)[None], cache, last_only=True)[:, -1]
     tokens.append(sample(logits, temp, top_p).item())
     yield tokens[-1]
-    pending, all_kept = None, True
+    pending, all_kept = None, False  # at first, guess a plain step: cheap if wrong
     while True:
         if pending is None:  # the cache holds tokens[: cache[0].offset]
             pending = start_known(model, cache, tokens, proposer, temp, top_p)
