@@ -20,6 +20,19 @@ Chen et al. 2023): p is the model's distribution, q the proposer's (a point mass
 prompt lookup), both with model.sample's temperature and top-p, so each token has the
 distribution plain sampling gives it.
 
+Pipelining. Building and launching a pass takes the host about as long as the device
+takes to run it, so, as model.generate does, the host builds the next pass while the
+device runs the current one; only then does it read the current one. The next pass
+needs the current one's outcome: it starts from the model's token after the proposals
+kept (taken lazily, on the device), at the position their number gives. So the host
+guesses that number: all proposals kept if the last block kept all (prompt lookup's
+copy goes on: the next proposals are known on the host), none otherwise (then the next
+pass is a plain step on the model's own token). A wrong guess costs one pass: it is
+dropped, the cache offsets are set back to the first position it wrote (positions
+past an offset are never read), and the right pass is built from the tokens read,
+the kept proposals it overwrote fed again. A draft
+model's proposals come from the device, so its blocks are not built ahead.
+
     from speculative import PromptLookup, speculative_generate
     for token in speculative_generate(model, prompt_tokens, PromptLookup(10)):
         ...  # as model.generate: one int at a time, forever
@@ -32,7 +45,11 @@ from model import WeightsError, load_model, sample
 
 class Proposer:
     """What both ways of proposing share: up to num_tokens proposals at a time, and the
-    counts of tokens proposed and accepted since speculative_generate last started."""
+    counts of tokens proposed and accepted since speculative_generate last started.
+    propose(tokens, n, temp, top_p) gives (proposals, q); on_host: the proposals are a
+    list (q a point mass on each, None), known before any pass runs."""
+
+    on_host = True
 
     def __init__(self, num_tokens):
         self.num_tokens, self.proposed, self.accepted = num_tokens, 0, 0
@@ -78,9 +95,12 @@ class PromptLookup(Proposer):
         return self.match(tokens) is not None
 
     def propose(self, tokens, n, temp, top_p):
-        """(up to n proposed tokens, None: q is a point mass on each)."""
+        """(n proposed tokens, None: q is a point mass on each). A copy that reaches
+        the end of `tokens` goes on copying what it copied: a repeating pattern goes on
+        repeating."""
         start = self.match(tokens)
-        return mx.array(tokens[start : start + n]), None
+        period = len(tokens) - start
+        return [tokens[start + i % period] for i in range(n)], None
 
 
 class DraftModel(Proposer):
@@ -89,6 +109,8 @@ class DraftModel(Proposer):
     The draft keeps its own key/value cache; each call keeps the cached positions that
     agree with the sequence (a rejected proposal, another chat turn are forgotten) and
     runs the draft on the rest."""
+
+    on_host = False  # its proposals come from the device with the model's check
 
     def __init__(self, draft, num_tokens):
         super().__init__(num_tokens)
@@ -141,25 +163,6 @@ def probabilities(logits, temp, top_p):
     return probs
 
 
-def verify(model, cache, last, drafts, q, temp, top_p):
-    """Run the model once on [last, *drafts] (the cache holds all before `last`) and
-    return the tokens this gives: the proposals kept, then the model's own next token.
-    The cache is rolled back to hold `last` and the proposals kept."""
-    n = drafts.shape[0]
-    logits = model(mx.concatenate([mx.array([last]), drafts])[None], cache)[0]
-    if temp == 0:  # keep the proposals up to the first that is not the argmax
-        choices = mx.argmax(logits, axis=-1)
-        keep = drafts == choices[:n]
-    else:
-        keep, choices = speculative_sampling(logits, drafts, q, temp, top_p)
-    mx.eval(drafts, keep, choices)  # one wait: a draft model's steps, then the check
-    drafts, keep, choices = drafts.tolist(), keep.tolist(), choices.tolist()
-    kept = keep.index(False) if False in keep else n
-    for layer_cache in cache:
-        layer_cache.offset -= n - kept  # forget the proposals rejected
-    return drafts[:kept] + [choices[kept]]
-
-
 def speculative_sampling(logits, drafts, q, temp, top_p):
     """(whether each proposal is kept, the token that follows i kept proposals for each
     i), lazily. Proposal i is kept with probability min(1, p_i(x) / q_i(x)); after a
@@ -178,6 +181,87 @@ def speculative_sampling(logits, drafts, q, temp, top_p):
     return keep, choices
 
 
+class Pass:
+    """A pass of the model started on the device and not read yet: over the tokens the
+    cache lacked, the last of them the sequence's last token (at position `pos`), then
+    n proposals. keep (n,): whether the model keeps each proposal (None without any);
+    choices (n + 1,): its token after the last token and after each proposal; lazy."""
+
+    def __init__(self, pos, drafts, keep, choices):
+        self.pos, self.drafts, self.keep, self.choices = pos, drafts, keep, choices
+        self.n = len(drafts)
+
+    def read(self):
+        """(how many proposals are kept, the tokens the pass gives: those proposals,
+        then the model's next token). Waits for this pass, not for one started later."""
+        if self.n == 0:
+            return 0, [self.choices.item()]
+        drafts = self.drafts
+        if isinstance(drafts, mx.array):  # a draft model's, evaluated with the pass
+            drafts = drafts.tolist()
+        keep, choices = self.keep.tolist(), self.choices.tolist()
+        kept = keep.index(False) if False in keep else self.n
+        return kept, drafts[:kept] + [choices[kept]]
+
+
+def start_pass(model, cache, inputs, drafts, q, temp, top_p):
+    """Build the model's pass over `inputs` (1-D, the tokens the cache lacks: they go
+    from position cache[0].offset to the sequence's last token), then over `drafts` (a
+    list, or a draft model's lazy array) with their distributions q, and start it on
+    the device. Without proposals it is a plain decoding step. Returns a Pass."""
+    pos = cache[0].offset + inputs.shape[0] - 1
+    n = len(drafts)
+    if n == 0:
+        logits = model(inputs[None], cache, last_only=True)[:, -1]
+        choices = sample(logits, temp, top_p)
+        mx.async_eval(choices)
+        return Pass(pos, drafts, None, choices)
+    proposed = mx.array(drafts) if isinstance(drafts, list) else drafts
+    logits = model(mx.concatenate([inputs, proposed])[None], cache)[0, -n - 1 :]
+    if temp == 0:  # keep the proposals up to the first that is not the argmax
+        choices = mx.argmax(logits, axis=-1)
+        keep = proposed == choices[:n]
+    else:
+        keep, choices = speculative_sampling(logits, proposed, q, temp, top_p)
+    # An async_eval of its own: reading the pass then waits for it alone, not for the
+    # pass built after it (that would be one graph with it), so the two overlap.
+    mx.async_eval(proposed, keep, choices)
+    return Pass(pos, drafts, keep, choices)
+
+
+def start_known(model, cache, tokens, proposer, temp, top_p):
+    """Start the pass over the tokens the cache lacks (from cache[0].offset on), with
+    the proposer's proposals after them if it has some and they fit the context."""
+    room = model.args.max_seq_len - len(tokens)  # proposals that fit
+    n = min(proposer.num_tokens, room)
+    drafts, q = [], None
+    if n > 0 and proposer.ready(tokens):
+        drafts, q = proposer.propose(tokens, n, temp, top_p)
+    inputs = mx.array(tokens[cache[0].offset :])
+    return start_pass(model, cache, inputs, drafts, q, temp, top_p)
+
+
+def start_ahead(model, cache, tokens, pending, guess, proposer, temp, top_p):
+    """Start the pass after `pending` as if `guess` of its proposals were kept, before
+    pending is read: its first token is pending's choice after them, lazily. It
+    proposes only if all are guessed kept: the proposals after `tokens` that go on past
+    pending's, the first of them standing for that lazy token (a copy goes on). None
+    past the context's end, or where proposals are not known on the host."""
+    pos = pending.pos + 1 + guess  # the lazy token's position
+    room = model.args.max_seq_len - 1 - pos  # proposals that fit
+    if room < 0 or not proposer.on_host:
+        return None
+    skip = pending.n + 1  # pending's proposals and the lazy token
+    n = min(proposer.num_tokens, room)
+    drafts = []
+    if guess == pending.n and n > 0 and proposer.ready(tokens):
+        drafts = proposer.propose(tokens, skip + n, temp, top_p)[0][skip:]
+    for layer_cache in cache:
+        layer_cache.offset = pos  # pending's guessed rejections are overwritten
+    token = pending.choices[guess : guess + 1]
+    return start_pass(model, cache, token, drafts, None, temp, top_p)
+
+
 def speculative_generate(
     model, prompt, proposer, temp=0.0, top_p=1.0, cache=None, context=()
 ):
@@ -188,7 +272,9 @@ def speculative_generate(
     past the context's end (model.args.max_seq_len).
 
     When the caller stops after a token, the cache holds the prompt and every token
-    before it, perhaps more (a block's kept tokens enter the cache together)."""
+    before it; cache[0].offset may count more (a block's kept tokens enter the cache
+    together, and the pass under way its proposals): a caller keeps the tokens it has
+    up to cache[0].offset."""
     cache = model.make_cache() if cache is None else cache
     proposer.proposed = proposer.accepted = 0
     tokens = [*context, *prompt]
@@ -196,44 +282,29 @@ def speculative_generate(
     logits = model(mx.array(prompt)[None], cache, last_only=True)[:, -1]
     tokens.append(sample(logits, temp, top_p).item())
     yield tokens[-1]
+    pending, all_kept = None, False  # at first, guess a plain step: cheap if wrong
     while True:
-        # The cache holds every token but the last one.
-        room = model.args.max_seq_len - 1 - cache[0].offset  # proposals that fit
-        n = min(proposer.num_tokens, room)
-        if n > 0 and proposer.ready(tokens):
-            drafts, q = proposer.propose(tokens, n, temp, top_p)
-            new = verify(model, cache, tokens[-1], drafts, q, temp, top_p)
-            proposer.proposed += drafts.shape[0]
-            proposer.accepted += len(new) - 1
-            for token in new:
-                tokens.append(token)
-                yield token
-        else:
-            yield from plain_steps(model, cache, tokens, proposer, temp, top_p)
-
-
-def plain_steps(model, cache, tokens, proposer, temp, top_p):
-    """Plain decoding steps, appended to `tokens` and yielded, until there is something
-    to propose. As in model.generate, step n + 1 is built and started before token n is
-    waited for, so the host's work overlaps the device's; when token n gives something
-    to propose, step n + 1 is under way, so its token comes first. Afterwards the cache
-    holds every token but the last one."""
-
-    def step(token):  # (1,) token -> (1,) next token, lazily; the cache grows by one
-        return sample(model(token[:, None], cache)[:, -1], temp, top_p)
-
-    next_token = step(mx.array(tokens[-1:]))
-    mx.async_eval(next_token)
-    while True:
-        token, next_token = next_token, step(next_token)
-        mx.async_eval(next_token)
-        tokens.append(token.item())
-        yield tokens[-1]
-        room = model.args.max_seq_len - 1 - cache[0].offset
-        if room > 0 and proposer.ready(tokens):
-            break
-    tokens.append(next_token.item())
-    yield tokens[-1]
+        if pending is None:  # the cache holds tokens[: cache[0].offset]
+            pending = start_known(model, cache, tokens, proposer, temp, top_p)
+        # While the device runs `pending`, the host builds the pass after it on a
+        # guess: a block keeps all its proposals if the last block did, else none.
+        guess = pending.n if all_kept else 0
+        ahead = start_ahead(model, cache, tokens, pending, guess, proposer, temp, top_p)
+        kept, new = pending.read()
+        if pending.n > 0:
+            proposer.proposed += pending.n
+            proposer.accepted += kept
+            all_kept = kept == pending.n
+        if ahead is not None and kept == guess:
+            pending = ahead
+        else:  # drop `ahead`: it wrote the cache from pending.pos + 1 + guess on
+            valid = kept if ahead is None else min(kept, guess)
+            for layer_cache in cache:
+                layer_cache.offset = pending.pos + 1 + valid
+            pending = None
+        for token in new:
+            tokens.append(token)
+            yield token
 
 
 def proposer_for(args, model):

@@ -131,6 +131,43 @@ def test_cache_after_rejections_equals_a_fresh_recompute(target):
                 )
 
 
+def test_cache_holds_the_tokens_yielded_while_passes_run_ahead(target):
+    """Prompt lookup builds each pass before the one under way is read, on a guess of
+    how many proposals that one keeps (here wrong both ways at times); after every
+    token, greedy or sampled, the cached positions a caller keeps (up to
+    cache[0].offset, at most the tokens so far) hold the keys and values of a fresh run
+    on those tokens."""
+    speculative = import_example("llama", "speculative")
+    prompt = repeating_prompt(6)
+    accepted = {}
+    for temp, seed in ((0.0, 0), (0.1, 0), (0.1, 1), (0.1, 2)):
+        mx.random.seed(seed)
+        lookup = speculative.PromptLookup(4, 1)
+        cache, tokens = target.make_cache(), []
+        stream = speculative.speculative_generate(
+            target, prompt, lookup, temp, cache=cache
+        )
+        for token in stream:
+            tokens.append(token)
+            sequence = prompt + tokens
+            held = min(cache[0].offset, len(sequence))
+            fresh = target.make_cache()
+            target(mx.array(sequence[:held])[None], fresh)
+            for kept, recomputed in zip(cache, fresh):
+                np.testing.assert_allclose(
+                    np.array(kept.keys[:, :, :held]),
+                    np.array(recomputed.keys[:, :, :held]),
+                    atol=1e-5,
+                )
+            if len(tokens) == 40:
+                break
+        assert lookup.accepted < lookup.proposed
+        accepted[temp] = accepted.get(temp, 0) + lookup.accepted
+        if temp == 0:
+            assert tokens == plain(target, prompt, 40)
+    assert accepted[0.0] > 0 and accepted[0.1] > 0
+
+
 def test_context_end_inside_a_block_stops_as_plain_decoding():
     """Proposals stop at the context's end: the tokens up to it are plain decoding's,
     and no position past it is computed."""
