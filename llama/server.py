@@ -29,6 +29,10 @@ the engine sends back. The engine's loop, one iteration at a time:
    limit, or whose client went away, leaves the batch at once, and the cache columns
    that only padding uses any more are cut off (`trim`).
 
+With --prompt-lookup K, a greedy request that decodes alone (nobody waiting) checks K
+tokens copied from its own text in each pass (speculative.py's prompt lookup): the same
+text, in fewer passes where the reply repeats its prompt. A batch decodes plain steps.
+
 Requests beyond --max-batch wait, at most --max-queue of them; past that the server
 answers 503 at once. Ctrl-C or SIGTERM stops accepting, lets what runs finish
 (--shutdown-timeout seconds, then cancels it) and exits with one line.
@@ -81,6 +85,7 @@ class Row:
         self.key = None
         self.constraint = None
         self.tokens = []  # generated so far, stop token excluded
+        self.sequence = list(prompt)  # the prompt, then the tokens (prompt lookup's)
         self.cancelled = False  # set by the HTTP side: the client went away
         self.queue = asyncio.Queue()  # (token or None, finish reason or None) per step
 
@@ -97,6 +102,7 @@ class Row:
         if token in self.stop_ids:
             return None, "stop"
         self.tokens.append(token)
+        self.sequence.append(token)
         if self.constraint:
             self.constraint.advance(token)
             if self.constraint.done:  # the document is complete: nothing may follow
@@ -211,9 +217,10 @@ class Group:
 class Engine:
     """The loop that owns the model: the batch's rows, their cache, the waiting rows."""
 
-    def __init__(self, model, max_batch, max_queue, prefill_step):
+    def __init__(self, model, max_batch, max_queue, prefill_step, proposer=None):
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.prefill_step = prefill_step
+        self.proposer = proposer  # --prompt-lookup's (speculative.py), or None
         self.lock = threading.Condition()  # guards `waiting`, `admitted` and `stopping`
         self.waiting = deque()  # rows not yet admitted
         self.admitted = 0  # rows decoding or being prefilled
@@ -309,6 +316,8 @@ class Engine:
         started before the read: the device runs it while the host reads the tokens,
         advances the constraints and makes the masks; sampling follows. (The device
         waits only if the host takes longer than a pass.)"""
+        if self.alone():
+            return self.speculate()
         pending = self.token
         logits = self.model(pending[:, None], self.cache)[:, -1]
         if any(row.constraint for row in self.rows):
@@ -322,6 +331,54 @@ class Engine:
         self.token = sample_rows(logits, self.rows)
         mx.async_eval(self.token)
         self.token = self.read(pending, self.token)
+
+    def alone(self):
+        """Whether --prompt-lookup may decode: one greedy row, unconstrained, and no
+        request waiting or joining (they would wait for its blocks)."""
+        rows = self.rows
+        return (
+            self.proposer is not None
+            and len(rows) == 1
+            and rows[0].temperature == 0
+            and rows[0].constraint is None
+            and self.group is None
+            and not self.waiting
+        )
+
+    def speculate(self):
+        """For a row alone: send its newest token, then check the tokens prompt lookup
+        proposes after it in one pass of the model (speculative.py) and send those
+        kept; the model's token after them is the next newest. Greedy: the text is
+        that of plain steps. (One block at a time: a request that arrives waits for
+        one pass at most.)"""
+        from speculative import start_pass
+
+        row = self.rows[0]
+        self.read(self.token, None)  # may end the row
+        if not self.rows:
+            return
+        # The cache holds every token of row.sequence but the last; a row alone has
+        # no padding (trim), so the cache's positions are the sequence's.
+        tokens, proposer = row.sequence, self.proposer
+        room = min(
+            self.model.args.max_seq_len - len(tokens), row.limit - len(row.tokens)
+        )
+        n = min(proposer.num_tokens, room)
+        drafts = []
+        if n > 0 and proposer.ready(tokens):
+            drafts = proposer.propose(tokens, n, 0.0, 1.0)[0]
+        last = mx.array(tokens[-1:])
+        block = start_pass(self.model, self.cache, last, drafts, None, 0.0, 1.0)
+        kept, new = block.read()
+        proposer.proposed += len(drafts)
+        proposer.accepted += kept
+        for layer in self.cache:  # forget the proposals rejected
+            layer.offset = block.pos + 1 + kept
+        for token in new[:-1]:  # the proposals kept, sent as plain steps send theirs
+            self.read(mx.array([token]), None)
+            if not self.rows:
+                return
+        self.token = mx.array(new[-1:])
 
     def read(self, pending, following):
         """Send each row its token; drop the rows that are done from the batch, and
@@ -742,6 +799,19 @@ def parse_args():
         help="prompt tokens per chunk of a joining group's prompt pass (default: 2048)",
     )
     parser.add_argument(
+        "--prompt-lookup",
+        type=in_range(int, 1, 64),
+        metavar="K",
+        help="a greedy request decoding alone checks K tokens copied from its text "
+        "in one pass (speculative.py; the same text, faster where it repeats)",
+    )
+    parser.add_argument(
+        "--ngram-size",
+        type=in_range(int, 1, 64),
+        default=2,
+        help="tokens --prompt-lookup matches (default: 2)",
+    )
+    parser.add_argument(
         "--max-tokens",
         type=in_range(int, 1),
         default=512,
@@ -811,7 +881,13 @@ def main():
     state.name = args.model_name or Path(args.weights).stem
     state.context, state.vocab_size = model.args.max_seq_len, model.args.vocab_size
     state.created = int(time.time())
-    state.engine = Engine(model, args.max_batch, args.max_queue, args.prefill_step)
+    proposer = None
+    if args.prompt_lookup:  # speculative.py, read only then
+        from speculative import PromptLookup
+
+        proposer = PromptLookup(args.prompt_lookup, args.ngram_size)
+    engine = Engine(model, args.max_batch, args.max_queue, args.prefill_step, proposer)
+    state.engine = engine
     host, port = sock.getsockname()[:2]
     print(
         f"[serving {state.name} at http://{host}:{port}/v1, {args.max_batch} rows at "
@@ -819,8 +895,11 @@ def main():
         file=sys.stderr,
         flush=True,
     )
-    serve(args, state.engine, sock)
-    print("[server stopped]", file=sys.stderr)
+    serve(args, engine, sock)
+    stopped = "[server stopped]"
+    if proposer:  # its summary: ", 62% of 120 proposed accepted"
+        stopped = f"[server stopped; prompt lookup: {proposer.summary()[2:]}]"
+    print(stopped, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,22 @@ def test_a_bad_schema_or_a_tokenizer_llguidance_cannot_read_gets_400(
         assert unreadable.stop()[0] == 0
 
 
+def test_prompt_lookup_gives_the_text_of_plain_steps(converted):
+    weights, tokenizer = converted
+    prompt = "the the the the the the"  # with --ngram-size 1: proposals at each step
+    llama = "llama/llama.py"
+    printed = run_script(llama, weights, tokenizer, prompt, "--max-tokens", "50")
+    fast = Server(weights, tokenizer, "--prompt-lookup", "4", "--ngram-size", "1")
+    try:
+        for stream in (False, True):
+            assert as_printed(complete(fast, prompt, 50, stream)[0]) == printed.stdout
+    finally:
+        code, errors = fast.stop()
+    assert code == 0 and "prompt lookup:" in errors, errors
+    proposed = errors.split("% of ")[1].split()[0]
+    assert int(proposed) > 0, errors
+
+
 def test_models_lists_the_served_model_and_unknown_paths_get_404(server):
     models = client(server).models.list()
     assert [m.id for m in models.data] == ["hf"]
