@@ -84,10 +84,16 @@ class Row:
         self.seed = random.getrandbits(63) if seed is None else seed % 2**63
         self.key = None
         self.constraint = None
-        self.tokens = []  # generated so far, stop token excluded
-        self.sequence = list(prompt)  # the prompt, then the tokens (prompt lookup's)
+        # The prompt, then each token generated (stop token excluded): prompt lookup
+        # (--prompt-lookup) proposes from it as it grows.
+        self.sequence = list(prompt)
         self.cancelled = False  # set by the HTTP side: the client went away
         self.queue = asyncio.Queue()  # (token or None, finish reason or None) per step
+
+    @property
+    def tokens(self):
+        """The tokens generated so far, stop token excluded."""
+        return self.sequence[len(self.prompt) :]
 
     def next_key(self):
         if self.key is None:
@@ -101,13 +107,13 @@ class Row:
             return None, "cancelled"
         if token in self.stop_ids:
             return None, "stop"
-        self.tokens.append(token)
         self.sequence.append(token)
         if self.constraint:
             self.constraint.advance(token)
             if self.constraint.done:  # the document is complete: nothing may follow
                 return token, "stop"
-        return token, "length" if len(self.tokens) == self.limit else None
+        generated = len(self.sequence) - len(self.prompt)
+        return token, "length" if generated == self.limit else None
 
 
 def sample_rows(logits, rows):
@@ -360,9 +366,8 @@ class Engine:
         # The cache holds every token of row.sequence but the last; a row alone has
         # no padding (trim), so the cache's positions are the sequence's.
         tokens, proposer = row.sequence, self.proposer
-        room = min(
-            self.model.args.max_seq_len - len(tokens), row.limit - len(row.tokens)
-        )
+        left = row.limit - (len(tokens) - len(row.prompt))  # tokens it may still add
+        room = min(self.model.args.max_seq_len - len(tokens), left)
         n = min(proposer.num_tokens, room)
         drafts = []
         if n > 0 and proposer.ready(tokens):
