@@ -357,7 +357,7 @@ class Engine:
         kept; the model's token after them is the next newest. Greedy: the text is
         that of plain steps. (One block at a time: a request that arrives waits for
         one pass at most.)"""
-        from speculative import start_pass
+        from speculative import start_known
 
         row = self.rows[0]
         self.read(self.token, None)  # may end the row
@@ -365,17 +365,10 @@ class Engine:
             return
         # The cache holds every token of row.sequence but the last; a row alone has
         # no padding (trim), so the cache's positions are the sequence's.
-        tokens, proposer = row.sequence, self.proposer
-        left = row.limit - (len(tokens) - len(row.prompt))  # tokens it may still add
-        room = min(self.model.args.max_seq_len - len(tokens), left)
-        n = min(proposer.num_tokens, room)
-        drafts = []
-        if n > 0 and proposer.ready(tokens):
-            drafts = proposer.propose(tokens, n, 0.0, 1.0)[0]
-        last = mx.array(tokens[-1:])
-        block = start_pass(self.model, self.cache, last, drafts, None, 0.0, 1.0)
+        proposer = self.proposer
+        block = start_known(self.model, self.cache, row.sequence, proposer, 0.0, 1.0)
         kept, new = block.read()
-        proposer.proposed += len(drafts)
+        proposer.proposed += block.n
         proposer.accepted += kept
         for layer in self.cache:  # forget the proposals rejected
             layer.offset = block.pos + 1 + kept
