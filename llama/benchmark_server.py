@@ -260,8 +260,8 @@ async def stream_one(http, prompt, max_tokens):
     tic, first, last, tokens, done = time.perf_counter(), None, None, None, False
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
-            body = (await response.aread()).decode(errors="replace")
-            raise RuntimeError(f"status {response.status_code}: {body[:200]}")
+            answer = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"status {response.status_code}: {answer[:200]}")
         async for line in response.aiter_lines():
             if line == "data: [DONE]":
                 done = True
