@@ -761,23 +761,8 @@ def sse(data):
 # ---- Running it ----------------------------------------------------------------------
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(
-        description="Serve a converted Llama over OpenAI's HTTP API, batching requests."
-    )
-    parser.add_argument("weights", help="the .npz or .safetensors file from convert.py")
-    parser.add_argument(
-        "tokenizer",
-        help="the checkpoint's tokenizer (a file or folder, as llama.py takes)",
-    )
-    parser.add_argument("--adapter-path", help="LoRA adapters from lora.py --train")
-    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
-    parser.add_argument(
-        "--port", type=in_range(int, 0, 65535), default=8080, help="0: any free port"
-    )
-    parser.add_argument(
-        "--model-name", help="the name clients use (default: the weights file's name)"
-    )
+def batching_flags(parser):
+    """The flags of the engine's loop: the batch, the queue, prefill, prompt lookup."""
     parser.add_argument(
         "--max-batch",
         type=in_range(int, 1),
@@ -809,6 +794,26 @@ def parse_args():
         default=2,
         help="tokens --prompt-lookup matches (default: 2)",
     )
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description="Serve a converted Llama over OpenAI's HTTP API, batching requests."
+    )
+    parser.add_argument("weights", help="the .npz or .safetensors file from convert.py")
+    parser.add_argument(
+        "tokenizer",
+        help="the checkpoint's tokenizer (a file or folder, as llama.py takes)",
+    )
+    parser.add_argument("--adapter-path", help="LoRA adapters from lora.py --train")
+    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument(
+        "--port", type=in_range(int, 0, 65535), default=8080, help="0: any free port"
+    )
+    parser.add_argument(
+        "--model-name", help="the name clients use (default: the weights file's name)"
+    )
+    batching_flags(parser)
     parser.add_argument(
         "--max-tokens",
         type=in_range(int, 1),
